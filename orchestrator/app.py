@@ -1,0 +1,289 @@
+"""The façade every command goes through: observe, decide, act.
+
+``Orchestrator.observe`` does the I/O (manifest discovery, root data indexing, one bulk ledger
+read), ``planning.make_plan`` decides (pure), and ``Orchestrator.run`` acts on the plan with the
+executor. ``plan`` (dry run), the reports and ``run`` consume the same ``Plan``.
+"""
+
+from __future__ import annotations
+
+import ast
+import datetime as dt
+import os
+import re
+import socket
+import uuid
+from collections.abc import Iterable
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+from orchestrator.config import Config, load_config
+from orchestrator.errors import ConfigError, DefinitionError
+from orchestrator.execution import Executor, RunSummary
+from orchestrator.fingerprint import infra_hash
+from orchestrator.ledger.store import Ledger, LedgerCell
+from orchestrator.manifest import Manifest, discover
+from orchestrator.planning import CellKey, Decider, Plan, PlanRequest, make_plan
+from orchestrator.results import assemble, decode_shards
+from orchestrator.rootdata import Dataset, FileSource
+
+LOCK_TTL = dt.timedelta(minutes=15)
+
+
+def read_epoch(path: Path) -> int:
+    """``SYSTEM_EPOCH`` of an epoch file (0 when the file does not exist).
+
+    Raises:
+        ConfigError: the file exists but has no integer ``SYSTEM_EPOCH = N``.
+    """
+    if not path.exists():
+        return 0
+    try:
+        tree = ast.parse(path.read_text())
+    except SyntaxError as e:
+        raise ConfigError(f"{path} is not valid Python: {e}") from e
+    for stmt in tree.body:
+        if (
+            isinstance(stmt, ast.Assign)
+            and any(isinstance(t, ast.Name) and t.id == "SYSTEM_EPOCH" for t in stmt.targets)
+            and isinstance(stmt.value, ast.Constant)
+            and type(stmt.value.value) is int
+        ):
+            return stmt.value.value
+    raise ConfigError(f"{path} has no 'SYSTEM_EPOCH = <int>' line; add one (e.g. SYSTEM_EPOCH = 1)")
+
+
+def bump_epoch(path: Path) -> tuple[int, int]:
+    """Increment ``SYSTEM_EPOCH`` in ``path`` (creating the file if needed); (old, new)."""
+    old = read_epoch(path)
+    new = old + 1
+    if path.exists():
+        text = re.sub(
+            r"^SYSTEM_EPOCH\s*=\s*\d+", f"SYSTEM_EPOCH = {new}", path.read_text(), count=1,
+            flags=re.MULTILINE,
+        )
+    else:
+        text = f'"""Global salt of every cell fingerprint; bump to re-run everything."""\n\nSYSTEM_EPOCH = {new}\n'
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)  # atomic: a crash leaves the old or the new file, never half of one
+    return old, new
+
+
+@dataclass(frozen=True, slots=True)
+class Observation:
+    """Everything observed before deciding: the inputs of ``make_plan`` besides the target."""
+
+    ledger: dict[CellKey, LedgerCell]
+    root: dict[str, dict[dt.date, str]]
+    epoch: int
+    infra_hash: str
+
+
+class Orchestrator:
+    """One configured project: its manifest, root data and ledger.
+
+    Construct with ``Orchestrator.from_config(path)``. Methods raise ``OrchestratorError``
+    subclasses with actionable messages (see ``errors.py``).
+    """
+
+    def __init__(self, config: Config, progress: bool = False):
+        self.config = config
+        self.progress = progress
+        self._datasets: dict[str, Dataset] = {}
+
+    @classmethod
+    def from_config(
+        cls, path: str | os.PathLike[str] | None = None, db_url: str | None = None,
+        progress: bool = False,
+    ) -> Orchestrator:
+        return cls(load_config(path, db_url), progress=progress)
+
+    @cached_property
+    def manifest(self) -> Manifest:
+        manifest = Manifest.build(discover(self.config.calculations, self.config.path.parent))
+        for spec in manifest.calcs.values():
+            for ds in spec.root_data:
+                if ds not in self.config.root_data:
+                    raise DefinitionError(
+                        f"calculation '{spec.name}' reads root data '{ds}', which is not "
+                        f"configured; add a [root_data.{ds}] table to {self.config.path}"
+                    )
+        return manifest
+
+    @cached_property
+    def ledger(self) -> Ledger:
+        return Ledger.open(self.config.database_url)
+
+    def close(self) -> None:
+        if "ledger" in self.__dict__:
+            self.ledger.dispose()
+
+    # --- observe --------------------------------------------------------------------------
+
+    def dataset(self, name: str) -> Dataset:
+        """The parsed dataset (parsed at most once per process)."""
+        if name not in self._datasets:
+            self._datasets[name] = FileSource(self.config.root_data[name]).load()
+        return self._datasets[name]
+
+    def index_root_data(self, now: dt.datetime) -> dict[str, dict[dt.date, str]]:
+        """dataset -> available date -> content hash, re-parsing only changed sources."""
+        used = sorted({ds for s in self.manifest.calcs.values() for ds in s.root_data})
+        stored = self.ledger.load_root_sources()
+        out: dict[str, dict[dt.date, str]] = {}
+        for name in used:
+            source = FileSource(self.config.root_data[name])
+            digest = source.digest()
+            if stored.get(name) == digest:
+                out[name] = {d: h for d, (n, h) in self.ledger.load_root_index(name).items() if n}
+                continue
+            dataset = self._datasets[name] = source.load()
+            self.ledger.replace_root_index(
+                name,
+                digest,
+                {d: (e.row_count, e.content_hash) for d, e in dataset.index.items()},
+                dataset.malformed,
+                now,
+            )
+            out[name] = {d: e.content_hash for d, e in dataset.index.items()}
+        return out
+
+    def observe(self, now: dt.datetime) -> Observation:
+        return Observation(
+            ledger=self.ledger.load_cells(self.manifest.calcs),
+            root=self.index_root_data(now),
+            epoch=read_epoch(self.config.epoch_file),
+            infra_hash=infra_hash(),
+        )
+
+    # --- decide ---------------------------------------------------------------------------
+
+    def request(
+        self,
+        observation: Observation,
+        target: dt.date,
+        manifest: Manifest | None = None,
+        force: Iterable[str] = (),
+        force_range: tuple[dt.date, dt.date] | None = None,
+    ) -> PlanRequest:
+        return PlanRequest(
+            manifest=manifest or self.manifest,
+            ledger=observation.ledger,
+            root=observation.root,
+            epoch=observation.epoch,
+            infra_hash=observation.infra_hash,
+            target=target,
+            calendar=self.config.calendar,
+            force=frozenset(force),
+            force_range=force_range,
+        )
+
+    def plan(self, target: dt.date | None = None, now: dt.datetime | None = None) -> Plan:
+        """The dry-run plan up to ``target`` (default: yesterday, UTC). Executes nothing."""
+        now = now or dt.datetime.now(dt.UTC)
+        target = target or default_target(now)
+        return make_plan(self.request(self.observe(now), target))
+
+    # --- act ------------------------------------------------------------------------------
+
+    def run(
+        self,
+        target: dt.date | None = None,
+        trigger: str = "manual",
+        start: dt.date | None = None,
+        calculations: Iterable[str] = (),
+        force: bool = False,
+    ) -> RunSummary:
+        """Index, plan and execute up to ``target``; the nightly job and backfills.
+
+        Args:
+            target: last date (inclusive); default yesterday (UTC).
+            trigger: recorded on the run ("cron", "manual", "backfill").
+            start: first date that may execute (inclusive); default: no lower bound.
+            calculations: restrict to these calculations plus their upstream closure.
+            force: with ``calculations`` (or all), re-run even up-to-date cells in range.
+
+        Raises:
+            RunLockedError: another run is in progress.
+        """
+        now = dt.datetime.now(dt.UTC)
+        target = target or default_target(now)
+        names = list(calculations)
+        manifest = self.manifest.slice(names) if names else self.manifest
+        run_id = uuid.uuid4().hex
+        holder = f"{socket.gethostname()}:{os.getpid()}:{run_id[:8]}"
+        ledger = self.ledger
+        ledger.acquire_lock(holder, now, LOCK_TTL)
+        try:
+            ledger.collect_orphans()
+            ledger.start_run(run_id, trigger, target, now)
+            observation = self.observe(now)
+            forced = (names or list(manifest.calcs)) if force else []
+            low = start or dt.date.min
+            request = self.request(
+                observation, target, manifest, forced, (low, target) if force else None
+            )
+            decider = Decider(request)
+            plan = make_plan(request)
+            last_beat = [dt.datetime.now(dt.UTC)]
+
+            def heartbeat() -> None:
+                t = dt.datetime.now(dt.UTC)
+                if t - last_beat[0] > dt.timedelta(seconds=60):
+                    ledger.refresh_lock(holder, t, LOCK_TTL)
+                    last_beat[0] = t
+
+            executor = Executor(
+                ledger=ledger,
+                manifest=manifest,
+                decider=decider,
+                plan=plan,
+                ledger_snapshot=observation.ledger,
+                dataset=self.dataset,
+                run_id=run_id,
+                flush_users=self.config.flush_users,
+                shard_bytes=self.config.shard_bytes,
+                in_scope=(lambda key: key[1] >= low) if start else (lambda key: True),
+                progress=self.progress,
+                heartbeat=heartbeat,
+            )
+            summary = executor.execute()
+            ledger.finish_run(
+                run_id,
+                "FAILED" if summary.failed else "COMPLETED",
+                summary.completed,
+                len(summary.failed),
+                summary.skipped,
+                dt.datetime.now(dt.UTC),
+            )
+            return summary
+        finally:
+            ledger.release_lock(holder)
+
+    # --- inspect --------------------------------------------------------------------------
+
+    def load_result(self, calculation: str, date: dt.date) -> Any:
+        """A published result: standard -> {user: result}; meta -> its dict; None if none.
+
+        Raises:
+            DefinitionError: unknown calculation.
+        """
+        if calculation not in self.manifest.calcs:
+            raise DefinitionError(
+                f"unknown calculation '{calculation}'; known: {', '.join(sorted(self.manifest.calcs))}"
+            )
+        payloads = self.ledger.shard_payloads(calculation, date)
+        if payloads is None:
+            return None
+        return assemble(decode_shards(payloads), self.manifest.calcs[calculation].kind)
+
+    def bump_epoch(self) -> tuple[int, int]:
+        return bump_epoch(self.config.epoch_file)
+
+
+def default_target(now: dt.datetime) -> dt.date:
+    """Yesterday in UTC: the nightly job computes the day that just ended."""
+    return (now.astimezone(dt.UTC) - dt.timedelta(days=1)).date()

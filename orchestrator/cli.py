@@ -1,0 +1,256 @@
+"""The ``orchestrator`` command line: a thin click layer over ``app.Orchestrator``.
+
+Exit codes:
+
+====  =============================================================
+0     all good
+1     some cells failed (the run completed the rest)
+2     usage or configuration error: a one-line message, no traceback
+====  =============================================================
+
+``--debug`` re-raises errors with their traceback. JSON output goes to stdout alone; progress
+and messages go to stderr.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import functools
+import json
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import click
+
+from orchestrator.app import Orchestrator
+from orchestrator.errors import OrchestratorError
+
+
+class DateType(click.ParamType):
+    """An ISO date ``YYYY-MM-DD`` (normalised once, here at the boundary)."""
+
+    name = "date"
+
+    def convert(self, value: Any, param: Any, ctx: Any) -> dt.date:
+        if isinstance(value, dt.date):
+            return value
+        try:
+            return dt.date.fromisoformat(value)
+        except ValueError:
+            self.fail(f"{value!r} is not a date in the form YYYY-MM-DD", param, ctx)
+
+
+DATE = DateType()
+
+
+def _handle_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        ctx = click.get_current_context()
+        try:
+            return fn(*args, **kwargs)
+        except OrchestratorError as e:
+            if ctx.obj.get("debug"):
+                raise
+            click.echo(f"Error: {e}", err=True)
+            ctx.exit(e.exit_code)
+
+    return wrapper
+
+
+def _orch(ctx: click.Context, progress: bool = False) -> Orchestrator:
+    obj = ctx.obj
+    return Orchestrator.from_config(obj["config"], obj["db"], progress=progress)
+
+
+@click.group()
+@click.option(
+    "--config", "config", type=click.Path(dir_okay=False, path_type=Path),
+    default=Path("orchestrator.toml"), show_default=True, help="The TOML config file.",
+)
+@click.option("--db", "db", default=None, help="Database URL; overrides the config and ORCHESTRATOR_DB_URL.")
+@click.option("--debug", is_flag=True, help="Show tracebacks instead of one-line errors.")
+@click.pass_context
+def main(ctx: click.Context, config: Path, db: str | None, debug: bool) -> None:
+    """Incremental orchestrator for nightly calculations over dates."""
+    ctx.obj = {"config": config, "db": db, "debug": debug}
+
+
+def _print_summary(summary: Any) -> None:
+    click.echo(
+        f"run {summary.run_id[:8]}: {summary.completed} completed, {len(summary.failed)} failed, "
+        f"{summary.skipped} skipped, {summary.blocked} blocked, {summary.impossible} impossible"
+        + (f", {summary.not_in_scope} outside the range" if summary.not_in_scope else "")
+        + f" in {summary.seconds:.1f}s ({summary.users_processed} user-passes, "
+        f"peak {summary.peak_memory / 2**20:.0f} MiB)"
+    )
+    for calc, date, error in summary.failed[:20]:
+        click.echo(f"  FAILED {calc} {date}: {error}", err=True)
+    if len(summary.failed) > 20:
+        click.echo(f"  ... and {len(summary.failed) - 20} more failures", err=True)
+
+
+@main.command()
+@click.option("--date", "date", type=DATE, default=None, help="Target date (default: yesterday, UTC).")
+@click.option("--trigger", type=click.Choice(["manual", "cron"]), default="manual", show_default=True)
+@click.pass_context
+@_handle_errors
+def run(ctx: click.Context, date: dt.date | None, trigger: str) -> None:
+    """The nightly job: index root data, plan, execute everything due up to DATE."""
+    orch = _orch(ctx, progress=sys.stderr.isatty())
+    try:
+        summary = orch.run(date, trigger=trigger)
+    finally:
+        orch.close()
+    _print_summary(summary)
+    ctx.exit(0 if summary.ok else 1)
+
+
+@main.command()
+@click.option("--date", "date", type=DATE, default=None, help="Target date (default: yesterday, UTC).")
+@click.option("--format", "fmt", type=click.Choice(["text", "markdown", "html", "json"]), default="text",
+              show_default=True)
+@click.option("--output", "-o", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Write the report to this file instead of stdout.")
+@click.pass_context
+@_handle_errors
+def plan(ctx: click.Context, date: dt.date | None, fmt: str, output: Path | None) -> None:
+    """The dry-run analysis report: what would run and why. Executes nothing."""
+    from orchestrator.reporting import render
+
+    orch = _orch(ctx)
+    try:
+        text = render(orch.plan(date), fmt)
+    finally:
+        orch.close()
+    if output:
+        output.write_text(text)
+        click.echo(f"wrote {output}", err=True)
+    else:
+        click.echo(text, nl=not text.endswith("\n"))
+
+
+@main.command()
+@click.option("--start", type=DATE, required=True, help="First date (inclusive).")
+@click.option("--end", type=DATE, required=True, help="Last date (inclusive).")
+@click.option("--calc", "calcs", multiple=True, help="Only this calculation (repeatable), with its upstream.")
+@click.option("--force", is_flag=True, help="Re-run the cells even when up to date (reason FORCED).")
+@click.pass_context
+@_handle_errors
+def backfill(ctx: click.Context, start: dt.date, end: dt.date, calcs: tuple[str, ...], force: bool) -> None:
+    """Compute a date range (inclusive), optionally forcing a re-run."""
+    if end < start:
+        raise click.UsageError(f"--end {end} is before --start {start}")
+    orch = _orch(ctx, progress=True)
+    try:
+        summary = orch.run(end, trigger="backfill", start=start, calculations=calcs, force=force)
+    finally:
+        orch.close()
+    _print_summary(summary)
+    ctx.exit(0 if summary.ok else 1)
+
+
+@main.group()
+def epoch() -> None:
+    """The system epoch: a global salt of every fingerprint."""
+
+
+@epoch.command("bump")
+@click.pass_context
+@_handle_errors
+def epoch_bump(ctx: click.Context) -> None:
+    """Increment SYSTEM_EPOCH: every cell becomes RUNNABLE (EPOCH_CHANGED)."""
+    orch = _orch(ctx)
+    old, new = orch.bump_epoch()
+    click.echo(f"system epoch {old} -> {new} in {orch.config.epoch_file}")
+
+
+@main.command()
+@click.argument("calc")
+@click.argument("date", type=DATE)
+@click.option("--user", default=None, help="Only this user's result.")
+@click.pass_context
+@_handle_errors
+def show(ctx: click.Context, calc: str, date: dt.date, user: str | None) -> None:
+    """Print a stored result as JSON."""
+    orch = _orch(ctx)
+    try:
+        result = orch.load_result(calc, date)
+    finally:
+        orch.close()
+    if result is None:
+        click.echo(f"Error: no published result for {calc} on {date}; see `orchestrator plan`", err=True)
+        ctx.exit(1)
+    if user is not None:
+        if orch.manifest.calcs[calc].kind != "standard" or user not in result:
+            click.echo(f"Error: {calc} on {date} has no result for user {user!r}", err=True)
+            ctx.exit(1)
+        result = result[user]
+    click.echo(json.dumps(result, indent=2, sort_keys=True))
+
+
+@main.command()
+@click.option("--format", "fmt", type=click.Choice(["text", "json"]), default="text", show_default=True)
+@click.pass_context
+@_handle_errors
+def graph(ctx: click.Context, fmt: str) -> None:
+    """The calculations' passes and dependency edges."""
+    manifest = _orch(ctx).manifest
+    if fmt == "json":
+        click.echo(json.dumps({
+            "passes": [list(p) for p in manifest.passes],
+            "edges": [[d, n] for n in manifest.order for d in manifest.calcs[n].dependencies],
+        }))
+        return
+    for i, members in enumerate(manifest.passes):
+        click.echo(f"pass {i}:")
+        for name in members:
+            spec = manifest.calcs[name]
+            inputs = [*spec.dependencies, *(f"root:{r}" for r in spec.root_data)]
+            flags = [spec.kind] + (["historical"] if spec.historical else [])
+            if spec.lookback > 1:
+                flags.append(f"lookback {spec.lookback}")
+            click.echo(f"  {name} [{', '.join(flags)}] <- {', '.join(inputs) or '(nothing)'}")
+
+
+@main.command()
+@click.option("--limit", default=20, show_default=True)
+@click.pass_context
+@_handle_errors
+def runs(ctx: click.Context, limit: int) -> None:
+    """Recent runs."""
+    orch = _orch(ctx)
+    try:
+        for r in orch.ledger.recent_runs(limit):
+            took = (r.finished_at - r.started_at).total_seconds() if r.finished_at else None
+            click.echo(
+                f"{r.run_id[:8]} {r.started_at:%Y-%m-%d %H:%M:%S} {r.trigger:8} {r.status:9} "
+                f"target {r.target_date} completed {r.cells_completed} failed {r.cells_failed} "
+                f"skipped {r.cells_skipped}" + (f" ({took:.1f}s)" if took is not None else "")
+            )
+    finally:
+        orch.close()
+
+
+@main.group()
+def db() -> None:
+    """The ledger database."""
+
+
+@db.command("upgrade")
+@click.pass_context
+@_handle_errors
+def db_upgrade(ctx: click.Context) -> None:
+    """Apply the Alembic migrations up to the newest schema."""
+    from orchestrator.ledger.store import Ledger, current_revision
+
+    orch = _orch(ctx)
+    ledger = Ledger.open(orch.config.database_url, migrate=True)
+    click.echo(f"ledger schema at {current_revision(ledger.engine)}")
+    ledger.dispose()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

@@ -1,0 +1,136 @@
+"""Configuration: a TOML file, overridden by the environment and by command-line flags.
+
+Precedence for the database URL: ``--db`` flag > ``ORCHESTRATOR_DB_URL`` > ``database_url`` in
+the file > an SQLite file ``orchestrator.db`` next to the config file. Relative paths (and
+relative SQLite URLs) resolve against the config file's folder, never the working directory,
+so a cron job and a developer see the same files.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from orchestrator.errors import ConfigError
+
+DB_ENV = "ORCHESTRATOR_DB_URL"
+
+
+@dataclass(frozen=True, slots=True)
+class RootDataConfig:
+    """One ``[root_data.NAME]`` table: a file or folder of CSV / gzipped CSV / Parquet files."""
+
+    name: str
+    path: Path
+    date_column: str = "date"
+    user_column: str = "user"
+    format: str | None = None  # "csv" or "parquet"; None: from the file suffix
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    """The resolved configuration.
+
+    Attributes:
+        path: the config file (its folder anchors relative paths).
+        database_url: SQLAlchemy URL of the ledger.
+        calculations: importable package name or absolute folder path.
+        epoch_file: path of the ``system_epoch.py`` holding ``SYSTEM_EPOCH``.
+        root_data: dataset name -> source configuration.
+        calendar: "data" (dates on which some dataset has data) or "daily" (every day).
+        flush_users: results are flushed to a shard every this many users.
+        shard_bytes: upper bound of one shard's uncompressed payload, in bytes.
+    """
+
+    path: Path
+    database_url: str
+    calculations: str
+    epoch_file: Path
+    root_data: dict[str, RootDataConfig] = field(default_factory=dict)
+    calendar: str = "data"
+    flush_users: int = 5000
+    shard_bytes: int = 4 * 1024 * 1024
+
+
+def _resolve_db_url(url: str, base: Path) -> str:
+    prefix = "sqlite:///"
+    if url.startswith(prefix) and not url.startswith("sqlite:////"):
+        rest = url[len(prefix) :]
+        if rest and rest != ":memory:" and not Path(rest).is_absolute():
+            return prefix + str((base / rest).resolve())
+    return url
+
+
+def load_config(path: str | os.PathLike[str] | None = None, db_url: str | None = None) -> Config:
+    """Read and validate a TOML config file.
+
+    Args:
+        path: the file; default ``./orchestrator.toml``.
+        db_url: a ``--db`` override (wins over the environment and the file).
+
+    Raises:
+        ConfigError: the file is missing, is not valid TOML, or a key has a wrong type.
+    """
+    cfg_path = Path(path or "orchestrator.toml").resolve()
+    if not cfg_path.is_file():
+        raise ConfigError(
+            f"config file {cfg_path} not found; pass --config PATH or create orchestrator.toml"
+        )
+    try:
+        raw: dict[str, Any] = tomllib.loads(cfg_path.read_text())
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{cfg_path} is not valid TOML: {e}") from e
+    base = cfg_path.parent
+
+    def need(key: str, value: Any, kind: type) -> Any:
+        if not isinstance(value, kind):
+            raise ConfigError(
+                f"{cfg_path}: '{key}' must be a {kind.__name__}, found {type(value).__name__}"
+            )
+        return value
+
+    url = db_url or os.environ.get(DB_ENV) or raw.get("database_url") or "sqlite:///orchestrator.db"
+    url = _resolve_db_url(need("database_url", url, str), base)
+
+    calcs = need("calculations", raw.get("calculations", "calculations"), str)
+    if "/" in calcs or calcs.startswith("."):  # a folder path, not a dotted package name
+        calcs = str((base / calcs).resolve())
+
+    epoch_file = base / need("system_epoch", raw.get("system_epoch", "system_epoch.py"), str)
+
+    roots: dict[str, RootDataConfig] = {}
+    for name, table in need("root_data", raw.get("root_data", {}), dict).items():
+        need(f"root_data.{name}", table, dict)
+        if "path" not in table:
+            raise ConfigError(f"{cfg_path}: [root_data.{name}] needs a 'path'")
+        fmt = table.get("format")
+        if fmt not in (None, "csv", "parquet"):
+            raise ConfigError(f"{cfg_path}: [root_data.{name}] format must be 'csv' or 'parquet'")
+        roots[name] = RootDataConfig(
+            name=name,
+            path=(base / need(f"root_data.{name}.path", table["path"], str)).resolve(),
+            date_column=need("date_column", table.get("date_column", "date"), str),
+            user_column=need("user_column", table.get("user_column", "user"), str),
+            format=fmt,
+        )
+
+    calendar = need("calendar", raw.get("calendar", "data"), str)
+    if calendar not in ("data", "daily"):
+        raise ConfigError(f"{cfg_path}: calendar must be 'data' or 'daily', found {calendar!r}")
+    flush_users = need("flush_users", raw.get("flush_users", 5000), int)
+    shard_bytes = need("shard_bytes", raw.get("shard_bytes", 4 * 1024 * 1024), int)
+    if flush_users < 1 or shard_bytes < 1024:
+        raise ConfigError(f"{cfg_path}: flush_users must be >= 1 and shard_bytes >= 1024")
+    return Config(
+        path=cfg_path,
+        database_url=url,
+        calculations=calcs,
+        epoch_file=epoch_file.resolve(),
+        root_data=roots,
+        calendar=calendar,
+        flush_users=flush_users,
+        shard_bytes=shard_bytes,
+    )

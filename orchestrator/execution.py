@@ -1,0 +1,539 @@
+"""The executor: acts on a plan, cell by cell, in dependency order.
+
+Order: dates ascending, passes ascending within a date, so every same-date dependency and
+every historical predecessor is settled before a cell is considered. A cell the plan left
+BLOCKED (waiting on upstream) is decided again with the same ``Decider.decide`` once its
+upstream settled: it runs (UPSTREAM_CHANGED) or is skipped by early cutoff
+(UPSTREAM_UNCHANGED).
+
+Streaming: the standard cells of one pass and date share one walk over the users (sorted by
+id), each user's root rows read once. Each cell's canonical result lines are buffered and
+flushed as compressed shards every ``flush_users`` users or ``shard_bytes`` bytes; shards are
+written under a fresh generation no reader looks at, and the cell is published (its generation
+switched) in one transaction only after every user succeeded or the failure rate stayed under
+the cell's ``max_failure_rate``. A failure records the traceback; dependents are BLOCKED.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import json
+import os
+import socket
+import sys
+import time
+import traceback
+import uuid
+from collections import OrderedDict
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import psutil
+
+from orchestrator.calculation import MetaContext, StandardContext
+from orchestrator.fingerprint import result_line
+from orchestrator.ledger.store import CellWrite, Ledger, LedgerCell
+from orchestrator.manifest import CalcSpec, Manifest
+from orchestrator.planning import CellKey, Decider, Decision, Plan, Reason, Status, Upstream
+from orchestrator.results import ShardWriter, assemble, decode_shards
+from orchestrator.rootdata import Dataset
+
+MIN_USERS_FOR_BREAKER = 100
+_PROCESS = psutil.Process()
+
+
+@dataclass(slots=True)
+class RunSummary:
+    """What a run did. ``failed`` lists (calculation, date, error's last line)."""
+
+    run_id: str
+    completed: int = 0
+    skipped: int = 0
+    failed: list[tuple[str, dt.date, str]] = field(default_factory=list)
+    blocked: int = 0
+    impossible: int = 0
+    not_in_scope: int = 0
+    users_processed: int = 0
+    seconds: float = 0.0
+    peak_memory: int = 0
+    reasons: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def ok(self) -> bool:
+        return not self.failed
+
+
+@dataclass(slots=True)
+class _CellRun:
+    """The in-flight state of one standard cell inside a shared user walk."""
+
+    spec: CalcSpec
+    decision: Decision
+    instance: Any
+    writer: ShardWriter
+    upstream: dict[str, Any]
+    previous: Mapping[str, Any]
+    users: set[str] | None  # None: the users of its root data
+    keep: dict[str, Any] | None
+    started: dt.datetime
+    failures: int = 0
+    processed: int = 0
+    flushes: int = 0
+    errors: list[str] = field(default_factory=list)
+    aborted: str | None = None
+
+
+class ResultCache:
+    """Recently published results kept in memory for dependents (bounded by cell count)."""
+
+    def __init__(self, ledger: Ledger, manifest: Manifest, capacity: int = 256):
+        self.ledger = ledger
+        self.manifest = manifest
+        self.capacity = capacity
+        self._items: OrderedDict[CellKey, Any] = OrderedDict()
+
+    def put(self, key: CellKey, value: Any) -> None:
+        self._items[key] = value
+        self._items.move_to_end(key)
+        while len(self._items) > self.capacity:
+            self._items.popitem(last=False)
+
+    def get(self, key: CellKey) -> Any:
+        if key in self._items:
+            self._items.move_to_end(key)
+            return self._items[key]
+        payloads = self.ledger.shard_payloads(*key)
+        kind = self.manifest.calcs[key[0]].kind
+        value = None if payloads is None else assemble(decode_shards(payloads), kind)
+        self.put(key, value)
+        return value
+
+
+class Executor:
+    """Runs the RUNNABLE (and re-decided BLOCKED) cells of a plan.
+
+    Args:
+        ledger: where results and cell states are written.
+        manifest: the calculations.
+        decider: the plan's decision rule (same instance the plan was made with).
+        plan: the plan to act on.
+        ledger_snapshot: the ledger rows the plan was made from.
+        dataset: loads a root dataset by name (parsed once, cached by the caller).
+        run_id: this run's id.
+        flush_users / shard_bytes: flush thresholds.
+        in_scope: which cells may execute (backfill ranges); others are left as planned.
+        clock: returns the current UTC time (timestamps only; never part of a decision).
+        progress: show a progress bar on stderr.
+    """
+
+    def __init__(
+        self,
+        ledger: Ledger,
+        manifest: Manifest,
+        decider: Decider,
+        plan: Plan,
+        ledger_snapshot: Mapping[CellKey, LedgerCell],
+        dataset: Callable[[str], Dataset],
+        run_id: str,
+        flush_users: int,
+        shard_bytes: int,
+        in_scope: Callable[[CellKey], bool] = lambda key: True,
+        clock: Callable[[], dt.datetime] = lambda: dt.datetime.now(dt.UTC),
+        progress: bool = False,
+        heartbeat: Callable[[], None] = lambda: None,
+    ):
+        self.ledger = ledger
+        self.manifest = manifest
+        self.decider = decider
+        self.plan = plan
+        self.stored: dict[CellKey, LedgerCell] = dict(ledger_snapshot)
+        self.dataset = dataset
+        self.run_id = run_id
+        self.flush_users = flush_users
+        self.shard_bytes = shard_bytes
+        self.in_scope = in_scope
+        self.clock = clock
+        self.progress = progress
+        self.heartbeat = heartbeat
+        self.decisions: dict[CellKey, Decision] = dict(plan.decisions)
+        self.hashes: dict[CellKey, str | None] = {
+            k: c.result_hash for k, c in self.stored.items()
+        }
+        self.ran: set[CellKey] = set()
+        self.failed: set[CellKey] = set()
+        self.cache = ResultCache(ledger, manifest)
+        self.worker = f"{socket.gethostname()}:{os.getpid()}"
+        self.summary = RunSummary(run_id=run_id)
+        self.peak_rss = _PROCESS.memory_info().rss
+
+    # --- decisions during the run ---------------------------------------------------------
+
+    def _upstream_state(self, key: CellKey) -> tuple[Upstream, str | None]:
+        if key in self.ran:
+            return (Upstream.RAN, self.hashes.get(key))
+        if key in self.failed:
+            return (Upstream.FAILED, None)
+        decision = self.decisions.get(key)
+        if decision is None:
+            return (Upstream.READY, self.hashes.get(key))
+        status = decision.status
+        if status is Status.SKIPPED:
+            return (Upstream.READY, self.hashes.get(key))
+        if status is Status.IMPOSSIBLE:
+            return (Upstream.IMPOSSIBLE, None)
+        if decision.reason is Reason.UPSTREAM_FAILED:
+            return (Upstream.FAILED, None)
+        if decision.reason in (Reason.DEAD_LETTER, Reason.UPSTREAM_DEAD_LETTER):
+            return (Upstream.DEAD, None)
+        return (Upstream.PENDING, None)
+
+    def execute(self) -> RunSummary:
+        """Act on the plan. Never raises for a failing calculation: failures are recorded."""
+        started = time.perf_counter()
+        by_date: dict[dt.date, list[CellKey]] = {}
+        for key in self.plan.order:
+            by_date.setdefault(key[1], []).append(key)
+        dates = [d for d in self.plan.dates if any(
+            self.decisions[k].status in (Status.RUNNABLE, Status.BLOCKED) and self.in_scope(k)
+            for k in by_date.get(d, ())
+        )]
+        bar = None
+        if self.progress and dates:
+            from tqdm import tqdm
+
+            bar = tqdm(total=len(dates), unit="date", file=sys.stderr, desc="run")
+        for date in self.plan.dates:
+            keys = by_date.get(date, [])
+            if date in dates:
+                for members in self.manifest.passes:
+                    self._run_pass(date, members)
+                self.heartbeat()
+                if bar is not None:
+                    bar.update(1)
+                    bar.set_postfix_str(f"{date} done={self.summary.completed}")
+            for key in keys:
+                self._count(self.decisions[key], key)
+        if bar is not None:
+            bar.close()
+        self.summary.seconds = time.perf_counter() - started
+        self.summary.peak_memory = self.peak_rss
+        return self.summary
+
+    def _count(self, decision: Decision, key: CellKey) -> None:
+        s = self.summary
+        status = decision.status
+        if key in self.ran:
+            s.completed += 1
+        elif key in self.failed:
+            pass
+        elif status is Status.SKIPPED:
+            s.skipped += 1
+        elif status is Status.IMPOSSIBLE:
+            s.impossible += 1
+        elif status is Status.BLOCKED:
+            s.blocked += 1
+        else:
+            s.not_in_scope += 1
+        s.reasons[decision.reason.value] = s.reasons.get(decision.reason.value, 0) + 1
+
+    def _run_pass(self, date: dt.date, members: tuple[str, ...]) -> None:
+        to_run: list[tuple[CalcSpec, Decision]] = []
+        for name in members:
+            key = (name, date)
+            decision = self.decisions[key]
+            if decision.status not in (Status.RUNNABLE, Status.BLOCKED) or not self.in_scope(key):
+                continue
+            spec = self.manifest.calcs[name]
+            decision = self.decider.decide(spec, date, self.stored.get(key), self._upstream_state)
+            self.decisions[key] = decision
+            if decision.status is Status.RUNNABLE:
+                to_run.append((spec, decision))
+        standard = [(s, d) for s, d in to_run if s.is_standard]
+        writes: list[CellWrite] = []
+        shard_rows: list[dict[str, Any]] = []
+        if standard:
+            w, rows = self._run_standard(date, standard)
+            writes += w
+            shard_rows += rows
+        for spec, decision in to_run:
+            if not spec.is_standard:
+                w, rows = self._run_meta(date, spec, decision)
+                writes.append(w)
+                shard_rows += rows
+        if writes:
+            self.ledger.publish_with_shards(writes, shard_rows, self.clock())
+            for w in writes:
+                key = (w.calculation, w.date)
+                self.stored[key] = _as_ledger_cell(w, self.stored.get(key))
+
+    # --- standard cells -------------------------------------------------------------------
+
+    def _inputs_for(self, spec: CalcSpec, date: dt.date) -> tuple[dict[str, Any], Any]:
+        """Upstream results of the date and the own previous result (historical only).
+
+        For a standard calculation the previous result is a mapping user -> result (empty when
+        there is none); for a meta calculation it is the previous result dict or None.
+        """
+        upstream = {dep: self.cache.get((dep, date)) for dep in spec.dependencies}
+        previous = None
+        if spec.historical:
+            prev_date = self.decider.previous_date(spec.name, date)
+            if prev_date is not None:
+                previous = self.cache.get((spec.name, prev_date))
+        if spec.is_standard:
+            previous = previous or {}
+        return upstream, previous
+
+    def _run_standard(
+        self, date: dt.date, cells: list[tuple[CalcSpec, Decision]]
+    ) -> tuple[list[CellWrite], list[dict[str, Any]]]:
+        now = self.clock()
+        datasets = {ds: self.dataset(ds) for spec, _ in cells for ds in spec.root_data}
+        runs: list[_CellRun] = []
+        all_users: set[str] = set()
+        for spec, decision in cells:
+            upstream, previous = self._inputs_for(spec, date)
+            users: set[str] | None = None
+            if spec.root_data:
+                for ds in spec.root_data:
+                    all_users.update(datasets[ds].users_on(date))
+            else:
+                users = set()
+                for dep in spec.dependencies:
+                    if self.manifest.calcs[dep].is_standard and upstream[dep]:
+                        users.update(upstream[dep])
+                all_users |= users
+            runs.append(
+                _CellRun(
+                    spec=spec,
+                    decision=decision,
+                    instance=spec.cls(),
+                    writer=ShardWriter(spec.name, date, uuid.uuid4().hex, self.shard_bytes),
+                    upstream=upstream,
+                    previous=previous,
+                    users=users,
+                    keep={},
+                    started=now,
+                )
+            )
+        shard_rows: list[dict[str, Any]] = []
+        empty: list[Any] = []
+        for user in sorted(all_users):
+            today = {ds: d.users_on(date).get(user, empty) for ds, d in datasets.items()}
+            for run in runs:
+                if run.aborted:
+                    continue
+                spec = run.spec
+                if run.users is None:
+                    if not any(today[ds] for ds in spec.root_data):
+                        continue
+                elif user not in run.users:
+                    continue
+                ctx = StandardContext(
+                    date=date,
+                    user=user,
+                    root={ds: today[ds] for ds in spec.root_data},
+                    history={
+                        ds: datasets[ds].history(user, date, spec.lookback)
+                        if spec.lookback > 1
+                        else today[ds]
+                        for ds in spec.root_data
+                    },
+                    upstream={
+                        dep: (res.get(user) if self.manifest.calcs[dep].is_standard else res)
+                        if res is not None
+                        else None
+                        for dep, res in run.upstream.items()
+                    },
+                    previous=run.previous.get(user),
+                )
+                run.processed += 1
+                try:
+                    result = run.instance.process(ctx)
+                    if result is not None:
+                        if not isinstance(result, dict):
+                            raise TypeError(
+                                f"process() must return a dict or None, not {type(result).__name__}"
+                            )
+                        run.writer.add(user, result_line(user, result))
+                        if run.keep is not None:
+                            run.keep[user] = result
+                except Exception:
+                    run.failures += 1
+                    if len(run.errors) < 5:
+                        run.errors.append(f"user {user}: {traceback.format_exc()}")
+                    if (
+                        run.processed >= MIN_USERS_FOR_BREAKER
+                        and run.failures / run.processed > spec.max_failure_rate
+                    ):
+                        run.aborted = (
+                            f"circuit breaker: {run.failures} of {run.processed} users failed "
+                            f"({run.failures / run.processed:.0%} > {spec.max_failure_rate:.0%})"
+                        )
+                if (
+                    run.writer.buffered_users >= self.flush_users
+                    or run.writer.buffered_bytes >= self.shard_bytes
+                ):
+                    run.flushes += 1
+                    self.ledger.write_shards(run.writer.cut())
+                    self._sample_memory()
+            self.summary.users_processed += 1
+        self._sample_memory()
+        writes = []
+        for run in runs:
+            write, rows = self._finish(run, date)
+            writes.append(write)
+            shard_rows += rows
+        return writes, shard_rows
+
+    def _finish(self, run: _CellRun, date: dt.date) -> tuple[CellWrite, list[dict[str, Any]]]:
+        spec = run.spec
+        error = run.aborted
+        if error is None and run.processed and run.failures / run.processed > spec.max_failure_rate:
+            error = (
+                f"{run.failures} of {run.processed} users failed "
+                f"({run.failures / run.processed:.0%} > {spec.max_failure_rate:.0%})"
+            )
+        if error is not None:
+            error = error + "\n" + "\n".join(run.errors)
+            return self._failure(spec, date, run.decision, error, run), []
+        rows = run.writer.cut()
+        if rows:
+            run.flushes += 1
+        self.cache.put((spec.name, date), run.keep)
+        return self._success(spec, date, run.decision, run.writer, run), rows
+
+    # --- meta cells -----------------------------------------------------------------------
+
+    def _run_meta(
+        self, date: dt.date, spec: CalcSpec, decision: Decision
+    ) -> tuple[CellWrite, list[dict[str, Any]]]:
+        now = self.clock()
+        upstream, previous = self._inputs_for(spec, date)
+        run = _CellRun(
+            spec=spec,
+            decision=decision,
+            instance=spec.cls(),
+            writer=ShardWriter(spec.name, date, uuid.uuid4().hex, self.shard_bytes),
+            upstream=upstream,
+            previous={},
+            users=None,
+            keep=None,
+            started=now,
+        )
+        ctx = MetaContext(
+            date=date,
+            root={
+                ds: [row for rows in self.dataset(ds).users_on(date).values() for row in rows]
+                for ds in spec.root_data
+            },
+            upstream=upstream,
+            previous=previous,
+        )
+        run.processed = 1
+        try:
+            result = run.instance.process(ctx)
+            if result is not None and not isinstance(result, dict):
+                raise TypeError(f"process() must return a dict or None, not {type(result).__name__}")
+            run.writer.add(None, result_line(None, result))
+        except Exception:
+            run.failures = 1
+            return self._failure(spec, date, decision, traceback.format_exc(), run), []
+        rows = run.writer.cut()
+        run.flushes = 1
+        self.cache.put((spec.name, date), result)
+        return self._success(spec, date, decision, run.writer, run), rows
+
+    # --- recording ------------------------------------------------------------------------
+
+    def _write(
+        self, spec: CalcSpec, date: dt.date, decision: Decision, status: str,
+        writer: ShardWriter, run: _CellRun, error: str | None,
+    ) -> CellWrite:
+        inputs = self.decider.inputs(spec, date, lambda k: self.hashes.get(k))
+        finished = self.clock()
+        success = status == "COMPLETED"
+        return CellWrite(
+            calculation=spec.name,
+            date=date,
+            status=status,
+            category=spec.category,
+            code_hash=spec.code_hash,
+            layer_hash=self.decider.layer_hash(spec.name),
+            infra_hash=self.decider.request.infra_hash,
+            epoch=self.decider.request.epoch,
+            inputs_digest=inputs.digest,
+            upstream_hashes=inputs.upstream,
+            root_hashes=inputs.root,
+            previous_hash=inputs.previous_hash,
+            result_hash=writer.hasher.hexdigest() if success else None,
+            generation=writer.generation if success else None,
+            users=writer.users,
+            run_id=self.run_id,
+            error=error,
+            attempt={
+                "run_id": self.run_id,
+                "calculation": spec.name,
+                "date": date,
+                "reason": decision.reason.value,
+                "worker": self.worker,
+                "started_at": run.started,
+                "finished_at": finished,
+                "status": status,
+                "users": run.processed,
+                "users_failed": run.failures,
+                "flushes": run.flushes,
+                "shards": writer.seq,
+                "bytes_raw": writer.bytes_raw,
+                "bytes_compressed": writer.bytes_compressed,
+                "peak_memory": self.peak_rss,
+                "error": error,
+            },
+        )
+
+    def _success(
+        self, spec: CalcSpec, date: dt.date, decision: Decision, writer: ShardWriter, run: _CellRun
+    ) -> CellWrite:
+        key = (spec.name, date)
+        self.ran.add(key)
+        write = self._write(spec, date, decision, "COMPLETED", writer, run, None)
+        self.hashes[key] = write.result_hash
+        return write
+
+    def _failure(
+        self, spec: CalcSpec, date: dt.date, decision: Decision, error: str, run: _CellRun
+    ) -> CellWrite:
+        key = (spec.name, date)
+        self.failed.add(key)
+        self.summary.failed.append((spec.name, date, error.strip().splitlines()[-1]))
+        return self._write(spec, date, decision, "FAILED", run.writer, run, error)
+
+    def _sample_memory(self) -> None:
+        rss = _PROCESS.memory_info().rss
+        if rss > self.peak_rss:
+            self.peak_rss = rss
+
+
+def _as_ledger_cell(w: CellWrite, old: LedgerCell | None) -> LedgerCell:
+    """The ledger row a write leaves behind, mirrored in memory for later decisions."""
+    if w.status == "FAILED" and old is not None:
+        return dataclasses.replace(old, status="FAILED", attempts=old.attempts + 1, error=w.error)
+    return LedgerCell(
+        calculation=w.calculation,
+        date=w.date,
+        status=w.status,
+        category=w.category,
+        code_hash=w.code_hash,
+        layer_hash=w.layer_hash,
+        infra_hash=w.infra_hash,
+        epoch=w.epoch,
+        inputs_digest=w.inputs_digest,
+        upstream_json=json.dumps(dict(w.upstream_hashes)),
+        root_json=json.dumps({k: dict(v) for k, v in w.root_hashes.items()}),
+        previous_hash=w.previous_hash,
+        result_hash=w.result_hash,
+        attempts=1 if w.status == "FAILED" else 0,
+        error=w.error,
+    )

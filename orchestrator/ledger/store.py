@@ -1,0 +1,520 @@
+"""The ledger: every read and write of cells, shards, the root index, runs and the run lock.
+
+Reads for planning are bulk (one query per table, never one per cell). Writes are small explicit
+transactions. A cell's result becomes visible in one transaction (``publish``): its shards were
+written earlier under a fresh *generation* that no reader looks at, and publishing switches the
+cell's generation and deletes the old shards together. A crash before that leaves only orphan
+shards, which ``collect_orphans`` removes at the start of the next run.
+
+The schema is created and upgraded only by the Alembic migrations in ``migrations/``;
+``Ledger.open`` applies them on first use and refuses a database newer than this code.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import Connection, Engine, and_, cast, create_engine, delete, event, exists, func
+from sqlalchemy import insert, select, text, tuple_, update, String
+from sqlalchemy.exc import IntegrityError, OperationalError, SQLAlchemyError
+from sqlalchemy.pool import NullPool
+
+from orchestrator.errors import RunLockedError, StorageError
+from orchestrator.ledger.models import (
+    AttemptRow,
+    CellRow,
+    RootIndexRow,
+    RootSourceRow,
+    RunLockRow,
+    RunRow,
+    ShardRow,
+)
+
+CELLS = CellRow.__table__
+SHARDS = ShardRow.__table__
+ROOT_INDEX = RootIndexRow.__table__
+ROOT_SOURCES = RootSourceRow.__table__
+RUNS = RunRow.__table__
+ATTEMPTS = AttemptRow.__table__
+LOCK = RunLockRow.__table__
+
+MIGRATIONS = Path(__file__).resolve().parents[2] / "migrations"
+
+
+@dataclass(frozen=True, slots=True)
+class LedgerCell:
+    """A cell's stored state as the planner sees it. JSON parts stay text until needed."""
+
+    calculation: str
+    date: dt.date
+    status: str
+    category: str
+    code_hash: str
+    layer_hash: str
+    infra_hash: str
+    epoch: int
+    inputs_digest: str
+    upstream_json: str
+    root_json: str
+    previous_hash: str | None
+    result_hash: str | None
+    attempts: int
+    error: str | None
+
+    @property
+    def upstream_hashes(self) -> dict[str, str | None]:
+        return json.loads(self.upstream_json)
+
+    @property
+    def root_hashes(self) -> dict[str, dict[str, str]]:
+        return json.loads(self.root_json)
+
+
+@dataclass(frozen=True, slots=True)
+class CellWrite:
+    """Everything written when a cell is published (status COMPLETED) or fails (FAILED)."""
+
+    calculation: str
+    date: dt.date
+    status: str
+    category: str
+    code_hash: str
+    layer_hash: str
+    infra_hash: str
+    epoch: int
+    inputs_digest: str
+    upstream_hashes: Mapping[str, str | None]
+    root_hashes: Mapping[str, Mapping[str, str]]
+    previous_hash: str | None
+    result_hash: str | None
+    generation: str | None
+    users: int
+    run_id: str
+    error: str | None
+    attempt: Mapping[str, Any]
+
+
+def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
+    cur = dbapi_conn.cursor()
+    # WAL lets readers (show, plan) work during a run; NORMAL keeps commits cheap and is still
+    # durable across process crashes (only an OS crash can lose the last transactions).
+    cur.execute("PRAGMA journal_mode=WAL")
+    cur.execute("PRAGMA synchronous=NORMAL")
+    cur.execute("PRAGMA foreign_keys=ON")
+    cur.execute("PRAGMA busy_timeout=30000")
+    cur.close()
+
+
+def make_engine(url: str) -> Engine:
+    """An engine for ``url`` with our SQLite settings.
+
+    Raises:
+        StorageError: the URL is malformed or its driver is missing.
+    """
+    try:
+        if url.startswith("sqlite"):
+            path = url.split("///", 1)[-1]
+            if path and path != ":memory:":
+                Path(path).parent.mkdir(parents=True, exist_ok=True)
+            engine = create_engine(url, poolclass=NullPool)
+            event.listen(engine, "connect", _sqlite_pragmas)
+            return engine
+        if url.startswith("postgresql://"):
+            url = "postgresql+psycopg://" + url[len("postgresql://") :]
+        return create_engine(url, pool_pre_ping=True)
+    except (SQLAlchemyError, ImportError, ValueError) as e:
+        raise StorageError(f"cannot use database URL {url!r}: {e}") from e
+
+
+def _alembic_config(connection: Connection) -> Any:
+    from alembic.config import Config as AlembicConfig
+
+    cfg = AlembicConfig()
+    cfg.set_main_option("script_location", str(MIGRATIONS))
+    cfg.attributes["connection"] = connection
+    return cfg
+
+
+def schema_heads() -> tuple[str, ...]:
+    from alembic.script import ScriptDirectory
+
+    return tuple(ScriptDirectory(str(MIGRATIONS)).get_heads())
+
+
+def current_revision(engine: Engine) -> str | None:
+    from alembic.migration import MigrationContext
+
+    with engine.connect() as conn:
+        return MigrationContext.configure(conn).get_current_revision()
+
+
+def upgrade(engine: Engine, revision: str = "head") -> None:
+    """Apply Alembic migrations up to ``revision``."""
+    from alembic import command
+
+    with engine.begin() as conn:
+        command.upgrade(_alembic_config(conn), revision)
+
+
+def downgrade(engine: Engine, revision: str) -> None:
+    """Revert Alembic migrations down to ``revision`` (``"base"`` drops every table)."""
+    from alembic import command
+
+    with engine.begin() as conn:
+        command.downgrade(_alembic_config(conn), revision)
+
+
+def _chunks(items: Sequence[Any], size: int) -> Iterator[Sequence[Any]]:
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
+
+
+class Ledger:
+    """Access to one ledger database. Construct with ``Ledger.open(url)``."""
+
+    def __init__(self, engine: Engine):
+        self.engine = engine
+
+    @classmethod
+    def open(cls, url: str, migrate: bool = True) -> Ledger:
+        """Connect, check the schema version and apply pending migrations.
+
+        Raises:
+            StorageError: unreachable database, or a schema newer than this code knows.
+        """
+        engine = make_engine(url)
+        heads = schema_heads()
+        try:
+            revision = current_revision(engine)
+        except OperationalError as e:
+            raise StorageError(f"cannot connect to the ledger database {url!r}: {e.orig}") from e
+        from alembic.script import ScriptDirectory
+
+        known = {s.revision for s in ScriptDirectory(str(MIGRATIONS)).walk_revisions()}
+        if revision is not None and revision not in known:
+            raise StorageError(
+                f"the ledger schema is at revision {revision}, newer than this orchestrator "
+                f"knows ({', '.join(heads)}); upgrade orchestrator before using this database"
+            )
+        if revision not in heads:
+            if not migrate:
+                raise StorageError(
+                    f"the ledger schema is at {revision or 'nothing'}, expected {heads[0]}; "
+                    "run `orchestrator db upgrade`"
+                )
+            upgrade(engine)
+        return cls(engine)
+
+    def dispose(self) -> None:
+        self.engine.dispose()
+
+    # --- cells: bulk reads -----------------------------------------------------------------
+
+    def load_cells(self, calculations: Iterable[str] | None = None) -> dict[tuple[str, dt.date], LedgerCell]:
+        """Every stored cell (optionally of some calculations), in one query."""
+        cols = [
+            CELLS.c.calculation,
+            CELLS.c.date,
+            CELLS.c.status,
+            CELLS.c.category,
+            CELLS.c.code_hash,
+            CELLS.c.layer_hash,
+            CELLS.c.infra_hash,
+            CELLS.c.epoch,
+            CELLS.c.inputs_digest,
+            cast(CELLS.c.upstream_hashes, String),
+            cast(CELLS.c.root_hashes, String),
+            CELLS.c.previous_hash,
+            CELLS.c.result_hash,
+            CELLS.c.attempts,
+            CELLS.c.error,
+        ]
+        query = select(*cols)
+        if calculations is not None:
+            query = query.where(CELLS.c.calculation.in_(list(calculations)))
+        with self.engine.connect() as conn:
+            rows = conn.execute(query).all()
+        return {(r[0], r[1]): LedgerCell(*r) for r in rows}
+
+    def cell(self, calculation: str, date: dt.date) -> LedgerCell | None:
+        return self.load_cells([calculation]).get((calculation, date))
+
+    # --- cells: writes --------------------------------------------------------------------
+
+    def write_shards(self, shards: Sequence[Mapping[str, Any]]) -> None:
+        """Insert shard rows (invisible until their cell is published with their generation)."""
+        if shards:
+            with self.engine.begin() as conn:
+                conn.execute(insert(SHARDS), list(shards))
+
+    def publish_with_shards(
+        self, writes: Sequence[CellWrite], shards: Sequence[Mapping[str, Any]], now: dt.datetime
+    ) -> None:
+        """Insert the last shards of some cells and publish them, all in one transaction.
+
+        A COMPLETED write switches the cell to its new generation and deletes the old shards;
+        a FAILED write keeps the previously published result (generation, result hash and
+        fingerprint parts) readable and only records the failure.
+        """
+        if not writes:
+            return
+        with self.engine.begin() as conn:
+            if shards:
+                conn.execute(insert(SHARDS), list(shards))
+            self._publish(conn, writes, now)
+
+    def publish(self, writes: Sequence[CellWrite], now: dt.datetime) -> None:
+        """Record finished cells in one transaction (see ``publish_with_shards``)."""
+        if writes:
+            with self.engine.begin() as conn:
+                self._publish(conn, writes, now)
+
+    def _publish(self, conn: Connection, writes: Sequence[CellWrite], now: dt.datetime) -> None:
+        """Upsert the cells of ``writes`` on an open transaction.
+
+        A COMPLETED write switches the cell to its new generation and deletes the old shards;
+        a FAILED write keeps the previously published result (generation, result hash and
+        fingerprint parts) readable and only records the failure.
+        """
+        keys = [(w.calculation, w.date) for w in writes]
+        existing = {
+            (r.calculation, r.date): r
+            for r in conn.execute(
+                select(CELLS.c.id, CELLS.c.calculation, CELLS.c.date, CELLS.c.generation,
+                       CELLS.c.attempts).where(
+                    tuple_(CELLS.c.calculation, CELLS.c.date).in_(keys)
+                )
+            )
+        }
+        inserts: list[dict[str, Any]] = []
+        for w in writes:
+            old = existing.get((w.calculation, w.date))
+            attempts = (old.attempts if old else 0) + 1 if w.status == "FAILED" else 0
+            if w.status == "FAILED" and old is not None:
+                conn.execute(
+                    update(CELLS)
+                    .where(CELLS.c.id == old.id)
+                    .values(status="FAILED", attempts=attempts, error=w.error,
+                            run_id=w.run_id, updated_at=now)
+                )
+                continue
+            values = {
+                "calculation": w.calculation,
+                "date": w.date,
+                "status": w.status,
+                "category": w.category,
+                "code_hash": w.code_hash,
+                "layer_hash": w.layer_hash,
+                "infra_hash": w.infra_hash,
+                "epoch": w.epoch,
+                "inputs_digest": w.inputs_digest,
+                "upstream_hashes": dict(w.upstream_hashes),
+                "root_hashes": {k: dict(v) for k, v in w.root_hashes.items()},
+                "previous_hash": w.previous_hash,
+                "result_hash": w.result_hash,
+                "generation": w.generation,
+                "users": w.users,
+                "attempts": attempts,
+                "lease_expires_at": None,
+                "run_id": w.run_id,
+                "error": w.error,
+                "hash_format": 1,
+                "updated_at": now,
+            }
+            if old is None:
+                inserts.append(values)
+                continue
+            conn.execute(update(CELLS).where(CELLS.c.id == old.id).values(**values))
+            if old.generation and old.generation != w.generation:
+                conn.execute(
+                    delete(SHARDS).where(
+                        SHARDS.c.calculation == w.calculation,
+                        SHARDS.c.date == w.date,
+                        SHARDS.c.generation == old.generation,
+                    )
+                )
+        if inserts:
+            conn.execute(insert(CELLS), inserts)
+        attempts_rows = [dict(w.attempt) for w in writes if w.attempt]
+        if attempts_rows:
+            conn.execute(insert(ATTEMPTS), attempts_rows)
+
+    def collect_orphans(self) -> int:
+        """Delete shards no published cell points at (left by a crashed attempt)."""
+        s = SHARDS.alias("s")
+        published = exists().where(
+            and_(
+                CELLS.c.calculation == s.c.calculation,
+                CELLS.c.date == s.c.date,
+                CELLS.c.generation == s.c.generation,
+            )
+        )
+        with self.engine.begin() as conn:
+            return conn.execute(delete(s).where(~published)).rowcount or 0
+
+    # --- results --------------------------------------------------------------------------
+
+    def shard_payloads(self, calculation: str, date: dt.date) -> list[bytes] | None:
+        """The compressed shards of a cell's published result, in order; None if unpublished."""
+        return self.shard_payloads_many([(calculation, date)]).get((calculation, date))
+
+    def shard_payloads_many(
+        self, cells: Sequence[tuple[str, dt.date]]
+    ) -> dict[tuple[str, dt.date], list[bytes]]:
+        """Published shards of many cells in one query per 500 cells."""
+        out: dict[tuple[str, dt.date], list[bytes]] = {}
+        for chunk in _chunks(list(cells), 500):
+            query = (
+                select(SHARDS.c.calculation, SHARDS.c.date, SHARDS.c.data)
+                .join(
+                    CELLS,
+                    and_(
+                        CELLS.c.calculation == SHARDS.c.calculation,
+                        CELLS.c.date == SHARDS.c.date,
+                        CELLS.c.generation == SHARDS.c.generation,
+                    ),
+                )
+                .where(tuple_(CELLS.c.calculation, CELLS.c.date).in_(list(chunk)))
+                .order_by(SHARDS.c.calculation, SHARDS.c.date, SHARDS.c.seq)
+            )
+            with self.engine.connect() as conn:
+                published = {
+                    (r[0], r[1])
+                    for r in conn.execute(
+                        select(CELLS.c.calculation, CELLS.c.date).where(
+                            tuple_(CELLS.c.calculation, CELLS.c.date).in_(list(chunk)),
+                            CELLS.c.generation.is_not(None),
+                        )
+                    )
+                }
+                for key in published:
+                    out[key] = []
+                for calc, date, data in conn.execute(query):
+                    out[(calc, date)].append(data)
+        return out
+
+    # --- root data index ------------------------------------------------------------------
+
+    def load_root_sources(self) -> dict[str, str]:
+        """dataset -> digest of the raw files last indexed."""
+        with self.engine.connect() as conn:
+            return dict(conn.execute(select(ROOT_SOURCES.c.dataset, ROOT_SOURCES.c.source_digest)).all())
+
+    def load_root_index(self, dataset: str) -> dict[dt.date, tuple[int, str]]:
+        """date -> (row count, content hash) of one dataset."""
+        with self.engine.connect() as conn:
+            rows = conn.execute(
+                select(ROOT_INDEX.c.date, ROOT_INDEX.c.row_count, ROOT_INDEX.c.content_hash).where(
+                    ROOT_INDEX.c.dataset == dataset
+                )
+            ).all()
+        return {r[0]: (r[1], r[2]) for r in rows}
+
+    def replace_root_index(
+        self,
+        dataset: str,
+        source_digest: str,
+        entries: Mapping[dt.date, tuple[int, str]],
+        malformed: int,
+        now: dt.datetime,
+    ) -> None:
+        """Replace a dataset's index (date -> (rows, hash)) and its source digest atomically."""
+        with self.engine.begin() as conn:
+            conn.execute(delete(ROOT_INDEX).where(ROOT_INDEX.c.dataset == dataset))
+            conn.execute(delete(ROOT_SOURCES).where(ROOT_SOURCES.c.dataset == dataset))
+            if entries:
+                conn.execute(
+                    insert(ROOT_INDEX),
+                    [
+                        {"dataset": dataset, "date": d, "row_count": n, "content_hash": h}
+                        for d, (n, h) in sorted(entries.items())
+                    ],
+                )
+            conn.execute(
+                insert(ROOT_SOURCES).values(
+                    dataset=dataset,
+                    source_digest=source_digest,
+                    rows=sum(n for n, _ in entries.values()),
+                    malformed=malformed,
+                    indexed_at=now,
+                )
+            )
+
+    # --- runs and the run lock ------------------------------------------------------------
+
+    def acquire_lock(self, holder: str, now: dt.datetime, ttl: dt.timedelta) -> None:
+        """Take the run lock, or fail if an unexpired holder has it.
+
+        Raises:
+            RunLockedError: another run holds the lock; the message names it and its expiry.
+        """
+        with self.engine.begin() as conn:
+            row = conn.execute(select(LOCK).where(LOCK.c.name == "run")).first()
+            if row is not None and row.expires_at > now:
+                raise RunLockedError(
+                    f"another run ({row.holder}) is in progress until "
+                    f"{row.expires_at:%Y-%m-%d %H:%M:%S} UTC; wait for it to finish"
+                )
+            if row is not None:
+                conn.execute(delete(LOCK).where(LOCK.c.name == "run", LOCK.c.holder == row.holder))
+            try:
+                conn.execute(insert(LOCK).values(name="run", holder=holder, expires_at=now + ttl))
+            except IntegrityError as e:  # another process took it between our read and insert
+                raise RunLockedError("another run took the run lock just now; try later") from e
+
+    def refresh_lock(self, holder: str, now: dt.datetime, ttl: dt.timedelta) -> None:
+        with self.engine.begin() as conn:
+            conn.execute(
+                update(LOCK)
+                .where(LOCK.c.name == "run", LOCK.c.holder == holder)
+                .values(expires_at=now + ttl)
+            )
+
+    def release_lock(self, holder: str) -> None:
+        with self.engine.begin() as conn:
+            conn.execute(delete(LOCK).where(LOCK.c.name == "run", LOCK.c.holder == holder))
+
+    def start_run(self, run_id: str, trigger: str, target: dt.date | None, now: dt.datetime) -> None:
+        with self.engine.begin() as conn:
+            conn.execute(
+                insert(RUNS).values(
+                    run_id=run_id, trigger=trigger, target_date=target, started_at=now,
+                    status="RUNNING", cells_completed=0, cells_failed=0, cells_skipped=0,
+                )
+            )
+
+    def finish_run(
+        self, run_id: str, status: str, completed: int, failed: int, skipped: int, now: dt.datetime
+    ) -> None:
+        with self.engine.begin() as conn:
+            conn.execute(
+                update(RUNS)
+                .where(RUNS.c.run_id == run_id)
+                .values(status=status, finished_at=now, cells_completed=completed,
+                        cells_failed=failed, cells_skipped=skipped)
+            )
+
+    def recent_runs(self, limit: int = 20) -> list[Any]:
+        with self.engine.connect() as conn:
+            return list(
+                conn.execute(select(RUNS).order_by(RUNS.c.started_at.desc()).limit(limit)).all()
+            )
+
+    def attempts(self, calculation: str, date: dt.date) -> list[Any]:
+        with self.engine.connect() as conn:
+            return list(
+                conn.execute(
+                    select(ATTEMPTS)
+                    .where(ATTEMPTS.c.calculation == calculation, ATTEMPTS.c.date == date)
+                    .order_by(ATTEMPTS.c.id)
+                ).all()
+            )
+
+    def count(self, table: str) -> int:
+        with self.engine.connect() as conn:
+            return conn.execute(text(f"SELECT COUNT(*) FROM {table}")).scalar_one()  # noqa: S608

@@ -1,0 +1,114 @@
+"""Reports render a ``Plan``; they never decide anything.
+
+Text for terminals, Markdown, HTML (jinja2 templates in ``templates/``) and JSON. Cells are
+grouped into runs of consecutive dates with the same calculation, status and reason, so a
+catch-up of thousands of dates stays readable.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import re
+from collections import Counter
+from dataclasses import dataclass
+from typing import Any
+
+import jinja2
+
+from orchestrator.planning import Decision, Plan, Status, decision_json
+
+_env = jinja2.Environment(
+    loader=jinja2.PackageLoader("orchestrator.reporting", "templates"),
+    autoescape=jinja2.select_autoescape(["html"]),
+    trim_blocks=True,
+    lstrip_blocks=True,
+    keep_trailing_newline=True,
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Span:
+    """Consecutive planned dates of one calculation sharing a status, reason and detail."""
+
+    calculation: str
+    status: str
+    reason: str
+    first: dt.date
+    last: dt.date
+    cells: int
+    detail: str
+
+
+def spans(plan: Plan, statuses: tuple[Status, ...] = tuple(Status)) -> list[Span]:
+    """Group the plan's cells (per calculation, in date order) into ``Span``s."""
+    by_calc: dict[str, list[Decision]] = {}
+    for key in plan.order:
+        d = plan.decisions[key]
+        if d.status in statuses:
+            by_calc.setdefault(d.calculation, []).append(d)
+    out: list[Span] = []
+    position = {date: i for i, date in enumerate(plan.dates)}
+    for calc in sorted(by_calc):
+        run: list[Decision] = []
+        for d in by_calc[calc]:
+            if run and (
+                d.reason is not run[-1].reason
+                or _generic(d.detail) != _generic(run[-1].detail)
+                or position[d.date] != position[run[-1].date] + 1
+            ):
+                out.append(_span(run))
+                run = []
+            run.append(d)
+        if run:
+            out.append(_span(run))
+    return out
+
+
+def _generic(detail: str) -> str:
+    # Details that differ only by a date (e.g. "no prices rows on 2018-01-01") group together.
+    return re.sub(r"\d{4}-\d{2}-\d{2}", "<date>", detail)
+
+
+def _span(run: list[Decision]) -> Span:
+    first, last = run[0], run[-1]
+    return Span(
+        calculation=first.calculation,
+        status=first.status.value,
+        reason=first.reason.value,
+        first=first.date,
+        last=last.date,
+        cells=len(run),
+        detail=_generic(first.detail) if len(run) > 1 else first.detail,
+    )
+
+
+def _context(plan: Plan) -> dict[str, Any]:
+    per_calc: dict[str, Counter[str]] = {}
+    for d in plan.decisions.values():
+        per_calc.setdefault(d.calculation, Counter())[d.status.value] += 1
+    return {
+        "plan": plan,
+        "counts": plan.counts(),
+        "reasons": plan.reason_counts(),
+        "statuses": [s.value for s in Status],
+        "per_calc": {c: dict(v) for c, v in sorted(per_calc.items())},
+        "spans": spans(plan, (Status.RUNNABLE, Status.BLOCKED, Status.IMPOSSIBLE)),
+        "first": plan.dates[0] if plan.dates else None,
+        "last": plan.dates[-1] if plan.dates else None,
+    }
+
+
+def render(plan: Plan, fmt: str) -> str:
+    """The plan as ``fmt`` in {"text", "markdown", "html", "json"}."""
+    if fmt == "json":
+        return json.dumps(
+            {
+                "target_date": plan.target_date.isoformat(),
+                "counts": plan.counts(),
+                "cells": [decision_json(plan.decisions[k]) for k in plan.order],
+            },
+            indent=None,
+        )
+    template = {"text": "plan.txt.j2", "markdown": "plan.md.j2", "html": "plan.html.j2"}[fmt]
+    return _env.get_template(template).render(**_context(plan))

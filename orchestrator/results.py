@@ -1,0 +1,110 @@
+"""Result shards: bounded, zstandard-compressed slices of a cell's canonical JSON lines.
+
+A standard cell's result is one line ``[user, result]`` per user with a result, users in
+ascending order; a meta cell's is the single line ``[null, result]``. The very bytes that are
+hashed (``fingerprint.result_line``) are the bytes compressed into shards, so a stored result
+can always be re-verified against its result hash.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import zstandard
+
+from orchestrator.fingerprint import ResultHasher
+
+ZSTD_LEVEL = 3
+_compressor = zstandard.ZstdCompressor(level=ZSTD_LEVEL)
+_decompressor = zstandard.ZstdDecompressor()
+
+
+def decode_shards(payloads: Iterable[bytes]) -> list[tuple[str | None, Any]]:
+    """All ``(user, result)`` pairs of a cell's shards, in stored order."""
+    out: list[tuple[str | None, Any]] = []
+    for payload in payloads:
+        raw = _decompressor.decompress(payload)
+        out.extend(tuple(json.loads(line)) for line in raw.splitlines() if line)  # type: ignore[misc]
+    return out
+
+
+def assemble(pairs: list[tuple[str | None, Any]], kind: str) -> Any:
+    """A standard cell's pairs as ``{user: result}``; a meta cell's as its result."""
+    if kind == "meta":
+        return pairs[0][1] if pairs else None
+    return {user: result for user, result in pairs}
+
+
+@dataclass(slots=True)
+class ShardWriter:
+    """Buffers a cell's lines and cuts them into shards of at most ``max_bytes`` raw bytes.
+
+    ``cut()`` returns the shard rows ready to insert; the caller decides when they are written
+    (mid-cell flushes go to the database at once, the last one rides in the publish
+    transaction). The running result hash covers every line added, in order.
+    """
+
+    calculation: str
+    date: dt.date
+    generation: str
+    max_bytes: int
+    hasher: ResultHasher = field(default_factory=ResultHasher)
+    seq: int = 0
+    users: int = 0
+    bytes_raw: int = 0
+    bytes_compressed: int = 0
+    _lines: list[bytes] = field(default_factory=list)
+    _users: list[str | None] = field(default_factory=list)
+    _size: int = 0
+
+    def add(self, user: str | None, line: bytes) -> None:
+        self.hasher.update(line)
+        self._lines.append(line)
+        self._users.append(user)
+        self._size += len(line)
+        self.users += 1
+
+    @property
+    def buffered_users(self) -> int:
+        return len(self._lines)
+
+    @property
+    def buffered_bytes(self) -> int:
+        return self._size
+
+    def cut(self) -> list[dict[str, Any]]:
+        """Empty the buffer into shard rows (none if the buffer is empty)."""
+        rows: list[dict[str, Any]] = []
+        start = 0
+        while start < len(self._lines):
+            end, size = start, 0
+            while end < len(self._lines) and (end == start or size + len(self._lines[end]) <= self.max_bytes):
+                size += len(self._lines[end])
+                end += 1
+            raw = b"".join(self._lines[start:end])
+            data = _compressor.compress(raw)
+            rows.append(
+                {
+                    "calculation": self.calculation,
+                    "date": self.date,
+                    "generation": self.generation,
+                    "seq": self.seq,
+                    "first_user": self._users[start],
+                    "last_user": self._users[end - 1],
+                    "users": end - start,
+                    "raw_bytes": len(raw),
+                    "data": data,
+                }
+            )
+            self.seq += 1
+            self.bytes_raw += len(raw)
+            self.bytes_compressed += len(data)
+            start = end
+        self._lines.clear()
+        self._users.clear()
+        self._size = 0
+        return rows

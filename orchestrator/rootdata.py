@@ -1,0 +1,337 @@
+"""Root data: external raw inputs per date, read once per run and indexed.
+
+A source is a file or a folder of CSV, gzipped CSV or Parquet files with a date column and a
+user column. ``FileSource.digest()`` hashes the raw bytes (cheap: no parsing), so an unchanged
+source reuses the stored root index and is never parsed by a run that executes nothing.
+``FileSource.load()`` parses everything once into a ``Dataset``: rows grouped by date and user,
+and per date a row count and a content hash (xxh3-128 over the date's rows, each as the JSON of
+its raw field values, sorted — so the file's row order does not matter).
+
+Parsing rules (documented for calculation authors):
+* numeric columns become ``int`` (all values integral) or ``float``; empty fields become ``None``;
+  other columns stay strings; the date and user columns keep their text.
+* a column is numeric when at least 99 % of its non-empty values parse; the rest become ``None``
+  and are counted as malformed values with their file and line.
+* a row without a user or with a date that is not ``YYYY-MM-DD`` is skipped and counted.
+"""
+
+from __future__ import annotations
+
+import bisect
+import csv
+import gc
+import datetime as dt
+import gzip
+import io
+import json
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import xxhash
+
+from orchestrator.config import RootDataConfig
+from orchestrator.errors import RootDataError
+from orchestrator.fingerprint import digest, encode
+
+Row = dict[str, Any]
+SUFFIXES = (".csv", ".csv.gz", ".parquet")
+
+
+@dataclass(frozen=True, slots=True)
+class DateEntry:
+    """The root index of one dataset on one date (available iff ``row_count > 0``)."""
+
+    row_count: int
+    content_hash: str
+
+
+@dataclass(slots=True)
+class Dataset:
+    """A parsed dataset: rows by date and user, and the per-date index.
+
+    Attributes:
+        name: the dataset's config name.
+        dates: available dates, ascending.
+        by_date: date -> user -> rows of that user on that date (file order).
+        index: date -> DateEntry.
+        malformed: number of skipped rows plus values that could not be parsed.
+        problems: up to 20 examples, "file:line: what".
+    """
+
+    name: str
+    dates: list[dt.date]
+    by_date: dict[dt.date, dict[str, list[Row]]]
+    index: dict[dt.date, DateEntry]
+    malformed: int = 0
+    problems: list[str] = field(default_factory=list)
+    _series: dict[str, tuple[list[int], list[list[Row]]]] | None = None
+    _date_pos: dict[dt.date, int] | None = None
+
+    def users_on(self, date: dt.date) -> dict[str, list[Row]]:
+        """user -> rows on ``date`` (empty when the date is unavailable)."""
+        return self.by_date.get(date, {})
+
+    def history(self, user: str, date: dt.date, lookback: int) -> list[Row]:
+        """The user's rows over the last ``lookback`` available dates up to and including
+        ``date`` (oldest first). ``date`` itself need not be available."""
+        if self._series is None:
+            self._build_series()
+        assert self._series is not None and self._date_pos is not None
+        series = self._series.get(user)
+        if series is None:
+            return []
+        end = bisect.bisect_right(self.dates, date)  # dates[:end] are <= date
+        start = end - lookback
+        positions, rows = series
+        lo = bisect.bisect_left(positions, start)
+        hi = bisect.bisect_left(positions, end)
+        if hi - lo == 1:
+            return rows[lo]
+        return [row for chunk in rows[lo:hi] for row in chunk]
+
+    def _build_series(self) -> None:
+        self._date_pos = {d: i for i, d in enumerate(self.dates)}
+        series: dict[str, tuple[list[int], list[list[Row]]]] = {}
+        for pos, date in enumerate(self.dates):
+            for user, rows in self.by_date[date].items():
+                entry = series.get(user)
+                if entry is None:
+                    entry = series[user] = ([], [])
+                entry[0].append(pos)
+                entry[1].append(rows)
+        self._series = series
+
+
+def _files(path: Path) -> list[Path]:
+    if path.is_file():
+        return [path]
+    if path.is_dir():
+        return sorted(p for p in path.rglob("*") if p.is_file() and p.name.endswith(SUFFIXES))
+    raise RootDataError(f"root data path {path} does not exist; fix its 'path' in the config")
+
+
+class FileSource:
+    """The built-in source: a file or folder of CSV / gzipped CSV / Parquet files."""
+
+    def __init__(self, config: RootDataConfig):
+        self.config = config
+
+    def digest(self) -> str:
+        """Digest of the raw bytes of every file plus the parsing settings (no parsing).
+
+        Raises:
+            RootDataError: the path does not exist or holds no readable file.
+        """
+        files = _files(self.config.path)
+        if not files:
+            raise RootDataError(
+                f"root data folder {self.config.path} holds no .csv, .csv.gz or .parquet file"
+            )
+        h = xxhash.xxh3_128()
+        h.update(encode(["source", 1, self.config.date_column, self.config.user_column]))
+        for path in files:
+            h.update(encode(path.name))
+            with path.open("rb") as f:
+                while chunk := f.read(1 << 20):
+                    h.update(chunk)
+        return h.hexdigest()
+
+    def load(self) -> Dataset:
+        """Parse every file into a ``Dataset``.
+
+        Raises:
+            RootDataError: a file cannot be read, or the date or user column is missing.
+        """
+        # Parsing allocates millions of small objects that all stay alive: the cyclic GC would
+        # rescan them again and again (it doubled the load time), and afterwards they are
+        # frozen so later collections during execution skip them too.
+        enabled = gc.isenabled()
+        gc.disable()
+        try:
+            dataset = self._load()
+        finally:
+            if enabled:
+                gc.enable()
+        gc.freeze()
+        return dataset
+
+    def _load(self) -> Dataset:
+        by_date: dict[dt.date, dict[str, list[Row]]] = {}
+        lines_by_date: dict[dt.date, list[str]] = {}
+        malformed = 0
+        problems: list[str] = []
+        for path in _files(self.config.path):
+            header, raw_rows, row_texts = self._read(path)
+            for column in (self.config.date_column, self.config.user_column):
+                if column not in header:
+                    raise RootDataError(
+                        f"{path}: column '{column}' not found (columns: {', '.join(header)}); "
+                        f"fix date_column / user_column of [root_data.{self.config.name}]"
+                    )
+            columns = [list(c) for c in zip(*raw_rows)] if raw_rows else [[] for _ in header]
+            del raw_rows
+            di = header.index(self.config.date_column)
+            ui = header.index(self.config.user_column)
+            dates_raw, users = columns[di], columns[ui]
+            bad, notes = _type_columns(header, columns, (di, ui), path)
+            malformed += bad
+            problems.extend(notes)
+            parsed_dates: dict[str, dt.date | None] = {}
+            for text in set(dates_raw):
+                try:
+                    parsed_dates[text] = dt.date.fromisoformat(text)
+                except (TypeError, ValueError):
+                    parsed_dates[text] = None
+            for i, row_values in enumerate(zip(*columns)):
+                date = parsed_dates[dates_raw[i]]
+                user = users[i]
+                if date is None or not user:
+                    malformed += 1
+                    if len(problems) < 20:
+                        what = f"bad date {dates_raw[i]!r}" if date is None else "missing user"
+                        problems.append(f"{path.name}:{i + 2}: {what}; row skipped")
+                    continue
+                per_user = by_date.get(date)
+                if per_user is None:
+                    per_user = by_date[date] = {}
+                    lines_by_date[date] = []
+                rows = per_user.get(user)
+                if rows is None:
+                    rows = per_user[user] = []
+                rows.append(dict(zip(header, row_values)))
+                lines_by_date[date].append(row_texts[i])
+        index = {}
+        for date, texts in lines_by_date.items():
+            texts.sort()
+            h = xxhash.xxh3_128()
+            h.update(encode("rootdate"))
+            for text in texts:
+                h.update(text.encode() + b"\n")
+            index[date] = DateEntry(len(texts), h.hexdigest())
+        dates = sorted(by_date)
+        return Dataset(
+            name=self.config.name,
+            dates=dates,
+            by_date={d: dict(sorted(by_date[d].items())) for d in dates},
+            index=index,
+            malformed=malformed,
+            problems=problems[:20],
+        )
+
+    def _read(self, path: Path) -> tuple[list[str], list[list[str]], list[str]]:
+        """Header, rows of raw field text, and one canonical text per row for hashing."""
+        fmt = self.config.format or ("parquet" if path.name.endswith(".parquet") else "csv")
+        try:
+            if fmt == "parquet":
+                return _read_parquet(path)
+            return _read_csv(path)
+        except (OSError, UnicodeDecodeError, csv.Error, EOFError, gzip.BadGzipFile) as e:
+            raise RootDataError(f"cannot read root data file {path}: {e}") from e
+
+
+def _read_csv(path: Path) -> tuple[list[str], list[list[str]], list[str]]:
+    opener = gzip.open if path.name.endswith(".gz") else open
+    with opener(path, "rt", newline="", encoding="utf-8") as f:  # type: ignore[operator]
+        text = f.read()
+    if not text.strip():
+        return [], [], []
+    if '"' not in text and "\r" not in text:
+        # Fast path: no quoting, so a line is a row and its text is its canonical form.
+        lines = text.split("\n")
+        header = lines[0].split(",")
+        body = [line for line in lines[1:] if line]
+        rows = [line.split(",") for line in body]
+        texts = body
+    else:
+        reader = csv.reader(io.StringIO(text, newline=""))
+        header = next(reader)
+        rows = [r for r in reader if r]
+        texts = [json.dumps(r) for r in rows]
+    width = len(header)
+    if any(len(r) != width for r in rows):
+        rows = [r if len(r) == width else (r + [""] * width)[:width] for r in rows]
+    return header, rows, texts
+
+
+def _read_parquet(path: Path) -> tuple[list[str], list[list[str]], list[str]]:
+    try:
+        import pyarrow.parquet as pq
+    except ImportError as e:
+        raise RootDataError(
+            f"{path} is Parquet; install the parquet extra: pip install 'orchestrator[parquet]'"
+        ) from e
+    table = pq.read_table(path)
+    columns = []
+    for name in table.column_names:
+        values = table.column(name).to_pylist()
+        columns.append(
+            ["" if v is None else (v.isoformat() if isinstance(v, dt.date) else str(v)) for v in values]
+        )
+    rows = [list(r) for r in zip(*columns)]
+    return list(table.column_names), rows, [json.dumps(r) for r in rows]
+
+
+def _to_float(text: str) -> float | None:
+    try:
+        return float(text)
+    except ValueError:
+        return None
+
+
+def _type_columns(
+    header: list[str], columns: list[list[Any]], keep: tuple[int, ...], path: Path
+) -> tuple[int, list[str]]:
+    """Type the columns in place (except ``keep``); returns (unparseable values, examples).
+
+    A column is numeric when at least 99 % of its non-empty values parse as numbers.
+    """
+    bad_total = 0
+    notes: list[str] = []
+    for c, name in enumerate(header):
+        if c in keep:
+            continue
+        values = columns[c]
+        try:
+            if all(map(str.isdigit, values)):
+                columns[c] = list(map(int, values))
+            else:
+                columns[c] = list(map(float, values))
+            continue
+        except ValueError:
+            pass  # empty fields or text: the careful path below
+        parsed = [_to_float(v) if v else None for v in values]
+        filled = sum(1 for v in values if v)
+        failures = sum(1 for v, p in zip(values, parsed) if v and p is None)
+        if filled == 0 or failures > 0.01 * filled:
+            columns[c] = [v if v else None for v in values]  # a text column
+            continue
+        if all(v.lstrip("+-").isdigit() for v, p in zip(values, parsed) if p is not None):
+            parsed = [None if p is None else int(v) for v, p in zip(values, parsed)]
+        columns[c] = parsed
+        if failures:
+            bad_total += failures
+            for line, (v, p) in enumerate(zip(values, parsed), start=2):
+                if v and p is None and len(notes) < 20:
+                    notes.append(f"{path.name}:{line}: {name}={v!r} is not a number; read as None")
+    return bad_total, notes
+
+
+def window_dates(dates: list[dt.date], date: dt.date, lookback: int) -> list[dt.date]:
+    """The last ``lookback`` of ``dates`` (ascending) that are <= ``date``, ascending."""
+    end = bisect.bisect_right(dates, date)
+    return dates[max(0, end - lookback) : end]
+
+
+def index_of(datasets: Mapping[str, Mapping[dt.date, DateEntry]]) -> dict[str, dict[dt.date, str]]:
+    """dataset -> date -> content hash, the form the planner consumes."""
+    return {name: {d: e.content_hash for d, e in idx.items()} for name, idx in datasets.items()}
+
+
+def iter_rows(dataset: Dataset, date: dt.date) -> Iterator[Row]:
+    for rows in dataset.users_on(date).values():
+        yield from rows
+
+
+__all__ = ["Dataset", "DateEntry", "FileSource", "window_dates", "index_of", "iter_rows", "digest"]
