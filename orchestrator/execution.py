@@ -46,7 +46,11 @@ _PROCESS = psutil.Process()
 
 @dataclass(slots=True)
 class RunSummary:
-    """What a run did. ``failed`` lists (calculation, date, error's last line)."""
+    """What a run did.
+
+    ``failed`` lists (calculation, date, error's last line); ``executed`` maps every cell that
+    ran (successfully or not) to the reason it ran; ``reasons`` counts final reasons.
+    """
 
     run_id: str
     completed: int = 0
@@ -59,6 +63,7 @@ class RunSummary:
     seconds: float = 0.0
     peak_memory: int = 0
     reasons: dict[str, int] = field(default_factory=dict)
+    executed: dict[tuple[str, dt.date], str] = field(default_factory=dict)
 
     @property
     def ok(self) -> bool:
@@ -250,6 +255,7 @@ class Executor:
             self.decisions[key] = decision
             if decision.status is Status.RUNNABLE:
                 to_run.append((spec, decision))
+                self.summary.executed[key] = decision.reason.value
         standard = [(s, d) for s, d in to_run if s.is_standard]
         writes: list[CellWrite] = []
         shard_rows: list[dict[str, Any]] = []
@@ -320,40 +326,47 @@ class Executor:
             )
         shard_rows: list[dict[str, Any]] = []
         empty: list[Any] = []
+        calcs = self.manifest.calcs
+        # Per cell, fixed for the whole walk: which upstream results are per user.
+        plans = [
+            (
+                run,
+                run.spec.root_data,
+                [(dep, res) for dep, res in run.upstream.items()
+                 if calcs[dep].is_standard and res is not None],
+                {dep: res for dep, res in run.upstream.items()
+                 if not calcs[dep].is_standard or res is None},
+                run.spec.lookback,
+            )
+            for run in runs
+        ]
         for user in sorted(all_users):
             today = {ds: d.users_on(date).get(user, empty) for ds, d in datasets.items()}
-            for run in runs:
+            for run, root_names, per_user, whole, lookback in plans:
                 if run.aborted:
                     continue
-                spec = run.spec
                 if run.users is None:
-                    if not any(today[ds] for ds in spec.root_data):
+                    root = {ds: today[ds] for ds in root_names}
+                    if not any(root.values()):
                         continue
+                    history = (
+                        {ds: datasets[ds].history(user, date, lookback) for ds in root_names}
+                        if lookback > 1
+                        else root
+                    )
                 elif user not in run.users:
                     continue
-                ctx = StandardContext(
-                    date=date,
-                    user=user,
-                    root={ds: today[ds] for ds in spec.root_data},
-                    history={
-                        ds: datasets[ds].history(user, date, spec.lookback)
-                        if spec.lookback > 1
-                        else today[ds]
-                        for ds in spec.root_data
-                    },
-                    upstream={
-                        dep: (res.get(user) if self.manifest.calcs[dep].is_standard else res)
-                        if res is not None
-                        else None
-                        for dep, res in run.upstream.items()
-                    },
-                    previous=run.previous.get(user),
-                )
+                else:
+                    root = history = {}
+                upstream = dict(whole)
+                for dep, res in per_user:
+                    upstream[dep] = res.get(user)
+                ctx = StandardContext(date, user, root, history, upstream, run.previous.get(user))
                 run.processed += 1
                 try:
                     result = run.instance.process(ctx)
                     if result is not None:
-                        if not isinstance(result, dict):
+                        if type(result) is not dict:
                             raise TypeError(
                                 f"process() must return a dict or None, not {type(result).__name__}"
                             )
@@ -366,11 +379,11 @@ class Executor:
                         run.errors.append(f"user {user}: {traceback.format_exc()}")
                     if (
                         run.processed >= MIN_USERS_FOR_BREAKER
-                        and run.failures / run.processed > spec.max_failure_rate
+                        and run.failures / run.processed > run.spec.max_failure_rate
                     ):
                         run.aborted = (
                             f"circuit breaker: {run.failures} of {run.processed} users failed "
-                            f"({run.failures / run.processed:.0%} > {spec.max_failure_rate:.0%})"
+                            f"({run.failures / run.processed:.0%} > {run.spec.max_failure_rate:.0%})"
                         )
                 if (
                     run.writer.buffered_users >= self.flush_users

@@ -99,15 +99,30 @@ def digest(tag: str, value: Any) -> str:
 # --- results ------------------------------------------------------------------------------
 
 
+_JSON = json.JSONEncoder(sort_keys=True, separators=(",", ":"), allow_nan=True)
+try:  # the C encoder called directly: half the cost of json.dumps per line, same output
+    from json.encoder import c_make_encoder, encode_basestring_ascii
+
+    _c_encode = c_make_encoder(
+        None, _JSON.default, encode_basestring_ascii, None, ":", ",", True, False, True
+    )
+
+    def _canonical_json(value: Any) -> str:
+        return "".join(_c_encode(value, 0))
+
+except (ImportError, TypeError):  # pragma: no cover - interpreters without the C accelerator
+    _canonical_json = _JSON.encode
+
+
 def result_line(user: str | None, result: Any) -> bytes:
     """One canonical JSON line ``[user, result]\\n`` (``user`` None for a meta result).
+
+    Canonical: keys sorted, no whitespace, ASCII-escaped strings, shortest round-trip floats.
 
     Raises:
         TypeError: the result holds a value JSON cannot represent (e.g. a numpy int64).
     """
-    return (
-        json.dumps([user, result], sort_keys=True, separators=(",", ":"), allow_nan=True) + "\n"
-    ).encode()
+    return (_canonical_json([user, result]) + "\n").encode()
 
 
 class ResultHasher:
@@ -190,9 +205,24 @@ def _referenced_names(node: ast.AST) -> set[str]:
     return {n.id for n in ast.walk(node) if isinstance(n, ast.Name)}
 
 
+# Class attributes that place or police results but never change them: a category change is a
+# CATEGORY_MIGRATED move, not a code change.
+PLACEMENT_ATTRIBUTES = frozenset({"category", "product_lines", "max_failure_rate"})
+
+
+def _is_placement(stmt: ast.stmt) -> bool:
+    if isinstance(stmt, ast.Assign):
+        names = [t.id for t in stmt.targets if isinstance(t, ast.Name)]
+        return bool(names) and all(n in PLACEMENT_ATTRIBUTES for n in names)
+    if isinstance(stmt, ast.AnnAssign) and isinstance(stmt.target, ast.Name):
+        return stmt.target.id in PLACEMENT_ATTRIBUTES
+    return False
+
+
 def code_parts(cls: type) -> dict[str, str]:
-    """Normalised definitions a calculation class is built from: its own class plus the
-    module-level definitions of its module that it references, transitively.
+    """Normalised definitions a calculation class is built from: its own class (without its
+    placement attributes, ``PLACEMENT_ATTRIBUTES``) plus the module-level definitions of its
+    module that it references, transitively.
 
     Returns:
         name -> normalised AST text; the class itself is under its own ``__qualname__``.
@@ -202,7 +232,11 @@ def code_parts(cls: type) -> dict[str, str]:
     """
     module = sys.modules[cls.__module__]
     class_source = textwrap.dedent(inspect.getsource(cls))
-    parts = {cls.__qualname__: normalised_source(class_source)}
+    tree = ast.parse(class_source)
+    for node in tree.body:
+        if isinstance(node, ast.ClassDef):
+            node.body = [s for s in node.body if not _is_placement(s)] or [ast.Pass()]
+    parts = {cls.__qualname__: ast.dump(_Normaliser().visit(tree), include_attributes=False)}
     try:
         module_source = inspect.getsource(module)
     except (OSError, TypeError):

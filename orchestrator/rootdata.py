@@ -66,8 +66,7 @@ class Dataset:
     index: dict[dt.date, DateEntry]
     malformed: int = 0
     problems: list[str] = field(default_factory=list)
-    _series: dict[str, tuple[list[int], list[list[Row]]]] | None = None
-    _date_pos: dict[dt.date, int] | None = None
+    _series: dict[str, tuple[list[int], list[int], list[Row]]] | None = None
 
     def users_on(self, date: dt.date) -> dict[str, list[Row]]:
         """user -> rows on ``date`` (empty when the date is unavailable)."""
@@ -78,29 +77,28 @@ class Dataset:
         ``date`` (oldest first). ``date`` itself need not be available."""
         if self._series is None:
             self._build_series()
-        assert self._series is not None and self._date_pos is not None
+        assert self._series is not None
         series = self._series.get(user)
         if series is None:
             return []
         end = bisect.bisect_right(self.dates, date)  # dates[:end] are <= date
-        start = end - lookback
-        positions, rows = series
-        lo = bisect.bisect_left(positions, start)
+        positions, starts, rows = series
+        lo = bisect.bisect_left(positions, end - lookback)
         hi = bisect.bisect_left(positions, end)
-        if hi - lo == 1:
-            return rows[lo]
-        return [row for chunk in rows[lo:hi] for row in chunk]
+        return rows[starts[lo] : starts[hi]]
 
     def _build_series(self) -> None:
-        self._date_pos = {d: i for i, d in enumerate(self.dates)}
-        series: dict[str, tuple[list[int], list[list[Row]]]] = {}
+        # Per user: the date positions it has rows on, where each date's rows start in one
+        # flat list (plus an end sentinel), so a history window is a single slice.
+        series: dict[str, tuple[list[int], list[int], list[Row]]] = {}
         for pos, date in enumerate(self.dates):
             for user, rows in self.by_date[date].items():
                 entry = series.get(user)
                 if entry is None:
-                    entry = series[user] = ([], [])
+                    entry = series[user] = ([], [0], [])
                 entry[0].append(pos)
-                entry[1].append(rows)
+                entry[2].extend(rows)
+                entry[1].append(len(entry[2]))
         self._series = series
 
 

@@ -22,7 +22,6 @@ from typing import Any
 from sqlalchemy import Connection, Engine, and_, cast, create_engine, delete, event, exists, func
 from sqlalchemy import insert, select, text, tuple_, update, String
 from sqlalchemy.exc import IntegrityError, OperationalError, SQLAlchemyError
-from sqlalchemy.pool import NullPool
 
 from orchestrator.errors import RunLockedError, StorageError
 from orchestrator.ledger.models import (
@@ -121,7 +120,7 @@ def make_engine(url: str) -> Engine:
             path = url.split("///", 1)[-1]
             if path and path != ":memory:":
                 Path(path).parent.mkdir(parents=True, exist_ok=True)
-            engine = create_engine(url, poolclass=NullPool)
+            engine = create_engine(url)
             event.listen(engine, "connect", _sqlite_pragmas)
             return engine
         if url.startswith("postgresql://"):

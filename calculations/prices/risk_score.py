@@ -1,0 +1,82 @@
+"""A composite 0..100 risk score per instrument, from the other price calculations."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from orchestrator.calculation import StandardCalculation, StandardContext
+
+
+def _clip01(x: float) -> float:
+    return min(max(x, 0.0), 1.0)
+
+
+class RiskScore(StandardCalculation):
+    """Weighted average of five risk components, each mapped to 0..1, scaled to 0..100.
+
+    Components (``None`` when its input is missing):
+
+    * ``c_volatility = clip(volatility_20.annualised / vol_cap)``: annualised volatility, 80 %
+      a year or more counts as full risk.
+    * ``c_atr = clip(atr_14.atr_ratio / atr_cap)``: the average true range as a fraction of
+      the close, 5 % a day or more is full risk.
+    * ``c_drawdown = clip(-drawdown.drawdown / drawdown_cap)``: 50 % below the peak is full risk.
+    * ``c_rsi = |rsi_14.rsi - 50| / 50``: distance from neutral momentum; overbought and
+      oversold both count (0 at RSI 50, 1 at 0 or 100).
+    * ``c_rank = |2 * xs_rank - 1|``: how extreme today's return is across the market
+      (0 at the median, 1 for the day's best or worst mover).
+
+    ``score = 100 * sum(w_i * c_i) / sum(w_i)`` over the available components, with
+    ``weights``; ``n_components`` says how many were available. The caps and weights are a
+    documented house choice, not a published model; they are class attributes, so changing
+    one changes the code hash and re-runs the score.
+
+    Null-safety: a missing upstream result or field only drops its component; an instrument
+    with no component at all gets no result (``None``). Users: the instruments with a result in
+    any standard dependency that date (this calculation reads no root data).
+
+    Result: ``{"score": float, "n_components": int, "c_volatility": float | None,
+    "c_atr": float | None, "c_drawdown": float | None, "c_rsi": float | None,
+    "c_rank": float | None}``.
+    """
+
+    name = "risk_score"
+    category = "risk"
+    dependencies = ["volatility_20", "rsi_14", "atr_14", "drawdown", "xs_rank"]
+    vol_cap = 0.80
+    atr_cap = 0.05
+    drawdown_cap = 0.50
+    weights = {"volatility": 0.30, "atr": 0.20, "drawdown": 0.25, "rsi": 0.15, "rank": 0.10}
+
+    def process(self, ctx: StandardContext) -> dict[str, Any] | None:
+        up = ctx.upstream
+
+        def field(dependency: str, key: str) -> float | None:
+            result = up.get(dependency)
+            value = result.get(key) if result else None
+            return float(value) if value is not None and math.isfinite(value) else None
+
+        ranks = (up.get("xs_rank") or {}).get("ranks") or {}
+        vol = field("volatility_20", "annualised")
+        atr = field("atr_14", "atr_ratio")
+        dd = field("drawdown", "drawdown")
+        rsi = field("rsi_14", "rsi")
+        rank = ranks.get(ctx.user)
+        components = {
+            "volatility": None if vol is None else _clip01(vol / self.vol_cap),
+            "atr": None if atr is None else _clip01(atr / self.atr_cap),
+            "drawdown": None if dd is None else _clip01(-dd / self.drawdown_cap),
+            "rsi": None if rsi is None else _clip01(abs(rsi - 50.0) / 50.0),
+            "rank": None if rank is None else _clip01(abs(2.0 * float(rank) - 1.0)),
+        }
+        present = {k: c for k, c in components.items() if c is not None}
+        if not present:
+            return None
+        total_weight = math.fsum(self.weights[k] for k in present)
+        score = 100.0 * math.fsum(self.weights[k] * c for k, c in present.items()) / total_weight
+        return {
+            "score": score,
+            "n_components": len(present),
+            **{f"c_{k}": c for k, c in components.items()},
+        }

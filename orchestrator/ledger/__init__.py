@@ -1,0 +1,1 @@
+"""The ledger: models and the store (all database access)."""
