@@ -34,7 +34,7 @@ class BankSummary(MetaCalculation):
 
     name = "bank_summary"
     category = "bank"
-    dependencies = ["balance", "net_flow"]
+    dependencies = ("balance", "net_flow")
     historical = True
 
     def process(self, ctx: MetaContext) -> dict[str, Any]:

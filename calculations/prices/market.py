@@ -35,7 +35,7 @@ class XsRank(MetaCalculation):
 
     name = "xs_rank"
     category = "market"
-    dependencies = ["daily_return"]
+    dependencies = ("daily_return",)
 
     def process(self, ctx: MetaContext) -> dict[str, Any]:
         returns = _returns(ctx.upstream["daily_return"])
@@ -69,7 +69,7 @@ class Breadth(MetaCalculation):
 
     name = "breadth"
     category = "market"
-    dependencies = ["daily_return"]
+    dependencies = ("daily_return",)
 
     def process(self, ctx: MetaContext) -> dict[str, Any]:
         results = ctx.upstream["daily_return"] or {}

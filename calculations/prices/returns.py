@@ -8,6 +8,7 @@ users, so editing it changes their code hashes (the code hash follows module-lev
 from __future__ import annotations
 
 import math
+from itertools import pairwise
 from typing import Any
 
 from orchestrator.calculation import StandardCalculation, StandardContext
@@ -40,7 +41,8 @@ class DailyReturn(StandardCalculation):
     ``t``. A return therefore bridges up to ``max_gap - 1`` dates the instrument missed (the
     1-3 date gaps of BMY, DHR, ICE, O and ORCL in the S&P file) but not a longer gap (the
     ten-date gaps of DHR, ES and O in March 2015): a move over two weeks is not a daily return.
-    ``prev_date`` says which close the return is against.
+    ``prev_date`` says which close the return is against. (The simple, not log, return:
+    e.g. Campbell, Lo & MacKinlay 1997, *The Econometrics of Financial Markets*, §1.4.)
 
     Not historical on purpose: ``ctx.previous`` is None after a gap, while ``ctx.history``
     still holds the close before it, and without state the dates can run in parallel.
@@ -56,7 +58,7 @@ class DailyReturn(StandardCalculation):
 
     name = "daily_return"
     category = "returns"
-    root_data = ["prices"]
+    root_data = ("prices",)
     max_gap = 5
     # Today plus the max_gap dates before it: where the previous close is looked for.
     lookback = max_gap + 1
@@ -83,7 +85,9 @@ class Volatility20(StandardCalculation):
     ``r_i = c_i / c_{i-1} - 1`` between consecutive valid closes of the instrument among the
     last ``window + 1`` available dataset dates (today included), so ``n <= window``.
     ``annualised = volatility * sqrt(252)`` (252 trading days a year, the usual convention).
-    Both are fractions per day / per year, not percent.
+    Both are fractions per day / per year, not percent. (Historical volatility as in Hull,
+    *Options, Futures, and Other Derivatives*, "Estimating volatility from historical data",
+    with simple instead of log returns, which differ by O(r^2).)
 
     Quirks: with fewer than 2 returns (a new listing's first two days, or the first dates of the
     data) both values are ``None``. Inside the window, a return between two closes that a gap
@@ -95,13 +99,13 @@ class Volatility20(StandardCalculation):
 
     name = "volatility_20"
     category = "risk"
-    root_data = ["prices"]
+    root_data = ("prices",)
     window = 20
     lookback = window + 1
 
     def process(self, ctx: StandardContext) -> dict[str, Any]:
         closes = [c for _, c in _closes(ctx.history["prices"])]
-        returns = [b / a - 1.0 for a, b in zip(closes, closes[1:])][-self.window :]
+        returns = [b / a - 1.0 for a, b in pairwise(closes)][-self.window :]
         n = len(returns)
         if n < 2:
             return {"volatility": None, "annualised": None, "n_returns": n}
@@ -117,6 +121,9 @@ class Volatility20(StandardCalculation):
 
 class Drawdown(StandardCalculation):
     """Drawdown of the close from its running peak: ``close / peak - 1`` (a fraction <= 0).
+
+    The usual definition (e.g. Magdon-Ismail & Atiya 2004, "Maximum drawdown", *Risk*), on
+    closes, relative to the peak.
 
     ``peak`` is the highest valid close since ``tracked_since``, carried from day to day through
     ``ctx.previous``: ``peak_t = max(peak_{t-1}, close_t)``. When there is no previous result
@@ -136,7 +143,7 @@ class Drawdown(StandardCalculation):
 
     name = "drawdown"
     category = "risk"
-    root_data = ["prices"]
+    root_data = ("prices",)
     historical = True
     lookback = 63
 
@@ -158,4 +165,9 @@ class Drawdown(StandardCalculation):
             window = _closes(ctx.history["prices"])
             peak = max([close, *(c for _, c in window)])
             since = window[0][0] if window else ctx.date.isoformat()
-        return {"close": close, "peak": peak, "drawdown": close / peak - 1.0, "tracked_since": since}
+        return {
+            "close": close,
+            "peak": peak,
+            "drawdown": close / peak - 1.0,
+            "tracked_since": since,
+        }

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, ClassVar
 
 from orchestrator.calculation import StandardCalculation, StandardContext
 
@@ -43,11 +43,17 @@ class RiskScore(StandardCalculation):
 
     name = "risk_score"
     category = "risk"
-    dependencies = ["volatility_20", "rsi_14", "atr_14", "drawdown", "xs_rank"]
+    dependencies = ("volatility_20", "rsi_14", "atr_14", "drawdown", "xs_rank")
     vol_cap = 0.80
     atr_cap = 0.05
     drawdown_cap = 0.50
-    weights = {"volatility": 0.30, "atr": 0.20, "drawdown": 0.25, "rsi": 0.15, "rank": 0.10}
+    weights: ClassVar[dict[str, float]] = {
+        "volatility": 0.30,
+        "atr": 0.20,
+        "drawdown": 0.25,
+        "rsi": 0.15,
+        "rank": 0.10,
+    }
 
     def process(self, ctx: StandardContext) -> dict[str, Any] | None:
         up = ctx.upstream

@@ -20,6 +20,7 @@ equals Wilder's indicator computed over the instrument's current run of consecut
 from __future__ import annotations
 
 import math
+from itertools import pairwise
 from typing import Any
 
 from orchestrator.calculation import StandardCalculation, StandardContext
@@ -76,6 +77,9 @@ def true_range(bar: dict[str, Any], prev_close: float | None) -> float | None:
 class Rsi14(StandardCalculation):
     """Wilder's Relative Strength Index over ``period`` = 14 bars, on a 0..100 scale.
 
+    Source: Wilder (1978), *New Concepts in Technical Trading Systems*, "The Relative Strength
+    Index"; seeding as in TA-Lib's ``RSI`` (the first average is the simple mean).
+
     With ``d_t = close_t - close_{t-1}``, ``gain_t = max(d_t, 0)``, ``loss_t = max(-d_t, 0)``,
     ``avg_gain`` and ``avg_loss`` are Wilder averages (see the module docstring) and
     ``RSI = 100 - 100 / (1 + avg_gain / avg_loss)``; ``RSI = 100`` when ``avg_loss == 0``
@@ -91,7 +95,7 @@ class Rsi14(StandardCalculation):
 
     name = "rsi_14"
     category = "signals"
-    root_data = ["prices"]
+    root_data = ("prices",)
     historical = True
     period = 14
     lookback = period + 1
@@ -113,7 +117,7 @@ class Rsi14(StandardCalculation):
             if bars is None:
                 return empty
             closes = [_close(b) for b in bars]
-            changes = [b - a for a, b in zip(closes, closes[1:])]  # type: ignore[operator]
+            changes = [b - a for a, b in pairwise(closes)]  # type: ignore[operator]
             avg_gain = math.fsum(max(c, 0.0) for c in changes) / n
             avg_loss = math.fsum(max(-c, 0.0) for c in changes) / n
         rsi = 100.0 if avg_loss == 0 else 100.0 - 100.0 / (1.0 + avg_gain / avg_loss)
@@ -122,6 +126,9 @@ class Rsi14(StandardCalculation):
 
 class Atr14(StandardCalculation):
     """Wilder's Average True Range over ``period`` = 14 bars, in price units.
+
+    Source: Wilder (1978), *New Concepts in Technical Trading Systems*, "Volatility"; seeding as
+    in TA-Lib's ``ATR`` (the mean of the first ``period`` true ranges that have a previous close).
 
     ``atr`` is the Wilder average (module docstring) of ``true_range`` (see that function for
     null and inconsistent high/low); the seed averages the true ranges of the last ``period``
@@ -138,7 +145,7 @@ class Atr14(StandardCalculation):
 
     name = "atr_14"
     category = "risk"
-    root_data = ["prices"]
+    root_data = ("prices",)
     historical = True
     period = 14
     lookback = period + 1
@@ -158,11 +165,14 @@ class Atr14(StandardCalculation):
             bars = _seed_bars(ctx, n + 1)
             if bars is None:
                 today = ctx.date.isoformat()
-                earlier = [c for b in _bars(ctx.history["prices"])
-                           if b["date"] < today and (c := _close(b)) is not None]
+                earlier = [
+                    c
+                    for b in _bars(ctx.history["prices"])
+                    if b["date"] < today and (c := _close(b)) is not None
+                ]
                 tr = true_range(bar, earlier[-1] if earlier else None)
                 return {"atr": None, "tr": tr, "close": close, "atr_ratio": None}
-            trs = [true_range(b, _close(a)) for a, b in zip(bars, bars[1:])]
+            trs = [true_range(b, _close(a)) for a, b in pairwise(bars)]
             tr = trs[-1]
             atr = math.fsum(trs) / n  # type: ignore[arg-type]
         return {"atr": atr, "tr": tr, "close": close, "atr_ratio": atr / close}
