@@ -26,7 +26,7 @@ import time
 import traceback
 import uuid
 from collections import OrderedDict
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -81,13 +81,41 @@ class _CellRun:
     upstream: dict[str, Any]
     previous: Mapping[str, Any]
     users: set[str] | None  # None: the users of its root data
-    keep: dict[str, Any] | None
+    keep: dict[str, Any]
     started: dt.datetime
     failures: int = 0
     processed: int = 0
     flushes: int = 0
     errors: list[str] = field(default_factory=list)
     aborted: str | None = None
+
+
+class _LazyHistory(Mapping[str, list[Any]]):
+    """``ctx.history``, read only when a calculation asks for it: historical calculations
+    usually carry their state in ``ctx.previous`` and touch their history only to re-seed."""
+
+    __slots__ = ("_datasets", "_names", "_user", "_date", "_lookback")
+
+    def __init__(
+        self, datasets: Mapping[str, Dataset], names: tuple[str, ...], user: str,
+        date: dt.date, lookback: int,
+    ):
+        self._datasets = datasets
+        self._names = names
+        self._user = user
+        self._date = date
+        self._lookback = lookback
+
+    def __getitem__(self, name: str) -> list[Any]:
+        if name not in self._names:
+            raise KeyError(name)
+        return self._datasets[name].history(self._user, self._date, self._lookback)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._names)
+
+    def __len__(self) -> int:
+        return len(self._names)
 
 
 class ResultCache:
@@ -340,17 +368,21 @@ class Executor:
             )
             for run in runs
         ]
+        flush_users, shard_bytes = self.flush_users, self.shard_bytes
         for user in sorted(all_users):
             today = {ds: d.users_on(date).get(user, empty) for ds, d in datasets.items()}
+            roots: dict[tuple[str, ...], dict[str, list[Any]]] = {}
             for run, root_names, per_user, whole, lookback in plans:
                 if run.aborted:
                     continue
                 if run.users is None:
-                    root = {ds: today[ds] for ds in root_names}
+                    root = roots.get(root_names)
+                    if root is None:
+                        root = roots[root_names] = {ds: today[ds] for ds in root_names}
                     if not any(root.values()):
                         continue
                     history = (
-                        {ds: datasets[ds].history(user, date, lookback) for ds in root_names}
+                        _LazyHistory(datasets, root_names, user, date, lookback)
                         if lookback > 1
                         else root
                     )
@@ -371,8 +403,7 @@ class Executor:
                                 f"process() must return a dict or None, not {type(result).__name__}"
                             )
                         run.writer.add(user, result_line(user, result))
-                        if run.keep is not None:
-                            run.keep[user] = result
+                        run.keep[user] = result
                 except Exception:
                     run.failures += 1
                     if len(run.errors) < 5:
@@ -385,12 +416,10 @@ class Executor:
                             f"circuit breaker: {run.failures} of {run.processed} users failed "
                             f"({run.failures / run.processed:.0%} > {run.spec.max_failure_rate:.0%})"
                         )
-                if (
-                    run.writer.buffered_users >= self.flush_users
-                    or run.writer.buffered_bytes >= self.shard_bytes
-                ):
+                writer = run.writer
+                if len(writer._lines) >= flush_users or writer._size >= shard_bytes:
                     run.flushes += 1
-                    self.ledger.write_shards(run.writer.cut())
+                    self.ledger.write_shards(writer.cut())
                     self._sample_memory()
             self.summary.users_processed += 1
         self._sample_memory()
@@ -433,7 +462,7 @@ class Executor:
             upstream=upstream,
             previous={},
             users=None,
-            keep=None,
+            keep={},
             started=now,
         )
         ctx = MetaContext(

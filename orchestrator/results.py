@@ -45,7 +45,8 @@ class ShardWriter:
 
     ``cut()`` returns the shard rows ready to insert; the caller decides when they are written
     (mid-cell flushes go to the database at once, the last one rides in the publish
-    transaction). The running result hash covers every line added, in order.
+    transaction). The running result hash covers every line cut so far, in order; read it
+    after the last ``cut()``.
     """
 
     calculation: str
@@ -62,11 +63,9 @@ class ShardWriter:
     _size: int = 0
 
     def add(self, user: str | None, line: bytes) -> None:
-        self.hasher.update(line)
         self._lines.append(line)
         self._users.append(user)
         self._size += len(line)
-        self.users += 1
 
     @property
     def buffered_users(self) -> int:
@@ -86,6 +85,7 @@ class ShardWriter:
                 size += len(self._lines[end])
                 end += 1
             raw = b"".join(self._lines[start:end])
+            self.hasher.update(raw)  # xxh3 streams: hashing per shard equals hashing per line
             data = _compressor.compress(raw)
             rows.append(
                 {
@@ -101,6 +101,7 @@ class ShardWriter:
                 }
             )
             self.seq += 1
+            self.users += end - start
             self.bytes_raw += len(raw)
             self.bytes_compressed += len(data)
             start = end

@@ -383,6 +383,8 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if schema is not None and not args.keep:
             drop_schema(base_url, schema)
+        elif schema is not None:
+            print(f"kept schema {schema}; reuse with --db '{url}'")
         if tmpdir is not None and not args.keep:
             shutil.rmtree(tmpdir, ignore_errors=True)
         elif tmpdir is not None:

@@ -11,7 +11,7 @@ while its process tree is polled with psutil (peak of the summed RSS of the tree
 
 Usage:
     .venv/bin/python scripts/bench_run.py [--config examples/sp500.toml] [--date 2018-02-07]
-        [--repeat 3] [--skip-cold] [--db URL] [--cold-target 60] [--noop-target 3] [--keep]
+        [--repeat 3] [--skip-cold] [--db URL | --private] [--cold-target 60] [--noop-target 3] [--keep]
 
 The ledger is the config's ``database_url`` (after ``ORCHESTRATOR_DB_URL``); it is deleted for
 the cold run only when it is an SQLite file. Any other database needs ``--db``: an SQLite URL
@@ -215,7 +215,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cold-target", type=float, default=60.0)
     parser.add_argument("--noop-target", type=float, default=3.0)
     parser.add_argument("--no-plan-check", action="store_true", help="skip the plan --format json check")
-    parser.add_argument("--keep", action="store_true", help="keep a postgres schema created for --db")
+    parser.add_argument("--keep", action="store_true", help="keep a postgres schema / private SQLite file")
+    parser.add_argument(
+        "--private", action="store_true",
+        help="use a fresh SQLite ledger in a temporary folder instead of the config's (does not "
+        "touch a ledger someone else may be using)",
+    )
     args = parser.parse_args(argv)
 
     config_path = Path(args.config).resolve()
@@ -224,6 +229,13 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     schema = None
     db_url = args.db
+    private_dir = None
+    if args.private:
+        if args.db or args.skip_cold:
+            print("--private cannot be combined with --db or --skip-cold", file=sys.stderr)
+            return 2
+        private_dir = tempfile.mkdtemp(prefix="bench_run_")
+        db_url = f"sqlite:///{private_dir}/ledger.db"
     if db_url and db_url.startswith("postgresql"):
         if args.skip_cold:
             print("--skip-cold with a postgresql --db: using the database as it is")
@@ -290,7 +302,8 @@ def main(argv: list[str] | None = None) -> int:
                 ok = False
                 print(f"    NOT A NO-OP: {s['completed']} completed, {s['failed']} failed")
         if walls:
-            noop_met = statistics.median(walls) <= args.noop_target
+            noop_ok = all(x is not None and x["completed"] == 0 and x["failed"] == 0 for x in noop_summaries)
+            noop_met = noop_ok and statistics.median(walls) <= args.noop_target
             print(
                 f"no-op wall median {statistics.median(walls):.2f}s (min {min(walls):.2f} .. max {max(walls):.2f}), "
                 f"max RSS {max(rss):.0f} MiB; target <= {args.noop_target:g}s: {'MET' if noop_met else 'MISSED'}"
@@ -303,6 +316,7 @@ def main(argv: list[str] | None = None) -> int:
                 "engine_seconds": [s["seconds"] if s else None for s in noop_summaries],
                 "target_s": args.noop_target,
                 "target_met": noop_met,
+                "all_noop": noop_ok,
             }
 
         if not args.no_plan_check:
@@ -339,6 +353,8 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if schema is not None and not args.keep:
             pg_schema(args.db, schema, create=False)
+        if private_dir is not None and not args.keep:
+            shutil.rmtree(private_dir, ignore_errors=True)
     figures["ok"] = ok
     print(json.dumps(figures))
     return 0 if ok else 1
