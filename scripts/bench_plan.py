@@ -20,7 +20,9 @@ Usage:
 
 ``--db`` defaults to a temporary SQLite file (deleted afterwards). A ``postgresql://`` URL
 gets a fresh schema ``bench_plan_<hex>`` (through ``?options=-csearch_path%3D<schema>``),
-dropped afterwards unless ``--keep``. The last line printed is one JSON object of figures.
+dropped afterwards unless ``--keep``; a URL that already sets ``search_path`` is used as it is.
+A ledger that already holds cells is reused, not re-seeded (``--keep`` prints how to reuse it).
+The last line printed is one JSON object of figures.
 """
 
 from __future__ import annotations
@@ -115,9 +117,7 @@ def synthetic_specs(n_calcs: int, seed: int = 7) -> list[CalcSpec]:
 
 def synthetic_root(n_dates: int) -> dict[str, dict[dt.date, str]]:
     return {
-        "prices": {
-            FIRST_DATE + dt.timedelta(days=i): _hex("prices", i) for i in range(n_dates)
-        }
+        "prices": {FIRST_DATE + dt.timedelta(days=i): _hex("prices", i) for i in range(n_dates)}
     }
 
 
@@ -147,7 +147,11 @@ def with_search_path(url: str, schema: str) -> str:
 
 
 def _pg_admin_url(url: str) -> str:
-    return "postgresql+psycopg://" + url[len("postgresql://") :] if url.startswith("postgresql://") else url
+    return (
+        "postgresql+psycopg://" + url[len("postgresql://") :]
+        if url.startswith("postgresql://")
+        else url
+    )
 
 
 def create_schema(url: str, schema: str) -> None:
@@ -238,7 +242,9 @@ def _rss_mib() -> float:
         return float("nan")
 
 
-def measure(url: str, n_calcs: int, n_dates: int, repeat: int, profile: bool, target: float) -> dict[str, Any]:
+def measure(
+    url: str, n_calcs: int, n_dates: int, repeat: int, profile: bool, target: float
+) -> dict[str, Any]:
     manifest = Manifest.build(synthetic_specs(n_calcs))
     root = synthetic_root(n_dates)
     ledger = Ledger.open(url)
@@ -339,7 +345,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     if args.measure_only:  # the child: print one JSON line
-        result = measure(args.db, args.calcs, args.dates, args.repeat, args.profile, args.target_seconds)
+        result = measure(
+            args.db, args.calcs, args.dates, args.repeat, args.profile, args.target_seconds
+        )
         print(json.dumps(result))
         return 0
 
@@ -349,7 +357,7 @@ def main(argv: list[str] | None = None) -> int:
     if url is None:
         tmpdir = tempfile.mkdtemp(prefix="bench_plan_")
         url = f"sqlite:///{tmpdir}/ledger.db"
-    elif url.startswith("postgresql"):
+    elif url.startswith("postgresql") and "search_path" not in url:
         schema = f"bench_plan_{uuid.uuid4().hex[:10]}"
         create_schema(url, schema)
         base_url, url = url, with_search_path(url, schema)
@@ -359,23 +367,40 @@ def main(argv: list[str] | None = None) -> int:
         print(f"seeding {args.calcs} calculations x {args.dates} dates ...", flush=True)
         seeded = seed(url, args.calcs, args.dates)
         if seeded["seeded"]:
-            print(f"  migrations {seeded['migrate_s']:.1f}s, wrote {seeded['seeded']:,} cells in {seeded['seed_s']:.1f}s")
+            print(
+                f"  migrations {seeded['migrate_s']:.1f}s, wrote {seeded['seeded']:,} cells in {seeded['seed_s']:.1f}s"
+            )
         else:
             print(f"  reusing {seeded['existing']:,} existing cells")
         size = None
         if url.startswith("sqlite:///"):
-            size = sum(
-                os.path.getsize(p) for p in Path(url[len("sqlite:///") :]).parent.glob("*") if p.is_file()
-            ) / 2**20
+            size = (
+                sum(
+                    os.path.getsize(p)
+                    for p in Path(url[len("sqlite:///") :]).parent.glob("*")
+                    if p.is_file()
+                )
+                / 2**20
+            )
             print(f"  SQLite file(s): {size:.0f} MiB")
 
         print(f"measuring in a fresh process, {args.repeat} repetitions ...", flush=True)
         cmd = [
-            sys.executable, __file__, "--measure-only", "--db", url, "--calcs", str(args.calcs),
-            "--dates", str(args.dates), "--repeat", str(args.repeat),
-            "--target-seconds", str(args.target_seconds),
+            sys.executable,
+            __file__,
+            "--measure-only",
+            "--db",
+            url,
+            "--calcs",
+            str(args.calcs),
+            "--dates",
+            str(args.dates),
+            "--repeat",
+            str(args.repeat),
+            "--target-seconds",
+            str(args.target_seconds),
         ] + (["--profile"] if args.profile else [])
-        proc = subprocess.run(cmd, capture_output=True, text=True)
+        proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
         if proc.returncode != 0:
             print(proc.stdout, proc.stderr, sep="\n", file=sys.stderr)
             return 2
@@ -396,7 +421,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"cells in ledger: {r['cells']:,} (expected {expected:,})")
     print(f"plan counts: {r['counts']}  reasons: {r['reasons']}")
     for label, s in (("load_cells", load), ("make_plan", decide), ("total", total)):
-        print(f"  {label:<11} median {s['median']:.3f}s  (min {s['min']:.3f} .. max {s['max']:.3f})")
+        print(
+            f"  {label:<11} median {s['median']:.3f}s  (min {s['min']:.3f} .. max {s['max']:.3f})"
+        )
     print(
         f"  RSS: base {r['rss_base_mib']:.0f} MiB, after load {r['rss_after_load_mib']:.0f} MiB, "
         f"after plan {r['rss_after_plan_mib']:.0f} MiB, peak {r['peak_rss_mib']:.0f} MiB"
@@ -414,7 +441,7 @@ def main(argv: list[str] | None = None) -> int:
         json.dumps(
             {
                 "bench": "plan",
-                "db": "postgresql" if schema else ("sqlite" if url.startswith("sqlite") else url.split(":")[0]),
+                "db": "sqlite" if url.startswith("sqlite") else url.split(":")[0].split("+")[0],
                 "calcs": args.calcs,
                 "dates": args.dates,
                 "cells": r["cells"],

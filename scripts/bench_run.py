@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import re
 import shutil
 import statistics
@@ -35,7 +34,7 @@ import threading
 import time
 import uuid
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 import psutil
 
@@ -79,7 +78,11 @@ def delete_sqlite(path: Path) -> None:
 
 
 def _pg(url: str) -> str:
-    return "postgresql+psycopg://" + url[len("postgresql://") :] if url.startswith("postgresql://") else url
+    return (
+        "postgresql+psycopg://" + url[len("postgresql://") :]
+        if url.startswith("postgresql://")
+        else url
+    )
 
 
 def pg_schema(url: str, schema: str, create: bool) -> None:
@@ -105,11 +108,11 @@ class TreeRss:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._poll, daemon=True)
 
-    def __enter__(self) -> TreeRss:
+    def __enter__(self) -> Self:
         self._thread.start()
         return self
 
-    def __exit__(self, *exc: Any) -> None:
+    def __exit__(self, *exc: object) -> None:
         self._stop.set()
         self._thread.join()
 
@@ -167,7 +170,9 @@ def run_cli(args: list[str], env: dict[str, str] | None = None) -> dict[str, Any
         # Keep only the program's own stderr (the time report starts with "\tCommand being timed").
         result["stderr"] = stderr.split("\tCommand being timed")[0]
     if code != 0 and "Command exited with non-zero status" in stderr:
-        result["stderr"] = result["stderr"].replace("Command exited with non-zero status", "").rstrip()
+        result["stderr"] = (
+            result["stderr"].replace("Command exited with non-zero status", "").rstrip()
+        )
     return result
 
 
@@ -176,7 +181,9 @@ def parse_summary(stdout: str) -> dict[str, Any] | None:
     if not m:
         return None
     d = m.groupdict()
-    out: dict[str, Any] = {k: int(v) for k, v in d.items() if k not in ("run", "seconds") and v is not None}
+    out: dict[str, Any] = {
+        k: int(v) for k, v in d.items() if k not in ("run", "seconds") and v is not None
+    }
     out["run"] = d["run"]
     out["seconds"] = float(d["seconds"])
     out.setdefault("outside", 0)
@@ -202,7 +209,11 @@ def show(label: str, r: dict[str, Any], summary: dict[str, Any] | None) -> None:
 
 
 def _stat(values: list[float]) -> dict[str, float]:
-    return {"median": round(statistics.median(values), 3), "min": round(min(values), 3), "max": round(max(values), 3)}
+    return {
+        "median": round(statistics.median(values), 3),
+        "min": round(min(values), 3),
+        "max": round(max(values), 3),
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -210,14 +221,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", default=str(ROOT / "examples" / "sp500.toml"))
     parser.add_argument("--date", default="2018-02-07")
     parser.add_argument("--repeat", type=int, default=3, help="no-op runs (default 3)")
-    parser.add_argument("--skip-cold", action="store_true", help="keep the ledger; only the no-op runs")
+    parser.add_argument(
+        "--skip-cold", action="store_true", help="keep the ledger; only the no-op runs"
+    )
     parser.add_argument("--db", default=None, help="ledger URL to use instead of the config's")
     parser.add_argument("--cold-target", type=float, default=60.0)
     parser.add_argument("--noop-target", type=float, default=3.0)
-    parser.add_argument("--no-plan-check", action="store_true", help="skip the plan --format json check")
-    parser.add_argument("--keep", action="store_true", help="keep a postgres schema / private SQLite file")
     parser.add_argument(
-        "--private", action="store_true",
+        "--no-plan-check", action="store_true", help="skip the plan --format json check"
+    )
+    parser.add_argument(
+        "--keep", action="store_true", help="keep a postgres schema / private SQLite file"
+    )
+    parser.add_argument(
+        "--private",
+        action="store_true",
         help="use a fresh SQLite ledger in a temporary folder instead of the config's (does not "
         "touch a ledger someone else may be using)",
     )
@@ -236,7 +254,7 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         private_dir = tempfile.mkdtemp(prefix="bench_run_")
         db_url = f"sqlite:///{private_dir}/ledger.db"
-    if db_url and db_url.startswith("postgresql"):
+    if db_url and db_url.startswith("postgresql") and "search_path" not in db_url:
         if args.skip_cold:
             print("--skip-cold with a postgresql --db: using the database as it is")
         else:
@@ -282,8 +300,13 @@ def main(argv: list[str] | None = None) -> int:
             ok &= r["exit_code"] == 0 and s is not None
             if path is not None and path.exists():
                 figures["db_mib"] = round(
-                    sum(Path(str(path) + x).stat().st_size for x in ("", "-wal") if Path(str(path) + x).exists())
-                    / 2**20, 1,
+                    sum(
+                        Path(str(path) + x).stat().st_size
+                        for x in ("", "-wal")
+                        if Path(str(path) + x).exists()
+                    )
+                    / 2**20,
+                    1,
                 )
 
         walls: list[float] = []
@@ -302,7 +325,9 @@ def main(argv: list[str] | None = None) -> int:
                 ok = False
                 print(f"    NOT A NO-OP: {s['completed']} completed, {s['failed']} failed")
         if walls:
-            noop_ok = all(x is not None and x["completed"] == 0 and x["failed"] == 0 for x in noop_summaries)
+            noop_ok = all(
+                x is not None and x["completed"] == 0 and x["failed"] == 0 for x in noop_summaries
+            )
             noop_met = noop_ok and statistics.median(walls) <= args.noop_target
             print(
                 f"no-op wall median {statistics.median(walls):.2f}s (min {min(walls):.2f} .. max {max(walls):.2f}), "
@@ -327,7 +352,9 @@ def main(argv: list[str] | None = None) -> int:
                 plan = None
             if plan is None:
                 ok = False
-                print(f"plan --format json failed (exit {r['exit_code']}): {r['stderr'].strip()[-500:]}")
+                print(
+                    f"plan --format json failed (exit {r['exit_code']}): {r['stderr'].strip()[-500:]}"
+                )
             else:
                 cells = plan["cells"]
                 counts = plan["counts"]
@@ -340,7 +367,9 @@ def main(argv: list[str] | None = None) -> int:
                     f"wall {r['wall_s']:.2f}s, max RSS {r['max_rss_mib'] or r['tree_peak_rss_mib']:.0f} MiB"
                 )
                 for c in pending[:10]:
-                    print(f"    still due: {c['calculation']} {c['date']} {c['status']}/{c['reason']}: {c['detail']}")
+                    print(
+                        f"    still due: {c['calculation']} {c['date']} {c['status']}/{c['reason']}: {c['detail']}"
+                    )
                 if pending:
                     ok = False
                 figures["plan"] = {
