@@ -23,9 +23,9 @@ from orchestrator.config import Config, load_config
 from orchestrator.errors import ConfigError, DefinitionError
 from orchestrator.execution import Executor, RunSummary
 from orchestrator.fingerprint import infra_hash
-from orchestrator.ledger.store import Ledger, LedgerCell
+from orchestrator.ledger.store import Ledger, Snapshot
 from orchestrator.manifest import Manifest, discover
-from orchestrator.planning import CellKey, Decider, Plan, PlanRequest, make_plan
+from orchestrator.planning import Decider, Plan, PlanRequest, plan_with
 from orchestrator.results import assemble, decode_shards
 from orchestrator.rootdata import Dataset, FileSource
 
@@ -76,7 +76,7 @@ def bump_epoch(path: Path) -> tuple[int, int]:
 class Observation:
     """Everything observed before deciding: the inputs of ``make_plan`` besides the target."""
 
-    ledger: dict[CellKey, LedgerCell]
+    ledger: Snapshot
     root: dict[str, dict[dt.date, str]]
     epoch: int
     infra_hash: str
@@ -153,7 +153,7 @@ class Orchestrator:
 
     def observe(self, now: dt.datetime) -> Observation:
         return Observation(
-            ledger=self.ledger.load_cells(self.manifest.calcs),
+            ledger=self.ledger.load_cells(self.manifest.calcs, slim=True),
             root=self.index_root_data(now),
             epoch=read_epoch(self.config.epoch_file),
             infra_hash=infra_hash(),
@@ -185,7 +185,7 @@ class Orchestrator:
         """The dry-run plan up to ``target`` (default: yesterday, UTC). Executes nothing."""
         now = now or dt.datetime.now(dt.UTC)
         target = target or default_target(now)
-        return make_plan(self.request(self.observe(now), target))
+        return plan_with(self.request(self.observe(now), target), self.ledger.load_cells)[0]
 
     # --- act ------------------------------------------------------------------------------
 
@@ -226,8 +226,8 @@ class Orchestrator:
             request = self.request(
                 observation, target, manifest, forced, (low, target) if force else None
             )
+            plan, request = plan_with(request, self.ledger.load_cells)
             decider = Decider(request)
-            plan = make_plan(request)
             last_beat = [dt.datetime.now(dt.UTC)]
 
             def heartbeat() -> None:
@@ -241,7 +241,7 @@ class Orchestrator:
                 manifest=manifest,
                 decider=decider,
                 plan=plan,
-                ledger_snapshot=observation.ledger,
+                ledger_snapshot=request.ledger,
                 dataset=self.dataset,
                 run_id=run_id,
                 flush_users=self.config.flush_users,

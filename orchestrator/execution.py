@@ -16,7 +16,6 @@ the cell's ``max_failure_rate``. A failure records the traceback; dependents are
 
 from __future__ import annotations
 
-import dataclasses
 import datetime as dt
 import json
 import os
@@ -34,7 +33,7 @@ import psutil
 
 from orchestrator.calculation import MetaContext, StandardContext
 from orchestrator.fingerprint import result_line
-from orchestrator.ledger.store import CellWrite, Ledger, LedgerCell
+from orchestrator.ledger.store import CellWrite, Ledger, LedgerCell, SlimCell, Snapshot, build_key
 from orchestrator.manifest import CalcSpec, Manifest
 from orchestrator.planning import CellKey, Decider, Decision, Plan, Reason, Status, Upstream
 from orchestrator.results import ShardWriter, assemble, decode_shards
@@ -167,7 +166,7 @@ class Executor:
         manifest: Manifest,
         decider: Decider,
         plan: Plan,
-        ledger_snapshot: Mapping[CellKey, LedgerCell],
+        ledger_snapshot: Snapshot,
         dataset: Callable[[str], Dataset],
         run_id: str,
         flush_users: int,
@@ -181,7 +180,7 @@ class Executor:
         self.manifest = manifest
         self.decider = decider
         self.plan = plan
-        self.stored: dict[CellKey, LedgerCell] = dict(ledger_snapshot)
+        self.stored: Snapshot = ledger_snapshot  # updated in place as cells finish
         self.dataset = dataset
         self.run_id = run_id
         self.flush_users = flush_users
@@ -191,9 +190,7 @@ class Executor:
         self.progress = progress
         self.heartbeat = heartbeat
         self.decisions: dict[CellKey, Decision] = dict(plan.decisions)
-        self.hashes: dict[CellKey, str | None] = {
-            k: c.result_hash for k, c in self.stored.items()
-        }
+        self.hashes: dict[CellKey, str | None] = {}  # published during this run
         self.ran: set[CellKey] = set()
         self.failed: set[CellKey] = set()
         self.cache = ResultCache(ledger, manifest)
@@ -203,17 +200,27 @@ class Executor:
 
     # --- decisions during the run ---------------------------------------------------------
 
+    def _stored(self, key: CellKey) -> LedgerCell | SlimCell | None:
+        return self.stored.get(key[0], {}).get(key[1])
+
+    def _hash(self, key: CellKey) -> str | None:
+        """The result hash published for ``key``: this run's, else the snapshot's."""
+        if key in self.hashes:
+            return self.hashes[key]
+        stored = self._stored(key)
+        return stored.result_hash if stored is not None else None
+
     def _upstream_state(self, key: CellKey) -> tuple[Upstream, str | None]:
         if key in self.ran:
-            return (Upstream.RAN, self.hashes.get(key))
+            return (Upstream.RAN, self._hash(key))
         if key in self.failed:
             return (Upstream.FAILED, None)
         decision = self.decisions.get(key)
         if decision is None:
-            return (Upstream.READY, self.hashes.get(key))
+            return (Upstream.READY, self._hash(key))
         status = decision.status
         if status is Status.SKIPPED:
-            return (Upstream.READY, self.hashes.get(key))
+            return (Upstream.READY, self._hash(key))
         if status is Status.IMPOSSIBLE:
             return (Upstream.IMPOSSIBLE, None)
         if decision.reason is Reason.UPSTREAM_FAILED:
@@ -279,7 +286,7 @@ class Executor:
             if decision.status not in (Status.RUNNABLE, Status.BLOCKED) or not self.in_scope(key):
                 continue
             spec = self.manifest.calcs[name]
-            decision = self.decider.decide(spec, date, self.stored.get(key), self._upstream_state)
+            decision = self.decider.decide(spec, date, self._stored(key), self._upstream_state)
             self.decisions[key] = decision
             if decision.status is Status.RUNNABLE:
                 to_run.append((spec, decision))
@@ -300,7 +307,9 @@ class Executor:
             self.ledger.publish_with_shards(writes, shard_rows, self.clock())
             for w in writes:
                 key = (w.calculation, w.date)
-                self.stored[key] = _as_ledger_cell(w, self.stored.get(key))
+                self.stored.setdefault(w.calculation, {})[w.date] = _as_ledger_cell(
+                    w, self._stored(key)
+                )
 
     # --- standard cells -------------------------------------------------------------------
 
@@ -494,7 +503,7 @@ class Executor:
         self, spec: CalcSpec, date: dt.date, decision: Decision, status: str,
         writer: ShardWriter, run: _CellRun, error: str | None,
     ) -> CellWrite:
-        inputs = self.decider.inputs(spec, date, lambda k: self.hashes.get(k))
+        inputs = self.decider.inputs(spec, date, self._hash)
         finished = self.clock()
         success = status == "COMPLETED"
         return CellWrite(
@@ -558,24 +567,31 @@ class Executor:
             self.peak_rss = rss
 
 
-def _as_ledger_cell(w: CellWrite, old: LedgerCell | None) -> LedgerCell:
+def _as_ledger_cell(w: CellWrite, old: LedgerCell | SlimCell | None) -> LedgerCell:
     """The ledger row a write leaves behind, mirrored in memory for later decisions."""
-    if w.status == "FAILED" and old is not None:
-        return dataclasses.replace(old, status="FAILED", attempts=old.attempts + 1, error=w.error)
+    if w.status == "FAILED" and isinstance(old, LedgerCell):
+        return old._replace(
+            status="FAILED",
+            build=build_key("FAILED", old.category, old.code_hash, old.layer_hash,
+                            old.infra_hash, old.epoch),
+            attempts=old.attempts + 1,
+            error=w.error,
+        )
     return LedgerCell(
         calculation=w.calculation,
         date=w.date,
+        build=build_key(w.status, w.category, w.code_hash, w.layer_hash, w.infra_hash, w.epoch),
+        inputs_digest=w.inputs_digest,
+        result_hash=w.result_hash if w.status == "COMPLETED" else (old.result_hash if old else None),
         status=w.status,
         category=w.category,
         code_hash=w.code_hash,
         layer_hash=w.layer_hash,
         infra_hash=w.infra_hash,
         epoch=w.epoch,
-        inputs_digest=w.inputs_digest,
         upstream_json=json.dumps(dict(w.upstream_hashes)),
         root_json=json.dumps({k: dict(v) for k, v in w.root_hashes.items()}),
         previous_hash=w.previous_hash,
-        result_hash=w.result_hash,
         attempts=1 if w.status == "FAILED" else 0,
         error=w.error,
     )

@@ -273,7 +273,7 @@ def infra_hash() -> str:
     return digest("infra", infra_parts())
 
 
-_ABSENT = b"-" * 32
+ABSENT_HASH = "-" * 32  # stands for a missing hash in inputs_digest
 
 
 def inputs_digest(shape: str, hashes: list[str | None]) -> str:
@@ -289,5 +289,5 @@ def inputs_digest(shape: str, hashes: list[str | None]) -> str:
     per-cell cost of planning at one short xxh3 call.
     """
     return xxhash.xxh3_128_hexdigest(
-        shape.encode() + b"".join(_ABSENT if h is None else h.encode() for h in hashes)
+        (shape + "".join([ABSENT_HASH if h is None else h for h in hashes])).encode()
     )

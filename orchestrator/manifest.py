@@ -157,6 +157,18 @@ class Manifest:
                 out[dep].append(spec.name)
         return {n: tuple(sorted(v)) for n, v in out.items()}
 
+    def downstream(self, names: Iterable[str]) -> set[str]:
+        """``names`` plus every calculation that depends on one of them, transitively."""
+        users = self.dependents()
+        closure: set[str] = set()
+        stack = list(names)
+        while stack:
+            name = stack.pop()
+            if name not in closure:
+                closure.add(name)
+                stack.extend(users[name])
+        return closure
+
     def slice(
         self, names: Iterable[str] | None = None, product_line: str | None = None
     ) -> Manifest:

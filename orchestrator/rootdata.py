@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import bisect
 import csv
-import gc
 import datetime as dt
 import gzip
 import io
@@ -34,6 +33,7 @@ import xxhash
 from orchestrator.config import RootDataConfig
 from orchestrator.errors import RootDataError
 from orchestrator.fingerprint import digest, encode
+from orchestrator.memory import paused_gc
 
 Row = dict[str, Any]
 SUFFIXES = (".csv", ".csv.gz", ".parquet")
@@ -142,18 +142,8 @@ class FileSource:
         Raises:
             RootDataError: a file cannot be read, or the date or user column is missing.
         """
-        # Parsing allocates millions of small objects that all stay alive: the cyclic GC would
-        # rescan them again and again (it doubled the load time), and afterwards they are
-        # frozen so later collections during execution skip them too.
-        enabled = gc.isenabled()
-        gc.disable()
-        try:
-            dataset = self._load()
-        finally:
-            if enabled:
-                gc.enable()
-        gc.freeze()
-        return dataset
+        with paused_gc(freeze=True):  # the rows live as long as the run: see memory.py
+            return self._load()
 
     def _load(self) -> Dataset:
         by_date: dict[dt.date, dict[str, list[Row]]] = {}

@@ -17,13 +17,14 @@ import json
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from sqlalchemy import Connection, Engine, and_, cast, create_engine, delete, event, exists, func
 from sqlalchemy import insert, select, text, tuple_, update, String
 from sqlalchemy.exc import IntegrityError, OperationalError, SQLAlchemyError
 
 from orchestrator.errors import RunLockedError, StorageError
+from orchestrator.memory import paused_gc
 from orchestrator.ledger.models import (
     AttemptRow,
     CellRow,
@@ -45,23 +46,47 @@ LOCK = RunLockRow.__table__
 MIGRATIONS = Path(__file__).resolve().parents[2] / "migrations"
 
 
-@dataclass(frozen=True, slots=True)
-class LedgerCell:
-    """A cell's stored state as the planner sees it. JSON parts stay text until needed."""
+def build_key(status: str, category: str, code: str, layer: str, infra: str, epoch: int) -> str:
+    """One comparable string of a cell's own parts: ``status|code layer infra|epoch|category``.
+
+    A comparison key, not a hash: the three hashes have a fixed width, status and epoch hold
+    no ``|``, and the category comes last, so two different part tuples never give the same
+    key. ``BUILD_KEY_SQL`` computes the same string in the database.
+    """
+    return f"{status}|{code}{layer}{infra}|{epoch}|{category}"
+
+
+class SlimCell(NamedTuple):
+    """What the no-op plan needs of a stored cell: its build key, inputs digest and result."""
 
     calculation: str
     date: dt.date
+    build: str
+    inputs_digest: str
+    result_hash: str | None
+
+
+class LedgerCell(NamedTuple):
+    """A cell's whole stored state: the ``SlimCell`` fields, then every fingerprint part.
+
+    Named tuples rather than dataclasses: the planner loads hundreds of thousands at once.
+    JSON parts stay text until an explanation needs them.
+    """
+
+    calculation: str
+    date: dt.date
+    build: str
+    inputs_digest: str
+    result_hash: str | None
     status: str
     category: str
     code_hash: str
     layer_hash: str
     infra_hash: str
     epoch: int
-    inputs_digest: str
     upstream_json: str
     root_json: str
     previous_hash: str | None
-    result_hash: str | None
     attempts: int
     error: str | None
 
@@ -72,6 +97,44 @@ class LedgerCell:
     @property
     def root_hashes(self) -> dict[str, dict[str, str]]:
         return json.loads(self.root_json)
+
+
+BUILD_KEY_SQL = (
+    CELLS.c.status.concat("|")
+    .concat(CELLS.c.code_hash)
+    .concat(CELLS.c.layer_hash)
+    .concat(CELLS.c.infra_hash)
+    .concat("|")
+    .concat(cast(CELLS.c.epoch, String))
+    .concat("|")
+    .concat(CELLS.c.category)
+)
+_SLIM_COLUMNS = (
+    CELLS.c.calculation,
+    CELLS.c.date,
+    BUILD_KEY_SQL,
+    CELLS.c.inputs_digest,
+    CELLS.c.result_hash,
+)
+_FULL_COLUMNS = (
+    *_SLIM_COLUMNS,
+    CELLS.c.status,
+    CELLS.c.category,
+    CELLS.c.code_hash,
+    CELLS.c.layer_hash,
+    CELLS.c.infra_hash,
+    CELLS.c.epoch,
+    cast(CELLS.c.upstream_hashes, String),
+    cast(CELLS.c.root_hashes, String),
+    CELLS.c.previous_hash,
+    CELLS.c.attempts,
+    CELLS.c.error,
+)
+
+
+# The ledger as the planner reads it: calculation -> date -> cell. Nested rather than keyed by
+# (calculation, date) because lookups then hash a date in a per-calculation dict.
+Snapshot = dict[str, dict[dt.date, LedgerCell | SlimCell]]
 
 
 @dataclass(frozen=True, slots=True)
@@ -214,34 +277,47 @@ class Ledger:
 
     # --- cells: bulk reads -----------------------------------------------------------------
 
-    def load_cells(self, calculations: Iterable[str] | None = None) -> dict[tuple[str, dt.date], LedgerCell]:
-        """Every stored cell (optionally of some calculations), in one query."""
-        cols = [
-            CELLS.c.calculation,
-            CELLS.c.date,
-            CELLS.c.status,
-            CELLS.c.category,
-            CELLS.c.code_hash,
-            CELLS.c.layer_hash,
-            CELLS.c.infra_hash,
-            CELLS.c.epoch,
-            CELLS.c.inputs_digest,
-            cast(CELLS.c.upstream_hashes, String),
-            cast(CELLS.c.root_hashes, String),
-            CELLS.c.previous_hash,
-            CELLS.c.result_hash,
-            CELLS.c.attempts,
-            CELLS.c.error,
-        ]
-        query = select(*cols)
-        if calculations is not None:
-            query = query.where(CELLS.c.calculation.in_(list(calculations)))
-        with self.engine.connect() as conn:
-            rows = conn.execute(query).all()
-        return {(r[0], r[1]): LedgerCell(*r) for r in rows}
+    def load_cells(self, calculations: Iterable[str] | None = None, slim: bool = False) -> Snapshot:
+        """Every stored cell (optionally of some calculations), in one query, as
+        calculation -> date -> ``LedgerCell`` (``SlimCell`` with ``slim``).
+
+        Rows are read without SQLAlchemy's per-row processing (the planner's hot path:
+        365,000 rows); dates arrive as ``date`` objects from psycopg and as ISO text from
+        SQLite, converted once per distinct date.
+        """
+        kind = SlimCell if slim else LedgerCell
+        query = select(*(_SLIM_COLUMNS if slim else _FULL_COLUMNS))
+        # Filtered here, not in SQL: an IN list makes SQLite walk the index row by row, which
+        # is slower than the plain scan when (as usual) nearly every row is wanted.
+        wanted = None if calculations is None else set(calculations)
+        with self.engine.connect() as conn, paused_gc(freeze=True):
+            sql = str(query.compile(conn, compile_kwargs={"literal_binds": True}))
+            cursor = conn.connection.dbapi_connection.cursor()  # type: ignore[union-attr]
+            try:
+                cursor.execute(sql)
+                rows = cursor.fetchall()
+            finally:
+                cursor.close()
+            dates: dict[Any, dt.date] = {}
+            make = tuple.__new__
+            out: Snapshot = {}
+            for row in rows:
+                if wanted is not None and row[0] not in wanted:
+                    continue
+                per_date = out.get(row[0])
+                if per_date is None:
+                    per_date = out[row[0]] = {}
+                raw = row[1]
+                date = dates.get(raw)
+                if date is None:
+                    date = dates[raw] = (
+                        raw if isinstance(raw, dt.date) else dt.date.fromisoformat(raw)
+                    )
+                per_date[date] = make(kind, (row[0], date, *row[2:]))
+        return out
 
     def cell(self, calculation: str, date: dt.date) -> LedgerCell | None:
-        return self.load_cells([calculation]).get((calculation, date))
+        return self.load_cells([calculation]).get(calculation, {}).get(date)
 
     # --- cells: writes --------------------------------------------------------------------
 
