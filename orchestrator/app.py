@@ -196,6 +196,7 @@ class Orchestrator:
         start: dt.date | None = None,
         calculations: Iterable[str] = (),
         force: bool = False,
+        workers: int | None = None,
     ) -> RunSummary:
         """Index, plan and execute up to ``target``; the nightly job and backfills.
 
@@ -205,6 +206,7 @@ class Orchestrator:
             start: first date that may execute (inclusive); default: no lower bound.
             calculations: restrict to these calculations plus their upstream closure.
             force: with ``calculations`` (or all), re-run even up-to-date cells in range.
+            workers: processes for standard cells (default: the config's ``workers``).
 
         Raises:
             RunLockedError: another run is in progress.
@@ -249,6 +251,7 @@ class Orchestrator:
                 in_scope=(lambda key: key[1] >= low) if start else (lambda key: True),
                 progress=self.progress,
                 heartbeat=heartbeat,
+                workers=workers or self.config.workers,
             )
             summary = executor.execute()
             ledger.finish_run(

@@ -95,13 +95,15 @@ def _print_summary(summary: Any) -> None:
 @main.command()
 @click.option("--date", "date", type=DATE, default=None, help="Target date (default: yesterday, UTC).")
 @click.option("--trigger", type=click.Choice(["manual", "cron"]), default="manual", show_default=True)
+@click.option("--workers", type=click.IntRange(min=1), default=None,
+              help="Processes for standard cells (default: the config's workers).")
 @click.pass_context
 @_handle_errors
-def run(ctx: click.Context, date: dt.date | None, trigger: str) -> None:
+def run(ctx: click.Context, date: dt.date | None, trigger: str, workers: int | None) -> None:
     """The nightly job: index root data, plan, execute everything due up to DATE."""
     orch = _orch(ctx, progress=sys.stderr.isatty())
     try:
-        summary = orch.run(date, trigger=trigger)
+        summary = orch.run(date, trigger=trigger, workers=workers)
     finally:
         orch.close()
     _print_summary(summary)
@@ -137,15 +139,21 @@ def plan(ctx: click.Context, date: dt.date | None, fmt: str, output: Path | None
 @click.option("--end", type=DATE, required=True, help="Last date (inclusive).")
 @click.option("--calc", "calcs", multiple=True, help="Only this calculation (repeatable), with its upstream.")
 @click.option("--force", is_flag=True, help="Re-run the cells even when up to date (reason FORCED).")
+@click.option("--workers", type=click.IntRange(min=1), default=None,
+              help="Processes for standard cells (default: the config's workers).")
 @click.pass_context
 @_handle_errors
-def backfill(ctx: click.Context, start: dt.date, end: dt.date, calcs: tuple[str, ...], force: bool) -> None:
+def backfill(
+    ctx: click.Context, start: dt.date, end: dt.date, calcs: tuple[str, ...], force: bool,
+    workers: int | None,
+) -> None:
     """Compute a date range (inclusive), optionally forcing a re-run."""
     if end < start:
         raise click.UsageError(f"--end {end} is before --start {start}")
     orch = _orch(ctx, progress=True)
     try:
-        summary = orch.run(end, trigger="backfill", start=start, calculations=calcs, force=force)
+        summary = orch.run(end, trigger="backfill", start=start, calculations=calcs, force=force,
+                           workers=workers)
     finally:
         orch.close()
     _print_summary(summary)

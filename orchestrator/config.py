@@ -43,6 +43,7 @@ class Config:
         calendar: "data" (dates on which some dataset has data) or "daily" (every day).
         flush_users: results are flushed to a shard every this many users.
         shard_bytes: upper bound of one shard's uncompressed payload, in bytes.
+        workers: local processes for standard cells (1: run in this process).
     """
 
     path: Path
@@ -53,6 +54,7 @@ class Config:
     calendar: str = "data"
     flush_users: int = 5000
     shard_bytes: int = 4 * 1024 * 1024
+    workers: int = 1
 
 
 def _resolve_db_url(url: str, base: Path) -> str:
@@ -124,6 +126,9 @@ def load_config(path: str | os.PathLike[str] | None = None, db_url: str | None =
     shard_bytes = need("shard_bytes", raw.get("shard_bytes", 4 * 1024 * 1024), int)
     if flush_users < 1 or shard_bytes < 1024:
         raise ConfigError(f"{cfg_path}: flush_users must be >= 1 and shard_bytes >= 1024")
+    workers = need("workers", raw.get("workers", 1), int)
+    if workers < 1:
+        raise ConfigError(f"{cfg_path}: workers must be >= 1, found {workers}")
     return Config(
         path=cfg_path,
         database_url=url,
@@ -133,4 +138,5 @@ def load_config(path: str | os.PathLike[str] | None = None, db_url: str | None =
         calendar=calendar,
         flush_users=flush_users,
         shard_bytes=shard_bytes,
+        workers=workers,
     )

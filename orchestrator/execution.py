@@ -35,6 +35,7 @@ from orchestrator.calculation import MetaContext, StandardContext
 from orchestrator.fingerprint import result_line
 from orchestrator.ledger.store import CellWrite, Ledger, LedgerCell, SlimCell, Snapshot, build_key
 from orchestrator.manifest import CalcSpec, Manifest
+from orchestrator.parallel import WorkerPool
 from orchestrator.planning import CellKey, Decider, Decision, Plan, Reason, Status, Upstream
 from orchestrator.results import ShardWriter, assemble, decode_shards
 from orchestrator.rootdata import Dataset
@@ -80,13 +81,14 @@ class _CellRun:
     upstream: dict[str, Any]
     previous: Mapping[str, Any]
     users: set[str] | None  # None: the users of its root data
-    keep: dict[str, Any]
+    keep: dict[str, Any] | None  # whole result, for the cache; None if the parent lacks it
     started: dt.datetime
     failures: int = 0
     processed: int = 0
     flushes: int = 0
     errors: list[str] = field(default_factory=list)
     aborted: str | None = None
+    pending: list[dict[str, Any]] = field(default_factory=list)  # shards cut in a worker
 
 
 class _LazyHistory(Mapping[str, list[Any]]):
@@ -158,6 +160,8 @@ class Executor:
         in_scope: which cells may execute (backfill ranges); others are left as planned.
         clock: returns the current UTC time (timestamps only; never part of a decision).
         progress: show a progress bar on stderr.
+        heartbeat: called after each date (renews the run lock).
+        workers: processes for standard cells (users partitioned, see ``parallel.py``).
     """
 
     def __init__(
@@ -175,6 +179,7 @@ class Executor:
         clock: Callable[[], dt.datetime] = lambda: dt.datetime.now(dt.UTC),
         progress: bool = False,
         heartbeat: Callable[[], None] = lambda: None,
+        workers: int = 1,
     ):
         self.ledger = ledger
         self.manifest = manifest
@@ -189,6 +194,9 @@ class Executor:
         self.clock = clock
         self.progress = progress
         self.heartbeat = heartbeat
+        self.workers = workers
+        self.pool: WorkerPool | None = None
+        self.in_worker = False
         self.decisions: dict[CellKey, Decision] = dict(plan.decisions)
         self.hashes: dict[CellKey, str | None] = {}  # published during this run
         self.ran: set[CellKey] = set()
@@ -230,7 +238,31 @@ class Executor:
         return (Upstream.PENDING, None)
 
     def execute(self) -> RunSummary:
-        """Act on the plan. Never raises for a failing calculation: failures are recorded."""
+        """Act on the plan. Never raises for a failing calculation: failures are recorded.
+
+        Raises:
+            WorkerError: a worker process died (nothing of its pass was published).
+        """
+        work = [
+            k for k in self.plan.order
+            if self.decisions[k].status in (Status.RUNNABLE, Status.BLOCKED) and self.in_scope(k)
+        ]
+        standard = {k[0] for k in work if self.manifest.calcs[k[0]].is_standard}
+        if self.workers <= 1 or not standard:
+            return self._execute()
+        users: set[str] = set()
+        for ds in {ds for name in standard for ds in self.manifest.calcs[name].root_data}:
+            dataset = self.dataset(ds)  # parsed before the fork, shared copy-on-write
+            for per_user in dataset.by_date.values():
+                users.update(per_user)
+        with WorkerPool(self, self.workers, users) as pool:
+            self.pool = pool
+            try:
+                return self._execute()
+            finally:
+                self.pool = None
+
+    def _execute(self) -> RunSummary:
         started = time.perf_counter()
         by_date: dict[dt.date, list[CellKey]] = {}
         for key in self.plan.order:
@@ -329,25 +361,21 @@ class Executor:
             previous = previous or {}
         return upstream, previous
 
-    def _run_standard(
-        self, date: dt.date, cells: list[tuple[CalcSpec, Decision]]
-    ) -> tuple[list[CellWrite], list[dict[str, Any]]]:
+    def _prepare(
+        self, date: dt.date, cells: list[tuple[CalcSpec, Decision]], inputs: bool = True
+    ) -> list[_CellRun]:
+        """In-flight state per standard cell; with ``inputs``, its upstream and previous
+        results (a parallel run's parent leaves those to the workers)."""
         now = self.clock()
-        datasets = {ds: self.dataset(ds) for spec, _ in cells for ds in spec.root_data}
-        runs: list[_CellRun] = []
-        all_users: set[str] = set()
+        runs = []
         for spec, decision in cells:
-            upstream, previous = self._inputs_for(spec, date)
+            upstream, previous = self._inputs_for(spec, date) if inputs else ({}, {})
             users: set[str] | None = None
-            if spec.root_data:
-                for ds in spec.root_data:
-                    all_users.update(datasets[ds].users_on(date))
-            else:
+            if not spec.root_data:
                 users = set()
                 for dep in spec.dependencies:
-                    if self.manifest.calcs[dep].is_standard and upstream[dep]:
+                    if self.manifest.calcs[dep].is_standard and upstream.get(dep):
                         users.update(upstream[dep])
-                all_users |= users
             runs.append(
                 _CellRun(
                     spec=spec,
@@ -361,7 +389,54 @@ class Executor:
                     started=now,
                 )
             )
+        return runs
+
+    def _run_standard(
+        self, date: dt.date, cells: list[tuple[CalcSpec, Decision]]
+    ) -> tuple[list[CellWrite], list[dict[str, Any]]]:
+        if self.pool is not None:
+            runs = self._prepare(date, cells, inputs=False)
+            self.pool.compute(date, runs, self)
+        else:
+            runs = self._prepare(date, cells)
+            self._walk(date, runs, None, stream=True)
+        self._sample_memory()
+        writes = []
         shard_rows: list[dict[str, Any]] = []
+        for run in runs:
+            write, rows = self._finish(run, date)
+            writes.append(write)
+            shard_rows += rows
+        return writes, shard_rows
+
+    def flush_if_full(self, run: _CellRun) -> None:
+        """Write the cell's buffered shards now if a flush threshold is reached."""
+        writer = run.writer
+        if len(writer._lines) >= self.flush_users or writer._size >= self.shard_bytes:
+            run.flushes += 1
+            if self.in_worker:  # the parent writes them (workers never write)
+                run.pending.extend(writer.cut())
+            else:
+                self.ledger.write_shards(writer.cut())
+            self._sample_memory()
+
+    def _walk(
+        self, date: dt.date, runs: list[_CellRun], mine: Callable[[str], bool] | None,
+        stream: bool,
+    ) -> None:
+        """One walk over the users (sorted), each user's root rows read once and passed to
+        every cell of the group. ``mine`` keeps a worker's users; ``stream`` flushes shards as
+        thresholds are reached (else lines stay buffered)."""
+        datasets = {ds: self.dataset(ds) for run in runs for ds in run.spec.root_data}
+        all_users: set[str] = set()
+        for run in runs:
+            if run.users is None:
+                for ds in run.spec.root_data:
+                    all_users.update(datasets[ds].users_on(date))
+            else:
+                all_users |= run.users
+        if mine is not None:
+            all_users = {u for u in all_users if mine(u)}
         empty: list[Any] = []
         calcs = self.manifest.calcs
         # Per cell, fixed for the whole walk: which upstream results are per user.
@@ -377,7 +452,6 @@ class Executor:
             )
             for run in runs
         ]
-        flush_users, shard_bytes = self.flush_users, self.shard_bytes
         for user in sorted(all_users):
             today = {ds: d.users_on(date).get(user, empty) for ds, d in datasets.items()}
             roots: dict[tuple[str, ...], dict[str, list[Any]]] = {}
@@ -412,7 +486,7 @@ class Executor:
                                 f"process() must return a dict or None, not {type(result).__name__}"
                             )
                         run.writer.add(user, result_line(user, result))
-                        run.keep[user] = result
+                        run.keep[user] = result  # type: ignore[index]
                 except Exception:
                     run.failures += 1
                     if len(run.errors) < 5:
@@ -425,19 +499,9 @@ class Executor:
                             f"circuit breaker: {run.failures} of {run.processed} users failed "
                             f"({run.failures / run.processed:.0%} > {run.spec.max_failure_rate:.0%})"
                         )
-                writer = run.writer
-                if len(writer._lines) >= flush_users or writer._size >= shard_bytes:
-                    run.flushes += 1
-                    self.ledger.write_shards(writer.cut())
-                    self._sample_memory()
+                if stream:
+                    self.flush_if_full(run)
             self.summary.users_processed += 1
-        self._sample_memory()
-        writes = []
-        for run in runs:
-            write, rows = self._finish(run, date)
-            writes.append(write)
-            shard_rows += rows
-        return writes, shard_rows
 
     def _finish(self, run: _CellRun, date: dt.date) -> tuple[CellWrite, list[dict[str, Any]]]:
         spec = run.spec
@@ -451,9 +515,10 @@ class Executor:
             error = error + "\n" + "\n".join(run.errors)
             return self._failure(spec, date, run.decision, error, run), []
         rows = run.writer.cut()
-        if rows:
+        if rows and self.pool is None:
             run.flushes += 1
-        self.cache.put((spec.name, date), run.keep)
+        if run.keep is not None:
+            self.cache.put((spec.name, date), run.keep)
         return self._success(spec, date, run.decision, run.writer, run), rows
 
     # --- meta cells -----------------------------------------------------------------------

@@ -58,9 +58,12 @@ class ShardWriter:
     users: int = 0
     bytes_raw: int = 0
     bytes_compressed: int = 0
+    keep_raw: bool = False  # also keep each shard's uncompressed payload in ``raws``
+    raws: list[bytes] = field(default_factory=list)
     _lines: list[bytes] = field(default_factory=list)
     _users: list[str | None] = field(default_factory=list)
     _size: int = 0
+    _absorbed: list[dict[str, Any]] = field(default_factory=list)
 
     def add(self, user: str | None, line: bytes) -> None:
         self._lines.append(line)
@@ -75,9 +78,23 @@ class ShardWriter:
     def buffered_bytes(self) -> int:
         return self._size
 
+    def absorb(self, raws: list[bytes], rows: list[dict[str, Any]]) -> None:
+        """Take shards another writer already cut over the next users in order (a worker's
+        range): their payloads ``raws`` extend the result hash, their rows are renumbered after
+        this writer's and come out of the next ``cut()``."""
+        for raw, row in zip(raws, rows, strict=True):
+            self.hasher.update(raw)
+            row.update(generation=self.generation, seq=self.seq)
+            self.seq += 1
+            self.users += row["users"]
+            self.bytes_raw += len(raw)
+            self.bytes_compressed += len(row["data"])
+            self._absorbed.append(row)
+
     def cut(self) -> list[dict[str, Any]]:
         """Empty the buffer into shard rows (none if the buffer is empty)."""
-        rows: list[dict[str, Any]] = []
+        rows: list[dict[str, Any]] = self._absorbed
+        self._absorbed = []
         start = 0
         while start < len(self._lines):
             end, size = start, 0
@@ -86,6 +103,8 @@ class ShardWriter:
                 end += 1
             raw = b"".join(self._lines[start:end])
             self.hasher.update(raw)  # xxh3 streams: hashing per shard equals hashing per line
+            if self.keep_raw:
+                self.raws.append(raw)
             data = _compressor.compress(raw)
             rows.append(
                 {

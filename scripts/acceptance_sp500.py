@@ -60,7 +60,7 @@ def plan_counts(cfg: Path, date: str, cwd: Path) -> tuple[dict[str, int], Counte
     return report["counts"], reasons, runnable
 
 
-def executed_per_calc(db: str, run_line: str) -> dict[str, int]:
+def executed_per_calc(db: str) -> dict[str, int]:
     """Cells executed by the last run, per calculation, read from its run attempts."""
     from sqlalchemy import create_engine, text
 
@@ -80,6 +80,7 @@ def main() -> int:
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA)
     parser.add_argument("--date", default="2018-02-07")
     parser.add_argument("--db", default=None, help="ledger URL (default: SQLite in the scratch folder)")
+    parser.add_argument("--workers", type=int, default=2, help="processes for standard cells")
     args = parser.parse_args()
     if not args.data.exists():
         print(f"data file {args.data} not found; pass --data", file=sys.stderr)
@@ -93,6 +94,7 @@ def main() -> int:
         cfg = work / "orchestrator.toml"
         cfg.write_text(
             f'database_url = "{db}"\ncalculations = "{pkg}"\nsystem_epoch = "system_epoch.py"\n'
+            f"workers = {args.workers}\n'
             f'[root_data.prices]\npath = "{args.data}"\ndate_column = "date"\nuser_column = "Name"\n'
         )
         (work / "system_epoch.py").write_text("SYSTEM_EPOCH = 1\n")
@@ -120,7 +122,7 @@ def main() -> int:
         counts, reasons, runnable = plan_counts(cfg, args.date, work)
         print(f"3. RSI period 14 -> 15: plan {counts}, runnable {dict(runnable)}")
         took, _, res = timed(run, work)
-        per_calc = executed_per_calc(db, res.stdout)
+        per_calc = executed_per_calc(db)
         print(f"   run {took:.1f}s: {res.stdout.strip()}\n   executed per calculation: {per_calc}")
         figures["rsi_change_executed"] = per_calc
         figures["rsi_change_seconds"] = round(took, 2)

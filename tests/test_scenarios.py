@@ -387,3 +387,44 @@ def test_results_span_many_shards_and_reassemble(project: Project, shard_bytes: 
     orch.close()
     assert sorted(result) == many
     assert attempts[-1].shards > 1 and attempts[-1].flushes > 1
+
+
+def _published_hashes(project: Project) -> dict:
+    orch = project.orchestrator()
+    cells = orch.ledger.load_cells()
+    orch.close()
+    return {(c, d): cell.result_hash for c, per in cells.items() for d, cell in per.items()}
+
+
+def test_parallel_workers_publish_exactly_the_serial_results(project: Project) -> None:
+    symbols = [f"S{i:02d}" for i in range(25)]
+    setup(project, rows=price_rows(symbols, DATES))
+    project.extra_config = "flush_users = 4\nshard_bytes = 1024\n"  # many shards per cell
+    project.write_config()
+    serial = run(project)
+    before = _published_hashes(project)
+    forced = run(project, calculations=CALCS, force=True, workers=2)
+    assert forced.ok and len(forced.executed) == 4 * len(DATES)
+    assert set(forced.executed.values()) == {"FORCED"}
+    assert _published_hashes(project) == before
+    assert serial.users_processed == forced.users_processed
+    orch = project.orchestrator()
+    assert sorted(orch.load_result("rsi", TARGET)) == symbols
+    assert orch.load_result("market", TARGET)["n"] == 25
+    attempts = orch.ledger.attempts("rsi", TARGET)
+    orch.close()
+    assert attempts[-1].shards > 2
+
+
+def test_parallel_workers_record_failures_and_block_dependents(project: Project) -> None:
+    broken = BASE.replace(
+        "        close = ctx.upstream[\"price_extractor\"][\"close\"]\n",
+        "        close = ctx.upstream[\"price_extractor\"][\"close\"]\n"
+        "        if ctx.date.day == 4:\n            raise RuntimeError('bad day')\n",
+    )
+    setup(project, broken)
+    summary = run(project, workers=2)
+    assert {(c, d) for c, d, _ in summary.failed} == {("rsi", dt.date(2024, 1, 4))}
+    assert "bad day" in summary.failed[0][2]
+    assert not any(c == "rsi" and d > dt.date(2024, 1, 4) for c, d in summary.executed)
+    assert executed(summary)["price_extractor"] == len(DATES)

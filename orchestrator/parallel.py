@@ -1,0 +1,183 @@
+"""Local worker processes for standard cells: the users of a pass, partitioned by a stable hash.
+
+Standard calculations are independent per user, and a historical one only needs the same
+user's previous result. So each worker owns a fixed, contiguous range of user ids
+(``Partition``, stable for the whole run): it walks its users through every standard cell of a
+pass, keeps its users' results for the next passes and dates, and returns its shards (cut and
+compressed) with their raw payloads. The ranges ascend, so the parent only concatenates: the
+result hash is exactly a serial run's, and shards differ only in where they are cut. The parent
+then decides, validates and publishes as usual. Meta cells and all database writes stay in the
+parent.
+
+Workers are forked after the root data is parsed (copy-on-write: no re-read, no pickling of
+the rows) and before any result is cached, so they start from the parent's exact state. A
+worker reads published results it has not computed itself (meta results, earlier runs) from
+the ledger with its own connections.
+"""
+
+from __future__ import annotations
+
+import bisect
+import datetime as dt
+import multiprocessing
+import traceback
+from multiprocessing.connection import Connection
+from typing import TYPE_CHECKING, Any, NamedTuple
+
+if TYPE_CHECKING:
+    from orchestrator.execution import Executor, _CellRun
+    from orchestrator.planning import Decision
+
+
+class Partition(NamedTuple):
+    """Contiguous ranges of user ids, one per worker: ``boundaries[k-1] <= user <
+    boundaries[k]`` belongs to worker k. Ranges, not hashes, so the workers' outputs
+    concatenate in user order (no merge) and each worker cuts and compresses its own shards."""
+
+    boundaries: tuple[str, ...]
+
+    @classmethod
+    def balanced(cls, users: set[str], count: int) -> Partition:
+        ordered = sorted(users)
+        return cls(tuple(ordered[len(ordered) * k // count] for k in range(1, count)) if ordered
+                   else ())
+
+    def owner(self, user: str) -> int:
+        return bisect.bisect_right(self.boundaries, user)
+
+
+class _Part(NamedTuple):
+    """One worker's share of one cell."""
+
+    processed: int
+    failures: int
+    errors: list[str]
+    aborted: str | None
+    flushes: int
+    raws: list[bytes]
+    rows: list[dict[str, Any]]
+    keep: dict[str, Any] | None
+
+
+class WorkerError(RuntimeError):
+    """A worker process failed outside user code (a bug, or it was killed)."""
+
+
+def _serve(
+    executor: Executor, conn: Connection, index: int, partition: Partition, send_results: set[str]
+) -> None:
+    # The parent's pooled connections must not be shared: drop them here, open our own.
+    executor.ledger.engine.dispose(close=False)
+    executor.pool = None
+    executor.in_worker = True
+    mine = (lambda user: partition.owner(user) == index)
+    while True:
+        message = conn.recv()
+        if message is None:
+            return
+        date, cells = message
+        try:
+            runs = executor._prepare(
+                date, [(executor.manifest.calcs[name], decision) for name, decision in cells]
+            )
+            for run in runs:
+                run.writer.keep_raw = True
+            before = executor.summary.users_processed
+            executor._walk(date, runs, mine, stream=True)
+            parts = []
+            for run in runs:
+                rows = run.writer.cut()
+                run.pending.extend(rows)
+                parts.append(
+                    _Part(run.processed, run.failures, run.errors, run.aborted,
+                          run.flushes + (1 if rows else 0), run.writer.raws, run.pending,
+                          run.keep if run.spec.name in send_results else None)
+                )
+                # This worker's users' results, for its later passes and dates.
+                executor.cache.put((run.spec.name, date), run.keep)
+            conn.send(("ok", parts, executor.summary.users_processed - before))
+        except BaseException:  # noqa: BLE001 - reported to the parent, which raises
+            conn.send(("error", traceback.format_exc(), 0))
+            return
+
+
+class WorkerPool:
+    """``count`` forked workers serving one executor. Use as a context manager.
+
+    Args:
+        executor: the executor to fork (its root datasets already parsed).
+        count: number of worker processes.
+        users: every user id the run may see (for balanced ranges).
+    """
+
+    def __init__(self, executor: Executor, count: int, users: set[str]):
+        context = multiprocessing.get_context("fork")
+        self.partition = Partition.balanced(users, count)
+        # Standard results the parent needs whole: those a meta calculation reads.
+        send = {d for s in executor.manifest.calcs.values() if not s.is_standard
+                for d in s.dependencies}
+        self.connections: list[Connection] = []
+        self.processes: list[Any] = []
+        for index in range(count):
+            parent, child = context.Pipe()
+            process = context.Process(
+                target=_serve, args=(executor, child, index, self.partition, send), daemon=True,
+                name=f"orchestrator-worker-{index}",
+            )
+            process.start()
+            child.close()
+            self.connections.append(parent)
+            self.processes.append(process)
+
+    def compute(self, date: dt.date, runs: list[_CellRun], executor: Executor) -> None:
+        """Run the standard cells ``runs`` of ``date`` on every worker and gather their parts
+        into ``runs``: shards in user order (worker ranges ascend), counts, whole results
+        where a meta calculation needs them.
+
+        Raises:
+            WorkerError: a worker died or failed outside user code.
+        """
+        cells: list[tuple[str, Decision]] = [(r.spec.name, r.decision) for r in runs]
+        for conn in self.connections:
+            conn.send((date, cells))
+        replies = []
+        for conn in self.connections:
+            try:
+                status, payload, users = conn.recv()
+            except EOFError as e:
+                raise WorkerError("a worker process died; see the log above") from e
+            if status != "ok":
+                raise WorkerError(f"a worker process failed:\n{payload}")
+            replies.append(payload)
+            executor.summary.users_processed += users
+        for i, run in enumerate(runs):
+            parts: list[_Part] = [reply[i] for reply in replies]
+            run.processed = sum(p.processed for p in parts)
+            run.failures = sum(p.failures for p in parts)
+            run.flushes = sum(p.flushes for p in parts)
+            run.errors = [e for p in parts for e in p.errors][:5]
+            run.aborted = next((p.aborted for p in parts if p.aborted), None)
+            for p in parts:
+                run.writer.absorb(p.raws, p.rows)
+            if all(p.keep is not None for p in parts):
+                for p in parts:
+                    run.keep.update(p.keep or {})
+            else:
+                run.keep = None  # not needed whole by the parent; readers load it if ever
+
+    def close(self) -> None:
+        for conn in self.connections:
+            try:
+                conn.send(None)
+            except (BrokenPipeError, OSError):
+                pass
+        for process in self.processes:
+            process.join(timeout=5)
+            if process.is_alive():
+                process.terminate()
+
+    def __enter__(self) -> WorkerPool:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
