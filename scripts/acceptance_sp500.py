@@ -94,7 +94,7 @@ def main() -> int:
         cfg = work / "orchestrator.toml"
         cfg.write_text(
             f'database_url = "{db}"\ncalculations = "{pkg}"\nsystem_epoch = "system_epoch.py"\n'
-            f"workers = {args.workers}\n'
+            f"workers = {args.workers}\n"
             f'[root_data.prices]\npath = "{args.data}"\ndate_column = "date"\nuser_column = "Name"\n'
         )
         (work / "system_epoch.py").write_text("SYSTEM_EPOCH = 1\n")
