@@ -13,7 +13,12 @@ Users write calculations as small classes::
 and run ``orchestrator run``. See README.md and SPEC.md.
 """
 
-from orchestrator.calculation import MetaCalculation, MetaContext, StandardCalculation, StandardContext
+from orchestrator.calculation import (
+    MetaCalculation,
+    MetaContext,
+    StandardCalculation,
+    StandardContext,
+)
 
 __all__ = ["MetaCalculation", "MetaContext", "StandardCalculation", "StandardContext"]
 __version__ = "0.1.0"

@@ -61,7 +61,10 @@ def bump_epoch(path: Path) -> tuple[int, int]:
     new = old + 1
     if path.exists():
         text = re.sub(
-            r"^SYSTEM_EPOCH\s*=\s*\d+", f"SYSTEM_EPOCH = {new}", path.read_text(), count=1,
+            r"^SYSTEM_EPOCH\s*=\s*\d+",
+            f"SYSTEM_EPOCH = {new}",
+            path.read_text(),
+            count=1,
             flags=re.MULTILINE,
         )
     else:
@@ -96,7 +99,9 @@ class Orchestrator:
 
     @classmethod
     def from_config(
-        cls, path: str | os.PathLike[str] | None = None, db_url: str | None = None,
+        cls,
+        path: str | os.PathLike[str] | None = None,
+        db_url: str | None = None,
         progress: bool = False,
     ) -> Orchestrator:
         return cls(load_config(path, db_url), progress=progress)

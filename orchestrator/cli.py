@@ -67,10 +67,16 @@ def _orch(ctx: click.Context, progress: bool = False) -> Orchestrator:
 
 @click.group()
 @click.option(
-    "--config", "config", type=click.Path(dir_okay=False, path_type=Path),
-    default=Path("orchestrator.toml"), show_default=True, help="The TOML config file.",
+    "--config",
+    "config",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=Path("orchestrator.toml"),
+    show_default=True,
+    help="The TOML config file.",
 )
-@click.option("--db", "db", default=None, help="Database URL; overrides the config and ORCHESTRATOR_DB_URL.")
+@click.option(
+    "--db", "db", default=None, help="Database URL; overrides the config and ORCHESTRATOR_DB_URL."
+)
 @click.option("--debug", is_flag=True, help="Show tracebacks instead of one-line errors.")
 @click.pass_context
 def main(ctx: click.Context, config: Path, db: str | None, debug: bool) -> None:
@@ -93,10 +99,18 @@ def _print_summary(summary: Any) -> None:
 
 
 @main.command()
-@click.option("--date", "date", type=DATE, default=None, help="Target date (default: yesterday, UTC).")
-@click.option("--trigger", type=click.Choice(["manual", "cron"]), default="manual", show_default=True)
-@click.option("--workers", type=click.IntRange(min=1), default=None,
-              help="Processes for standard cells (default: the config's workers).")
+@click.option(
+    "--date", "date", type=DATE, default=None, help="Target date (default: yesterday, UTC)."
+)
+@click.option(
+    "--trigger", type=click.Choice(["manual", "cron"]), default="manual", show_default=True
+)
+@click.option(
+    "--workers",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Processes for standard cells (default: the config's workers).",
+)
 @click.pass_context
 @_handle_errors
 def run(ctx: click.Context, date: dt.date | None, trigger: str, workers: int | None) -> None:
@@ -111,11 +125,23 @@ def run(ctx: click.Context, date: dt.date | None, trigger: str, workers: int | N
 
 
 @main.command()
-@click.option("--date", "date", type=DATE, default=None, help="Target date (default: yesterday, UTC).")
-@click.option("--format", "fmt", type=click.Choice(["text", "markdown", "html", "json"]), default="text",
-              show_default=True)
-@click.option("--output", "-o", type=click.Path(dir_okay=False, path_type=Path), default=None,
-              help="Write the report to this file instead of stdout.")
+@click.option(
+    "--date", "date", type=DATE, default=None, help="Target date (default: yesterday, UTC)."
+)
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(["text", "markdown", "html", "json"]),
+    default="text",
+    show_default=True,
+)
+@click.option(
+    "--output",
+    "-o",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="Write the report to this file instead of stdout.",
+)
 @click.pass_context
 @_handle_errors
 def plan(ctx: click.Context, date: dt.date | None, fmt: str, output: Path | None) -> None:
@@ -137,14 +163,26 @@ def plan(ctx: click.Context, date: dt.date | None, fmt: str, output: Path | None
 @main.command()
 @click.option("--start", type=DATE, required=True, help="First date (inclusive).")
 @click.option("--end", type=DATE, required=True, help="Last date (inclusive).")
-@click.option("--calc", "calcs", multiple=True, help="Only this calculation (repeatable), with its upstream.")
-@click.option("--force", is_flag=True, help="Re-run the cells even when up to date (reason FORCED).")
-@click.option("--workers", type=click.IntRange(min=1), default=None,
-              help="Processes for standard cells (default: the config's workers).")
+@click.option(
+    "--calc", "calcs", multiple=True, help="Only this calculation (repeatable), with its upstream."
+)
+@click.option(
+    "--force", is_flag=True, help="Re-run the cells even when up to date (reason FORCED)."
+)
+@click.option(
+    "--workers",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Processes for standard cells (default: the config's workers).",
+)
 @click.pass_context
 @_handle_errors
 def backfill(
-    ctx: click.Context, start: dt.date, end: dt.date, calcs: tuple[str, ...], force: bool,
+    ctx: click.Context,
+    start: dt.date,
+    end: dt.date,
+    calcs: tuple[str, ...],
+    force: bool,
     workers: int | None,
 ) -> None:
     """Compute a date range (inclusive), optionally forcing a re-run."""
@@ -152,8 +190,9 @@ def backfill(
         raise click.UsageError(f"--end {end} is before --start {start}")
     orch = _orch(ctx, progress=True)
     try:
-        summary = orch.run(end, trigger="backfill", start=start, calculations=calcs, force=force,
-                           workers=workers)
+        summary = orch.run(
+            end, trigger="backfill", start=start, calculations=calcs, force=force, workers=workers
+        )
     finally:
         orch.close()
     _print_summary(summary)
@@ -189,7 +228,9 @@ def show(ctx: click.Context, calc: str, date: dt.date, user: str | None) -> None
     finally:
         orch.close()
     if result is None:
-        click.echo(f"Error: no published result for {calc} on {date}; see `orchestrator plan`", err=True)
+        click.echo(
+            f"Error: no published result for {calc} on {date}; see `orchestrator plan`", err=True
+        )
         ctx.exit(1)
     if user is not None:
         if orch.manifest.calcs[calc].kind != "standard" or user not in result:
@@ -200,17 +241,25 @@ def show(ctx: click.Context, calc: str, date: dt.date, user: str | None) -> None
 
 
 @main.command()
-@click.option("--format", "fmt", type=click.Choice(["text", "json"]), default="text", show_default=True)
+@click.option(
+    "--format", "fmt", type=click.Choice(["text", "json"]), default="text", show_default=True
+)
 @click.pass_context
 @_handle_errors
 def graph(ctx: click.Context, fmt: str) -> None:
     """The calculations' passes and dependency edges."""
     manifest = _orch(ctx).manifest
     if fmt == "json":
-        click.echo(json.dumps({
-            "passes": [list(p) for p in manifest.passes],
-            "edges": [[d, n] for n in manifest.order for d in manifest.calcs[n].dependencies],
-        }))
+        click.echo(
+            json.dumps(
+                {
+                    "passes": [list(p) for p in manifest.passes],
+                    "edges": [
+                        [d, n] for n in manifest.order for d in manifest.calcs[n].dependencies
+                    ],
+                }
+            )
+        )
         return
     for i, members in enumerate(manifest.passes):
         click.echo(f"pass {i}:")

@@ -95,11 +95,15 @@ class _LazyHistory(Mapping[str, list[Any]]):
     """``ctx.history``, read only when a calculation asks for it: historical calculations
     usually carry their state in ``ctx.previous`` and touch their history only to re-seed."""
 
-    __slots__ = ("_datasets", "_names", "_user", "_date", "_lookback")
+    __slots__ = ("_datasets", "_date", "_lookback", "_names", "_user")
 
     def __init__(
-        self, datasets: Mapping[str, Dataset], names: tuple[str, ...], user: str,
-        date: dt.date, lookback: int,
+        self,
+        datasets: Mapping[str, Dataset],
+        names: tuple[str, ...],
+        user: str,
+        date: dt.date,
+        lookback: int,
     ):
         self._datasets = datasets
         self._names = names
@@ -244,7 +248,8 @@ class Executor:
             WorkerError: a worker process died (nothing of its pass was published).
         """
         work = [
-            k for k in self.plan.order
+            k
+            for k in self.plan.order
             if self.decisions[k].status in (Status.RUNNABLE, Status.BLOCKED) and self.in_scope(k)
         ]
         standard = {k[0] for k in work if self.manifest.calcs[k[0]].is_standard}
@@ -267,10 +272,14 @@ class Executor:
         by_date: dict[dt.date, list[CellKey]] = {}
         for key in self.plan.order:
             by_date.setdefault(key[1], []).append(key)
-        dates = [d for d in self.plan.dates if any(
-            self.decisions[k].status in (Status.RUNNABLE, Status.BLOCKED) and self.in_scope(k)
-            for k in by_date.get(d, ())
-        )]
+        dates = [
+            d
+            for d in self.plan.dates
+            if any(
+                self.decisions[k].status in (Status.RUNNABLE, Status.BLOCKED) and self.in_scope(k)
+                for k in by_date.get(d, ())
+            )
+        ]
         bar = None
         if self.progress and dates:
             from tqdm import tqdm
@@ -421,7 +430,10 @@ class Executor:
             self._sample_memory()
 
     def _walk(
-        self, date: dt.date, runs: list[_CellRun], mine: Callable[[str], bool] | None,
+        self,
+        date: dt.date,
+        runs: list[_CellRun],
+        mine: Callable[[str], bool] | None,
         stream: bool,
     ) -> None:
         """One walk over the users (sorted), each user's root rows read once and passed to
@@ -444,10 +456,16 @@ class Executor:
             (
                 run,
                 run.spec.root_data,
-                [(dep, res) for dep, res in run.upstream.items()
-                 if calcs[dep].is_standard and res is not None],
-                {dep: res for dep, res in run.upstream.items()
-                 if not calcs[dep].is_standard or res is None},
+                [
+                    (dep, res)
+                    for dep, res in run.upstream.items()
+                    if calcs[dep].is_standard and res is not None
+                ],
+                {
+                    dep: res
+                    for dep, res in run.upstream.items()
+                    if not calcs[dep].is_standard or res is None
+                },
                 run.spec.lookback,
             )
             for run in runs
@@ -487,7 +505,7 @@ class Executor:
                             )
                         run.writer.add(user, result_line(user, result))
                         run.keep[user] = result  # type: ignore[index]
-                except Exception:
+                except Exception:  # noqa: BLE001 - user code: any error is a per-user failure
                     run.failures += 1
                     if len(run.errors) < 5:
                         run.errors.append(f"user {user}: {traceback.format_exc()}")
@@ -552,9 +570,11 @@ class Executor:
         try:
             result = run.instance.process(ctx)
             if result is not None and not isinstance(result, dict):
-                raise TypeError(f"process() must return a dict or None, not {type(result).__name__}")
+                raise TypeError(
+                    f"process() must return a dict or None, not {type(result).__name__}"
+                )
             run.writer.add(None, result_line(None, result))
-        except Exception:
+        except Exception:  # noqa: BLE001 - user code: any error fails the cell
             run.failures = 1
             return self._failure(spec, date, decision, traceback.format_exc(), run), []
         rows = run.writer.cut()
@@ -565,8 +585,14 @@ class Executor:
     # --- recording ------------------------------------------------------------------------
 
     def _write(
-        self, spec: CalcSpec, date: dt.date, decision: Decision, status: str,
-        writer: ShardWriter, run: _CellRun, error: str | None,
+        self,
+        spec: CalcSpec,
+        date: dt.date,
+        decision: Decision,
+        status: str,
+        writer: ShardWriter,
+        run: _CellRun,
+        error: str | None,
     ) -> CellWrite:
         inputs = self.decider.inputs(spec, date, self._hash)
         finished = self.clock()
@@ -628,8 +654,7 @@ class Executor:
 
     def _sample_memory(self) -> None:
         rss = _PROCESS.memory_info().rss
-        if rss > self.peak_rss:
-            self.peak_rss = rss
+        self.peak_rss = max(self.peak_rss, rss)
 
 
 def _as_ledger_cell(w: CellWrite, old: LedgerCell | SlimCell | None) -> LedgerCell:
@@ -637,8 +662,9 @@ def _as_ledger_cell(w: CellWrite, old: LedgerCell | SlimCell | None) -> LedgerCe
     if w.status == "FAILED" and isinstance(old, LedgerCell):
         return old._replace(
             status="FAILED",
-            build=build_key("FAILED", old.category, old.code_hash, old.layer_hash,
-                            old.infra_hash, old.epoch),
+            build=build_key(
+                "FAILED", old.category, old.code_hash, old.layer_hash, old.infra_hash, old.epoch
+            ),
             attempts=old.attempts + 1,
             error=w.error,
         )
@@ -647,7 +673,9 @@ def _as_ledger_cell(w: CellWrite, old: LedgerCell | SlimCell | None) -> LedgerCe
         date=w.date,
         build=build_key(w.status, w.category, w.code_hash, w.layer_hash, w.infra_hash, w.epoch),
         inputs_digest=w.inputs_digest,
-        result_hash=w.result_hash if w.status == "COMPLETED" else (old.result_hash if old else None),
+        result_hash=w.result_hash
+        if w.status == "COMPLETED"
+        else (old.result_hash if old else None),
         status=w.status,
         category=w.category,
         code_hash=w.code_hash,

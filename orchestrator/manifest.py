@@ -280,9 +280,7 @@ def find_cycle(graph: Mapping[str, Iterable[str]]) -> list[str]:
             if work:
                 parent = work[-1][0]
                 low[parent] = min(low[parent], low[node])
-    cyclic = [
-        sorted(c) for c in components if len(c) > 1 or c[0] in deps.get(c[0], [])
-    ]
+    cyclic = [sorted(c) for c in components if len(c) > 1 or c[0] in deps.get(c[0], [])]
     if not cyclic:
         return []
     members = set(min(cyclic, key=lambda c: c[0]))
@@ -309,8 +307,9 @@ def _import_all(package: ModuleType) -> list[ModuleType]:
     path = getattr(package, "__path__", None)
     if path is None:
         return modules
-    for info in sorted(pkgutil.walk_packages(path, prefix=package.__name__ + "."),
-                       key=lambda i: i.name):
+    for info in sorted(
+        pkgutil.walk_packages(path, prefix=package.__name__ + "."), key=lambda i: i.name
+    ):
         modules.append(_import(info.name))
     return modules
 

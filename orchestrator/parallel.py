@@ -22,7 +22,7 @@ import datetime as dt
 import multiprocessing
 import traceback
 from multiprocessing.connection import Connection
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple, Self
 
 if TYPE_CHECKING:
     from orchestrator.execution import Executor, _CellRun
@@ -39,8 +39,9 @@ class Partition(NamedTuple):
     @classmethod
     def balanced(cls, users: set[str], count: int) -> Partition:
         ordered = sorted(users)
-        return cls(tuple(ordered[len(ordered) * k // count] for k in range(1, count)) if ordered
-                   else ())
+        return cls(
+            tuple(ordered[len(ordered) * k // count] for k in range(1, count)) if ordered else ()
+        )
 
     def owner(self, user: str) -> int:
         return bisect.bisect_right(self.boundaries, user)
@@ -70,7 +71,7 @@ def _serve(
     executor.ledger.engine.dispose(close=False)
     executor.pool = None
     executor.in_worker = True
-    mine = (lambda user: partition.owner(user) == index)
+    mine = lambda user: partition.owner(user) == index
     while True:
         message = conn.recv()
         if message is None:
@@ -89,9 +90,16 @@ def _serve(
                 rows = run.writer.cut()
                 run.pending.extend(rows)
                 parts.append(
-                    _Part(run.processed, run.failures, run.errors, run.aborted,
-                          run.flushes + (1 if rows else 0), run.writer.raws, run.pending,
-                          run.keep if run.spec.name in send_results else None)
+                    _Part(
+                        run.processed,
+                        run.failures,
+                        run.errors,
+                        run.aborted,
+                        run.flushes + (1 if rows else 0),
+                        run.writer.raws,
+                        run.pending,
+                        run.keep if run.spec.name in send_results else None,
+                    )
                 )
                 # This worker's users' results, for its later passes and dates.
                 executor.cache.put((run.spec.name, date), run.keep)
@@ -114,14 +122,17 @@ class WorkerPool:
         context = multiprocessing.get_context("fork")
         self.partition = Partition.balanced(users, count)
         # Standard results the parent needs whole: those a meta calculation reads.
-        send = {d for s in executor.manifest.calcs.values() if not s.is_standard
-                for d in s.dependencies}
+        send = {
+            d for s in executor.manifest.calcs.values() if not s.is_standard for d in s.dependencies
+        }
         self.connections: list[Connection] = []
         self.processes: list[Any] = []
         for index in range(count):
             parent, child = context.Pipe()
             process = context.Process(
-                target=_serve, args=(executor, child, index, self.partition, send), daemon=True,
+                target=_serve,
+                args=(executor, child, index, self.partition, send),
+                daemon=True,
                 name=f"orchestrator-worker-{index}",
             )
             process.start()
@@ -176,7 +187,7 @@ class WorkerPool:
             if process.is_alive():
                 process.terminate()
 
-    def __enter__(self) -> WorkerPool:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -28,7 +28,7 @@ import dataclasses
 import datetime as dt
 import enum
 from collections import Counter
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
@@ -176,7 +176,9 @@ class Plan:
         return dict(sorted(Counter(d.reason.value for d in self.decisions.values()).items()))
 
     def runnable(self) -> list[Decision]:
-        return [self.decisions[k] for k in self.order if self.decisions[k].status is Status.RUNNABLE]
+        return [
+            self.decisions[k] for k in self.order if self.decisions[k].status is Status.RUNNABLE
+        ]
 
 
 @dataclass(frozen=True, slots=True)
@@ -246,8 +248,14 @@ class Decider:
         }
         # The build key (ledger.store.build_key) an unchanged, completed cell has stored.
         self._fresh = {
-            name: build_key("COMPLETED", spec.category, spec.code_hash, self._layer[name],
-                            request.infra_hash, request.epoch)
+            name: build_key(
+                "COMPLETED",
+                spec.category,
+                spec.code_hash,
+                self._layer[name],
+                request.infra_hash,
+                request.epoch,
+            )
             for name, spec in manifest.calcs.items()
         }
 
@@ -279,13 +287,17 @@ class Decider:
                 continue
             missing = [ds for ds in spec.root_data if date not in self.request.root.get(ds, {})]
             if missing:
-                bad[date] = Decision(name, date, Reason.NO_DATA, f"no {', '.join(missing)} rows on {date}")
+                bad[date] = Decision(
+                    name, date, Reason.NO_DATA, f"no {', '.join(missing)} rows on {date}"
+                )
         for dep in spec.dependencies:
             for date, above in self._impossible_of[dep].items():
                 if date not in bad:
                     # Carry the root cause down the chain: "b is impossible: no prices ...".
                     cause = above.detail.split(": ", 1)[-1]
-                    bad[date] = Decision(name, date, Reason.UPSTREAM, f"{dep} is impossible: {cause}")
+                    bad[date] = Decision(
+                        name, date, Reason.UPSTREAM, f"{dep} is impossible: {cause}"
+                    )
         self._impossible_of[name] = bad
         for date, decision in bad.items():
             self.impossible[(name, date)] = decision
@@ -327,7 +339,11 @@ class Decider:
                     encode(d.isoformat()) + encode(hashes[d]) for d in self._root_dates[dataset]
                 ]
             pos = self._root_pos[dataset]
-            end = pos[date] + 1 if date in pos else bisect.bisect_right(self._root_dates[dataset], date)
+            end = (
+                pos[date] + 1
+                if date in pos
+                else bisect.bisect_right(self._root_dates[dataset], date)
+            )
             start = max(0, end - lookback)
             body = b"d" + (end - start).to_bytes(4, "big") + b"".join(pairs[start:end])
             hit = self._window_cache[key] = xxhash.xxh3_128_hexdigest(_WINDOW_TAG + body)
@@ -336,7 +352,10 @@ class Decider:
     def _digest(
         self, spec: CalcSpec, date: dt.date, upstream: list[str | None], previous: str | None
     ) -> str:
-        parts = [*upstream, *(self._window_digest(ds, spec.lookback, date) for ds in spec.root_data)]
+        parts = [
+            *upstream,
+            *(self._window_digest(ds, spec.lookback, date) for ds in spec.root_data),
+        ]
         if spec.historical:
             parts.append(previous)
         return inputs_digest(self._shape[spec.name], parts)
@@ -464,10 +483,15 @@ class Decider:
         published = stored.result_hash if stored is not None else None
         for k, (state, _) in states.items():
             if state is Upstream.FAILED:
-                return Decision(*key, Reason.UPSTREAM_FAILED, _cell_name(k, spec, "failed"), published)
+                return Decision(
+                    *key, Reason.UPSTREAM_FAILED, _cell_name(k, spec, "failed"), published
+                )
             if state is Upstream.DEAD:
                 return Decision(
-                    *key, Reason.UPSTREAM_DEAD_LETTER, _cell_name(k, spec, "is dead-lettered"), published
+                    *key,
+                    Reason.UPSTREAM_DEAD_LETTER,
+                    _cell_name(k, spec, "is dead-lettered"),
+                    published,
                 )
         if stored is not None and stored.status == "DEAD_LETTER":
             return Decision(*key, Reason.DEAD_LETTER, _first_line(stored.error), published)
@@ -501,7 +525,9 @@ class Decider:
         root_change = self._root_change(spec, date, stored)
         if root_change:
             return Decision(*key, Reason.ROOT_DATA_CHANGED, root_change, published)
-        return Decision(*key, Reason.UPSTREAM_CHANGED, _upstream_change(spec, stored, current), published)
+        return Decision(
+            *key, Reason.UPSTREAM_CHANGED, _upstream_change(spec, stored, current), published
+        )
 
     def _own_reason(
         self, spec: CalcSpec, date: dt.date, stored: LedgerCell | None
@@ -516,7 +542,10 @@ class Decider:
         if stored.epoch != req.epoch:
             return Reason.EPOCH_CHANGED, f"system epoch {stored.epoch} -> {req.epoch}"
         if stored.infra_hash != req.infra_hash:
-            return Reason.INFRA_CHANGED, f"infrastructure {stored.infra_hash[:8]} -> {req.infra_hash[:8]}"
+            return (
+                Reason.INFRA_CHANGED,
+                f"infrastructure {stored.infra_hash[:8]} -> {req.infra_hash[:8]}",
+            )
         if stored.code_hash != spec.code_hash:
             return Reason.CODE_CHANGED, f"code {stored.code_hash[:8]} -> {spec.code_hash[:8]}"
         if stored.layer_hash != self._layer[spec.name]:
@@ -534,7 +563,9 @@ class Decider:
             window = self.window(ds, spec.lookback, date)
             before = old.get(ds, {})
             if window != before:
-                days = sorted(d for d in set(window) | set(before) if window.get(d) != before.get(d))
+                days = sorted(
+                    d for d in set(window) | set(before) if window.get(d) != before.get(d)
+                )
                 changes.append(f"{ds} on {', '.join(days[:3])}{' ...' if len(days) > 3 else ''}")
         return "; ".join(f"{c} changed" for c in changes)
 
@@ -565,10 +596,14 @@ def _upstream_change(spec: CalcSpec, stored: LedgerCell, current: CellInputs) ->
 # How a decided upstream cell looks to its dependents while planning.
 _PLAN_VIEW = {
     reason: (
-        Upstream.READY if reason.status is Status.SKIPPED
-        else Upstream.IMPOSSIBLE if reason.status is Status.IMPOSSIBLE
-        else Upstream.FAILED if reason is Reason.UPSTREAM_FAILED
-        else Upstream.DEAD if reason in (Reason.DEAD_LETTER, Reason.UPSTREAM_DEAD_LETTER)
+        Upstream.READY
+        if reason.status is Status.SKIPPED
+        else Upstream.IMPOSSIBLE
+        if reason.status is Status.IMPOSSIBLE
+        else Upstream.FAILED
+        if reason is Reason.UPSTREAM_FAILED
+        else Upstream.DEAD
+        if reason in (Reason.DEAD_LETTER, Reason.UPSTREAM_DEAD_LETTER)
         else Upstream.PENDING
     )
     for reason in Reason

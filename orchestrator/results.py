@@ -98,7 +98,9 @@ class ShardWriter:
         start = 0
         while start < len(self._lines):
             end, size = start, 0
-            while end < len(self._lines) and (end == start or size + len(self._lines[end]) <= self.max_bytes):
+            while end < len(self._lines) and (
+                end == start or size + len(self._lines[end]) <= self.max_bytes
+            ):
                 size += len(self._lines[end])
                 end += 1
             raw = b"".join(self._lines[start:end])

@@ -255,7 +255,10 @@ def _read_parquet(path: Path) -> tuple[list[str], list[list[str]], list[str]]:
     for name in table.column_names:
         values = table.column(name).to_pylist()
         columns.append(
-            ["" if v is None else (v.isoformat() if isinstance(v, dt.date) else str(v)) for v in values]
+            [
+                "" if v is None else (v.isoformat() if isinstance(v, dt.date) else str(v))
+                for v in values
+            ]
         )
     rows = [list(r) for r in zip(*columns)]
     return list(table.column_names), rows, [json.dumps(r) for r in rows]
@@ -322,4 +325,4 @@ def iter_rows(dataset: Dataset, date: dt.date) -> Iterator[Row]:
         yield from rows
 
 
-__all__ = ["Dataset", "DateEntry", "FileSource", "window_dates", "index_of", "iter_rows", "digest"]
+__all__ = ["Dataset", "DateEntry", "FileSource", "digest", "index_of", "iter_rows", "window_dates"]

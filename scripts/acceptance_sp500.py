@@ -34,13 +34,16 @@ ORCH = [sys.executable, "-m", "orchestrator.cli"]
 
 
 def timed(args: list[str], cwd: Path) -> tuple[float, int, subprocess.CompletedProcess[str]]:
-    """Run a command; wall seconds, peak RSS in bytes (polled every 20 ms), the result."""
+    """Run a command; wall seconds, peak RSS in bytes summed over the process tree (polled
+    every 20 ms; pages shared copy-on-write by forked workers count once per process, so
+    this is an upper bound), the result."""
     start = time.perf_counter()
     proc = psutil.Popen(args, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     peak = 0
     while proc.poll() is None:
-        try:
-            peak = max(peak, proc.memory_info().rss)
+        try:  # the whole process tree: with workers > 1 the run forks worker processes
+            tree = [proc, *proc.children(recursive=True)]
+            peak = max(peak, sum(p.memory_info().rss for p in tree))
         except psutil.Error:
             pass
         time.sleep(0.02)
@@ -49,10 +52,15 @@ def timed(args: list[str], cwd: Path) -> tuple[float, int, subprocess.CompletedP
     return took, peak, subprocess.CompletedProcess(args, proc.returncode, out, err)
 
 
-def plan_counts(cfg: Path, date: str, cwd: Path) -> tuple[dict[str, int], Counter[str], Counter[str]]:
+def plan_counts(
+    cfg: Path, date: str, cwd: Path
+) -> tuple[dict[str, int], Counter[str], Counter[str]]:
     done = subprocess.run(
         [*ORCH, "--config", str(cfg), "plan", "--date", date, "--format", "json"],
-        cwd=cwd, capture_output=True, text=True, check=True,
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        check=True,
     )
     report = json.loads(done.stdout)
     reasons = Counter(c["reason"] for c in report["cells"])
@@ -66,9 +74,13 @@ def executed_per_calc(db: str) -> dict[str, int]:
 
     engine = create_engine(db)
     with engine.connect() as conn:
-        run_id = conn.execute(text("SELECT run_id FROM runs ORDER BY started_at DESC LIMIT 1")).scalar()
+        run_id = conn.execute(
+            text("SELECT run_id FROM runs ORDER BY started_at DESC LIMIT 1")
+        ).scalar()
         rows = conn.execute(
-            text("SELECT calculation, COUNT(*) FROM run_attempts WHERE run_id = :r GROUP BY calculation"),
+            text(
+                "SELECT calculation, COUNT(*) FROM run_attempts WHERE run_id = :r GROUP BY calculation"
+            ),
             {"r": run_id},
         ).all()
     engine.dispose()
@@ -76,10 +88,14 @@ def executed_per_calc(db: str) -> dict[str, int]:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA)
     parser.add_argument("--date", default="2018-02-07")
-    parser.add_argument("--db", default=None, help="ledger URL (default: SQLite in the scratch folder)")
+    parser.add_argument(
+        "--db", default=None, help="ledger URL (default: SQLite in the scratch folder)"
+    )
     parser.add_argument("--workers", type=int, default=2, help="processes for standard cells")
     args = parser.parse_args()
     if not args.data.exists():
@@ -137,8 +153,12 @@ def main() -> int:
         print(f"4. comment-only edit: plan {counts}; run: {res.stdout.strip()}")
         figures["comment_edit_plan_counts"] = counts
 
-        subprocess.run([*ORCH, "--config", str(cfg), "epoch", "bump"], cwd=work, check=True,
-                       capture_output=True)
+        subprocess.run(
+            [*ORCH, "--config", str(cfg), "epoch", "bump"],
+            cwd=work,
+            check=True,
+            capture_output=True,
+        )
         counts, reasons, _ = plan_counts(cfg, args.date, work)
         print(f"5. epoch bump: plan {counts} {dict(reasons)}")
         figures["epoch_bump_plan_counts"] = counts

@@ -61,8 +61,13 @@ def test_configuration_errors_exit_2_with_one_line(project: Project, tmp_path) -
     bad = tmp_path / "bad.toml"
     bad.write_text("database_url = [")
     assert CliRunner().invoke(main, ["--config", str(bad), "plan"]).exit_code == 2
-    setup(project, BASE.replace('dependencies = ["rsi"]\n\n    def process(self, ctx):\n        rsi',
-                                'dependencies = ["rsx"]\n\n    def process(self, ctx):\n        rsi'))
+    setup(
+        project,
+        BASE.replace(
+            'dependencies = ["rsi"]\n\n    def process(self, ctx):\n        rsi',
+            'dependencies = ["rsx"]\n\n    def process(self, ctx):\n        rsi',
+        ),
+    )
     result = cli(project, "plan")
     assert result.exit_code == 2 and "depends on 'rsx'" in result.output
 

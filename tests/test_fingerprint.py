@@ -64,11 +64,13 @@ def test_domain_tags_separate_digests() -> None:
     assert digest("code", [1]) != digest("result", [1])
 
 
-@given(st.recursive(
-    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(),
-    lambda children: st.lists(children) | st.dictionaries(st.text(), children),
-    max_leaves=20,
-))
+@given(
+    st.recursive(
+        st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(),
+        lambda children: st.lists(children) | st.dictionaries(st.text(), children),
+        max_leaves=20,
+    )
+)
 def test_encoding_is_injective_on_round_trip(value: object) -> None:
     # Equal encodings for equal values, and a value never encodes like its string form.
     assert encode(value) == encode(value)

@@ -10,7 +10,7 @@ from orchestrator.errors import CycleError, ManifestError
 from orchestrator.manifest import Manifest, discover, find_cycle, kahn_passes
 from tests.conftest import Project
 
-CALC = '''
+CALC = """
 from orchestrator import MetaCalculation, StandardCalculation
 
 
@@ -20,7 +20,7 @@ class {cls}(StandardCalculation):
 
     def process(self, ctx):
         return {{}}
-'''
+"""
 
 
 def _write(project_dir: Path, name: str, modules: dict[str, str]) -> str:
@@ -57,7 +57,9 @@ def test_unknown_dependency_names_both_sides(tmp_path: Path) -> None:
 
 
 def test_duplicate_names_are_rejected_with_both_classes(tmp_path: Path) -> None:
-    folder = _write(tmp_path, "disc_c", {"m1": _calc("A", "same", []), "m2": _calc("B", "same", [])})
+    folder = _write(
+        tmp_path, "disc_c", {"m1": _calc("A", "same", []), "m2": _calc("B", "same", [])}
+    )
     with pytest.raises(ManifestError, match="duplicate calculation name 'same'.*m1.A.*m2.B"):
         Manifest.build(discover(folder))
 
@@ -67,7 +69,8 @@ def test_cycle_error_names_the_exact_chain(tmp_path: Path) -> None:
         tmp_path,
         "disc_d",
         {
-            "m": _calc("A", "a", ["c"]) + _calc("B", "b", ["a"]).split("\n", 3)[3]
+            "m": _calc("A", "a", ["c"])
+            + _calc("B", "b", ["a"]).split("\n", 3)[3]
             + _calc("C", "c", ["b"]).split("\n", 3)[3]
             + _calc("D", "d", []).split("\n", 3)[3],
         },
@@ -123,4 +126,4 @@ def test_unconfigured_root_data_is_an_actionable_error(project: Project) -> None
         "    def process(self, ctx):\n        return None\n"
     )
     with pytest.raises(DefinitionError, match=r"add a \[root_data.trades\] table"):
-        project.orchestrator().manifest
+        _ = project.orchestrator().manifest

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
+import pytest
 from sqlalchemy import inspect
 
 from orchestrator.errors import StorageError
 from orchestrator.ledger.models import Base
 from orchestrator.ledger.store import Ledger, current_revision, downgrade, make_engine, upgrade
-
-import pytest
 
 
 def test_upgrade_to_head_matches_models_and_downgrade_to_base(db_url: str) -> None:

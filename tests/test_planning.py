@@ -28,27 +28,50 @@ from orchestrator.planning import (
 DAYS = [dt.date(2024, 1, 1) + dt.timedelta(days=i) for i in range(30)]
 
 
-def spec(name: str, deps: tuple[str, ...] = (), roots: tuple[str, ...] = (), historical=False,
-         lookback: int = 1, code: str = "c" * 32) -> CalcSpec:
+def spec(
+    name: str,
+    deps: tuple[str, ...] = (),
+    roots: tuple[str, ...] = (),
+    historical=False,
+    lookback: int = 1,
+    code: str = "c" * 32,
+) -> CalcSpec:
     return CalcSpec(
-        name=name, kind="standard", category="cat", dependencies=deps, root_data=roots,
-        historical=historical, lookback=lookback, earliest_date=None, product_lines=(),
-        max_failure_rate=0.1, code_hash=code, cls=object,  # type: ignore[arg-type]
+        name=name,
+        kind="standard",
+        category="cat",
+        dependencies=deps,
+        root_data=roots,
+        historical=historical,
+        lookback=lookback,
+        earliest_date=None,
+        product_lines=(),
+        max_failure_rate=0.1,
+        code_hash=code,
+        cls=object,  # type: ignore[arg-type]
     )
 
 
-MANIFEST = Manifest.build([
-    spec("a", roots=("p",), lookback=3),
-    spec("b", deps=("a",), historical=True),
-    spec("c", deps=("a", "b"), roots=("p",)),
-])
+MANIFEST = Manifest.build(
+    [
+        spec("a", roots=("p",), lookback=3),
+        spec("b", deps=("a",), historical=True),
+        spec("c", deps=("a", "b"), roots=("p",)),
+    ]
+)
 ROOT = {"p": {d: digest("day", d.isoformat()) for d in DAYS if d.weekday() < 5}}
 
 
 def request(ledger, **kw) -> PlanRequest:
-    return PlanRequest(manifest=kw.pop("manifest", MANIFEST), ledger=ledger,
-                       root=kw.pop("root", ROOT), epoch=1, infra_hash=infra_hash(),
-                       target=DAYS[-1], **kw)
+    return PlanRequest(
+        manifest=kw.pop("manifest", MANIFEST),
+        ledger=ledger,
+        root=kw.pop("root", ROOT),
+        epoch=1,
+        infra_hash=infra_hash(),
+        target=DAYS[-1],
+        **kw,
+    )
 
 
 def completed_ledger(req: PlanRequest, slim: bool) -> dict:
@@ -68,10 +91,24 @@ def completed_ledger(req: PlanRequest, slim: bool) -> dict:
         cell = (
             SlimCell(name, date, build, inputs.digest, result)
             if slim
-            else LedgerCell(name, date, build, inputs.digest, result, "COMPLETED", s.category,
-                            s.code_hash, EMPTY_LAYER, req.infra_hash, 1,
-                            json.dumps(inputs.upstream), json.dumps(inputs.root),
-                            inputs.previous_hash, 0, None)
+            else LedgerCell(
+                name,
+                date,
+                build,
+                inputs.digest,
+                result,
+                "COMPLETED",
+                s.category,
+                s.code_hash,
+                EMPTY_LAYER,
+                req.infra_hash,
+                1,
+                json.dumps(inputs.upstream),
+                json.dumps(inputs.root),
+                inputs.previous_hash,
+                0,
+                None,
+            )
         )
         out.setdefault(name, {})[date] = cell
     return out
@@ -120,8 +157,10 @@ def test_fast_path_agrees_with_the_rule_after_a_change(change: str) -> None:
         kwargs["root"] = root
     elif change == "code":
         kwargs["manifest"] = Manifest.build(
-            [s if s.name != "a" else spec("a", roots=("p",), lookback=3, code="d" * 32)
-             for s in MANIFEST.calcs.values()]
+            [
+                s if s.name != "a" else spec("a", roots=("p",), lookback=3, code="d" * 32)
+                for s in MANIFEST.calcs.values()
+            ]
         )
     else:
         kwargs["force"] = frozenset({"b"})
@@ -136,9 +175,12 @@ def test_fast_path_agrees_with_the_rule_after_a_change(change: str) -> None:
     assert plan.decisions == slow_plan(req)
     if change == "root":
         # a reads a 3-date window: the corrected date and the next two available dates.
-        changed = sorted(d for (n, d), x in plan.decisions.items()
-                         if n == "a" and x.reason is Reason.ROOT_DATA_CHANGED)
-        assert changed == sorted(ROOT["p"])[sorted(ROOT["p"]).index(DAYS[10]):][:3]
+        changed = sorted(
+            d
+            for (n, d), x in plan.decisions.items()
+            if n == "a" and x.reason is Reason.ROOT_DATA_CHANGED
+        )
+        assert changed == sorted(ROOT["p"])[sorted(ROOT["p"]).index(DAYS[10]) :][:3]
     else:
         forced = sorted(d for (n, d), x in plan.decisions.items() if x.reason is Reason.FORCED)
         assert forced == [d for d in sorted(ROOT["p"]) if DAYS[5] <= d <= DAYS[8]]
@@ -167,7 +209,7 @@ def test_slim_snapshot_plans_the_noop_alone_and_reloads_only_what_changed() -> N
         asked.append(set(names))
         return {n: full[n] for n in names}
 
-    plan, final = plan_with(request(slim, root=root), full_rows)
+    plan, _ = plan_with(request(slim, root=root), full_rows)
     assert asked == [{"a", "b", "c"}]
     assert plan.decisions == make_plan(request(full, root=root)).decisions
     assert any(d.reason is Reason.ROOT_DATA_CHANGED for d in plan.decisions.values())

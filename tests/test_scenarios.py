@@ -10,6 +10,7 @@ Each test asserts exactly which cells run and which are skipped, with their reas
 from __future__ import annotations
 
 import datetime as dt
+import itertools
 from collections import Counter
 
 import pytest
@@ -115,7 +116,12 @@ def test_cold_run_computes_everything_and_second_run_is_a_noop(project: Project)
     assert set(first.executed.values()) == {"NEW"}
 
     again = plan(project)
-    assert again.counts() == {"RUNNABLE": 0, "SKIPPED": 4 * len(DATES), "BLOCKED": 0, "IMPOSSIBLE": 0}
+    assert again.counts() == {
+        "RUNNABLE": 0,
+        "SKIPPED": 4 * len(DATES),
+        "BLOCKED": 0,
+        "IMPOSSIBLE": 0,
+    }
     assert {d.reason for d in again.decisions.values()} == {Reason.UP_TO_DATE}
     second = run(project)
     assert second.executed == {} and second.skipped == 4 * len(DATES)
@@ -128,7 +134,7 @@ def test_cold_plan_orders_dependents_after_upstream(project: Project) -> None:
     for date in DATES:
         assert position[("price_extractor", date)] < position[("rsi", date)]
         assert position[("rsi", date)] < position[("signal", date)]
-    for a, b in zip(DATES, DATES[1:]):
+    for a, b in itertools.pairwise(DATES):
         assert position[("rsi", a)] < position[("rsi", b)]
 
 
@@ -291,8 +297,8 @@ def test_root_data_correction_of_a_read_value_cascades(project: Project) -> None
 
 def test_failure_is_recorded_dependents_blocked_and_retried(project: Project) -> None:
     broken = BASE.replace(
-        "        rsi = ctx.upstream[\"rsi\"][\"rsi\"]\n",
-        "        rsi = ctx.upstream[\"rsi\"][\"rsi\"]\n        if ctx.date.day == 10:\n"
+        '        rsi = ctx.upstream["rsi"]["rsi"]\n',
+        '        rsi = ctx.upstream["rsi"]["rsi"]\n        if ctx.date.day == 10:\n'
         "            raise ValueError('signal exploded')\n",
     )
     setup(project, broken)
@@ -316,8 +322,8 @@ def test_failure_is_recorded_dependents_blocked_and_retried(project: Project) ->
 
 def test_failed_historical_cell_blocks_its_successors(project: Project) -> None:
     broken = BASE.replace(
-        "        close = ctx.upstream[\"price_extractor\"][\"close\"]\n",
-        "        close = ctx.upstream[\"price_extractor\"][\"close\"]\n"
+        '        close = ctx.upstream["price_extractor"]["close"]\n',
+        '        close = ctx.upstream["price_extractor"]["close"]\n'
         "        if ctx.date.day == 4:\n            raise RuntimeError('bad day')\n",
     )
     setup(project, broken)
@@ -335,7 +341,9 @@ def test_failure_keeps_the_previous_result_published(project: Project) -> None:
     orch = project.orchestrator()
     before = orch.load_result("market", TARGET)
     orch.close()
-    project.write_calcs(BASE.replace("values = [r[", "raise KeyError('boom')\n        values = [r["))
+    project.write_calcs(
+        BASE.replace("values = [r[", "raise KeyError('boom')\n        values = [r[")
+    )
     summary = run(project)
     assert {c for c, _, _ in summary.failed} == {"market"}
     orch = project.orchestrator()
@@ -418,8 +426,8 @@ def test_parallel_workers_publish_exactly_the_serial_results(project: Project) -
 
 def test_parallel_workers_record_failures_and_block_dependents(project: Project) -> None:
     broken = BASE.replace(
-        "        close = ctx.upstream[\"price_extractor\"][\"close\"]\n",
-        "        close = ctx.upstream[\"price_extractor\"][\"close\"]\n"
+        '        close = ctx.upstream["price_extractor"]["close"]\n',
+        '        close = ctx.upstream["price_extractor"]["close"]\n'
         "        if ctx.date.day == 4:\n            raise RuntimeError('bad day')\n",
     )
     setup(project, broken)

@@ -19,12 +19,25 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from sqlalchemy import Connection, Engine, and_, cast, create_engine, delete, event, exists, func
-from sqlalchemy import insert, select, text, tuple_, update, String
+from sqlalchemy import (
+    Connection,
+    Engine,
+    String,
+    and_,
+    cast,
+    create_engine,
+    delete,
+    event,
+    exists,
+    insert,
+    select,
+    text,
+    tuple_,
+    update,
+)
 from sqlalchemy.exc import IntegrityError, OperationalError, SQLAlchemyError
 
 from orchestrator.errors import RunLockedError, StorageError
-from orchestrator.memory import paused_gc
 from orchestrator.ledger.models import (
     AttemptRow,
     CellRow,
@@ -34,6 +47,7 @@ from orchestrator.ledger.models import (
     RunRow,
     ShardRow,
 )
+from orchestrator.memory import paused_gc
 
 CELLS = CellRow.__table__
 SHARDS = ShardRow.__table__
@@ -360,10 +374,13 @@ class Ledger:
         existing = {
             (r.calculation, r.date): r
             for r in conn.execute(
-                select(CELLS.c.id, CELLS.c.calculation, CELLS.c.date, CELLS.c.generation,
-                       CELLS.c.attempts).where(
-                    tuple_(CELLS.c.calculation, CELLS.c.date).in_(keys)
-                )
+                select(
+                    CELLS.c.id,
+                    CELLS.c.calculation,
+                    CELLS.c.date,
+                    CELLS.c.generation,
+                    CELLS.c.attempts,
+                ).where(tuple_(CELLS.c.calculation, CELLS.c.date).in_(keys))
             )
         }
         inserts: list[dict[str, Any]] = []
@@ -374,8 +391,13 @@ class Ledger:
                 conn.execute(
                     update(CELLS)
                     .where(CELLS.c.id == old.id)
-                    .values(status="FAILED", attempts=attempts, error=w.error,
-                            run_id=w.run_id, updated_at=now)
+                    .values(
+                        status="FAILED",
+                        attempts=attempts,
+                        error=w.error,
+                        run_id=w.run_id,
+                        updated_at=now,
+                    )
                 )
                 continue
             values = {
@@ -478,7 +500,9 @@ class Ledger:
     def load_root_sources(self) -> dict[str, str]:
         """dataset -> digest of the raw files last indexed."""
         with self.engine.connect() as conn:
-            return dict(conn.execute(select(ROOT_SOURCES.c.dataset, ROOT_SOURCES.c.source_digest)).all())
+            return dict(
+                conn.execute(select(ROOT_SOURCES.c.dataset, ROOT_SOURCES.c.source_digest)).all()
+            )
 
     def load_root_index(self, dataset: str) -> dict[dt.date, tuple[int, str]]:
         """date -> (row count, content hash) of one dataset."""
@@ -554,12 +578,20 @@ class Ledger:
         with self.engine.begin() as conn:
             conn.execute(delete(LOCK).where(LOCK.c.name == "run", LOCK.c.holder == holder))
 
-    def start_run(self, run_id: str, trigger: str, target: dt.date | None, now: dt.datetime) -> None:
+    def start_run(
+        self, run_id: str, trigger: str, target: dt.date | None, now: dt.datetime
+    ) -> None:
         with self.engine.begin() as conn:
             conn.execute(
                 insert(RUNS).values(
-                    run_id=run_id, trigger=trigger, target_date=target, started_at=now,
-                    status="RUNNING", cells_completed=0, cells_failed=0, cells_skipped=0,
+                    run_id=run_id,
+                    trigger=trigger,
+                    target_date=target,
+                    started_at=now,
+                    status="RUNNING",
+                    cells_completed=0,
+                    cells_failed=0,
+                    cells_skipped=0,
                 )
             )
 
@@ -570,8 +602,13 @@ class Ledger:
             conn.execute(
                 update(RUNS)
                 .where(RUNS.c.run_id == run_id)
-                .values(status=status, finished_at=now, cells_completed=completed,
-                        cells_failed=failed, cells_skipped=skipped)
+                .values(
+                    status=status,
+                    finished_at=now,
+                    cells_completed=completed,
+                    cells_failed=failed,
+                    cells_skipped=skipped,
+                )
             )
 
     def recent_runs(self, limit: int = 20) -> list[Any]:
@@ -592,4 +629,4 @@ class Ledger:
 
     def count(self, table: str) -> int:
         with self.engine.connect() as conn:
-            return conn.execute(text(f"SELECT COUNT(*) FROM {table}")).scalar_one()  # noqa: S608
+            return conn.execute(text(f"SELECT COUNT(*) FROM {table}")).scalar_one()
