@@ -17,7 +17,7 @@ import importlib
 import pkgutil
 import sys
 from collections import deque
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
@@ -160,14 +160,7 @@ class Manifest:
     def downstream(self, names: Iterable[str]) -> set[str]:
         """``names`` plus every calculation that depends on one of them, transitively."""
         users = self.dependents()
-        closure: set[str] = set()
-        stack = list(names)
-        while stack:
-            name = stack.pop()
-            if name not in closure:
-                closure.add(name)
-                stack.extend(users[name])
-        return closure
+        return _closure(names, lambda name: users[name])
 
     def slice(
         self, names: Iterable[str] | None = None, product_line: str | None = None
@@ -188,14 +181,20 @@ class Manifest:
             wanted |= {n for n, s in self.calcs.items() if product_line in s.product_lines}
         if not names and not product_line:
             return self
-        closure: set[str] = set()
-        stack = list(wanted)
-        while stack:
-            name = stack.pop()
-            if name not in closure:
-                closure.add(name)
-                stack.extend(self.calcs[name].dependencies)
+        closure = _closure(wanted, lambda name: self.calcs[name].dependencies)
         return Manifest.build(s for n, s in self.calcs.items() if n in closure)
+
+
+def _closure(start: Iterable[str], edges: Callable[[str], Iterable[str]]) -> set[str]:
+    """``start`` plus everything reachable from it along ``edges``."""
+    closure: set[str] = set()
+    stack = list(start)
+    while stack:
+        name = stack.pop()
+        if name not in closure:
+            closure.add(name)
+            stack.extend(edges(name))
+    return closure
 
 
 def kahn_passes(graph: Mapping[str, Iterable[str]]) -> tuple[tuple[str, ...], ...]:
