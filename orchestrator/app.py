@@ -22,7 +22,6 @@ from typing import Any
 from orchestrator.config import Config, load_config
 from orchestrator.errors import ConfigError, DefinitionError
 from orchestrator.execution import Executor, RunSummary
-from orchestrator.fingerprint import infra_hash
 from orchestrator.ledger.store import Ledger, Snapshot
 from orchestrator.manifest import Manifest, discover
 from orchestrator.planning import Decider, Plan, PlanRequest, plan_with
@@ -82,7 +81,6 @@ class Observation:
     ledger: Snapshot
     root: dict[str, dict[dt.date, str]]
     epoch: int
-    infra_hash: str
 
 
 class Orchestrator:
@@ -161,7 +159,6 @@ class Orchestrator:
             ledger=self.ledger.load_cells(self.manifest.calcs, slim=True),
             root=self.index_root_data(now),
             epoch=read_epoch(self.config.epoch_file),
-            infra_hash=infra_hash(),
         )
 
     # --- decide ---------------------------------------------------------------------------
@@ -179,7 +176,6 @@ class Orchestrator:
             ledger=observation.ledger,
             root=observation.root,
             epoch=observation.epoch,
-            infra_hash=observation.infra_hash,
             target=target,
             calendar=self.config.calendar,
             force=frozenset(force),

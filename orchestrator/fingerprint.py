@@ -11,10 +11,9 @@ Design:
   (``result_line``: sorted keys, no whitespace, shortest round-trip floats). ``json`` escapes
   newlines, so a ``\\n`` terminator makes the concatenation unambiguous, and one C-speed
   serialisation serves storage and hashing alike (the shards hold the very bytes hashed).
-* ``code_hash(cls)`` normalises the class source through the AST: comments, docstrings,
-  formatting and line numbers do not count. Module-level functions, classes and constants the
-  class references in its own module are followed transitively and included, so editing a
-  helper defined next to the calculation changes its hash.
+* ``normalise`` gives the canonical text of a definition through the AST: comments,
+  docstrings, formatting and line numbers do not count. ``lineage.trace`` uses it to collect
+  the definitions a calculation is built from (code, layers, packages).
 
 Changing any rule here changes stored fingerprints: bump ``HASH_FORMAT`` and say so in the
 migration notes.
@@ -23,8 +22,6 @@ migration notes.
 from __future__ import annotations
 
 import ast
-import builtins
-import inspect
 import json
 import math
 import struct
@@ -183,94 +180,24 @@ def normalised_source(source: str) -> str:
     return ast.dump(tree, annotate_fields=True, include_attributes=False)
 
 
-def _module_definitions(module_source: str) -> dict[str, ast.AST]:
-    """Top-level name -> defining statement (function, class, assignment, import)."""
-    defs: dict[str, ast.AST] = {}
-    for stmt in ast.parse(module_source).body:
-        if isinstance(stmt, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
-            defs[stmt.name] = stmt
-        elif isinstance(stmt, (ast.Assign, ast.AnnAssign, ast.AugAssign)):
-            targets = stmt.targets if isinstance(stmt, ast.Assign) else [stmt.target]
-            for target in targets:
-                for node in ast.walk(target):
-                    if isinstance(node, ast.Name):
-                        defs[node.id] = stmt
-        elif isinstance(stmt, (ast.Import, ast.ImportFrom)):
-            for alias in stmt.names:
-                defs[(alias.asname or alias.name).split(".")[0]] = stmt
-    return defs
+def normalise(node: ast.AST) -> str:
+    """The canonical text of a parsed definition: its AST without docstrings or positions."""
+    return ast.dump(_Normaliser().visit(node), include_attributes=False)
 
 
-def _referenced_names(node: ast.AST) -> set[str]:
-    return {n.id for n in ast.walk(node) if isinstance(n, ast.Name)}
-
-
-# Class attributes that place or police results but never change them: a category change is a
-# CATEGORY_MIGRATED move, not a code change.
-PLACEMENT_ATTRIBUTES = frozenset({"category", "product_lines", "max_failure_rate"})
-
-
-def _is_placement(stmt: ast.stmt) -> bool:
-    if isinstance(stmt, ast.Assign):
-        names = [t.id for t in stmt.targets if isinstance(t, ast.Name)]
-        return bool(names) and all(n in PLACEMENT_ATTRIBUTES for n in names)
-    if isinstance(stmt, ast.AnnAssign) and isinstance(stmt.target, ast.Name):
-        return stmt.target.id in PLACEMENT_ATTRIBUTES
-    return False
-
-
-def code_parts(cls: type) -> dict[str, str]:
-    """Normalised definitions a calculation class is built from: its own class (without its
-    placement attributes, ``PLACEMENT_ATTRIBUTES``) plus the module-level definitions of its
-    module that it references, transitively.
-
-    Returns:
-        name -> normalised AST text; the class itself is under its own ``__qualname__``.
-
-    Raises:
-        OSError / TypeError: the source of ``cls`` cannot be found (e.g. defined in a REPL).
-    """
-    module = sys.modules[cls.__module__]
-    class_source = textwrap.dedent(inspect.getsource(cls))
-    tree = ast.parse(class_source)
-    for node in tree.body:
-        if isinstance(node, ast.ClassDef):
-            node.body = [s for s in node.body if not _is_placement(s)] or [ast.Pass()]
-    parts = {cls.__qualname__: ast.dump(_Normaliser().visit(tree), include_attributes=False)}
-    try:
-        module_source = inspect.getsource(module)
-    except (OSError, TypeError):
-        return parts
-    definitions = _module_definitions(module_source)
-    pending = _referenced_names(ast.parse(class_source)) - set(dir(builtins))
-    seen: set[str] = {cls.__name__}
-    while pending:
-        name = pending.pop()
-        if name in seen or name not in definitions:
-            continue
-        seen.add(name)
-        stmt = definitions[name]
-        parts[name] = ast.dump(_Normaliser().visit(stmt), include_attributes=False)
-        pending |= _referenced_names(stmt) - seen
-    return parts
-
-
-def code_hash(cls: type) -> str:
-    """Code hash of a calculation class (see ``code_parts``); 32 hex chars."""
-    return digest("code", code_parts(cls))
-
-
-def infra_parts() -> dict[str, Any]:
-    """What the infrastructure hash covers: Python version and our storage formats."""
+def infra_parts(packages: Mapping[str, str] | None = None) -> dict[str, Any]:
+    """What an infrastructure hash covers: Python version, our storage formats, and the
+    versions of the distributions a calculation imports (``lineage.trace``)."""
     return {
         "python": f"{sys.version_info.major}.{sys.version_info.minor}",
         "result_format": RESULT_FORMAT,
         "hash_format": HASH_FORMAT,
+        "packages": dict(packages or {}),
     }
 
 
-def infra_hash() -> str:
-    return digest("infra", infra_parts())
+def infra_hash(packages: Mapping[str, str] | None = None) -> str:
+    return digest("infra", infra_parts(packages))
 
 
 ABSENT_HASH = "-" * 32  # stands for a missing hash in inputs_digest

@@ -24,12 +24,17 @@ from types import ModuleType
 
 from orchestrator.calculation import Calculation, MetaCalculation, StandardCalculation
 from orchestrator.errors import CycleError, ManifestError
-from orchestrator.fingerprint import code_hash
+from orchestrator.fingerprint import digest, infra_hash
+from orchestrator.lineage import Lineage, trace
+
+
+EMPTY_LAYER = digest("layer", {})
 
 
 @dataclass(frozen=True, slots=True)
 class CalcSpec:
-    """A discovered calculation: its metadata, normalised, plus its code hash.
+    """A discovered calculation: its metadata, normalised, plus its code, layer and
+    infrastructure hashes and the lineage they come from.
 
     ``lookback`` is a number of available dates of the root datasets (>= 1, today included).
     """
@@ -46,14 +51,18 @@ class CalcSpec:
     max_failure_rate: float
     code_hash: str
     cls: type[Calculation] = field(compare=False, repr=False)
+    layer_hash: str = EMPTY_LAYER
+    infra_hash: str = field(default_factory=infra_hash)
+    lineage: Lineage | None = field(default=None, compare=False, repr=False)
 
     @property
     def is_standard(self) -> bool:
         return self.kind == "standard"
 
     @classmethod
-    def from_class(cls, calc: type[Calculation]) -> CalcSpec:
-        """Read and check the class attributes of ``calc``.
+    def from_class(cls, calc: type[Calculation], local_prefix: str | None = None) -> CalcSpec:
+        """Read and check the class attributes of ``calc`` and trace its lineage (code,
+        layers under ``local_prefix``, packages).
 
         Raises:
             ManifestError: a metadata attribute has the wrong type or value.
@@ -78,7 +87,7 @@ class CalcSpec:
                 f"{where}: 'earliest_date' must be 'YYYY-MM-DD', found {earliest!r}"
             ) from e
         try:
-            digest = code_hash(calc)
+            lineage = trace(calc, local_prefix)
         except (OSError, TypeError, SyntaxError) as e:
             raise ManifestError(f"{where}: cannot read its source to hash it: {e}") from e
         return cls(
@@ -92,8 +101,11 @@ class CalcSpec:
             earliest_date=earliest_date,
             product_lines=names("product_lines"),
             max_failure_rate=float(calc.max_failure_rate),
-            code_hash=digest,
+            code_hash=lineage.code_hash,
             cls=calc,
+            layer_hash=lineage.layer_hash,
+            infra_hash=lineage.infra_hash,
+            lineage=lineage,
         )
 
 
@@ -367,5 +379,5 @@ def discover(source: str, anchor: Path | None = None) -> list[CalcSpec]:
                 and not value.__name__.startswith("_")
                 and value not in found
             ):
-                found[value] = CalcSpec.from_class(value)
+                found[value] = CalcSpec.from_class(value, name.split(".")[0])
     return sorted(found.values(), key=lambda s: s.name)

@@ -190,27 +190,22 @@ class PlanRequest:
         ledger: calculation -> date -> stored cell (a bulk snapshot).
         root: dataset -> available date -> content hash.
         epoch: the system epoch.
-        infra_hash: the current infrastructure hash.
         target: last date to plan (inclusive).
         calendar: "data" — dates where some dataset has rows, or "daily" — every day.
         force: calculations forced to re-run (FORCED) on dates in ``force_range``.
         force_range: inclusive (start, end) of forcing; None means every date.
-        layer_hashes: calculation -> layer hash (default: the empty-layer hash).
     """
 
     manifest: Manifest
     ledger: Snapshot
     root: Mapping[str, Mapping[dt.date, str]]
     epoch: int
-    infra_hash: str
     target: dt.date
     calendar: str = "data"
     force: frozenset[str] = frozenset()
     force_range: tuple[dt.date, dt.date] | None = None
-    layer_hashes: Mapping[str, str] = field(default_factory=dict)
 
 
-EMPTY_LAYER = digest("layer", {})
 _WINDOW_TAG = encode("window")
 
 
@@ -238,7 +233,6 @@ class Decider:
         for name in manifest.order:
             possible = self.possible[name] = self._possible_dates(manifest.calcs[name])
             self._previous[name] = dict(zip(possible, [None, *possible[:-1]]))
-        self._layer = {n: request.layer_hashes.get(n, EMPTY_LAYER) for n in manifest.calcs}
         self._shape = {
             name: digest(
                 "shape",
@@ -252,8 +246,8 @@ class Decider:
                 "COMPLETED",
                 spec.category,
                 spec.code_hash,
-                self._layer[name],
-                request.infra_hash,
+                spec.layer_hash,
+                spec.infra_hash,
                 request.epoch,
             )
             for name, spec in manifest.calcs.items()
@@ -302,9 +296,6 @@ class Decider:
         for date, decision in bad.items():
             self.impossible[(name, date)] = decision
         return [d for d in self.dates if d not in bad]
-
-    def layer_hash(self, name: str) -> str:
-        return self._layer[name]
 
     def previous_date(self, name: str, date: dt.date) -> dt.date | None:
         """The calculation's previous possible date before ``date`` (its history link)."""
@@ -541,14 +532,14 @@ class Decider:
             return Reason.RETRY, f"attempt {stored.attempts} failed: {_first_line(stored.error)}"
         if stored.epoch != req.epoch:
             return Reason.EPOCH_CHANGED, f"system epoch {stored.epoch} -> {req.epoch}"
-        if stored.infra_hash != req.infra_hash:
+        if stored.infra_hash != spec.infra_hash:
             return (
                 Reason.INFRA_CHANGED,
-                f"infrastructure {stored.infra_hash[:8]} -> {req.infra_hash[:8]}",
+                f"infrastructure {stored.infra_hash[:8]} -> {spec.infra_hash[:8]}",
             )
         if stored.code_hash != spec.code_hash:
             return Reason.CODE_CHANGED, f"code {stored.code_hash[:8]} -> {spec.code_hash[:8]}"
-        if stored.layer_hash != self._layer[spec.name]:
+        if stored.layer_hash != spec.layer_hash:
             return Reason.LAYER_CHANGED, "a helper layer changed"
         if stored.category != spec.category:
             return Reason.CATEGORY_MIGRATED, f"category {stored.category} -> {spec.category}"

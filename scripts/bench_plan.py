@@ -50,7 +50,6 @@ from typing import Any
 import xxhash
 from sqlalchemy import create_engine, insert, text
 
-from orchestrator.fingerprint import infra_hash
 from orchestrator.ledger.store import CELLS, Ledger
 from orchestrator.manifest import CalcSpec, Manifest
 from orchestrator.planning import Decider, PlanRequest, Status, make_plan, plan_with
@@ -129,7 +128,6 @@ def build_request(
         ledger=ledger,
         root=root,
         epoch=EPOCH,
-        infra_hash=infra_hash(),
         target=max(root["prices"]),
     )
 
@@ -200,8 +198,8 @@ def seed(url: str, n_calcs: int, n_dates: int) -> dict[str, float | int]:
                     "status": "COMPLETED",
                     "category": spec.category,
                     "code_hash": spec.code_hash,
-                    "layer_hash": decider.layer_hash(spec.name),
-                    "infra_hash": request.infra_hash,
+                    "layer_hash": spec.layer_hash,
+                    "infra_hash": spec.infra_hash,
                     "epoch": request.epoch,
                     "inputs_digest": inputs.digest,
                     "upstream_hashes": dict(inputs.upstream),

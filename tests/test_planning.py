@@ -11,11 +11,10 @@ import json
 
 import pytest
 
-from orchestrator.fingerprint import digest, infra_hash
+from orchestrator.fingerprint import digest
 from orchestrator.ledger.store import LedgerCell, SlimCell, build_key
 from orchestrator.manifest import CalcSpec, Manifest
 from orchestrator.planning import (
-    EMPTY_LAYER,
     Decider,
     PlanRequest,
     Reason,
@@ -68,7 +67,6 @@ def request(ledger, **kw) -> PlanRequest:
         ledger=ledger,
         root=kw.pop("root", ROOT),
         epoch=1,
-        infra_hash=infra_hash(),
         target=DAYS[-1],
         **kw,
     )
@@ -87,7 +85,7 @@ def completed_ledger(req: PlanRequest, slim: bool) -> dict:
         inputs = decider.inputs(s, date, hashes.get)
         result = digest("fake", [name, date.isoformat()])
         hashes[key] = result
-        build = build_key("COMPLETED", s.category, s.code_hash, EMPTY_LAYER, req.infra_hash, 1)
+        build = build_key("COMPLETED", s.category, s.code_hash, s.layer_hash, s.infra_hash, 1)
         cell = (
             SlimCell(name, date, build, inputs.digest, result)
             if slim
@@ -100,8 +98,8 @@ def completed_ledger(req: PlanRequest, slim: bool) -> dict:
                 "COMPLETED",
                 s.category,
                 s.code_hash,
-                EMPTY_LAYER,
-                req.infra_hash,
+                s.layer_hash,
+                s.infra_hash,
                 1,
                 json.dumps(inputs.upstream),
                 json.dumps(inputs.root),

@@ -1,0 +1,250 @@
+"""What code a calculation is built from: its class, its helpers, its layers, its packages.
+
+Starting from the class, every name it uses is resolved through the AST of its module:
+
+* a function, class or constant of the same module is part of its *code* (and followed);
+* a name imported from a *project-local* module — one under the calculations' top-level
+  package, e.g. ``calculations.layers.stats`` — is part of its *layers*, keyed
+  ``module:name``, and followed inside that module in turn (``import pkg.mod as m`` then
+  ``m.f`` resolves ``f`` in ``pkg.mod``; a bare use of a module alias takes the whole module);
+* a name imported from anything else is a *package*: outside the standard library its
+  distribution's version becomes part of the infrastructure hash.
+
+Each part is the normalised AST of its defining statement (see ``fingerprint``), so comments,
+docstrings and formatting never count, and a changed constant in a helper module does. The
+result is deterministic and independent of import order.
+"""
+
+from __future__ import annotations
+
+import ast
+import builtins
+import importlib.metadata
+import importlib.util
+import inspect
+import sys
+import textwrap
+from dataclasses import dataclass, field
+from functools import cache
+
+from orchestrator.fingerprint import digest, infra_parts, normalise
+
+_BUILTINS = frozenset(dir(builtins))
+
+# Class attributes that place or police results but never change them: a category change is a
+# CATEGORY_MIGRATED move, not a code change.
+PLACEMENT_ATTRIBUTES = frozenset({"category", "product_lines", "max_failure_rate"})
+
+
+@dataclass(frozen=True, slots=True)
+class Lineage:
+    """The parts a calculation is built from.
+
+    Attributes:
+        code: definition name -> normalised AST (the class under its qualified name, helpers
+            of its own module under their names).
+        layers: ``module:name`` -> normalised AST, for definitions of project-local modules.
+        packages: distribution name -> installed version, for non-stdlib imports.
+    """
+
+    def digests(self) -> dict[str, dict[str, str]]:
+        """Per kind ("code", "layer"), definition -> digest of its normal form: what the
+        code-version registry keeps to name a changed definition later."""
+        return {
+            "code": {k: digest("def", v) for k, v in self.code.items()},
+            "layer": {k: digest("def", v) for k, v in self.layers.items()},
+        }
+
+    code: dict[str, str] = field(default_factory=dict)
+    layers: dict[str, str] = field(default_factory=dict)
+    packages: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def code_hash(self) -> str:
+        return digest("code", self.code)
+
+    @property
+    def layer_hash(self) -> str:
+        return digest("layer", self.layers)
+
+    @property
+    def infra_parts(self) -> dict[str, object]:
+        return infra_parts(self.packages)
+
+    @property
+    def infra_hash(self) -> str:
+        return digest("infra", self.infra_parts)
+
+
+@cache
+def _module_source(module: str) -> ast.Module | None:
+    spec = importlib.util.find_spec(module)
+    if spec is None or not spec.origin or not spec.origin.endswith(".py"):
+        return None
+    with open(spec.origin, encoding="utf-8") as f:
+        return ast.parse(f.read())
+
+
+def _definitions(tree: ast.Module) -> dict[str, ast.stmt]:
+    """Top-level name -> defining statement (function, class, assignment, import)."""
+    defs: dict[str, ast.stmt] = {}
+    for stmt in tree.body:
+        if isinstance(stmt, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            defs[stmt.name] = stmt
+        elif isinstance(stmt, (ast.Assign, ast.AnnAssign, ast.AugAssign)):
+            targets = stmt.targets if isinstance(stmt, ast.Assign) else [stmt.target]
+            for target in targets:
+                for node in ast.walk(target):
+                    if isinstance(node, ast.Name):
+                        defs[node.id] = stmt
+        elif isinstance(stmt, (ast.Import, ast.ImportFrom)):
+            for alias in stmt.names:
+                defs[(alias.asname or alias.name).split(".")[0]] = stmt
+    return defs
+
+
+def _references(node: ast.AST) -> tuple[set[str], set[tuple[str, str]]]:
+    """Names a statement reads, and ``(name, attribute)`` pairs for ``name.attribute``."""
+    names = {n.id for n in ast.walk(node) if isinstance(n, ast.Name)}
+    attributes = {
+        (n.value.id, n.attr)
+        for n in ast.walk(node)
+        if isinstance(n, ast.Attribute) and isinstance(n.value, ast.Name)
+    }
+    return names - _BUILTINS, attributes
+
+
+def _absolute(stmt: ast.ImportFrom, module: str) -> str:
+    if not stmt.level:
+        return stmt.module or ""
+    package = module.rsplit(".", stmt.level)[0]
+    return f"{package}.{stmt.module}" if stmt.module else package
+
+
+def _is_module(name: str) -> bool:
+    try:
+        return importlib.util.find_spec(name) is not None
+    except (ImportError, ValueError):
+        return False
+
+
+@cache
+def _distribution_of(top_level: str) -> tuple[str, str] | None:
+    dists = importlib.metadata.packages_distributions().get(top_level)
+    if not dists:
+        return None
+    name = sorted(dists)[0]
+    try:
+        return name, importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def _is_placement(stmt: ast.stmt) -> bool:
+    if isinstance(stmt, ast.Assign):
+        names = [t.id for t in stmt.targets if isinstance(t, ast.Name)]
+        return bool(names) and all(n in PLACEMENT_ATTRIBUTES for n in names)
+    if isinstance(stmt, ast.AnnAssign) and isinstance(stmt.target, ast.Name):
+        return stmt.target.id in PLACEMENT_ATTRIBUTES
+    return False
+
+
+def trace(cls: type, local_prefix: str | None = None) -> Lineage:
+    """The lineage of calculation class ``cls``.
+
+    Args:
+        cls: the calculation class.
+        local_prefix: top-level package whose modules are project-local layers (default: the
+            top-level package of ``cls``'s module). ``orchestrator`` itself never is.
+
+    Raises:
+        OSError / TypeError: the source of ``cls`` cannot be found (e.g. defined in a REPL).
+        SyntaxError: a source does not parse (never treated as "unchanged").
+    """
+    home = cls.__module__
+    prefix = local_prefix or home.split(".")[0]
+
+    def local(module: str) -> bool:
+        return (module == prefix or module.startswith(prefix + ".")) and not module.startswith(
+            "orchestrator"
+        )
+
+    class_tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
+    for node in class_tree.body:
+        if isinstance(node, ast.ClassDef):
+            node.body = [s for s in node.body if not _is_placement(s)] or [ast.Pass()]
+    lineage = Lineage(code={cls.__qualname__: normalise(class_tree)})
+
+    seen: set[tuple[str, str]] = {(home, cls.__name__)}
+    pending: list[tuple[str, str]] = []
+
+    def enqueue(module: str, node: ast.AST) -> None:
+        names, attributes = _references(node)
+        pending.extend((module, n) for n in names)
+        pending.extend((module, f"{n}.{a}") for n, a in attributes)
+
+    enqueue(home, class_tree)
+    while pending:
+        module, name = pending.pop()
+        if (module, name) in seen:
+            continue
+        seen.add((module, name))
+        tree = _module_source(module)
+        if tree is None:
+            continue
+        defs = _definitions(tree)
+        head, _, attribute = name.partition(".")
+        stmt = defs.get(head)
+        if stmt is None:
+            continue
+        if isinstance(stmt, (ast.Import, ast.ImportFrom)):
+            _follow_import(stmt, module, head, attribute, local, lineage, pending)
+            continue
+        if attribute:  # an attribute of a local object: the object itself is the part
+            pending.append((module, head))
+            continue
+        key = head if module == home else f"{module}:{head}"
+        (lineage.code if module == home else lineage.layers)[key] = normalise(stmt)
+        enqueue(module, stmt)
+    return lineage
+
+
+def _follow_import(
+    stmt: ast.Import | ast.ImportFrom,
+    module: str,
+    name: str,
+    attribute: str,
+    local: object,
+    lineage: Lineage,
+    pending: list[tuple[str, str]],
+) -> None:
+    """Resolve ``name`` (optionally ``name.attribute``) bound by an import statement."""
+    assert callable(local)
+    for alias in stmt.names:
+        bound = (alias.asname or alias.name).split(".")[0]
+        if bound != name:
+            continue
+        if isinstance(stmt, ast.ImportFrom):
+            source = _absolute(stmt, module)
+            submodule = f"{source}.{alias.name}"
+            if _is_module(submodule):  # ``from pkg import module``
+                target, wanted = submodule, attribute
+            else:
+                target, wanted = source, alias.name + (f".{attribute}" if attribute else "")
+        else:
+            target = alias.name if alias.asname else alias.name.split(".")[0]
+            wanted = attribute
+        if local(target):
+            if wanted:
+                pending.append((target, wanted))
+            else:  # the module itself is used as a value: all of it counts
+                tree = _module_source(target)
+                pending.extend((target, n) for n in (_definitions(tree) if tree else {}))
+        else:
+            top = target.split(".")[0]
+            # The engine's own version is not the calculation's infrastructure: our result
+            # and hash formats (in every infra hash) are what a new engine may change.
+            if top and top != "orchestrator" and top not in sys.stdlib_module_names:
+                found = _distribution_of(top)
+                if found:
+                    lineage.packages[found[0]] = found[1]
