@@ -22,9 +22,9 @@ from typing import Any
 from orchestrator.config import Config, load_config
 from orchestrator.errors import ConfigError, DefinitionError
 from orchestrator.execution import Executor, RunSummary
-from orchestrator.ledger.store import Ledger, Snapshot
+from orchestrator.ledger.store import Ledger, LedgerCell, Snapshot
 from orchestrator.manifest import Manifest, discover
-from orchestrator.planning import Decider, Plan, PlanRequest, plan_with
+from orchestrator.planning import Decider, Decision, Plan, PlanRequest, plan_with, provenance
 from orchestrator.results import assemble, decode_shards
 from orchestrator.rootdata import Dataset, FileSource
 
@@ -81,6 +81,8 @@ class Observation:
     ledger: Snapshot
     root: dict[str, dict[dt.date, str]]
     epoch: int
+    scoped_epochs: dict[str, tuple[int, str]]
+    epoch_reasons: dict[int, str]
 
 
 class Orchestrator:
@@ -155,11 +157,46 @@ class Orchestrator:
         return out
 
     def observe(self, now: dt.datetime) -> Observation:
+        scoped: dict[str, tuple[int, str]] = {}
+        reasons: dict[int, str] = {}
+        for bump in self.ledger.epoch_bumps():
+            if bump.calculation is None:
+                reasons[bump.epoch] = bump.reason
+            else:
+                scoped[bump.calculation] = (bump.epoch, bump.reason)
         return Observation(
             ledger=self.ledger.load_cells(self.manifest.calcs, slim=True),
             root=self.index_root_data(now),
             epoch=read_epoch(self.config.epoch_file),
+            scoped_epochs=scoped,
+            epoch_reasons=reasons,
         )
+
+    def observe_more(self, names: set[str]) -> tuple[Snapshot, dict[tuple[str, str], Any]]:
+        """Full ledger rows of ``names`` and the registered versions of their stored hashes
+        (what ``planning.plan_with`` asks for when cells changed)."""
+        rows = self.ledger.load_cells(names)
+        wanted = {
+            (kind, value)
+            for per_date in rows.values()
+            for cell in per_date.values()
+            for kind, value in (
+                ("code", cell.code_hash), ("layer", cell.layer_hash), ("infra", cell.infra_hash)
+            )
+        }
+        return rows, self.ledger.load_versions(wanted)
+
+    def register_versions(self, manifest: Manifest, now: dt.datetime) -> None:
+        """Record what each current code, layer and infra hash is made of (the registry)."""
+        entries: dict[tuple[str, str], tuple[str, dict[str, Any]]] = {}
+        for name, spec in manifest.calcs.items():
+            if spec.lineage is None:
+                continue
+            digests = spec.lineage.digests()
+            entries[("code", spec.code_hash)] = (name, digests["code"])
+            entries[("layer", spec.layer_hash)] = (name, digests["layer"])
+            entries[("infra", spec.infra_hash)] = (name, spec.lineage.infra_parts)
+        self.ledger.register_versions(entries, now)
 
     # --- decide ---------------------------------------------------------------------------
 
@@ -180,13 +217,15 @@ class Orchestrator:
             calendar=self.config.calendar,
             force=frozenset(force),
             force_range=force_range,
+            scoped_epochs=observation.scoped_epochs,
+            epoch_reasons=observation.epoch_reasons,
         )
 
     def plan(self, target: dt.date | None = None, now: dt.datetime | None = None) -> Plan:
         """The dry-run plan up to ``target`` (default: yesterday, UTC). Executes nothing."""
         now = now or dt.datetime.now(dt.UTC)
         target = target or default_target(now)
-        return plan_with(self.request(self.observe(now), target), self.ledger.load_cells)[0]
+        return plan_with(self.request(self.observe(now), target), self.observe_more)[0]
 
     # --- act ------------------------------------------------------------------------------
 
@@ -229,7 +268,8 @@ class Orchestrator:
             request = self.request(
                 observation, target, manifest, forced, (low, target) if force else None
             )
-            plan, request = plan_with(request, self.ledger.load_cells)
+            plan, request = plan_with(request, self.observe_more)
+            self.register_versions(manifest, now)
             decider = Decider(request)
             last_beat = [dt.datetime.now(dt.UTC)]
 
@@ -284,8 +324,59 @@ class Orchestrator:
             return None
         return assemble(decode_shards(payloads), self.manifest.calcs[calculation].kind)
 
-    def bump_epoch(self) -> tuple[int, int]:
-        return bump_epoch(self.config.epoch_file)
+    def why(self, calculation: str, date: dt.date) -> tuple[Decision, LedgerCell | None, list[Any]]:
+        """A cell's decision, its stored row and every fingerprint part, stored vs current.
+
+        Raises:
+            DefinitionError: unknown calculation, or a date outside the plan's dates.
+        """
+        if calculation not in self.manifest.calcs:
+            raise DefinitionError(
+                f"unknown calculation '{calculation}'; "
+                f"known: {', '.join(sorted(self.manifest.calcs))}"
+            )
+        now = dt.datetime.now(dt.UTC)
+        request = self.request(self.observe(now), date)
+        plan, request = plan_with(request, self.observe_more)
+        decision = plan.decisions.get((calculation, date))
+        if decision is None:
+            raise DefinitionError(
+                f"{date} is not a date of the plan (it runs over dates with root data up to the "
+                f"target); pick one of {plan.dates[0] if plan.dates else '-'} .. {date}"
+            )
+        stored = self.ledger.cell(calculation, date)
+        published = {k: d.result_hash for k, d in plan.decisions.items()}
+        parts = provenance(
+            Decider(request), self.manifest.calcs[calculation], date, stored, published.get
+        )
+        return decision, stored, parts
+
+    def bump_epoch(self, calculation: str | None = None, reason: str = "") -> tuple[int, int]:
+        """Bump the global epoch (``system_epoch.py``) or one calculation's scoped epoch;
+        the reason is stored and shown in the plan's EPOCH_CHANGED details.
+
+        Returns:
+            (old, new) epoch.
+
+        Raises:
+            DefinitionError: unknown calculation.
+        """
+        now = dt.datetime.now(dt.UTC)
+        if calculation is None:
+            old, new = bump_epoch(self.config.epoch_file)
+        else:
+            if calculation not in self.manifest.calcs:
+                raise DefinitionError(
+                    f"unknown calculation '{calculation}'; "
+                    f"known: {', '.join(sorted(self.manifest.calcs))}"
+                )
+            old = max(
+                (b.epoch for b in self.ledger.epoch_bumps() if b.calculation == calculation),
+                default=0,
+            )
+            new = old + 1
+        self.ledger.record_epoch_bump(calculation, new, reason, now)
+        return old, new
 
 
 def default_target(now: dt.datetime) -> dt.date:

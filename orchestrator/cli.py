@@ -26,6 +26,7 @@ import click
 
 from orchestrator.app import Orchestrator
 from orchestrator.errors import OrchestratorError
+from orchestrator.planning import decision_json
 
 
 class DateType(click.ParamType):
@@ -205,13 +206,33 @@ def epoch() -> None:
 
 
 @epoch.command("bump")
+@click.option("--calc", "calc", default=None, help="Bump only this calculation's epoch.")
+@click.option("--reason", default="", help="Why; stored and shown in the plan.")
 @click.pass_context
 @_handle_errors
-def epoch_bump(ctx: click.Context) -> None:
-    """Increment SYSTEM_EPOCH: every cell becomes RUNNABLE (EPOCH_CHANGED)."""
+def epoch_bump(ctx: click.Context, calc: str | None, reason: str) -> None:
+    """Force a re-run: every cell (or CALC's) becomes RUNNABLE (EPOCH_CHANGED)."""
     orch = _orch(ctx)
-    old, new = orch.bump_epoch()
-    click.echo(f"system epoch {old} -> {new} in {orch.config.epoch_file}")
+    try:
+        old, new = orch.bump_epoch(calc, reason)
+    finally:
+        orch.close()
+    where = f"epoch of {calc}" if calc else f"system epoch in {orch.config.epoch_file}"
+    click.echo(f"{where}: {old} -> {new}" + (f" ({reason})" if reason else ""))
+
+
+@epoch.command("list")
+@click.pass_context
+@_handle_errors
+def epoch_list(ctx: click.Context) -> None:
+    """Every epoch bump with its reason."""
+    orch = _orch(ctx)
+    try:
+        for bump in orch.ledger.epoch_bumps():
+            scope = bump.calculation or "(global)"
+            click.echo(f"{bump.bumped_at:%Y-%m-%d %H:%M:%S} {scope:24} {bump.epoch:4} {bump.reason}")
+    finally:
+        orch.close()
 
 
 @main.command()
@@ -238,6 +259,44 @@ def show(ctx: click.Context, calc: str, date: dt.date, user: str | None) -> None
             ctx.exit(1)
         result = result[user]
     click.echo(json.dumps(result, indent=2, sort_keys=True))
+
+
+@main.command()
+@click.argument("calc")
+@click.argument("date", type=DATE)
+@click.option(
+    "--format", "fmt", type=click.Choice(["text", "json"]), default="text", show_default=True
+)
+@click.pass_context
+@_handle_errors
+def why(ctx: click.Context, calc: str, date: dt.date, fmt: str) -> None:
+    """Explain a cell's status from the fingerprint parts it was built from."""
+    orch = _orch(ctx)
+    try:
+        decision, stored, parts = orch.why(calc, date)
+    finally:
+        orch.close()
+    if fmt == "json":
+        rows = [
+            {"part": p.part, "stored": p.stored, "current": p.current, "same": p.same}
+            for p in parts
+        ]
+        click.echo(json.dumps({**decision_json(decision), "parts": rows}))
+        return
+    click.echo(
+        f"{calc} on {date}: {decision.status.value} ({decision.reason.value})"
+        + (f" - {decision.detail}" if decision.detail else "")
+    )
+    if stored is None:
+        click.echo("never computed: no stored fingerprint to compare")
+    else:
+        click.echo(
+            f"stored: {stored.status}, result {stored.result_hash}, attempts {stored.attempts}"
+        )
+    click.echo(f"  {'part':36} {'stored':34} {'current':34}")
+    for p in parts:
+        mark = "" if p.same else "  <- differs"
+        click.echo(f"  {p.part:36} {str(p.stored)[:32]:34} {str(p.current)[:32]:34}{mark}")
 
 
 @main.command()

@@ -204,6 +204,7 @@ class Executor:
         self.decisions: dict[CellKey, Decision] = dict(plan.decisions)
         self.hashes: dict[CellKey, str | None] = {}  # published during this run
         self.ran: set[CellKey] = set()
+        self.migrated: set[CellKey] = set()
         self.failed: set[CellKey] = set()
         self.cache = ResultCache(ledger, manifest)
         self.worker = f"{socket.gethostname()}:{os.getpid()}"
@@ -227,6 +228,8 @@ class Executor:
             return (Upstream.RAN, self._hash(key))
         if key in self.failed:
             return (Upstream.FAILED, None)
+        if key in self.migrated:
+            return (Upstream.READY, self._hash(key))
         decision = self.decisions.get(key)
         if decision is None:
             return (Upstream.READY, self._hash(key))
@@ -305,7 +308,7 @@ class Executor:
     def _count(self, decision: Decision, key: CellKey) -> None:
         s = self.summary
         status = decision.status
-        if key in self.ran:
+        if key in self.ran or key in self.migrated:
             s.completed += 1
         elif key in self.failed:
             pass
@@ -319,8 +322,38 @@ class Executor:
             s.not_in_scope += 1
         s.reasons[decision.reason.value] = s.reasons.get(decision.reason.value, 0) + 1
 
+    def _migrate(self, cells: list[tuple[CalcSpec, Decision]]) -> None:
+        """Move unchanged results to their calculation's new category, without recomputing
+        (CATEGORY_MIGRATED). Results are stored per calculation, so the move is the cell's
+        category (its namespace) switching in one transaction; dependents see the same hash."""
+        now = self.clock()
+        self.ledger.migrate_categories(
+            [(spec.name, d.date, spec.category) for spec, d in cells],
+            [
+                {
+                    "run_id": self.run_id, "calculation": spec.name, "date": d.date,
+                    "reason": d.reason.value, "worker": self.worker, "started_at": now,
+                    "finished_at": now, "status": "MIGRATED", "users": 0, "users_failed": 0,
+                    "flushes": 0, "shards": 0, "bytes_raw": 0, "bytes_compressed": 0,
+                    "peak_memory": self.peak_rss, "error": None,
+                }
+                for spec, d in cells
+            ],
+        )
+        for spec, d in cells:
+            key = (spec.name, d.date)
+            old = self._stored(key)
+            if isinstance(old, LedgerCell):
+                self.stored[spec.name][d.date] = old._replace(
+                    category=spec.category,
+                    build=build_key(old.status, spec.category, old.code_hash, old.layer_hash,
+                                    old.infra_hash, old.epoch, old.scoped_epoch),
+                )
+            self.migrated.add(key)
+
     def _run_pass(self, date: dt.date, members: tuple[str, ...]) -> None:
         to_run: list[tuple[CalcSpec, Decision]] = []
+        migrations: list[tuple[CalcSpec, Decision]] = []
         for name in members:
             key = (name, date)
             decision = self.decisions[key]
@@ -329,9 +362,14 @@ class Executor:
             spec = self.manifest.calcs[name]
             decision = self.decider.decide(spec, date, self._stored(key), self._upstream_state)
             self.decisions[key] = decision
-            if decision.status is Status.RUNNABLE:
+            if decision.reason is Reason.CATEGORY_MIGRATED:
+                migrations.append((spec, decision))
+                self.summary.executed[key] = decision.reason.value
+            elif decision.status is Status.RUNNABLE:
                 to_run.append((spec, decision))
                 self.summary.executed[key] = decision.reason.value
+        if migrations:
+            self._migrate(migrations)
         standard = [(s, d) for s, d in to_run if s.is_standard]
         writes: list[CellWrite] = []
         shard_rows: list[dict[str, Any]] = []
@@ -606,6 +644,7 @@ class Executor:
             layer_hash=spec.layer_hash,
             infra_hash=spec.infra_hash,
             epoch=self.decider.request.epoch,
+            scoped_epoch=self.decider.scoped_epoch(spec.name),
             inputs_digest=inputs.digest,
             upstream_hashes=inputs.upstream,
             root_hashes=inputs.root,
@@ -663,7 +702,8 @@ def _as_ledger_cell(w: CellWrite, old: LedgerCell | SlimCell | None) -> LedgerCe
         return old._replace(
             status="FAILED",
             build=build_key(
-                "FAILED", old.category, old.code_hash, old.layer_hash, old.infra_hash, old.epoch
+                "FAILED", old.category, old.code_hash, old.layer_hash, old.infra_hash, old.epoch,
+                old.scoped_epoch,
             ),
             attempts=old.attempts + 1,
             error=w.error,
@@ -671,7 +711,9 @@ def _as_ledger_cell(w: CellWrite, old: LedgerCell | SlimCell | None) -> LedgerCe
     return LedgerCell(
         calculation=w.calculation,
         date=w.date,
-        build=build_key(w.status, w.category, w.code_hash, w.layer_hash, w.infra_hash, w.epoch),
+        build=build_key(
+            w.status, w.category, w.code_hash, w.layer_hash, w.infra_hash, w.epoch, w.scoped_epoch
+        ),
         inputs_digest=w.inputs_digest,
         result_hash=w.result_hash
         if w.status == "COMPLETED"
@@ -682,6 +724,7 @@ def _as_ledger_cell(w: CellWrite, old: LedgerCell | SlimCell | None) -> LedgerCe
         layer_hash=w.layer_hash,
         infra_hash=w.infra_hash,
         epoch=w.epoch,
+        scoped_epoch=w.scoped_epoch,
         upstream_json=json.dumps(dict(w.upstream_hashes)),
         root_json=json.dumps({k: dict(v) for k, v in w.root_hashes.items()}),
         previous_hash=w.previous_hash,

@@ -41,9 +41,10 @@ class Lineage:
     """The parts a calculation is built from.
 
     Attributes:
-        code: definition name -> normalised AST (the class under its qualified name, helpers
-            of its own module under their names).
-        layers: ``module:name`` -> normalised AST, for definitions of project-local modules.
+        code: definition name -> normalised AST: the class header under its qualified name,
+            each member as ``Class.member``, helpers of its own module under their names.
+        layers: ``module:name`` -> normalised AST, for definitions of project-local modules
+            (module relative to the calculations' top-level package).
         packages: distribution name -> installed version, for non-stdlib imports.
     """
 
@@ -140,6 +141,22 @@ def _distribution_of(top_level: str) -> tuple[str, str] | None:
         return None
 
 
+def _relative(module: str, prefix: str) -> str:
+    # Keys are relative to the calculations' package, so renaming that package (or a test
+    # importing a copy under another name) does not change the layer hash.
+    return module[len(prefix) + 1 :] if module.startswith(prefix + ".") else module
+
+
+def _member_name(stmt: ast.stmt) -> str:
+    if isinstance(stmt, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+        return stmt.name
+    if isinstance(stmt, ast.Assign):
+        return ",".join(ast.unparse(t) for t in stmt.targets)
+    if isinstance(stmt, (ast.AnnAssign, ast.AugAssign)):
+        return ast.unparse(stmt.target)
+    return ast.unparse(stmt)[:40]
+
+
 def _is_placement(stmt: ast.stmt) -> bool:
     if isinstance(stmt, ast.Assign):
         names = [t.id for t in stmt.targets if isinstance(t, ast.Name)]
@@ -170,10 +187,20 @@ def trace(cls: type, local_prefix: str | None = None) -> Lineage:
         )
 
     class_tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
+    lineage = Lineage()
     for node in class_tree.body:
         if isinstance(node, ast.ClassDef):
-            node.body = [s for s in node.body if not _is_placement(s)] or [ast.Pass()]
-    lineage = Lineage(code={cls.__qualname__: normalise(class_tree)})
+            # One part per member, so an explanation can say "changed Rsi14.process".
+            members = [
+                s for s in node.body
+                if not _is_placement(s)
+                and not (isinstance(s, ast.Expr) and isinstance(s.value, ast.Constant))
+            ]
+            node.body = [ast.Pass()]
+            lineage.code[cls.__qualname__] = normalise(node)
+            for member in members:
+                lineage.code[f"{cls.__qualname__}.{_member_name(member)}"] = normalise(member)
+            node.body = members or [ast.Pass()]
 
     seen: set[tuple[str, str]] = {(home, cls.__name__)}
     pending: list[tuple[str, str]] = []
@@ -203,7 +230,7 @@ def trace(cls: type, local_prefix: str | None = None) -> Lineage:
         if attribute:  # an attribute of a local object: the object itself is the part
             pending.append((module, head))
             continue
-        key = head if module == home else f"{module}:{head}"
+        key = head if module == home else f"{_relative(module, prefix)}:{head}"
         (lineage.code if module == home else lineage.layers)[key] = normalise(stmt)
         enqueue(module, stmt)
     return lineage

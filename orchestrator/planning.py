@@ -30,7 +30,7 @@ import enum
 from collections import Counter
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import xxhash
 
@@ -194,6 +194,9 @@ class PlanRequest:
         calendar: "data" — dates where some dataset has rows, or "daily" — every day.
         force: calculations forced to re-run (FORCED) on dates in ``force_range``.
         force_range: inclusive (start, end) of forcing; None means every date.
+        scoped_epochs: calculation -> (its scoped epoch, reason of the last bump).
+        epoch_reasons: global epoch -> reason it was bumped to.
+        registry: (kind, hash) -> registered parts, to name what changed since a stored hash.
     """
 
     manifest: Manifest
@@ -204,6 +207,9 @@ class PlanRequest:
     calendar: str = "data"
     force: frozenset[str] = frozenset()
     force_range: tuple[dt.date, dt.date] | None = None
+    scoped_epochs: Mapping[str, tuple[int, str]] = field(default_factory=dict)
+    epoch_reasons: Mapping[int, str] = field(default_factory=dict)
+    registry: Mapping[tuple[str, str], Mapping[str, Any]] = field(default_factory=dict)
 
 
 _WINDOW_TAG = encode("window")
@@ -249,6 +255,7 @@ class Decider:
                 spec.layer_hash,
                 spec.infra_hash,
                 request.epoch,
+                self.scoped_epoch(name),
             )
             for name, spec in manifest.calcs.items()
         }
@@ -438,6 +445,9 @@ class Decider:
             last = position[date]
         return out
 
+    def scoped_epoch(self, name: str) -> int:
+        return self.request.scoped_epochs.get(name, (0, ""))[0]
+
     def fresh_key(self, name: str) -> str:
         """The build key a COMPLETED, unchanged cell of ``name`` has stored."""
         return self._fresh[name]
@@ -506,6 +516,14 @@ class Decider:
 
         current = self.inputs(spec, date, lambda k: states[k][1] if k in states else None)
         ran = any(state is Upstream.RAN for state, _ in states.values())
+        if current.digest == stored.inputs_digest and stored.category != spec.category:
+            # Same code, same inputs, same result: only the namespace moves (no recompute).
+            return Decision(
+                *key,
+                Reason.CATEGORY_MIGRATED,
+                f"category {stored.category} -> {spec.category}",
+                published,
+            )
         if current.digest == stored.inputs_digest:
             return Decision(
                 *key,
@@ -531,18 +549,31 @@ class Decider:
         if stored.status == "FAILED":
             return Reason.RETRY, f"attempt {stored.attempts} failed: {_first_line(stored.error)}"
         if stored.epoch != req.epoch:
-            return Reason.EPOCH_CHANGED, f"system epoch {stored.epoch} -> {req.epoch}"
+            why = req.epoch_reasons.get(req.epoch)
+            return Reason.EPOCH_CHANGED, f"system epoch {stored.epoch} -> {req.epoch}" + (
+                f": {why}" if why else ""
+            )
+        scoped = self.scoped_epoch(spec.name)
+        if stored.scoped_epoch != scoped:
+            why = req.scoped_epochs.get(spec.name, (0, ""))[1]
+            return Reason.EPOCH_CHANGED, f"epoch of {spec.name} {stored.scoped_epoch} -> {scoped}" + (
+                f": {why}" if why else ""
+            )
         if stored.infra_hash != spec.infra_hash:
-            return (
-                Reason.INFRA_CHANGED,
-                f"infrastructure {stored.infra_hash[:8]} -> {spec.infra_hash[:8]}",
+            before = req.registry.get(("infra", stored.infra_hash))
+            return Reason.INFRA_CHANGED, _infra_change(before, spec) or (
+                f"infrastructure {stored.infra_hash[:8]} -> {spec.infra_hash[:8]}"
             )
         if stored.code_hash != spec.code_hash:
-            return Reason.CODE_CHANGED, f"code {stored.code_hash[:8]} -> {spec.code_hash[:8]}"
+            before = req.registry.get(("code", stored.code_hash))
+            return Reason.CODE_CHANGED, _definitions_change(before, spec, "code") or (
+                f"code {stored.code_hash[:8]} -> {spec.code_hash[:8]}"
+            )
         if stored.layer_hash != spec.layer_hash:
-            return Reason.LAYER_CHANGED, "a helper layer changed"
-        if stored.category != spec.category:
-            return Reason.CATEGORY_MIGRATED, f"category {stored.category} -> {spec.category}"
+            before = req.registry.get(("layer", stored.layer_hash))
+            return Reason.LAYER_CHANGED, _definitions_change(before, spec, "layer") or (
+                f"helper layers {stored.layer_hash[:8]} -> {spec.layer_hash[:8]}"
+            )
         return None
 
     def _root_change(self, spec: CalcSpec, date: dt.date, stored: LedgerCell) -> str:
@@ -559,6 +590,43 @@ class Decider:
                 )
                 changes.append(f"{ds} on {', '.join(days[:3])}{' ...' if len(days) > 3 else ''}")
         return "; ".join(f"{c} changed" for c in changes)
+
+
+def _definitions_change(before: Mapping[str, str] | None, spec: CalcSpec, kind: str) -> str:
+    """Which definitions changed between a registered version and the current one, by name:
+    "changed Rsi14, _seed_bars; added _clip". Empty if the old version is not registered."""
+    if before is None or spec.lineage is None:
+        return ""
+    now = spec.lineage.digests()[kind]
+    changed = sorted(n for n in now if n in before and before[n] != now[n])
+    added = sorted(set(now) - set(before))
+    removed = sorted(set(before) - set(now))
+    words = [
+        f"{label} {', '.join(names)}"
+        for label, names in (("changed", changed), ("added", added), ("removed", removed))
+        if names
+    ]
+    return "; ".join(words)
+
+
+def _infra_change(before: Mapping[str, object] | None, spec: CalcSpec) -> str:
+    """"numpy 1.26.4 -> 2.0.0; python 3.11 -> 3.12" from registered infrastructure parts."""
+    if before is None or spec.lineage is None:
+        return ""
+    now = spec.lineage.infra_parts
+    old_packages = dict(before.get("packages") or {})  # type: ignore[call-overload]
+    new_packages = dict(now.get("packages") or {})  # type: ignore[call-overload]
+    words = [
+        f"{name} {old_packages.get(name, 'absent')} -> {new_packages.get(name, 'absent')}"
+        for name in sorted(set(old_packages) | set(new_packages))
+        if old_packages.get(name) != new_packages.get(name)
+    ]
+    words += [
+        f"{key} {before.get(key)} -> {now.get(key)}"
+        for key in sorted(k for k in now if k != "packages")
+        if before.get(key) != now.get(key)
+    ]
+    return "; ".join(words)
 
 
 def _first_line(text: str | None) -> str:
@@ -696,27 +764,90 @@ def _make_plan(request: PlanRequest) -> Plan:
     )
 
 
+Registry = Mapping[tuple[str, str], Mapping[str, Any]]
+
+
 def plan_with(
-    request: PlanRequest, full_rows: Callable[[set[str]], Snapshot]
+    request: PlanRequest, observe_more: Callable[[set[str]], tuple[Snapshot, Registry]]
 ) -> tuple[Plan, PlanRequest]:
-    """Plan from a slim snapshot, reloading full rows only where a cell needs explaining.
+    """Plan from a slim snapshot, observing more only where a cell needs explaining.
 
     The no-op nightly settles every cell from ``SlimCell`` rows (build key, inputs digest,
-    result hash). Cells that changed need every stored part to be decided and explained: their
-    calculations and everything downstream get full rows from ``full_rows(names)`` (an
-    observation, done by the caller), and the plan is made again. Both plans are pure.
+    result hash). Cells that changed need every stored part to be decided and explained: for
+    their calculations and everything downstream, ``observe_more(names)`` (I/O, done by the
+    caller) returns full rows and the registered versions of their hashes, and the plan is made
+    again. Both plans are pure.
 
     Returns:
-        The final plan and the request it was made from (with the fuller snapshot).
+        The final plan and the request it was made from.
     """
     plan = make_plan(request)
     if not plan.needs_full:
         return plan, request
     names = request.manifest.downstream(plan.needs_full)
-    request = dataclasses.replace(request, ledger={**request.ledger, **full_rows(names)})
+    rows, registry = observe_more(names)
+    request = dataclasses.replace(
+        request,
+        ledger={**request.ledger, **rows},
+        registry={**request.registry, **registry},
+    )
     plan = make_plan(request)
     assert not plan.needs_full, "full rows were loaded for every calculation that needs them"
     return plan, request
+
+
+class PartComparison(NamedTuple):
+    """One fingerprint part of a cell: what it was built from versus what it is now."""
+
+    part: str
+    stored: str | None
+    current: str | None
+
+    @property
+    def same(self) -> bool:
+        return self.stored == self.current
+
+
+def provenance(
+    decider: Decider, spec: CalcSpec, date: dt.date, stored: LedgerCell | None,
+    hash_of: Callable[[CellKey], str | None],
+) -> list[PartComparison]:
+    """Every fingerprint part of a cell, stored versus current (``orchestrator why``).
+
+    ``hash_of`` gives the currently published result hash of a cell (upstream and previous).
+    """
+    req = decider.request
+    now = decider.inputs(spec, date, hash_of)
+
+    def old(attr: str) -> str | None:
+        return None if stored is None else str(getattr(stored, attr))
+
+    parts = [
+        PartComparison("code hash", old("code_hash"), spec.code_hash),
+        PartComparison("layer hash", old("layer_hash"), spec.layer_hash),
+        PartComparison("infra hash", old("infra_hash"), spec.infra_hash),
+        PartComparison("system epoch", old("epoch"), str(req.epoch)),
+        PartComparison("scoped epoch", old("scoped_epoch"), str(decider.scoped_epoch(spec.name))),
+        PartComparison("category", old("category"), spec.category),
+    ]
+    before_up = stored.upstream_hashes if stored is not None else {}
+    for dep, value in now.upstream.items():
+        parts.append(PartComparison(f"upstream {dep}", before_up.get(dep), value))
+    before_root = stored.root_hashes if stored is not None else {}
+    for ds, window in now.root.items():
+        old_window = before_root.get(ds, {})
+        for day in sorted(set(window) | set(old_window)):
+            parts.append(PartComparison(f"root {ds} {day}", old_window.get(day), window.get(day)))
+    if spec.historical:
+        parts.append(
+            PartComparison(
+                f"own previous ({now.previous_date})",
+                stored.previous_hash if stored is not None else None,
+                now.previous_hash,
+            )
+        )
+    parts.append(PartComparison("inputs digest", old("inputs_digest"), now.digest))
+    return parts
 
 
 def decision_json(d: Decision) -> dict[str, object]:

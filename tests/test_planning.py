@@ -101,6 +101,7 @@ def completed_ledger(req: PlanRequest, slim: bool) -> dict:
                 s.layer_hash,
                 s.infra_hash,
                 1,
+                0,
                 json.dumps(inputs.upstream),
                 json.dumps(inputs.root),
                 inputs.previous_hash,
@@ -196,16 +197,16 @@ def test_window_digest_equals_the_digest_of_the_window_mapping() -> None:
 def test_slim_snapshot_plans_the_noop_alone_and_reloads_only_what_changed() -> None:
     full = completed_ledger(request({}), slim=False)
     slim = completed_ledger(request({}), slim=True)
-    plan, _ = plan_with(request(slim), full_rows=lambda names: pytest.fail("no reload needed"))
+    plan, _ = plan_with(request(slim), lambda names: pytest.fail("no reload needed"))
     assert plan.counts()["RUNNABLE"] == 0 and not plan.needs_full
 
     root = {"p": dict(ROOT["p"])}
     root["p"][DAYS[15]] = digest("day", "corrected")
     asked: list[set[str]] = []
 
-    def full_rows(names: set[str]) -> dict:
+    def full_rows(names: set[str]) -> tuple[dict, dict]:
         asked.append(set(names))
-        return {n: full[n] for n in names}
+        return {n: full[n] for n in names}, {}
 
     plan, _ = plan_with(request(slim, root=root), full_rows)
     assert asked == [{"a", "b", "c"}]

@@ -69,6 +69,7 @@ class CellRow(Base):
     layer_hash: Mapped[str] = mapped_column(HASH)
     infra_hash: Mapped[str] = mapped_column(HASH)
     epoch: Mapped[int] = mapped_column(Integer)
+    scoped_epoch: Mapped[int] = mapped_column(Integer, server_default="0")
     inputs_digest: Mapped[str] = mapped_column(HASH)
     upstream_hashes: Mapped[dict[str, Any]] = mapped_column(JSONType)
     root_hashes: Mapped[dict[str, Any]] = mapped_column(JSONType)
@@ -176,3 +177,27 @@ class RunLockRow(Base):
     name: Mapped[str] = mapped_column(String(40), primary_key=True)
     holder: Mapped[str] = mapped_column(String(200))
     expires_at: Mapped[dt.datetime] = mapped_column(UTCDateTime)
+
+
+class CodeVersionRow(Base):
+    """The code-version registry: what a code, layer or infra hash was computed from."""
+
+    __tablename__ = "code_versions"
+
+    kind: Mapped[str] = mapped_column(String(10), primary_key=True)
+    hash: Mapped[str] = mapped_column(HASH, primary_key=True)
+    calculation: Mapped[str] = mapped_column(String(200))
+    parts: Mapped[dict[str, Any]] = mapped_column(JSONType)
+    created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime)
+
+
+class EpochBumpRow(Base):
+    """One ``epoch bump``: global (calculation NULL) or scoped to one calculation."""
+
+    __tablename__ = "epoch_bumps"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    calculation: Mapped[str | None] = mapped_column(String(200), nullable=True)
+    epoch: Mapped[int] = mapped_column(Integer)
+    reason: Mapped[str] = mapped_column(Text)
+    bumped_at: Mapped[dt.datetime] = mapped_column(UTCDateTime)

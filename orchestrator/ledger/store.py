@@ -41,6 +41,8 @@ from orchestrator.errors import RunLockedError, StorageError
 from orchestrator.ledger.models import (
     AttemptRow,
     CellRow,
+    CodeVersionRow,
+    EpochBumpRow,
     RootIndexRow,
     RootSourceRow,
     RunLockRow,
@@ -56,18 +58,23 @@ ROOT_SOURCES = RootSourceRow.__table__
 RUNS = RunRow.__table__
 ATTEMPTS = AttemptRow.__table__
 LOCK = RunLockRow.__table__
+VERSIONS = CodeVersionRow.__table__
+BUMPS = EpochBumpRow.__table__
 
 MIGRATIONS = Path(__file__).resolve().parents[2] / "migrations"
 
 
-def build_key(status: str, category: str, code: str, layer: str, infra: str, epoch: int) -> str:
-    """One comparable string of a cell's own parts: ``status|code layer infra|epoch|category``.
+def build_key(
+    status: str, category: str, code: str, layer: str, infra: str, epoch: int, scoped: int = 0
+) -> str:
+    """One comparable string of a cell's own parts:
+    ``status|code layer infra|epoch.scoped_epoch|category``.
 
-    A comparison key, not a hash: the three hashes have a fixed width, status and epoch hold
-    no ``|``, and the category comes last, so two different part tuples never give the same
-    key. ``BUILD_KEY_SQL`` computes the same string in the database.
+    A comparison key, not a hash: the three hashes have a fixed width, status and the epochs
+    hold no ``|``, and the category comes last, so two different part tuples never give the
+    same key. ``BUILD_KEY_SQL`` computes the same string in the database.
     """
-    return f"{status}|{code}{layer}{infra}|{epoch}|{category}"
+    return f"{status}|{code}{layer}{infra}|{epoch}.{scoped}|{category}"
 
 
 class SlimCell(NamedTuple):
@@ -98,6 +105,7 @@ class LedgerCell(NamedTuple):
     layer_hash: str
     infra_hash: str
     epoch: int
+    scoped_epoch: int
     upstream_json: str
     root_json: str
     previous_hash: str | None
@@ -120,6 +128,8 @@ BUILD_KEY_SQL = (
     .concat(CELLS.c.infra_hash)
     .concat("|")
     .concat(cast(CELLS.c.epoch, String))
+    .concat(".")
+    .concat(cast(CELLS.c.scoped_epoch, String))
     .concat("|")
     .concat(CELLS.c.category)
 )
@@ -138,6 +148,7 @@ _FULL_COLUMNS = (
     CELLS.c.layer_hash,
     CELLS.c.infra_hash,
     CELLS.c.epoch,
+    CELLS.c.scoped_epoch,
     cast(CELLS.c.upstream_hashes, String),
     cast(CELLS.c.root_hashes, String),
     CELLS.c.previous_hash,
@@ -163,6 +174,7 @@ class CellWrite:
     layer_hash: str
     infra_hash: str
     epoch: int
+    scoped_epoch: int
     inputs_digest: str
     upstream_hashes: Mapping[str, str | None]
     root_hashes: Mapping[str, Mapping[str, str]]
@@ -409,6 +421,7 @@ class Ledger:
                 "layer_hash": w.layer_hash,
                 "infra_hash": w.infra_hash,
                 "epoch": w.epoch,
+                "scoped_epoch": w.scoped_epoch,
                 "inputs_digest": w.inputs_digest,
                 "upstream_hashes": dict(w.upstream_hashes),
                 "root_hashes": {k: dict(v) for k, v in w.root_hashes.items()},
@@ -440,6 +453,21 @@ class Ledger:
         attempts_rows = [dict(w.attempt) for w in writes if w.attempt]
         if attempts_rows:
             conn.execute(insert(ATTEMPTS), attempts_rows)
+
+    def migrate_categories(
+        self, moves: Sequence[tuple[str, dt.date, str]], attempts: Sequence[Mapping[str, Any]]
+    ) -> None:
+        """Switch cells (calculation, date) to a new category, and record the attempts, in one
+        transaction: the published result itself does not change."""
+        with self.engine.begin() as conn:
+            for calculation, date, category in moves:
+                conn.execute(
+                    update(CELLS)
+                    .where(CELLS.c.calculation == calculation, CELLS.c.date == date)
+                    .values(category=category)
+                )
+            if attempts:
+                conn.execute(insert(ATTEMPTS), [dict(a) for a in attempts])
 
     def collect_orphans(self) -> int:
         """Delete shards no published cell points at (left by a crashed attempt)."""
@@ -494,6 +522,57 @@ class Ledger:
                 for calc, date, data in conn.execute(query):
                     out[(calc, date)].append(data)
         return out
+
+    # --- code-version registry and epoch bumps --------------------------------------------
+
+    def register_versions(
+        self, entries: Mapping[tuple[str, str], tuple[str, Mapping[str, Any]]], now: dt.datetime
+    ) -> None:
+        """Record (kind, hash) -> (calculation, parts) for the hashes not yet registered."""
+        if not entries:
+            return
+        with self.engine.begin() as conn:
+            known = set(
+                conn.execute(
+                    select(VERSIONS.c.kind, VERSIONS.c.hash).where(
+                        tuple_(VERSIONS.c.kind, VERSIONS.c.hash).in_(list(entries))
+                    )
+                ).all()
+            )
+            rows = [
+                {"kind": k, "hash": h, "calculation": c, "parts": dict(p), "created_at": now}
+                for (k, h), (c, p) in sorted(entries.items())
+                if (k, h) not in known
+            ]
+            if rows:
+                conn.execute(insert(VERSIONS), rows)
+
+    def load_versions(self, keys: Iterable[tuple[str, str]]) -> dict[tuple[str, str], dict[str, Any]]:
+        """(kind, hash) -> parts, for those of ``keys`` that are registered."""
+        keys = sorted(set(keys))
+        out: dict[tuple[str, str], dict[str, Any]] = {}
+        with self.engine.connect() as conn:
+            for chunk in _chunks(keys, 500):
+                query = select(VERSIONS.c.kind, VERSIONS.c.hash, VERSIONS.c.parts).where(
+                    tuple_(VERSIONS.c.kind, VERSIONS.c.hash).in_(list(chunk))
+                )
+                out.update({(k, h): p for k, h, p in conn.execute(query)})
+        return out
+
+    def record_epoch_bump(
+        self, calculation: str | None, epoch: int, reason: str, now: dt.datetime
+    ) -> None:
+        with self.engine.begin() as conn:
+            conn.execute(
+                insert(BUMPS).values(
+                    calculation=calculation, epoch=epoch, reason=reason, bumped_at=now
+                )
+            )
+
+    def epoch_bumps(self) -> list[Any]:
+        """Every bump, oldest first."""
+        with self.engine.connect() as conn:
+            return list(conn.execute(select(BUMPS).order_by(BUMPS.c.id)).all())
 
     # --- root data index ------------------------------------------------------------------
 
