@@ -181,7 +181,9 @@ class Orchestrator:
             for per_date in rows.values()
             for cell in per_date.values()
             for kind, value in (
-                ("code", cell.code_hash), ("layer", cell.layer_hash), ("infra", cell.infra_hash)
+                ("code", cell.code_hash),
+                ("layer", cell.layer_hash),
+                ("infra", cell.infra_hash),
             )
         }
         return rows, self.ledger.load_versions(wanted)

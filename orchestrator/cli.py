@@ -230,7 +230,9 @@ def epoch_list(ctx: click.Context) -> None:
     try:
         for bump in orch.ledger.epoch_bumps():
             scope = bump.calculation or "(global)"
-            click.echo(f"{bump.bumped_at:%Y-%m-%d %H:%M:%S} {scope:24} {bump.epoch:4} {bump.reason}")
+            click.echo(
+                f"{bump.bumped_at:%Y-%m-%d %H:%M:%S} {scope:24} {bump.epoch:4} {bump.reason}"
+            )
     finally:
         orch.close()
 

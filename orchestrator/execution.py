@@ -331,11 +331,22 @@ class Executor:
             [(spec.name, d.date, spec.category) for spec, d in cells],
             [
                 {
-                    "run_id": self.run_id, "calculation": spec.name, "date": d.date,
-                    "reason": d.reason.value, "worker": self.worker, "started_at": now,
-                    "finished_at": now, "status": "MIGRATED", "users": 0, "users_failed": 0,
-                    "flushes": 0, "shards": 0, "bytes_raw": 0, "bytes_compressed": 0,
-                    "peak_memory": self.peak_rss, "error": None,
+                    "run_id": self.run_id,
+                    "calculation": spec.name,
+                    "date": d.date,
+                    "reason": d.reason.value,
+                    "worker": self.worker,
+                    "started_at": now,
+                    "finished_at": now,
+                    "status": "MIGRATED",
+                    "users": 0,
+                    "users_failed": 0,
+                    "flushes": 0,
+                    "shards": 0,
+                    "bytes_raw": 0,
+                    "bytes_compressed": 0,
+                    "peak_memory": self.peak_rss,
+                    "error": None,
                 }
                 for spec, d in cells
             ],
@@ -346,8 +357,15 @@ class Executor:
             if isinstance(old, LedgerCell):
                 self.stored[spec.name][d.date] = old._replace(
                     category=spec.category,
-                    build=build_key(old.status, spec.category, old.code_hash, old.layer_hash,
-                                    old.infra_hash, old.epoch, old.scoped_epoch),
+                    build=build_key(
+                        old.status,
+                        spec.category,
+                        old.code_hash,
+                        old.layer_hash,
+                        old.infra_hash,
+                        old.epoch,
+                        old.scoped_epoch,
+                    ),
                 )
             self.migrated.add(key)
 
@@ -702,7 +720,12 @@ def _as_ledger_cell(w: CellWrite, old: LedgerCell | SlimCell | None) -> LedgerCe
         return old._replace(
             status="FAILED",
             build=build_key(
-                "FAILED", old.category, old.code_hash, old.layer_hash, old.infra_hash, old.epoch,
+                "FAILED",
+                old.category,
+                old.code_hash,
+                old.layer_hash,
+                old.infra_hash,
+                old.epoch,
                 old.scoped_epoch,
             ),
             attempts=old.attempts + 1,

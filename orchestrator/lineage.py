@@ -106,12 +106,12 @@ def _definitions(tree: ast.Module) -> dict[str, ast.stmt]:
 
 def _references(node: ast.AST) -> tuple[set[str], set[tuple[str, str]]]:
     """Names a statement reads, and ``(name, attribute)`` pairs for ``name.attribute``."""
-    names = {n.id for n in ast.walk(node) if isinstance(n, ast.Name)}
-    attributes = {
-        (n.value.id, n.attr)
-        for n in ast.walk(node)
-        if isinstance(n, ast.Attribute) and isinstance(n.value, ast.Name)
-    }
+    attribute_nodes = [
+        n for n in ast.walk(node) if isinstance(n, ast.Attribute) and isinstance(n.value, ast.Name)
+    ]
+    bases = {id(n.value) for n in attribute_nodes}  # ``m`` in ``m.f``: not a bare use of m
+    names = {n.id for n in ast.walk(node) if isinstance(n, ast.Name) and id(n) not in bases}
+    attributes = {(n.value.id, n.attr) for n in attribute_nodes}  # type: ignore[attr-defined]
     return names - _BUILTINS, attributes
 
 
@@ -134,7 +134,7 @@ def _distribution_of(top_level: str) -> tuple[str, str] | None:
     dists = importlib.metadata.packages_distributions().get(top_level)
     if not dists:
         return None
-    name = sorted(dists)[0]
+    name = min(dists)
     try:
         return name, importlib.metadata.version(name)
     except importlib.metadata.PackageNotFoundError:
@@ -192,7 +192,8 @@ def trace(cls: type, local_prefix: str | None = None) -> Lineage:
         if isinstance(node, ast.ClassDef):
             # One part per member, so an explanation can say "changed Rsi14.process".
             members = [
-                s for s in node.body
+                s
+                for s in node.body
                 if not _is_placement(s)
                 and not (isinstance(s, ast.Expr) and isinstance(s.value, ast.Constant))
             ]

@@ -27,7 +27,6 @@ from orchestrator.errors import CycleError, ManifestError
 from orchestrator.fingerprint import digest, infra_hash
 from orchestrator.lineage import Lineage, trace
 
-
 EMPTY_LAYER = digest("layer", {})
 
 

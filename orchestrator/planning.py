@@ -556,8 +556,10 @@ class Decider:
         scoped = self.scoped_epoch(spec.name)
         if stored.scoped_epoch != scoped:
             why = req.scoped_epochs.get(spec.name, (0, ""))[1]
-            return Reason.EPOCH_CHANGED, f"epoch of {spec.name} {stored.scoped_epoch} -> {scoped}" + (
-                f": {why}" if why else ""
+            return (
+                Reason.EPOCH_CHANGED,
+                f"epoch of {spec.name} {stored.scoped_epoch} -> {scoped}"
+                + (f": {why}" if why else ""),
             )
         if stored.infra_hash != spec.infra_hash:
             before = req.registry.get(("infra", stored.infra_hash))
@@ -610,7 +612,7 @@ def _definitions_change(before: Mapping[str, str] | None, spec: CalcSpec, kind: 
 
 
 def _infra_change(before: Mapping[str, object] | None, spec: CalcSpec) -> str:
-    """"numpy 1.26.4 -> 2.0.0; python 3.11 -> 3.12" from registered infrastructure parts."""
+    """ "numpy 1.26.4 -> 2.0.0; python 3.11 -> 3.12" from registered infrastructure parts."""
     if before is None or spec.lineage is None:
         return ""
     now = spec.lineage.infra_parts
@@ -809,7 +811,10 @@ class PartComparison(NamedTuple):
 
 
 def provenance(
-    decider: Decider, spec: CalcSpec, date: dt.date, stored: LedgerCell | None,
+    decider: Decider,
+    spec: CalcSpec,
+    date: dt.date,
+    stored: LedgerCell | None,
     hash_of: Callable[[CellKey], str | None],
 ) -> list[PartComparison]:
     """Every fingerprint part of a cell, stored versus current (``orchestrator why``).

@@ -97,7 +97,11 @@ class Project:
         (pkg / "__init__.py").write_text("")
         (pkg / "main.py").write_text(textwrap.dedent(source))
         for module, text_ in (modules or {}).items():
-            (pkg / f"{module}.py").write_text(textwrap.dedent(text_))
+            path = pkg / f"{module}.py"  # "layers/stats" makes a subpackage
+            path.parent.mkdir(parents=True, exist_ok=True)
+            if path.parent != pkg and not (path.parent / "__init__.py").exists():
+                (path.parent / "__init__.py").write_text("")
+            path.write_text(textwrap.dedent(text_))
         self.package = name
         self.write_config()
         return name

@@ -42,9 +42,7 @@ def upgrade() -> None:
         sa.Column("bumped_at", sa.DateTime, nullable=False),
     )
     with op.batch_alter_table("cells") as batch:
-        batch.add_column(
-            sa.Column("scoped_epoch", sa.Integer, nullable=False, server_default="0")
-        )
+        batch.add_column(sa.Column("scoped_epoch", sa.Integer, nullable=False, server_default="0"))
 
 
 def downgrade() -> None:

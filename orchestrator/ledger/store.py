@@ -547,7 +547,9 @@ class Ledger:
             if rows:
                 conn.execute(insert(VERSIONS), rows)
 
-    def load_versions(self, keys: Iterable[tuple[str, str]]) -> dict[tuple[str, str], dict[str, Any]]:
+    def load_versions(
+        self, keys: Iterable[tuple[str, str]]
+    ) -> dict[tuple[str, str], dict[str, Any]]:
         """(kind, hash) -> parts, for those of ``keys`` that are registered."""
         keys = sorted(set(keys))
         out: dict[tuple[str, str], dict[str, Any]] = {}

@@ -1,0 +1,321 @@
+"""The audit chain: re-run exactly what changed, and say why (SQLite and PostgreSQL).
+
+Layers (helper modules a calculation imports), explanations that name the changed
+definition, scoped epochs with reasons, category migration without recomputation, and the
+provenance behind ``orchestrator why``.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from orchestrator.cli import main
+from orchestrator.lineage import trace
+from orchestrator.planning import Reason
+from tests.conftest import Project, price_rows, weekdays
+
+DATES = weekdays(dt.date(2024, 3, 1), 6)
+TARGET = DATES[-1]
+
+STATS = """
+SCALE = 2
+
+
+def mean(values):
+    return sum(values) / len(values) * SCALE / 2
+
+
+def spread(values):
+    return max(values) - min(values)
+
+
+def unused(values):
+    return None
+"""
+
+CALCS = """
+import os
+
+from orchestrator import MetaCalculation, StandardCalculation
+
+from {pkg}.layers.stats import mean
+from {pkg}.layers import stats
+
+
+def _log(name, ctx):
+    # Every real computation leaves a line, like the peers' $PEERS_EXEC_LOG.
+    with open(os.environ["EXEC_LOG"], "a") as f:
+        f.write(f"{{name}},{{ctx.date}}\\n")
+
+
+class Level(StandardCalculation):
+    name = "level"
+    category = "signals"
+    root_data = ["prices"]
+    lookback = 3
+
+    def process(self, ctx):
+        _log(self.name, ctx)
+        closes = [r["close"] for r in ctx.history["prices"]]
+        return {{"mean": mean(closes)}}
+
+
+class Range(StandardCalculation):
+    name = "range"
+    category = "signals"
+    root_data = ["prices"]
+    lookback = 3
+
+    def process(self, ctx):
+        _log(self.name, ctx)
+        return {{"spread": stats.spread([r["close"] for r in ctx.history["prices"]])}}
+
+
+class Board(MetaCalculation):
+    name = "board"
+    category = "market"
+    dependencies = ["level", "range"]
+
+    def process(self, ctx):
+        _log(self.name, ctx)
+        return {{"n": len(ctx.upstream["level"]), "top": max(ctx.upstream["range"].values(),
+                 key=lambda r: r["spread"])["spread"]}}
+"""
+
+
+@pytest.fixture
+def exec_log(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    path = tmp_path / "exec.log"
+    path.write_text("")
+    monkeypatch.setenv("EXEC_LOG", str(path))
+    return path
+
+
+def write(project: Project, stats: str = STATS, calcs: str = CALCS) -> None:
+    name = f"audit_{os.getpid()}_{id(project)}_{len(list(project.root.glob('audit_*')))}"
+    pkg = project.root / name
+    (pkg / "layers").mkdir(parents=True)
+    (pkg / "__init__.py").write_text("")
+    (pkg / "layers" / "__init__.py").write_text("")
+    (pkg / "layers" / "stats.py").write_text(stats)
+    (pkg / "main.py").write_text(calcs.format(pkg=name))
+    project.package = name
+    project.write_config()
+
+
+def executed(log: Path) -> dict[str, int]:
+    """Cells really computed since the last call (a standard cell logs once per user)."""
+    counts: dict[str, int] = {}
+    for line in set(log.read_text().splitlines()):
+        calc = line.split(",")[0]
+        counts[calc] = counts.get(calc, 0) + 1
+    log.write_text("")
+    return counts
+
+
+def run(project: Project):
+    orch = project.orchestrator()
+    try:
+        return orch.run(TARGET)
+    finally:
+        orch.close()
+
+
+def plan(project: Project):
+    orch = project.orchestrator()
+    try:
+        return orch.plan(TARGET)
+    finally:
+        orch.close()
+
+
+@pytest.fixture
+def built(project: Project, exec_log: Path) -> Project:
+    project.write_prices(price_rows(["AAA", "BBB"], DATES))
+    write(project)
+    run(project)
+    assert executed(exec_log) == {"level": 6, "range": 6, "board": 6}
+    return project
+
+
+def test_changing_a_helper_reruns_exactly_its_users_and_names_it(built: Project, exec_log) -> None:
+    write(
+        built,
+        STATS.replace("return max(values) - min(values)", "return max(values) - min(values) + 0"),
+    )
+    p = plan(built)
+    assert {p.decisions[("range", d)].reason for d in DATES} == {Reason.LAYER_CHANGED}
+    assert p.decisions[("range", TARGET)].detail == "changed layers.stats:spread"
+    assert {p.decisions[("level", d)].reason for d in DATES} == {Reason.UP_TO_DATE}
+    run(built)
+    # spread + 0 gives the same numbers: range re-runs, the board is cut off.
+    assert executed(exec_log) == {"range": 6}
+
+
+def test_changing_an_unused_helper_reruns_nothing(built: Project, exec_log) -> None:
+    write(built, STATS.replace("return None", "return 0"))
+    assert plan(built).counts()["RUNNABLE"] == 0
+    run(built)
+    assert executed(exec_log) == {}
+
+
+def test_a_constant_a_helper_reads_is_not_cosmetic(built: Project, exec_log) -> None:
+    write(built, STATS.replace("SCALE = 2", "SCALE = 4"))
+    p = plan(built)
+    assert p.decisions[("level", TARGET)].reason is Reason.LAYER_CHANGED
+    assert p.decisions[("level", TARGET)].detail == "changed layers.stats:SCALE"
+    assert p.decisions[("range", TARGET)].reason is Reason.UP_TO_DATE
+    run(built)
+    assert executed(exec_log) == {"level": 6, "board": 6}  # new means: the board changes too
+
+
+def test_code_change_names_the_changed_member(built: Project, exec_log) -> None:
+    write(
+        built,
+        calcs=CALCS.replace(
+            'return {{"mean": mean(closes)}}', 'return {{"mean": mean(closes) + 1}}'
+        ),
+    )
+    p = plan(built)
+    assert p.decisions[("level", TARGET)].reason is Reason.CODE_CHANGED
+    assert p.decisions[("level", TARGET)].detail == "changed Level.process"
+
+
+def test_local_variable_rename_is_a_code_change_until_simulation_proves_otherwise(
+    built: Project, exec_log
+) -> None:
+    # Without the simulation hash (not built yet) a rename is a CODE_CHANGED whose output is
+    # identical: the calculation re-runs and early cutoff stops the cascade at the board.
+    write(
+        built,
+        calcs=CALCS.replace("closes = [r", "prices = [r").replace("mean(closes)", "mean(prices)"),
+    )
+    run(built)
+    assert executed(exec_log) == {"level": 6}
+
+
+def test_scoped_epoch_forces_one_calculation_with_its_reason(built: Project, exec_log) -> None:
+    result = CliRunner().invoke(
+        main,
+        [
+            "--config",
+            str(built.config),
+            "epoch",
+            "bump",
+            "--calc",
+            "range",
+            "--reason",
+            "vendor resent March",
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    p = plan(built)
+    assert {p.decisions[("range", d)].reason for d in DATES} == {Reason.EPOCH_CHANGED}
+    assert p.decisions[("range", TARGET)].detail == "epoch of range 0 -> 1: vendor resent March"
+    assert p.decisions[("level", TARGET)].reason is Reason.UP_TO_DATE
+    run(built)
+    assert executed(exec_log) == {"range": 6}  # same results: the board is cut off
+    listed = CliRunner().invoke(main, ["--config", str(built.config), "epoch", "list"])
+    assert "range" in listed.output and "vendor resent March" in listed.output
+
+
+def test_global_epoch_bump_reason_is_shown(built: Project) -> None:
+    result = CliRunner().invoke(
+        main, ["--config", str(built.config), "epoch", "bump", "--reason", "new vendor"]
+    )
+    assert result.exit_code == 0
+    p = plan(built)
+    assert p.decisions[("board", TARGET)].detail == "system epoch 0 -> 1: new vendor"
+
+
+def test_category_migration_moves_results_without_recomputing(built: Project, exec_log) -> None:
+    orch = built.orchestrator()
+    before = orch.load_result("board", TARGET)
+    orch.close()
+    write(built, calcs=CALCS.replace('category = "market"', 'category = "risk"'))
+    p = plan(built)
+    assert {p.decisions[("board", d)].reason for d in DATES} == {Reason.CATEGORY_MIGRATED}
+    assert p.decisions[("board", TARGET)].detail == "category market -> risk"
+    summary = run(built)
+    assert executed(exec_log) == {}  # nothing recomputed
+    assert set(summary.executed.values()) == {"CATEGORY_MIGRATED"}
+    orch = built.orchestrator()
+    cell = orch.ledger.cell("board", TARGET)
+    attempts = orch.ledger.attempts("board", TARGET)
+    assert cell.category == "risk" and orch.load_result("board", TARGET) == before
+    orch.close()
+    assert attempts[-1].status == "MIGRATED" and attempts[-1].users == 0
+    assert plan(built).counts()["RUNNABLE"] == 0
+
+
+def test_category_and_code_change_together_recompute(built: Project, exec_log) -> None:
+    write(
+        built,
+        calcs=CALCS.replace('category = "market"', 'category = "risk"').replace(
+            '"n": len(ctx.upstream["level"])', '"n": 1 + len(ctx.upstream["level"])'
+        ),
+    )
+    p = plan(built)
+    assert p.decisions[("board", TARGET)].reason is Reason.CODE_CHANGED
+    run(built)
+    assert executed(exec_log) == {"board": 6}
+    orch = built.orchestrator()
+    assert orch.ledger.cell("board", TARGET).category == "risk"
+    orch.close()
+
+
+def test_why_explains_a_cell_from_its_fingerprint_parts(built: Project) -> None:
+    runner = CliRunner()
+    ok = runner.invoke(main, ["--config", str(built.config), "why", "level", TARGET.isoformat()])
+    assert ok.exit_code == 0, ok.output
+    assert ok.output.startswith(f"level on {TARGET}: SKIPPED (UP_TO_DATE)")
+    assert "<- differs" not in ok.output
+    write(built, STATS.replace("SCALE = 2", "SCALE = 3"))
+    changed = runner.invoke(
+        main,
+        ["--config", str(built.config), "why", "level", TARGET.isoformat(), "--format", "json"],
+    )
+    import json
+
+    report = json.loads(changed.output)
+    assert report["reason"] == "LAYER_CHANGED"
+    differing = [p["part"] for p in report["parts"] if not p["same"]]
+    assert differing == ["layer hash"]
+    roots = [p for p in report["parts"] if p["part"].startswith("root prices")]
+    assert len(roots) == 3  # lookback 3: the dates it read
+    bad = runner.invoke(main, ["--config", str(built.config), "why", "nope", TARGET.isoformat()])
+    assert bad.exit_code == 2
+
+
+def test_lineage_records_imported_packages_and_ignores_the_stdlib() -> None:
+    import importlib.metadata
+    import types
+
+    module = types.ModuleType("lineage_probe")
+    source = (
+        "import json\nimport zstandard\nfrom orchestrator import StandardCalculation\n"
+        "class Probe(StandardCalculation):\n"
+        "    def process(self, ctx):\n        return {'v': json.dumps(zstandard.__name__)}\n"
+    )
+    path = Path(__file__).parent / "_lineage_probe_tmp.py"
+    path.write_text(source)
+    try:
+        import importlib.util
+
+        spec = importlib.util.spec_from_file_location("lineage_probe", path)
+        module = importlib.util.module_from_spec(spec)
+        import sys
+
+        sys.modules["lineage_probe"] = module
+        spec.loader.exec_module(module)
+        lineage = trace(module.Probe)
+    finally:
+        path.unlink()
+        sys.modules.pop("lineage_probe", None)
+    assert lineage.packages == {"zstandard": importlib.metadata.version("zstandard")}
+    assert set(lineage.code) == {"Probe", "Probe.process"}
