@@ -13,7 +13,7 @@ import os
 import re
 import socket
 import uuid
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -24,9 +24,18 @@ from orchestrator.errors import ConfigError, DefinitionError
 from orchestrator.execution import Executor, RunSummary
 from orchestrator.ledger.store import Ledger, LedgerCell, Snapshot
 from orchestrator.manifest import Manifest, discover
-from orchestrator.planning import Decider, Decision, Plan, PlanRequest, plan_with, provenance
+from orchestrator.planning import (
+    Decider,
+    Decision,
+    MoreObservation,
+    Plan,
+    PlanRequest,
+    plan_with,
+    provenance,
+)
 from orchestrator.results import assemble, decode_shards
 from orchestrator.rootdata import Dataset, FileSource
+from orchestrator.simulation import Simulation, simulate, unverified_changes
 
 LOCK_TTL = dt.timedelta(minutes=15)
 
@@ -96,6 +105,7 @@ class Orchestrator:
         self.config = config
         self.progress = progress
         self._datasets: dict[str, Dataset] = {}
+        self._sims: dict[str, Simulation] = {}
 
     @classmethod
     def from_config(
@@ -152,9 +162,51 @@ class Orchestrator:
                 {d: (e.row_count, e.content_hash) for d, e in dataset.index.items()},
                 dataset.malformed,
                 now,
+                dataset.schema,
             )
             out[name] = {d: e.content_hash for d, e in dataset.index.items()}
         return out
+
+    def simulations(self, names: set[str]) -> dict[str, Simulation]:
+        """Simulations of ``names`` (and their upstream) on the fabricated world, once each."""
+        missing = {n for n in names if n not in self._sims}
+        if missing:
+            schemas = self.ledger.load_root_schemas()
+            self._sims.update(simulate(self.manifest, missing, schemas))
+        return {n: self._sims[n] for n in names}
+
+    def cosmetic_verdicts(
+        self, stale: Mapping[str, set[str]], registry: Mapping[tuple[str, str], Any]
+    ) -> dict[tuple[str, str], str]:
+        """For calculations whose stored cells were built by other code (``stale``: name ->
+        old code hashes): (name, old hash) -> "" when the change is proven cosmetic (same
+        simulation hash, every new statement executed by the simulation), else why not."""
+        stale = {n: hs for n, hs in stale.items() if hs}
+        simulable = {n for n in stale if self.manifest.calcs[n].simulate}
+        sims = self.simulations(simulable) if simulable else {}
+        verdicts: dict[tuple[str, str], str] = {}
+        for name, hashes in stale.items():
+            spec = self.manifest.calcs[name]
+            for old in hashes:
+                before = registry.get(("code", old))
+                if not spec.simulate:
+                    verdicts[(name, old)] = "simulation disabled for this calculation"
+                elif before is None or not before.get("__sim__"):
+                    verdicts[(name, old)] = "the old version was never simulated"
+                elif before["__sim__"] != sims[name].sim_hash:
+                    verdicts[(name, old)] = "its simulated behaviour changed"
+                else:
+                    now = spec.lineage.digests()["code"] if spec.lineage else {}
+                    changed = {k for k in now if before.get(k) != now[k]}
+                    unverified = unverified_changes(
+                        spec, changed, sims[name].lines, before.get("__stmts__") or {}
+                    )
+                    verdicts[(name, old)] = (
+                        f"unverified by simulation: {', '.join(unverified)} not executed"
+                        if unverified
+                        else ""
+                    )
+        return verdicts
 
     def observe(self, now: dt.datetime) -> Observation:
         scoped: dict[str, tuple[int, str]] = {}
@@ -172,9 +224,10 @@ class Orchestrator:
             epoch_reasons=reasons,
         )
 
-    def observe_more(self, names: set[str]) -> tuple[Snapshot, dict[tuple[str, str], Any]]:
-        """Full ledger rows of ``names`` and the registered versions of their stored hashes
-        (what ``planning.plan_with`` asks for when cells changed)."""
+    def observe_more(self, names: set[str]) -> MoreObservation:
+        """Full ledger rows of ``names``, the registered versions of their stored hashes, and
+        the simulation verdicts of their code changes (what ``planning.plan_with`` asks for
+        when cells changed; the no-op plan never gets here)."""
         rows = self.ledger.load_cells(names)
         wanted = {
             (kind, value)
@@ -186,19 +239,34 @@ class Orchestrator:
                 ("infra", cell.infra_hash),
             )
         }
-        return rows, self.ledger.load_versions(wanted)
+        registry = self.ledger.load_versions(wanted)
+        stale = {
+            name: {c.code_hash for c in per_date.values()} - {self.manifest.calcs[name].code_hash}
+            for name, per_date in rows.items()
+            if name in self.manifest.calcs
+        }
+        return MoreObservation(rows, registry, self.cosmetic_verdicts(stale, registry))
 
     def register_versions(self, manifest: Manifest, now: dt.datetime) -> None:
-        """Record what each current code, layer and infra hash is made of (the registry)."""
+        """Record what each current code, layer and infra hash is made of (the registry),
+        with the simulation hash of each new code version."""
+        known = self.ledger.load_versions(("code", s.code_hash) for s in manifest.calcs.values())
+        new = {n for n, s in manifest.calcs.items() if ("code", s.code_hash) not in known}
+        simulable = {n for n in new if manifest.calcs[n].simulate}
+        sims = {
+            manifest.calcs[n].code_hash: sim.sim_hash
+            for n, sim in (self.simulations(simulable) if simulable else {}).items()
+            if n in simulable
+        }
         entries: dict[tuple[str, str], tuple[str, dict[str, Any]]] = {}
         for name, spec in manifest.calcs.items():
             if spec.lineage is None:
                 continue
-            digests = spec.lineage.digests()
-            entries[("code", spec.code_hash)] = (name, digests["code"])
-            entries[("layer", spec.layer_hash)] = (name, digests["layer"])
+            parts = spec.lineage.registry_parts()
+            entries[("code", spec.code_hash)] = (name, parts["code"])
+            entries[("layer", spec.layer_hash)] = (name, parts["layer"])
             entries[("infra", spec.infra_hash)] = (name, spec.lineage.infra_parts)
-        self.ledger.register_versions(entries, now)
+        self.ledger.register_versions(entries, now, sims)
 
     # --- decide ---------------------------------------------------------------------------
 
@@ -297,6 +365,9 @@ class Orchestrator:
                 workers=workers or self.config.workers,
             )
             summary = executor.execute()
+            for (name, old), verdict in request.cosmetic.items():
+                if verdict == "" and name in manifest.calcs:  # proven equivalent: re-stamp
+                    ledger.restamp_code(name, old, manifest.calcs[name].code_hash)
             ledger.finish_run(
                 run_id,
                 "FAILED" if summary.failed else "COMPLETED",

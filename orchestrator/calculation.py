@@ -19,6 +19,8 @@ Metadata (all optional except ``process``):
 ``earliest_date``  ISO date string; earlier dates are IMPOSSIBLE (BEFORE_EARLIEST)
 ``product_lines``  labels used to slice the manifest
 ``max_failure_rate`` fraction of users allowed to fail before the cell fails (default 0.10)
+``simulate``       run on the fabricated world when the code changes, so a proven-cosmetic
+                   change is skipped (default True; False: every code change re-runs)
 """
 
 from __future__ import annotations
@@ -44,6 +46,7 @@ class Calculation:
     earliest_date: ClassVar[str | None] = None
     product_lines: ClassVar[Sequence[str]] = ()
     max_failure_rate: ClassVar[float] = 0.10
+    simulate: ClassVar[bool] = True
     kind: ClassVar[str] = ""
 
     def process(self, ctx: Any) -> Result | None:  # pragma: no cover - abstract

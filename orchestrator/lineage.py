@@ -46,6 +46,8 @@ class Lineage:
         layers: ``module:name`` -> normalised AST, for definitions of project-local modules
             (module relative to the calculations' top-level package).
         packages: distribution name -> installed version, for non-stdlib imports.
+        statements: code function name -> digests of every statement inside it (nested
+            ones too), so a simulation can check that each new statement executed.
     """
 
     def digests(self) -> dict[str, dict[str, str]]:
@@ -56,9 +58,19 @@ class Lineage:
             "layer": {k: digest("def", v) for k, v in self.layers.items()},
         }
 
+    def registry_parts(self) -> dict[str, dict[str, object]]:
+        """What the registry keeps per kind: definition digests, plus for code the statement
+        digests of each function under ``"__stmts__"``."""
+        digests = self.digests()
+        return {
+            "code": {**digests["code"], "__stmts__": self.statements},
+            "layer": digests["layer"],
+        }
+
     code: dict[str, str] = field(default_factory=dict)
     layers: dict[str, str] = field(default_factory=dict)
     packages: dict[str, str] = field(default_factory=dict)
+    statements: dict[str, list[str]] = field(default_factory=dict)
 
     @property
     def code_hash(self) -> str:
@@ -141,6 +153,15 @@ def _distribution_of(top_level: str) -> tuple[str, str] | None:
         return None
 
 
+def statement_digests(function: ast.FunctionDef | ast.AsyncFunctionDef) -> list[tuple[str, int]]:
+    """(digest of the normal form, line) of every statement inside ``function``, nested ones
+    included. Digests are taken on a copy: normalising strips docstrings in place."""
+    copy = ast.parse(ast.unparse(function)).body[0]
+    lines = [n.lineno for n in ast.walk(function) if isinstance(n, ast.stmt) and n is not function]
+    nodes = [n for n in ast.walk(copy) if isinstance(n, ast.stmt) and n is not copy]
+    return [(digest("stmt", normalise(n)), line) for n, line in zip(nodes, lines, strict=True)]
+
+
 def _relative(module: str, prefix: str) -> str:
     # Keys are relative to the calculations' package, so renaming that package (or a test
     # importing a copy under another name) does not change the layer hash.
@@ -200,7 +221,10 @@ def trace(cls: type, local_prefix: str | None = None) -> Lineage:
             node.body = [ast.Pass()]
             lineage.code[cls.__qualname__] = normalise(node)
             for member in members:
-                lineage.code[f"{cls.__qualname__}.{_member_name(member)}"] = normalise(member)
+                key = f"{cls.__qualname__}.{_member_name(member)}"
+                if isinstance(member, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                    lineage.statements[key] = [d for d, _ in statement_digests(member)]
+                lineage.code[key] = normalise(member)
             node.body = members or [ast.Pass()]
 
     seen: set[tuple[str, str]] = {(home, cls.__name__)}
@@ -232,6 +256,8 @@ def trace(cls: type, local_prefix: str | None = None) -> Lineage:
             pending.append((module, head))
             continue
         key = head if module == home else f"{_relative(module, prefix)}:{head}"
+        if module == home and isinstance(stmt, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            lineage.statements[key] = [d for d, _ in statement_digests(stmt)]
         (lineage.code if module == home else lineage.layers)[key] = normalise(stmt)
         enqueue(module, stmt)
     return lineage

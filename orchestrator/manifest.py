@@ -51,6 +51,7 @@ class CalcSpec:
     code_hash: str
     cls: type[Calculation] = field(compare=False, repr=False)
     layer_hash: str = EMPTY_LAYER
+    simulate: bool = True
     infra_hash: str = field(default_factory=infra_hash)
     lineage: Lineage | None = field(default=None, compare=False, repr=False)
 
@@ -103,6 +104,7 @@ class CalcSpec:
             code_hash=lineage.code_hash,
             cls=calc,
             layer_hash=lineage.layer_hash,
+            simulate=bool(getattr(calc, "simulate", True)),
             infra_hash=lineage.infra_hash,
             lineage=lineage,
         )

@@ -197,6 +197,8 @@ class PlanRequest:
         scoped_epochs: calculation -> (its scoped epoch, reason of the last bump).
         epoch_reasons: global epoch -> reason it was bumped to.
         registry: (kind, hash) -> registered parts, to name what changed since a stored hash.
+        cosmetic: (calculation, stored code hash) -> "" if the change to the current code is
+            proven cosmetic by simulation, else why not (see ``App.cosmetic_verdicts``).
     """
 
     manifest: Manifest
@@ -210,6 +212,7 @@ class PlanRequest:
     scoped_epochs: Mapping[str, tuple[int, str]] = field(default_factory=dict)
     epoch_reasons: Mapping[int, str] = field(default_factory=dict)
     registry: Mapping[tuple[str, str], Mapping[str, Any]] = field(default_factory=dict)
+    cosmetic: Mapping[tuple[str, str], str] = field(default_factory=dict)
 
 
 _WINDOW_TAG = encode("window")
@@ -467,6 +470,13 @@ class Decider:
             self._digest(spec, date, upstream, previous) == stored.inputs_digest
         )
 
+    def _cosmetic(self, spec: CalcSpec, stored: LedgerCell) -> bool:
+        """The stored cell's code differs from the current code only cosmetically."""
+        return (
+            stored.code_hash != spec.code_hash
+            and self.request.cosmetic.get((spec.name, stored.code_hash)) == ""
+        )
+
     def _forced(self, name: str, date: dt.date) -> bool:
         req = self.request
         return name in req.force and (
@@ -524,6 +534,14 @@ class Decider:
                 f"category {stored.category} -> {spec.category}",
                 published,
             )
+        if current.digest == stored.inputs_digest and self._cosmetic(spec, stored):
+            return Decision(
+                *key,
+                Reason.COSMETIC_CHANGE,
+                "same simulated behaviour: "
+                + (_definitions_change(req_registry(self, stored), spec, "code") or "code edited"),
+                published,
+            )
         if current.digest == stored.inputs_digest:
             return Decision(
                 *key,
@@ -566,11 +584,13 @@ class Decider:
             return Reason.INFRA_CHANGED, _infra_change(before, spec) or (
                 f"infrastructure {stored.infra_hash[:8]} -> {spec.infra_hash[:8]}"
             )
-        if stored.code_hash != spec.code_hash:
+        if stored.code_hash != spec.code_hash and not self._cosmetic(spec, stored):
             before = req.registry.get(("code", stored.code_hash))
-            return Reason.CODE_CHANGED, _definitions_change(before, spec, "code") or (
+            what = _definitions_change(before, spec, "code") or (
                 f"code {stored.code_hash[:8]} -> {spec.code_hash[:8]}"
             )
+            verdict = req.cosmetic.get((spec.name, stored.code_hash))
+            return Reason.CODE_CHANGED, what + (f" ({verdict})" if verdict else "")
         if stored.layer_hash != spec.layer_hash:
             before = req.registry.get(("layer", stored.layer_hash))
             return Reason.LAYER_CHANGED, _definitions_change(before, spec, "layer") or (
@@ -594,12 +614,17 @@ class Decider:
         return "; ".join(f"{c} changed" for c in changes)
 
 
+def req_registry(decider: Decider, stored: LedgerCell) -> Mapping[str, Any] | None:
+    return decider.request.registry.get(("code", stored.code_hash))
+
+
 def _definitions_change(before: Mapping[str, str] | None, spec: CalcSpec, kind: str) -> str:
     """Which definitions changed between a registered version and the current one, by name:
     "changed Rsi14, _seed_bars; added _clip". Empty if the old version is not registered."""
     if before is None or spec.lineage is None:
         return ""
     now = spec.lineage.digests()[kind]
+    before = {k: v for k, v in before.items() if not k.startswith("__")}  # e.g. "__sim__"
     changed = sorted(n for n in now if n in before and before[n] != now[n])
     added = sorted(set(now) - set(before))
     removed = sorted(set(before) - set(now))
@@ -769,16 +794,24 @@ def _make_plan(request: PlanRequest) -> Plan:
 Registry = Mapping[tuple[str, str], Mapping[str, Any]]
 
 
+class MoreObservation(NamedTuple):
+    """What ``plan_with`` asks the caller to observe for calculations with changed cells."""
+
+    rows: Snapshot  # their full ledger rows
+    registry: Registry  # registered versions of the hashes those rows were built with
+    cosmetic: Mapping[tuple[str, str], str]  # simulation verdicts for their code changes
+
+
 def plan_with(
-    request: PlanRequest, observe_more: Callable[[set[str]], tuple[Snapshot, Registry]]
+    request: PlanRequest, observe_more: Callable[[set[str]], MoreObservation]
 ) -> tuple[Plan, PlanRequest]:
     """Plan from a slim snapshot, observing more only where a cell needs explaining.
 
     The no-op nightly settles every cell from ``SlimCell`` rows (build key, inputs digest,
     result hash). Cells that changed need every stored part to be decided and explained: for
-    their calculations and everything downstream, ``observe_more(names)`` (I/O, done by the
-    caller) returns full rows and the registered versions of their hashes, and the plan is made
-    again. Both plans are pure.
+    their calculations and everything downstream, ``observe_more(names)`` (I/O and simulation,
+    done by the caller) returns full rows, the registered versions of their hashes and the
+    cosmetic verdicts of their code changes, and the plan is made again. Both plans are pure.
 
     Returns:
         The final plan and the request it was made from.
@@ -787,11 +820,12 @@ def plan_with(
     if not plan.needs_full:
         return plan, request
     names = request.manifest.downstream(plan.needs_full)
-    rows, registry = observe_more(names)
+    more = observe_more(names)
     request = dataclasses.replace(
         request,
-        ledger={**request.ledger, **rows},
-        registry={**request.registry, **registry},
+        ledger={**request.ledger, **more.rows},
+        registry={**request.registry, **more.registry},
+        cosmetic={**request.cosmetic, **more.cosmetic},
     )
     plan = make_plan(request)
     assert not plan.needs_full, "full rows were loaded for every calculation that needs them"

@@ -58,6 +58,8 @@ class Dataset:
         index: date -> DateEntry.
         malformed: number of skipped rows plus values that could not be parsed.
         problems: up to 20 examples, "file:line: what".
+        schema: column -> "int" | "float" | "str" | "date" | "user", as parsed (the
+            simulation fabricates rows from it).
     """
 
     name: str
@@ -66,6 +68,7 @@ class Dataset:
     index: dict[dt.date, DateEntry]
     malformed: int = 0
     problems: list[str] = field(default_factory=list)
+    schema: dict[str, str] = field(default_factory=dict)
     _series: dict[str, tuple[list[int], list[int], list[Row]]] | None = None
 
     def users_on(self, date: dt.date) -> dict[str, list[Row]]:
@@ -150,6 +153,7 @@ class FileSource:
         lines_by_date: dict[dt.date, list[str]] = {}
         malformed = 0
         problems: list[str] = []
+        schema: dict[str, str] = {}
         for path in _files(self.config.path):
             header, raw_rows, row_texts = self._read(path)
             for column in (self.config.date_column, self.config.user_column):
@@ -166,6 +170,10 @@ class FileSource:
             bad, notes = _type_columns(header, columns, (di, ui), path)
             malformed += bad
             problems.extend(notes)
+            for c, name in enumerate(header):
+                kind = "date" if c == di else "user" if c == ui else _kind(columns[c])
+                if schema.get(name) in (None, "int") or kind == "str":
+                    schema[name] = kind  # across files, the widest type wins
             parsed_dates: dict[str, dt.date | None] = {}
             for text in set(dates_raw):
                 try:
@@ -206,6 +214,7 @@ class FileSource:
             index=index,
             malformed=malformed,
             problems=problems[:20],
+            schema=schema,
         )
 
     def _read(self, path: Path) -> tuple[list[str], list[list[str]], list[str]]:
@@ -262,6 +271,14 @@ def _read_parquet(path: Path) -> tuple[list[str], list[list[str]], list[str]]:
         )
     rows = [list(r) for r in zip(*columns)]
     return list(table.column_names), rows, [json.dumps(r) for r in rows]
+
+
+def _kind(values: list[Any]) -> str:
+    """The type name of a typed column: that of its first non-empty value."""
+    for value in values:
+        if value is not None:
+            return "int" if type(value) is int else "float" if type(value) is float else "str"
+    return "str"
 
 
 def _to_float(text: str) -> float | None:

@@ -8,6 +8,7 @@ provenance behind ``orchestrator why``.
 from __future__ import annotations
 
 import datetime as dt
+import itertools
 import os
 from pathlib import Path
 
@@ -17,6 +18,7 @@ from click.testing import CliRunner
 from orchestrator.cli import main
 from orchestrator.lineage import trace
 from orchestrator.planning import Reason
+from orchestrator.simulation import SIM_DATES
 from tests.conftest import Project, price_rows, weekdays
 
 DATES = weekdays(dt.date(2024, 3, 1), 6)
@@ -96,8 +98,12 @@ def exec_log(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     return path
 
 
+_versions = itertools.count()
+
+
 def write(project: Project, stats: str = STATS, calcs: str = CALCS) -> None:
-    name = f"audit_{os.getpid()}_{id(project)}_{len(list(project.root.glob('audit_*')))}"
+    # A fresh package name per version: sys.modules caches imports by name.
+    name = f"audit_{os.getpid()}_{next(_versions)}"
     pkg = project.root / name
     (pkg / "layers").mkdir(parents=True)
     (pkg / "__init__.py").write_text("")
@@ -109,9 +115,13 @@ def write(project: Project, stats: str = STATS, calcs: str = CALCS) -> None:
 
 
 def executed(log: Path) -> dict[str, int]:
-    """Cells really computed since the last call (a standard cell logs once per user)."""
+    """Cells really computed since the last call (a standard cell logs once per user; the
+    simulation's fabricated dates do not count)."""
     counts: dict[str, int] = {}
+    simulated = {d.isoformat() for d in SIM_DATES}
     for line in set(log.read_text().splitlines()):
+        if line.split(",")[1] in simulated:
+            continue
         calc = line.split(",")[0]
         counts[calc] = counts.get(calc, 0) + 1
     log.write_text("")
@@ -183,20 +193,62 @@ def test_code_change_names_the_changed_member(built: Project, exec_log) -> None:
     )
     p = plan(built)
     assert p.decisions[("level", TARGET)].reason is Reason.CODE_CHANGED
-    assert p.decisions[("level", TARGET)].detail == "changed Level.process"
+    assert p.decisions[("level", TARGET)].detail == (
+        "changed Level.process (its simulated behaviour changed)"
+    )
 
 
-def test_local_variable_rename_is_a_code_change_until_simulation_proves_otherwise(
-    built: Project, exec_log
-) -> None:
-    # Without the simulation hash (not built yet) a rename is a CODE_CHANGED whose output is
-    # identical: the calculation re-runs and early cutoff stops the cascade at the board.
+def test_scenario_b_local_variable_rename_is_cosmetic(built: Project, exec_log) -> None:
+    # Seed 004 §5 B: a renamed variable changes the code hash, not the simulation hash.
     write(
         built,
         calcs=CALCS.replace("closes = [r", "prices = [r").replace("mean(closes)", "mean(prices)"),
     )
+    p = plan(built)
+    assert {p.decisions[("level", d)].reason for d in DATES} == {Reason.COSMETIC_CHANGE}
+    assert (
+        p.decisions[("level", TARGET)].detail == "same simulated behaviour: changed Level.process"
+    )
+    assert p.counts()["RUNNABLE"] == 0 and p.counts()["BLOCKED"] == 0
     run(built)
-    assert executed(exec_log) == {"level": 6}
+    assert executed(exec_log) == {}
+    # The equivalence is recorded: the cells now carry the new code hash, the plan is fast.
+    assert {d.reason for d in plan(built).decisions.values()} == {Reason.UP_TO_DATE}
+
+
+def test_an_unexecuted_change_is_not_called_cosmetic(built: Project, exec_log) -> None:
+    # The new branch never runs on the fabricated world (no close is ever 12345.678), so
+    # equal simulation hashes prove nothing about it.
+    write(
+        built,
+        calcs=CALCS.replace(
+            "        closes = [r",
+            "        if ctx.user == 'nobody':\n            return {{'mean': 0}}\n        closes = [r",
+        ),
+    )
+    p = plan(built)
+    assert p.decisions[("level", TARGET)].reason is Reason.CODE_CHANGED
+    assert "its simulated behaviour changed" in p.decisions[("level", TARGET)].detail or (
+        "unverified by simulation" in p.decisions[("level", TARGET)].detail
+    )
+
+
+def test_opting_out_of_simulation_makes_every_change_a_code_change(built: Project, exec_log):
+    source = CALCS.replace(
+        "    lookback = 3\n\n    def process(self, ctx):\n        _log(self.name, ctx)\n        closes",
+        "    lookback = 3\n    simulate = False\n\n    def process(self, ctx):\n        _log(self.name, ctx)\n        closes",
+    )
+    assert source != CALCS
+    write(built, calcs=source)
+    run(built)  # adding the opt-out is itself a code change
+    executed(exec_log)
+    write(
+        built,
+        calcs=source.replace("closes = [r", "prices = [r").replace("mean(closes)", "mean(prices)"),
+    )
+    p = plan(built)
+    assert p.decisions[("level", TARGET)].reason is Reason.CODE_CHANGED
+    assert "simulation disabled" in p.decisions[("level", TARGET)].detail
 
 
 def test_scoped_epoch_forces_one_calculation_with_its_reason(built: Project, exec_log) -> None:

@@ -16,6 +16,7 @@ from orchestrator.ledger.store import LedgerCell, SlimCell, build_key
 from orchestrator.manifest import CalcSpec, Manifest
 from orchestrator.planning import (
     Decider,
+    MoreObservation,
     PlanRequest,
     Reason,
     Status,
@@ -204,9 +205,9 @@ def test_slim_snapshot_plans_the_noop_alone_and_reloads_only_what_changed() -> N
     root["p"][DAYS[15]] = digest("day", "corrected")
     asked: list[set[str]] = []
 
-    def full_rows(names: set[str]) -> tuple[dict, dict]:
+    def full_rows(names: set[str]) -> MoreObservation:
         asked.append(set(names))
-        return {n: full[n] for n in names}, {}
+        return MoreObservation({n: full[n] for n in names}, {}, {})
 
     plan, _ = plan_with(request(slim, root=root), full_rows)
     assert asked == [{"a", "b", "c"}]

@@ -6,6 +6,9 @@
 * ``epoch_bumps``: every ``epoch bump`` with its reason; ``calculation`` is NULL for the
   global epoch (whose value lives in system_epoch.py), else the bump is scoped to it.
 * ``cells.scoped_epoch``: the calculation's scoped epoch the cell was built under.
+* ``code_versions.sim_hash``: the simulation hash of a code version (COSMETIC_CHANGE).
+* ``root_sources.schema``: column types of a dataset, inferred when indexed (the
+  simulation fabricates rows from them).
 
 Revision ID: 0002
 Revises: 0001
@@ -31,6 +34,7 @@ def upgrade() -> None:
         sa.Column("hash", sa.String(32), primary_key=True),
         sa.Column("calculation", sa.String(200), nullable=False),
         sa.Column("parts", JSON, nullable=False),
+        sa.Column("sim_hash", sa.String(32), nullable=True),
         sa.Column("created_at", sa.DateTime, nullable=False),
     )
     op.create_table(
@@ -43,9 +47,13 @@ def upgrade() -> None:
     )
     with op.batch_alter_table("cells") as batch:
         batch.add_column(sa.Column("scoped_epoch", sa.Integer, nullable=False, server_default="0"))
+    with op.batch_alter_table("root_sources") as batch:
+        batch.add_column(sa.Column("schema", JSON, nullable=True))
 
 
 def downgrade() -> None:
+    with op.batch_alter_table("root_sources") as batch:
+        batch.drop_column("schema")
     with op.batch_alter_table("cells") as batch:
         batch.drop_column("scoped_epoch")
     op.drop_table("epoch_bumps")

@@ -115,6 +115,7 @@ class RootSourceRow(Base):
     rows: Mapped[int] = mapped_column(Integer)
     malformed: Mapped[int] = mapped_column(Integer)
     indexed_at: Mapped[dt.datetime] = mapped_column(UTCDateTime)
+    schema: Mapped[dict[str, Any] | None] = mapped_column(JSONType, nullable=True)
 
 
 class RootIndexRow(Base):
@@ -188,6 +189,7 @@ class CodeVersionRow(Base):
     hash: Mapped[str] = mapped_column(HASH, primary_key=True)
     calculation: Mapped[str] = mapped_column(String(200))
     parts: Mapped[dict[str, Any]] = mapped_column(JSONType)
+    sim_hash: Mapped[str | None] = mapped_column(HASH, nullable=True)
     created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime)
 
 

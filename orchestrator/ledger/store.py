@@ -526,9 +526,13 @@ class Ledger:
     # --- code-version registry and epoch bumps --------------------------------------------
 
     def register_versions(
-        self, entries: Mapping[tuple[str, str], tuple[str, Mapping[str, Any]]], now: dt.datetime
+        self,
+        entries: Mapping[tuple[str, str], tuple[str, Mapping[str, Any]]],
+        now: dt.datetime,
+        sim_hashes: Mapping[str, str] | None = None,
     ) -> None:
-        """Record (kind, hash) -> (calculation, parts) for the hashes not yet registered."""
+        """Record (kind, hash) -> (calculation, parts) for the hashes not yet registered;
+        ``sim_hashes`` gives code hash -> simulation hash for code versions."""
         if not entries:
             return
         with self.engine.begin() as conn:
@@ -539,8 +543,16 @@ class Ledger:
                     )
                 ).all()
             )
+            sims = sim_hashes or {}
             rows = [
-                {"kind": k, "hash": h, "calculation": c, "parts": dict(p), "created_at": now}
+                {
+                    "kind": k,
+                    "hash": h,
+                    "calculation": c,
+                    "parts": dict(p),
+                    "sim_hash": sims.get(h) if k == "code" else None,
+                    "created_at": now,
+                }
                 for (k, h), (c, p) in sorted(entries.items())
                 if (k, h) not in known
             ]
@@ -555,10 +567,11 @@ class Ledger:
         out: dict[tuple[str, str], dict[str, Any]] = {}
         with self.engine.connect() as conn:
             for chunk in _chunks(keys, 500):
-                query = select(VERSIONS.c.kind, VERSIONS.c.hash, VERSIONS.c.parts).where(
-                    tuple_(VERSIONS.c.kind, VERSIONS.c.hash).in_(list(chunk))
-                )
-                out.update({(k, h): p for k, h, p in conn.execute(query)})
+                query = select(
+                    VERSIONS.c.kind, VERSIONS.c.hash, VERSIONS.c.parts, VERSIONS.c.sim_hash
+                ).where(tuple_(VERSIONS.c.kind, VERSIONS.c.hash).in_(list(chunk)))
+                for k, h, parts, sim in conn.execute(query):
+                    out[(k, h)] = {**parts, "__sim__": sim} if k == "code" else parts
         return out
 
     def record_epoch_bump(
@@ -571,12 +584,30 @@ class Ledger:
                 )
             )
 
+    def restamp_code(self, calculation: str, old: str, new: str) -> int:
+        """Record a proven-cosmetic code change: cells built by ``old`` now carry ``new``."""
+        with self.engine.begin() as conn:
+            return (
+                conn.execute(
+                    update(CELLS)
+                    .where(CELLS.c.calculation == calculation, CELLS.c.code_hash == old)
+                    .values(code_hash=new)
+                ).rowcount
+                or 0
+            )
+
     def epoch_bumps(self) -> list[Any]:
         """Every bump, oldest first."""
         with self.engine.connect() as conn:
             return list(conn.execute(select(BUMPS).order_by(BUMPS.c.id)).all())
 
     # --- root data index ------------------------------------------------------------------
+
+    def load_root_schemas(self) -> dict[str, dict[str, str]]:
+        """dataset -> column types recorded when it was last indexed."""
+        with self.engine.connect() as conn:
+            rows = conn.execute(select(ROOT_SOURCES.c.dataset, ROOT_SOURCES.c.schema)).all()
+        return {d: s for d, s in rows if s}
 
     def load_root_sources(self) -> dict[str, str]:
         """dataset -> digest of the raw files last indexed."""
@@ -602,6 +633,7 @@ class Ledger:
         entries: Mapping[dt.date, tuple[int, str]],
         malformed: int,
         now: dt.datetime,
+        schema: Mapping[str, str] | None = None,
     ) -> None:
         """Replace a dataset's index (date -> (rows, hash)) and its source digest atomically."""
         with self.engine.begin() as conn:
@@ -622,6 +654,7 @@ class Ledger:
                     rows=sum(n for n, _ in entries.values()),
                     malformed=malformed,
                     indexed_at=now,
+                    schema=dict(schema) if schema is not None else None,
                 )
             )
 
