@@ -8,7 +8,9 @@ executor. ``plan`` (dry run), the reports and ``run`` consume the same ``Plan``.
 from __future__ import annotations
 
 import ast
+import dataclasses
 import datetime as dt
+import importlib.metadata
 import os
 import re
 import socket
@@ -23,7 +25,8 @@ from orchestrator.config import Config, load_config
 from orchestrator.errors import ConfigError, DefinitionError
 from orchestrator.execution import Executor, RunSummary
 from orchestrator.ledger.store import Ledger, LedgerCell, Snapshot
-from orchestrator.manifest import Manifest, discover
+from orchestrator.fingerprint import infra_hash
+from orchestrator.manifest import CalcSpec, Manifest, discover
 from orchestrator.planning import (
     Decider,
     Decision,
@@ -118,7 +121,10 @@ class Orchestrator:
 
     @cached_property
     def manifest(self) -> Manifest:
-        manifest = Manifest.build(discover(self.config.calculations, self.config.path.parent))
+        specs = discover(self.config.calculations, self.config.path.parent)
+        if self.config.packages is not None:
+            specs = [declared_packages(s, self.config.packages) for s in specs]
+        manifest = Manifest.build(specs)
         for spec in manifest.calcs.values():
             for ds in spec.root_data:
                 if ds not in self.config.root_data:
@@ -450,6 +456,27 @@ class Orchestrator:
             new = old + 1
         self.ledger.record_epoch_bump(calculation, new, reason, now)
         return old, new
+
+
+def declared_packages(spec: CalcSpec, names: Iterable[str]) -> CalcSpec:
+    """``spec`` with its infrastructure made of the configured distributions' versions.
+
+    Raises:
+        ConfigError: a configured distribution is not installed.
+    """
+    versions: dict[str, str] = {}
+    for name in names:
+        try:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError as e:
+            raise ConfigError(
+                f"configured package '{name}' is not installed; install it or remove it from "
+                "'packages'"
+            ) from e
+    lineage = dataclasses.replace(spec.lineage, packages=versions) if spec.lineage else None
+    return dataclasses.replace(
+        spec, infra_hash=lineage.infra_hash if lineage else infra_hash(versions), lineage=lineage
+    )
 
 
 def default_target(now: dt.datetime) -> dt.date:

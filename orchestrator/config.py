@@ -44,6 +44,8 @@ class Config:
         flush_users: results are flushed to a shard every this many users.
         shard_bytes: upper bound of one shard's uncompressed payload, in bytes.
         workers: local processes for standard cells (1: run in this process).
+        packages: distributions whose versions make up every calculation's infrastructure
+            hash; None: those each calculation imports (traced through the AST).
     """
 
     path: Path
@@ -55,6 +57,7 @@ class Config:
     flush_users: int = 5000
     shard_bytes: int = 4 * 1024 * 1024
     workers: int = 1
+    packages: tuple[str, ...] | None = None
 
 
 def _resolve_db_url(url: str, base: Path) -> str:
@@ -126,6 +129,11 @@ def load_config(path: str | os.PathLike[str] | None = None, db_url: str | None =
     shard_bytes = need("shard_bytes", raw.get("shard_bytes", 4 * 1024 * 1024), int)
     if flush_users < 1 or shard_bytes < 1024:
         raise ConfigError(f"{cfg_path}: flush_users must be >= 1 and shard_bytes >= 1024")
+    packages = raw.get("packages")
+    if packages is not None and (
+        not isinstance(packages, list) or not all(isinstance(p, str) for p in packages)
+    ):
+        raise ConfigError(f"{cfg_path}: packages must be a list of distribution names")
     workers = need("workers", raw.get("workers", 1), int)
     if workers < 1:
         raise ConfigError(f"{cfg_path}: workers must be >= 1, found {workers}")
@@ -139,4 +147,5 @@ def load_config(path: str | os.PathLike[str] | None = None, db_url: str | None =
         flush_users=flush_users,
         shard_bytes=shard_bytes,
         workers=workers,
+        packages=tuple(packages) if packages is not None else None,
     )

@@ -8,8 +8,8 @@ every output (an exception counts as its type name). Two code versions with the 
 simulation hash behave the same on that world.
 
 The world covers the edge cases calculations trip on: several users and a single user, an
-empty history, a missing upstream result, zeros, negatives, a NaN, three consecutive dates
-(so historical calculations carry their ``previous`` result).
+empty history, a missing upstream result, zeros, negatives, a NaN, and thirty consecutive
+dates (so warm-ups complete and historical calculations carry their ``previous`` result).
 
 A change is only called cosmetic when the simulation executed it: the runner records which
 lines of the calculation's module ran (``sys.settrace``), and every statement that is new in a
@@ -35,12 +35,14 @@ from orchestrator.fingerprint import digest
 from orchestrator.lineage import statement_digests
 from orchestrator.manifest import CalcSpec, Manifest
 
-SIM_DATES = (dt.date(2001, 1, 2), dt.date(2001, 1, 3), dt.date(2001, 1, 4))
+# A month of consecutive dates: enough for warm-ups (a 14-period indicator seeds on day 15)
+# and for historical state carried day to day.
+SIM_DATES = tuple(dt.date(2001, 1, 1) + dt.timedelta(days=i) for i in range(30))
 USERS = ("u0", "u1", "u2", "u3", "u4")
 SOLO = "s0"
 NO_HISTORY_USER = "u1"  # its rows exist only today: an empty history
 NO_UPSTREAM_USER = "u2"  # its upstream results are missing (None)
-NAN_USER = "u3"  # its float fields are NaN on the second date
+NAN_USER = "u3"  # its float fields are NaN on the second date, negative on the third
 
 Schema = Mapping[str, str]  # column -> "int" | "float" | "str" | "date" | "user"
 
@@ -71,26 +73,30 @@ def _hashable(value: Any) -> Any:
 
 
 def _value(rng: random.Random, kind: str, user: str, date: dt.date, column: str) -> Any:
+    """A fabricated value. Most users see plausible values every day, so calculations reach
+    their steady state (warm-ups complete); the edge cases are planted: zeros for u2, a NaN
+    then a negative for u3, extreme magnitudes now and then for u4."""
     if kind == "date":
         return date.isoformat()
     if kind == "user":
         return user
+    day = SIM_DATES.index(date) if date in SIM_DATES else 0
     if kind == "int":
-        return rng.choice([0, 1, -3, 7, 250, rng.randint(-1000, 1000)])
+        if user == "u2" and day % 3 == 0:
+            return 0
+        if user == "u3" and day == 2:
+            return -rng.randint(1, 50)
+        return rng.randint(1, 1000)
     if kind == "float":
-        if user == NAN_USER and date == SIM_DATES[1]:
+        if user == NAN_USER and day == 1:
             return math.nan
-        return rng.choice(
-            [
-                0.0,
-                -1.5,
-                2.25,
-                1e-3,
-                1e6,
-                round(rng.uniform(-100, 100), 4),
-                round(rng.uniform(1, 500), 2),
-            ]
-        )
+        if user == NAN_USER and day == 2:
+            return -round(rng.uniform(1, 100), 4)
+        if user == "u2" and day % 3 == 0:
+            return 0.0
+        if user == "u4" and day % 7 == 3:
+            return rng.choice([1e-3, 1e6])
+        return round(rng.uniform(1, 500), 2)
     return rng.choice(["", "A", "B", "PRIJEM", "VYDAJ", column[:3].upper()])
 
 
@@ -160,11 +166,11 @@ def simulate(
     sims: dict[str, Simulation] = {}
     for name in manifest.order:
         if name in wanted:
-            sims[name] = _simulate_one(manifest.calcs[name], manifest, sims, schemas)
+            sims[name] = simulate_one(manifest.calcs[name], manifest, sims, schemas)
     return sims
 
 
-def _simulate_one(
+def simulate_one(
     spec: CalcSpec,
     manifest: Manifest,
     sims: Mapping[str, Simulation],

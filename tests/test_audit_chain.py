@@ -371,3 +371,23 @@ def test_lineage_records_imported_packages_and_ignores_the_stdlib() -> None:
         sys.modules.pop("lineage_probe", None)
     assert lineage.packages == {"zstandard": importlib.metadata.version("zstandard")}
     assert set(lineage.code) == {"Probe", "Probe.process"}
+
+
+def test_infrastructure_change_names_the_package(project: Project, exec_log) -> None:
+    import importlib.metadata
+
+    project.extra_config = 'packages = ["zstandard"]\n'
+    project.write_prices(price_rows(["AAA", "BBB"], DATES))
+    write(project)
+    run(project)
+    executed(exec_log)
+    project.extra_config = 'packages = ["zstandard", "xxhash"]\n'
+    project.write_config()
+    p = plan(project)
+    assert {d.reason for d in p.decisions.values()} == {Reason.INFRA_CHANGED}
+    version = importlib.metadata.version("xxhash")
+    assert p.decisions[("level", TARGET)].detail == f"xxhash absent -> {version}"
+    project.extra_config = 'packages = ["no-such-distribution-here"]\n'
+    project.write_config()
+    bad = CliRunner().invoke(main, ["--config", str(project.config), "plan"])
+    assert bad.exit_code == 2 and "is not installed" in bad.output
