@@ -24,8 +24,8 @@ from typing import Any
 from orchestrator.config import Config, load_config
 from orchestrator.errors import ConfigError, DefinitionError
 from orchestrator.execution import Executor, RunSummary
-from orchestrator.ledger.store import Ledger, LedgerCell, Snapshot
 from orchestrator.fingerprint import infra_hash
+from orchestrator.ledger.store import Ledger, LedgerCell, Snapshot
 from orchestrator.manifest import CalcSpec, Manifest, discover
 from orchestrator.planning import (
     Decider,

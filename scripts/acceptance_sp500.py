@@ -7,6 +7,7 @@ runs whole ``orchestrator`` processes, each timed from outside:
 2. the same command again (every cell SKIPPED / UP_TO_DATE, nothing executed);
 3. RSI period 14 -> 15: rsi_14 re-runs, then only what depends on it and changed;
 4. a comment-only edit of the RSI class: nothing re-runs;
+4b. a local variable renamed in Rsi14.process: COSMETIC_CHANGE by simulation, nothing re-runs;
 5. ``epoch bump``: the plan makes every cell RUNNABLE (EPOCH_CHANGED).
 
 Usage:
@@ -34,19 +35,20 @@ ORCH = [sys.executable, "-m", "orchestrator.cli"]
 
 
 def timed(args: list[str], cwd: Path) -> tuple[float, int, subprocess.CompletedProcess[str]]:
-    """Run a command; wall seconds, peak RSS in bytes summed over the process tree (polled
-    every 20 ms; pages shared copy-on-write by forked workers count once per process, so
-    this is an upper bound), the result."""
+    """Run a command; wall seconds, peak memory in bytes of the process tree (proportional set
+    size, polled every 50 ms), the result."""
     start = time.perf_counter()
     proc = psutil.Popen(args, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     peak = 0
     while proc.poll() is None:
         try:  # the whole process tree: with workers > 1 the run forks worker processes
             tree = [proc, *proc.children(recursive=True)]
-            peak = max(peak, sum(p.memory_info().rss for p in tree))
+            # PSS shares each copy-on-write page among the processes that map it, so the sum
+            # is the tree's real footprint (RSS would count the shared root data per worker).
+            peak = max(peak, sum(p.memory_full_info().pss for p in tree))
         except psutil.Error:
             pass
-        time.sleep(0.02)
+        time.sleep(0.05)
     out, err = proc.communicate()
     took = time.perf_counter() - start
     return took, peak, subprocess.CompletedProcess(args, proc.returncode, out, err)
@@ -152,6 +154,25 @@ def main() -> int:
         took, _, res = timed(run, work)
         print(f"4. comment-only edit: plan {counts}; run: {res.stdout.strip()}")
         figures["comment_edit_plan_counts"] = counts
+
+        at = commented.index("class Rsi14")
+        renamed = commented[:at] + (
+            commented[at:]
+            .replace(
+                'change = close - float(prev["close"])', 'delta = close - float(prev["close"])', 1
+            )
+            .replace("max(change, 0.0)", "max(delta, 0.0)", 1)
+            .replace("max(-change, 0.0)", "max(-delta, 0.0)", 1)
+        )
+        assert renamed != commented, "the rename edit must apply"
+        wilder.write_text(renamed)
+        counts, reasons, _ = plan_counts(cfg, args.date, work)
+        took, _, res = timed(run, work)
+        print(
+            f"4b. local variable renamed in Rsi14.process: plan {counts} {dict(reasons)}; "
+            f"run: {res.stdout.strip()}"
+        )
+        figures["rename_plan_reasons"] = dict(reasons)
 
         subprocess.run(
             [*ORCH, "--config", str(cfg), "epoch", "bump"],
