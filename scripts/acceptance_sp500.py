@@ -34,6 +34,19 @@ DEFAULT_DATA = REPO.parent / "shared" / "data" / "sp500_daily_ohlcv_2013-02-08_2
 ORCH = [sys.executable, "-m", "orchestrator.cli"]
 
 
+def _pss(process: psutil.Process) -> int:
+    """Proportional set size in bytes, from /proc/PID/smaps_rollup (cheap, unlike a full smaps
+    read, which would load the machine being measured); RSS where it is unavailable."""
+    try:
+        with open(f"/proc/{process.pid}/smaps_rollup") as f:
+            for line in f:
+                if line.startswith("Pss:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return process.memory_info().rss
+
+
 def timed(args: list[str], cwd: Path) -> tuple[float, int, subprocess.CompletedProcess[str]]:
     """Run a command; wall seconds, peak memory in bytes of the process tree (proportional set
     size, polled every 50 ms), the result."""
@@ -45,7 +58,7 @@ def timed(args: list[str], cwd: Path) -> tuple[float, int, subprocess.CompletedP
             tree = [proc, *proc.children(recursive=True)]
             # PSS shares each copy-on-write page among the processes that map it, so the sum
             # is the tree's real footprint (RSS would count the shared root data per worker).
-            peak = max(peak, sum(p.memory_full_info().pss for p in tree))
+            peak = max(peak, sum(_pss(p) for p in tree))
         except psutil.Error:
             pass
         time.sleep(0.05)
