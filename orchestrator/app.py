@@ -13,7 +13,6 @@ import datetime as dt
 import importlib.metadata
 import os
 import re
-import socket
 import uuid
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -25,7 +24,7 @@ from orchestrator.config import Config, load_config
 from orchestrator.errors import ConfigError, DefinitionError
 from orchestrator.execution import Executor, RunSummary
 from orchestrator.fingerprint import infra_hash
-from orchestrator.ledger.store import Ledger, LedgerCell, Snapshot
+from orchestrator.ledger.store import Ledger, LedgerCell, Snapshot, lock_holder
 from orchestrator.manifest import CalcSpec, Manifest, discover
 from orchestrator.planning import (
     Decider,
@@ -332,7 +331,7 @@ class Orchestrator:
         names = list(calculations)
         manifest = self.manifest.slice(names) if names else self.manifest
         run_id = uuid.uuid4().hex
-        holder = f"{socket.gethostname()}:{os.getpid()}:{run_id[:8]}"
+        holder = lock_holder(run_id)
         ledger = self.ledger
         ledger.acquire_lock(holder, now, LOCK_TTL)
         try:

@@ -31,6 +31,7 @@ from typing import Any
 
 import psutil
 
+from orchestrator import faults
 from orchestrator.calculation import MetaContext, StandardContext
 from orchestrator.fingerprint import result_line
 from orchestrator.ledger.store import CellWrite, Ledger, LedgerCell, SlimCell, Snapshot, build_key
@@ -483,6 +484,7 @@ class Executor:
                 run.pending.extend(writer.cut())
             else:
                 self.ledger.write_shards(writer.cut())
+                faults.reached("flush")
             self._sample_memory()
 
     def _walk(
@@ -527,6 +529,7 @@ class Executor:
             for run in runs
         ]
         for user in sorted(all_users):
+            faults.reached("user")
             today = {ds: d.users_on(date).get(user, empty) for ds, d in datasets.items()}
             roots: dict[tuple[str, ...], dict[str, list[Any]]] = {}
             for run, root_names, per_user, whole, lookback in plans:

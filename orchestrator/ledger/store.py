@@ -14,11 +14,13 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import socket
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
 
+import psutil
 from sqlalchemy import (
     Connection,
     Engine,
@@ -37,6 +39,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.exc import IntegrityError, OperationalError, SQLAlchemyError
 
+from orchestrator import faults
 from orchestrator.errors import RunLockedError, StorageError
 from orchestrator.ledger.models import (
     AttemptRow,
@@ -257,6 +260,28 @@ def downgrade(engine: Engine, revision: str) -> None:
         command.downgrade(_alembic_config(conn), revision)
 
 
+def lock_holder(run_id: str) -> str:
+    """``host:pid:process start time:run`` — enough to tell later whether the holder died."""
+    me = psutil.Process()
+    return f"{socket.gethostname()}:{me.pid}:{int(me.create_time())}:{run_id[:8]}"
+
+
+def holder_is_dead(holder: str) -> bool:
+    """True only when ``holder`` names a process of this machine that is gone (or whose pid
+    now belongs to a younger process). Holders of other machines are presumed alive."""
+    parts = holder.split(":")
+    if len(parts) != 4 or parts[0] != socket.gethostname():
+        return False
+    try:
+        pid, started = int(parts[1]), int(parts[2])
+    except ValueError:
+        return False
+    try:
+        return int(psutil.Process(pid).create_time()) != started
+    except psutil.NoSuchProcess:
+        return True
+
+
 def _chunks(items: Sequence[Any], size: int) -> Iterator[Sequence[Any]]:
     for start in range(0, len(items), size):
         yield items[start : start + size]
@@ -368,6 +393,7 @@ class Ledger:
             if shards:
                 conn.execute(insert(SHARDS), list(shards))
             self._publish(conn, writes, now)
+            faults.reached("publish")  # inside the transaction, before its commit
 
     def publish(self, writes: Sequence[CellWrite], now: dt.datetime) -> None:
         """Record finished cells in one transaction (see ``publish_with_shards``)."""
@@ -661,14 +687,16 @@ class Ledger:
     # --- runs and the run lock ------------------------------------------------------------
 
     def acquire_lock(self, holder: str, now: dt.datetime, ttl: dt.timedelta) -> None:
-        """Take the run lock, or fail if an unexpired holder has it.
+        """Take the run lock, or fail if a live holder has it. A lock expires after ``ttl``
+        without a heartbeat, and at once when its holder (``lock_holder()``) was a process
+        of this machine that no longer runs (a crash or kill -9: no need to wait).
 
         Raises:
             RunLockedError: another run holds the lock; the message names it and its expiry.
         """
         with self.engine.begin() as conn:
             row = conn.execute(select(LOCK).where(LOCK.c.name == "run")).first()
-            if row is not None and row.expires_at > now:
+            if row is not None and row.expires_at > now and not holder_is_dead(row.holder):
                 raise RunLockedError(
                     f"another run ({row.holder}) is in progress until "
                     f"{row.expires_at:%Y-%m-%d %H:%M:%S} UTC; wait for it to finish"
