@@ -368,6 +368,7 @@ class Orchestrator:
                 progress=self.progress,
                 heartbeat=heartbeat,
                 workers=workers or self.config.workers,
+                max_attempts=self.config.max_attempts,
             )
             summary = executor.execute()
             for (name, old), verdict in request.cosmetic.items():

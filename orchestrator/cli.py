@@ -353,6 +353,46 @@ def runs(ctx: click.Context, limit: int) -> None:
 
 
 @main.group()
+def dlq() -> None:
+    """Dead letters: cells that failed max_attempts times and stay out of the nightly loop."""
+
+
+@dlq.command("list")
+@click.pass_context
+@_handle_errors
+def dlq_list(ctx: click.Context) -> None:
+    """Every dead-lettered cell with its attempts and last error."""
+    orch = _orch(ctx)
+    try:
+        rows = orch.ledger.dead_letters()
+    finally:
+        orch.close()
+    if not rows:
+        click.echo("no dead letters")
+    for calc, date, attempts, error in rows:
+        last = (error or "").strip().splitlines()[-1:] or [""]
+        click.echo(f"{calc:24} {date} attempts {attempts}: {last[0]}")
+
+
+@dlq.command("retry")
+@click.argument("calc", required=False)
+@click.argument("date", type=DATE, required=False)
+@click.option("--all", "everything", is_flag=True, help="Retry every dead letter.")
+@click.pass_context
+@_handle_errors
+def dlq_retry(ctx: click.Context, calc: str | None, date: dt.date | None, everything: bool) -> None:
+    """Put dead letters back in the loop; the next run retries them."""
+    if calc is None and not everything:
+        raise click.UsageError("name a calculation (and optionally a date), or pass --all")
+    orch = _orch(ctx)
+    try:
+        count = orch.ledger.retry_dead_letters(calc, date)
+    finally:
+        orch.close()
+    click.echo(f"{count} dead letter(s) will be retried by the next `orchestrator run`")
+
+
+@main.group()
 def db() -> None:
     """The ledger database."""
 

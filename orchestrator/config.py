@@ -44,6 +44,8 @@ class Config:
         flush_users: results are flushed to a shard every this many users.
         shard_bytes: upper bound of one shard's uncompressed payload, in bytes.
         workers: local processes for standard cells (1: run in this process).
+        max_attempts: consecutive failed attempts of a cell (one retry happens in the same
+            run's reconciliation) before it becomes a dead letter.
         packages: distributions whose versions make up every calculation's infrastructure
             hash; None: those each calculation imports (traced through the AST).
     """
@@ -57,6 +59,7 @@ class Config:
     flush_users: int = 5000
     shard_bytes: int = 4 * 1024 * 1024
     workers: int = 1
+    max_attempts: int = 3
     packages: tuple[str, ...] | None = None
 
 
@@ -135,6 +138,9 @@ def load_config(path: str | os.PathLike[str] | None = None, db_url: str | None =
     ):
         raise ConfigError(f"{cfg_path}: packages must be a list of distribution names")
     workers = need("workers", raw.get("workers", 1), int)
+    max_attempts = need("max_attempts", raw.get("max_attempts", 3), int)
+    if max_attempts < 1:
+        raise ConfigError(f"{cfg_path}: max_attempts must be >= 1, found {max_attempts}")
     if workers < 1:
         raise ConfigError(f"{cfg_path}: workers must be >= 1, found {workers}")
     return Config(
@@ -147,5 +153,6 @@ def load_config(path: str | os.PathLike[str] | None = None, db_url: str | None =
         flush_users=flush_users,
         shard_bytes=shard_bytes,
         workers=workers,
+        max_attempts=max_attempts,
         packages=tuple(packages) if packages is not None else None,
     )

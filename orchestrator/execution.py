@@ -167,6 +167,7 @@ class Executor:
         progress: show a progress bar on stderr.
         heartbeat: called after each date (renews the run lock).
         workers: processes for standard cells (users partitioned, see ``parallel.py``).
+        max_attempts: consecutive failed attempts after which a cell is a dead letter.
     """
 
     def __init__(
@@ -185,6 +186,7 @@ class Executor:
         progress: bool = False,
         heartbeat: Callable[[], None] = lambda: None,
         workers: int = 1,
+        max_attempts: int = 3,
     ):
         self.ledger = ledger
         self.manifest = manifest
@@ -200,12 +202,14 @@ class Executor:
         self.progress = progress
         self.heartbeat = heartbeat
         self.workers = workers
+        self.max_attempts = max_attempts
         self.pool: WorkerPool | None = None
         self.in_worker = False
         self.decisions: dict[CellKey, Decision] = dict(plan.decisions)
         self.hashes: dict[CellKey, str | None] = {}  # published during this run
         self.ran: set[CellKey] = set()
         self.migrated: set[CellKey] = set()
+        self.dead: set[CellKey] = set()  # failed past max_attempts: dead letters
         self.failed: set[CellKey] = set()
         self.cache = ResultCache(ledger, manifest)
         self.worker = f"{socket.gethostname()}:{os.getpid()}"
@@ -273,38 +277,49 @@ class Executor:
 
     def _execute(self) -> RunSummary:
         started = time.perf_counter()
-        by_date: dict[dt.date, list[CellKey]] = {}
+        self._walk_dates("run")
+        # Reconciliation: failed cells get one more attempt in this run (and their blocked
+        # dependents a chance to run); what still fails waits for the next run or, past
+        # ``max_attempts``, goes to the dead letters.
+        retry = [k for k in self.plan.order if k in self.failed and k not in self.dead]
+        if retry:
+            for key in retry:
+                self.failed.discard(key)
+                self.decisions[key] = Decision(*key, Reason.RETRY, "reconciliation")
+            self.summary.failed = [f for f in self.summary.failed if (f[0], f[1]) not in retry]
+            self._walk_dates("reconcile")
         for key in self.plan.order:
-            by_date.setdefault(key[1], []).append(key)
-        dates = [
-            d
-            for d in self.plan.dates
-            if any(
-                self.decisions[k].status in (Status.RUNNABLE, Status.BLOCKED) and self.in_scope(k)
-                for k in by_date.get(d, ())
-            )
-        ]
+            self._count(self.decisions[key], key)
+        self.summary.seconds = time.perf_counter() - started
+        self.summary.peak_memory = self.peak_rss
+        return self.summary
+
+    def _walk_dates(self, label: str) -> None:
+        """Run every date with work, passes in order, with a progress bar when asked."""
+        dates = sorted(
+            {
+                k[1]
+                for k in self.plan.order
+                if self.decisions[k].status in (Status.RUNNABLE, Status.BLOCKED)
+                and self.in_scope(k)
+                and k not in self.ran
+                and k not in self.migrated
+            }
+        )
         bar = None
         if self.progress and dates:
             from tqdm import tqdm
 
-            bar = tqdm(total=len(dates), unit="date", file=sys.stderr, desc="run")
-        for date in self.plan.dates:
-            keys = by_date.get(date, [])
-            if date in dates:
-                for members in self.manifest.passes:
-                    self._run_pass(date, members)
-                self.heartbeat()
-                if bar is not None:
-                    bar.update(1)
-                    bar.set_postfix_str(f"{date} done={self.summary.completed}")
-            for key in keys:
-                self._count(self.decisions[key], key)
+            bar = tqdm(total=len(dates), unit="date", file=sys.stderr, desc=label)
+        for date in dates:
+            for members in self.manifest.passes:
+                self._run_pass(date, members)
+            self.heartbeat()
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix_str(f"{date} done={len(self.ran)}")
         if bar is not None:
             bar.close()
-        self.summary.seconds = time.perf_counter() - started
-        self.summary.peak_memory = self.peak_rss
-        return self.summary
 
     def _count(self, decision: Decision, key: CellKey) -> None:
         s = self.summary
@@ -376,7 +391,12 @@ class Executor:
         for name in members:
             key = (name, date)
             decision = self.decisions[key]
-            if decision.status not in (Status.RUNNABLE, Status.BLOCKED) or not self.in_scope(key):
+            if (
+                decision.status not in (Status.RUNNABLE, Status.BLOCKED)
+                or not self.in_scope(key)
+                or key in self.ran
+                or key in self.migrated
+            ):
                 continue
             spec = self.manifest.calcs[name]
             decision = self.decider.decide(spec, date, self._stored(key), self._upstream_state)
@@ -710,7 +730,13 @@ class Executor:
         key = (spec.name, date)
         self.failed.add(key)
         self.summary.failed.append((spec.name, date, error.strip().splitlines()[-1]))
-        return self._write(spec, date, decision, "FAILED", run.writer, run, error)
+        stored = self._stored(key)
+        attempts = (stored.attempts if isinstance(stored, LedgerCell) else 0) + 1
+        status = "FAILED"
+        if attempts >= self.max_attempts:
+            status = "DEAD_LETTER"
+            self.dead.add(key)
+        return self._write(spec, date, decision, status, run.writer, run, error)
 
     def _sample_memory(self) -> None:
         rss = _PROCESS.memory_info().rss
@@ -719,11 +745,11 @@ class Executor:
 
 def _as_ledger_cell(w: CellWrite, old: LedgerCell | SlimCell | None) -> LedgerCell:
     """The ledger row a write leaves behind, mirrored in memory for later decisions."""
-    if w.status == "FAILED" and isinstance(old, LedgerCell):
+    if w.status in ("FAILED", "DEAD_LETTER") and isinstance(old, LedgerCell):
         return old._replace(
-            status="FAILED",
+            status=w.status,
             build=build_key(
-                "FAILED",
+                w.status,
                 old.category,
                 old.code_hash,
                 old.layer_hash,
@@ -754,6 +780,6 @@ def _as_ledger_cell(w: CellWrite, old: LedgerCell | SlimCell | None) -> LedgerCe
         upstream_json=json.dumps(dict(w.upstream_hashes)),
         root_json=json.dumps({k: dict(v) for k, v in w.root_hashes.items()}),
         previous_hash=w.previous_hash,
-        attempts=1 if w.status == "FAILED" else 0,
+        attempts=1 if w.status in ("FAILED", "DEAD_LETTER") else 0,
         error=w.error,
     )

@@ -424,13 +424,14 @@ class Ledger:
         inserts: list[dict[str, Any]] = []
         for w in writes:
             old = existing.get((w.calculation, w.date))
-            attempts = (old.attempts if old else 0) + 1 if w.status == "FAILED" else 0
-            if w.status == "FAILED" and old is not None:
+            failed = w.status in ("FAILED", "DEAD_LETTER")
+            attempts = (old.attempts if old else 0) + 1 if failed else 0
+            if failed and old is not None:
                 conn.execute(
                     update(CELLS)
                     .where(CELLS.c.id == old.id)
                     .values(
-                        status="FAILED",
+                        status=w.status,
                         attempts=attempts,
                         error=w.error,
                         run_id=w.run_id,
@@ -494,6 +495,30 @@ class Ledger:
                 )
             if attempts:
                 conn.execute(insert(ATTEMPTS), [dict(a) for a in attempts])
+
+    def dead_letters(self) -> list[Any]:
+        """Cells in the dead-letter state (calculation, date, attempts, error), in order."""
+        with self.engine.connect() as conn:
+            return list(
+                conn.execute(
+                    select(CELLS.c.calculation, CELLS.c.date, CELLS.c.attempts, CELLS.c.error)
+                    .where(CELLS.c.status == "DEAD_LETTER")
+                    .order_by(CELLS.c.calculation, CELLS.c.date)
+                ).all()
+            )
+
+    def retry_dead_letters(
+        self, calculation: str | None = None, date: dt.date | None = None
+    ) -> int:
+        """Put dead letters (optionally of one calculation / date) back in the loop: the next
+        run retries them (RETRY) with a fresh attempt count. Returns how many."""
+        query = update(CELLS).where(CELLS.c.status == "DEAD_LETTER")
+        if calculation is not None:
+            query = query.where(CELLS.c.calculation == calculation)
+        if date is not None:
+            query = query.where(CELLS.c.date == date)
+        with self.engine.begin() as conn:
+            return conn.execute(query.values(status="FAILED", attempts=0)).rowcount or 0
 
     def collect_orphans(self) -> int:
         """Delete shards no published cell points at (left by a crashed attempt)."""
