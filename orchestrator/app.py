@@ -94,6 +94,7 @@ class Observation:
     epoch: int
     scoped_epochs: dict[str, tuple[int, str]]
     epoch_reasons: dict[int, str]
+    live_runs: frozenset[str]
 
 
 class Orchestrator:
@@ -227,6 +228,7 @@ class Orchestrator:
             epoch=read_epoch(self.config.epoch_file),
             scoped_epochs=scoped,
             epoch_reasons=reasons,
+            live_runs=self.ledger.live_runs(now),
         )
 
     def observe_more(self, names: set[str]) -> MoreObservation:
@@ -294,6 +296,7 @@ class Orchestrator:
             force_range=force_range,
             scoped_epochs=observation.scoped_epochs,
             epoch_reasons=observation.epoch_reasons,
+            live_runs=observation.live_runs,
         )
 
     def plan(self, target: dt.date | None = None, now: dt.datetime | None = None) -> Plan:
@@ -348,10 +351,13 @@ class Orchestrator:
             decider = Decider(request)
             last_beat = [dt.datetime.now(dt.UTC)]
 
+            lease = dt.timedelta(seconds=self.config.lease_seconds)
+
             def heartbeat() -> None:
                 t = dt.datetime.now(dt.UTC)
                 if t - last_beat[0] > dt.timedelta(seconds=60):
                     ledger.refresh_lock(holder, t, LOCK_TTL)
+                    ledger.renew_leases(run_id, t + lease)
                     last_beat[0] = t
 
             executor = Executor(
@@ -369,6 +375,7 @@ class Orchestrator:
                 heartbeat=heartbeat,
                 workers=workers or self.config.workers,
                 max_attempts=self.config.max_attempts,
+                lease=lease,
             )
             summary = executor.execute()
             for (name, old), verdict in request.cosmetic.items():

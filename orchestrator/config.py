@@ -46,6 +46,7 @@ class Config:
         workers: local processes for standard cells (1: run in this process).
         max_attempts: consecutive failed attempts of a cell (one retry happens in the same
             run's reconciliation) before it becomes a dead letter.
+        lease_seconds: how long a RUNNING cell's lease lasts without a heartbeat.
         packages: distributions whose versions make up every calculation's infrastructure
             hash; None: those each calculation imports (traced through the AST).
     """
@@ -60,6 +61,7 @@ class Config:
     shard_bytes: int = 4 * 1024 * 1024
     workers: int = 1
     max_attempts: int = 3
+    lease_seconds: int = 600
     packages: tuple[str, ...] | None = None
 
 
@@ -139,6 +141,9 @@ def load_config(path: str | os.PathLike[str] | None = None, db_url: str | None =
         raise ConfigError(f"{cfg_path}: packages must be a list of distribution names")
     workers = need("workers", raw.get("workers", 1), int)
     max_attempts = need("max_attempts", raw.get("max_attempts", 3), int)
+    lease_seconds = need("lease_seconds", raw.get("lease_seconds", 600), int)
+    if lease_seconds < 10:
+        raise ConfigError(f"{cfg_path}: lease_seconds must be >= 10, found {lease_seconds}")
     if max_attempts < 1:
         raise ConfigError(f"{cfg_path}: max_attempts must be >= 1, found {max_attempts}")
     if workers < 1:
@@ -154,5 +159,6 @@ def load_config(path: str | os.PathLike[str] | None = None, db_url: str | None =
         shard_bytes=shard_bytes,
         workers=workers,
         max_attempts=max_attempts,
+        lease_seconds=lease_seconds,
         packages=tuple(packages) if packages is not None else None,
     )

@@ -168,6 +168,7 @@ class Executor:
         heartbeat: called after each date (renews the run lock).
         workers: processes for standard cells (users partitioned, see ``parallel.py``).
         max_attempts: consecutive failed attempts after which a cell is a dead letter.
+        lease: how long the lease of a RUNNING cell lasts (renewed by ``heartbeat``).
     """
 
     def __init__(
@@ -187,6 +188,7 @@ class Executor:
         heartbeat: Callable[[], None] = lambda: None,
         workers: int = 1,
         max_attempts: int = 3,
+        lease: dt.timedelta = dt.timedelta(minutes=10),
     ):
         self.ledger = ledger
         self.manifest = manifest
@@ -203,6 +205,7 @@ class Executor:
         self.heartbeat = heartbeat
         self.workers = workers
         self.max_attempts = max_attempts
+        self.lease = lease
         self.pool: WorkerPool | None = None
         self.in_worker = False
         self.decisions: dict[CellKey, Decision] = dict(plan.decisions)
@@ -409,6 +412,26 @@ class Executor:
                 self.summary.executed[key] = decision.reason.value
         if migrations:
             self._migrate(migrations)
+        if to_run:
+            now = self.clock()
+            self.ledger.lease(
+                [
+                    {
+                        "calculation": spec.name,
+                        "date": date,
+                        "category": spec.category,
+                        "code_hash": spec.code_hash,
+                        "layer_hash": spec.layer_hash,
+                        "infra_hash": spec.infra_hash,
+                        "epoch": self.decider.request.epoch,
+                        "scoped_epoch": self.decider.scoped_epoch(spec.name),
+                    }
+                    for spec, _ in to_run
+                ],
+                self.run_id,
+                now + self.lease,
+                now,
+            )
         standard = [(s, d) for s, d in to_run if s.is_standard]
         writes: list[CellWrite] = []
         shard_rows: list[dict[str, Any]] = []

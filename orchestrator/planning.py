@@ -6,7 +6,8 @@ of four states with a reason code (SPEC "The dispatcher"):
 * IMPOSSIBLE — BEFORE_EARLIEST, NO_DATA (a root dataset has no rows that date), UPSTREAM (a
   dependency is impossible). Impossibility propagates down; the rest of the graph carries on.
 * BLOCKED — WAITING_ON_UPSTREAM (an upstream cell runs first in this plan; this one may still
-  be skipped by early cutoff), UPSTREAM_FAILED, UPSTREAM_DEAD_LETTER, DEAD_LETTER.
+  be skipped by early cutoff), UPSTREAM_FAILED, UPSTREAM_DEAD_LETTER, DEAD_LETTER,
+  IN_PROGRESS (a live run holds its lease; seen by a dry run during a run).
 * SKIPPED — UP_TO_DATE, COSMETIC_CHANGE, UPSTREAM_UNCHANGED (an upstream re-ran this run and
   produced the same result hash: the early-cutoff firewall).
 * RUNNABLE — NEW, CODE_CHANGED, LAYER_CHANGED, INFRA_CHANGED, EPOCH_CHANGED, UPSTREAM_CHANGED,
@@ -59,6 +60,7 @@ class Reason(enum.Enum):
     UPSTREAM_FAILED = "UPSTREAM_FAILED"
     UPSTREAM_DEAD_LETTER = "UPSTREAM_DEAD_LETTER"
     DEAD_LETTER = "DEAD_LETTER"
+    IN_PROGRESS = "IN_PROGRESS"
     UP_TO_DATE = "UP_TO_DATE"
     COSMETIC_CHANGE = "COSMETIC_CHANGE"
     UPSTREAM_UNCHANGED = "UPSTREAM_UNCHANGED"
@@ -88,6 +90,7 @@ _STATUS_OF = {
             Reason.UPSTREAM_FAILED,
             Reason.UPSTREAM_DEAD_LETTER,
             Reason.DEAD_LETTER,
+            Reason.IN_PROGRESS,
         )
     },
     **{
@@ -199,6 +202,7 @@ class PlanRequest:
         registry: (kind, hash) -> registered parts, to name what changed since a stored hash.
         cosmetic: (calculation, stored code hash) -> "" if the change to the current code is
             proven cosmetic by simulation, else why not (see ``App.cosmetic_verdicts``).
+        live_runs: ids of runs alive now; a RUNNING cell of any other run is a zombie.
     """
 
     manifest: Manifest
@@ -213,6 +217,7 @@ class PlanRequest:
     epoch_reasons: Mapping[int, str] = field(default_factory=dict)
     registry: Mapping[tuple[str, str], Mapping[str, Any]] = field(default_factory=dict)
     cosmetic: Mapping[tuple[str, str], str] = field(default_factory=dict)
+    live_runs: frozenset[str] = frozenset()
 
 
 _WINDOW_TAG = encode("window")
@@ -506,6 +511,17 @@ class Decider:
                 )
         if stored is not None and stored.status == "DEAD_LETTER":
             return Decision(*key, Reason.DEAD_LETTER, _first_line(stored.error), published)
+        if (
+            stored is not None
+            and stored.status == "RUNNING"
+            and stored.run_id in self.request.live_runs
+        ):
+            return Decision(
+                *key,
+                Reason.IN_PROGRESS,
+                f"leased by run {stored.run_id[:8]} until {stored.lease_expires_at}",
+                published,
+            )
 
         own = self._own_reason(spec, date, stored)
         if own is not None:
@@ -566,6 +582,10 @@ class Decider:
             return Reason.NEW, "never computed"
         if stored.status == "FAILED":
             return Reason.RETRY, f"attempt {stored.attempts} failed: {_first_line(stored.error)}"
+        if stored.status == "RUNNING":  # its run is not alive (else IN_PROGRESS, above)
+            return Reason.ZOMBIE_RECOVERED, (
+                f"run {(stored.run_id or '?')[:8]} died while computing it"
+            )
         if stored.epoch != req.epoch:
             why = req.epoch_reasons.get(req.epoch)
             return Reason.EPOCH_CHANGED, f"system epoch {stored.epoch} -> {req.epoch}" + (

@@ -19,6 +19,7 @@ from click.testing import CliRunner
 
 from orchestrator.cli import main
 from orchestrator.fingerprint import result_hash_of
+from orchestrator.planning import Reason
 from orchestrator.results import _decompressor
 from tests.conftest import Project, price_rows
 from tests.test_scenarios import BASE, DATES, TARGET
@@ -80,6 +81,12 @@ def test_kill_9_then_rerun_converges_to_the_uninterrupted_results(
     assert killed.returncode == -signal.SIGKILL, killed.stderr
     partial = _published(small)  # whole cells only, whatever was committed before the kill
     assert len(partial) < 4 * len(DATES)
+    orch = small.orchestrator()
+    zombies = [
+        d for d in orch.plan(TARGET).decisions.values() if d.reason is Reason.ZOMBIE_RECOVERED
+    ]
+    orch.close()
+    assert zombies and all("died while computing it" in d.detail for d in zombies)
 
     again = _cli(small)  # the dead run's lock is taken over at once (its process is gone)
     assert again.returncode == 0, again.stdout + again.stderr
@@ -117,3 +124,38 @@ def test_a_dead_holder_does_not_block_the_next_run(small: Project) -> None:
         main, ["--config", str(small.config), "run", "--date", TARGET.isoformat()]
     )
     assert result.exit_code == 0, result.output
+
+
+def test_a_live_runs_leased_cells_are_in_progress_not_zombies(small: Project) -> None:
+    import datetime as dt
+
+    from orchestrator.ledger.store import lock_holder
+
+    orch = small.orchestrator()
+    orch.run(TARGET)
+    now = dt.datetime.now(dt.UTC)
+    orch.ledger.acquire_lock(lock_holder("f" * 32), now, dt.timedelta(minutes=5))
+    spec = orch.manifest.calcs["rsi"]
+    orch.ledger.lease(
+        [
+            {
+                "calculation": "rsi",
+                "date": TARGET,
+                "category": spec.category,
+                "code_hash": spec.code_hash,
+                "layer_hash": spec.layer_hash,
+                "infra_hash": spec.infra_hash,
+                "epoch": 0,
+                "scoped_epoch": 0,
+            }
+        ],
+        "f" * 32,
+        now + dt.timedelta(minutes=5),
+        now,
+    )
+    decisions = orch.plan(TARGET).decisions
+    assert decisions[("rsi", TARGET)].reason is Reason.IN_PROGRESS
+    assert decisions[("signal", TARGET)].reason is Reason.WAITING_ON_UPSTREAM
+    orch.ledger.release_lock(lock_holder("f" * 32))
+    assert orch.plan(TARGET).decisions[("rsi", TARGET)].reason is Reason.ZOMBIE_RECOVERED
+    orch.close()

@@ -114,6 +114,8 @@ class LedgerCell(NamedTuple):
     previous_hash: str | None
     attempts: int
     error: str | None
+    run_id: str | None = None  # the run that last wrote it (holds its lease while RUNNING)
+    lease_expires_at: dt.datetime | None = None
 
     @property
     def upstream_hashes(self) -> dict[str, str | None]:
@@ -157,6 +159,8 @@ _FULL_COLUMNS = (
     CELLS.c.previous_hash,
     CELLS.c.attempts,
     CELLS.c.error,
+    CELLS.c.run_id,
+    CELLS.c.lease_expires_at,
 )
 
 
@@ -263,7 +267,7 @@ def downgrade(engine: Engine, revision: str) -> None:
 def lock_holder(run_id: str) -> str:
     """``host:pid:process start time:run`` — enough to tell later whether the holder died."""
     me = psutil.Process()
-    return f"{socket.gethostname()}:{me.pid}:{int(me.create_time())}:{run_id[:8]}"
+    return f"{socket.gethostname()}:{me.pid}:{int(me.create_time())}:{run_id}"
 
 
 def holder_is_dead(holder: str) -> bool:
@@ -480,6 +484,72 @@ class Ledger:
         attempts_rows = [dict(w.attempt) for w in writes if w.attempt]
         if attempts_rows:
             conn.execute(insert(ATTEMPTS), attempts_rows)
+
+    def lease(
+        self,
+        cells: Sequence[Mapping[str, Any]],
+        run_id: str,
+        expires: dt.datetime,
+        now: dt.datetime,
+    ) -> None:
+        """Mark cells RUNNING under ``run_id``'s lease, in one transaction. A published result
+        stays published; a cell never computed gets a placeholder row (no result).
+
+        Args:
+            cells: dicts with calculation, date, category, code_hash, layer_hash,
+                infra_hash, epoch, scoped_epoch (used only for placeholder rows).
+        """
+        if not cells:
+            return
+        with self.engine.begin() as conn:
+            keys = [(c["calculation"], c["date"]) for c in cells]
+            existing = {
+                (r[0], r[1])
+                for r in conn.execute(
+                    select(CELLS.c.calculation, CELLS.c.date).where(
+                        tuple_(CELLS.c.calculation, CELLS.c.date).in_(keys)
+                    )
+                )
+            }
+            for c in cells:
+                if (c["calculation"], c["date"]) in existing:
+                    conn.execute(
+                        update(CELLS)
+                        .where(CELLS.c.calculation == c["calculation"], CELLS.c.date == c["date"])
+                        .values(status="RUNNING", run_id=run_id, lease_expires_at=expires)
+                    )
+            placeholders = [
+                {
+                    **dict(c),
+                    "status": "RUNNING",
+                    "inputs_digest": "-" * 32,
+                    "upstream_hashes": {},
+                    "root_hashes": {},
+                    "previous_hash": None,
+                    "result_hash": None,
+                    "generation": None,
+                    "users": 0,
+                    "attempts": 0,
+                    "lease_expires_at": expires,
+                    "run_id": run_id,
+                    "error": None,
+                    "hash_format": 1,
+                    "updated_at": now,
+                }
+                for c in cells
+                if (c["calculation"], c["date"]) not in existing
+            ]
+            if placeholders:
+                conn.execute(insert(CELLS), placeholders)
+
+    def renew_leases(self, run_id: str, expires: dt.datetime) -> None:
+        """The heartbeat: extend the leases of this run's RUNNING cells."""
+        with self.engine.begin() as conn:
+            conn.execute(
+                update(CELLS)
+                .where(CELLS.c.run_id == run_id, CELLS.c.status == "RUNNING")
+                .values(lease_expires_at=expires)
+            )
 
     def migrate_categories(
         self, moves: Sequence[tuple[str, dt.date, str]], attempts: Sequence[Mapping[str, Any]]
@@ -732,6 +802,14 @@ class Ledger:
                 conn.execute(insert(LOCK).values(name="run", holder=holder, expires_at=now + ttl))
             except IntegrityError as e:  # another process took it between our read and insert
                 raise RunLockedError("another run took the run lock just now; try later") from e
+
+    def live_runs(self, now: dt.datetime) -> frozenset[str]:
+        """Ids of runs alive now: the run lock's holder, unless expired or dead."""
+        with self.engine.connect() as conn:
+            row = conn.execute(select(LOCK).where(LOCK.c.name == "run")).first()
+        if row is None or row.expires_at <= now or holder_is_dead(row.holder):
+            return frozenset()
+        return frozenset({row.holder.rsplit(":", 1)[-1]})
 
     def refresh_lock(self, holder: str, now: dt.datetime, ttl: dt.timedelta) -> None:
         with self.engine.begin() as conn:
