@@ -412,26 +412,9 @@ class Executor:
                 self.summary.executed[key] = decision.reason.value
         if migrations:
             self._migrate(migrations)
-        if to_run:
-            now = self.clock()
-            self.ledger.lease(
-                [
-                    {
-                        "calculation": spec.name,
-                        "date": date,
-                        "category": spec.category,
-                        "code_hash": spec.code_hash,
-                        "layer_hash": spec.layer_hash,
-                        "infra_hash": spec.infra_hash,
-                        "epoch": self.decider.request.epoch,
-                        "scoped_epoch": self.decider.scoped_epoch(spec.name),
-                    }
-                    for spec, _ in to_run
-                ],
-                self.run_id,
-                now + self.lease,
-                now,
-            )
+        leased = [(spec.name, date) for spec, _ in to_run if self._stored((spec.name, date))]
+        if leased:
+            self.ledger.lease(leased, self.run_id, self.clock() + self.lease)
         standard = [(s, d) for s, d in to_run if s.is_standard]
         writes: list[CellWrite] = []
         shard_rows: list[dict[str, Any]] = []

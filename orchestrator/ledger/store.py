@@ -486,61 +486,18 @@ class Ledger:
             conn.execute(insert(ATTEMPTS), attempts_rows)
 
     def lease(
-        self,
-        cells: Sequence[Mapping[str, Any]],
-        run_id: str,
-        expires: dt.datetime,
-        now: dt.datetime,
+        self, cells: Sequence[tuple[str, dt.date]], run_id: str, expires: dt.datetime
     ) -> None:
-        """Mark cells RUNNING under ``run_id``'s lease, in one transaction. A published result
-        stays published; a cell never computed gets a placeholder row (no result).
-
-        Args:
-            cells: dicts with calculation, date, category, code_hash, layer_hash,
-                infra_hash, epoch, scoped_epoch (used only for placeholder rows).
-        """
-        if not cells:
-            return
-        with self.engine.begin() as conn:
-            keys = [(c["calculation"], c["date"]) for c in cells]
-            existing = {
-                (r[0], r[1])
-                for r in conn.execute(
-                    select(CELLS.c.calculation, CELLS.c.date).where(
-                        tuple_(CELLS.c.calculation, CELLS.c.date).in_(keys)
-                    )
+        """Mark stored cells RUNNING under ``run_id``'s lease, in one statement; their
+        published results stay published. (A cell never computed has no row to lease: if the
+        run dies, it is simply still NEW.)"""
+        if cells:
+            with self.engine.begin() as conn:
+                conn.execute(
+                    update(CELLS)
+                    .where(tuple_(CELLS.c.calculation, CELLS.c.date).in_(list(cells)))
+                    .values(status="RUNNING", run_id=run_id, lease_expires_at=expires)
                 )
-            }
-            for c in cells:
-                if (c["calculation"], c["date"]) in existing:
-                    conn.execute(
-                        update(CELLS)
-                        .where(CELLS.c.calculation == c["calculation"], CELLS.c.date == c["date"])
-                        .values(status="RUNNING", run_id=run_id, lease_expires_at=expires)
-                    )
-            placeholders = [
-                {
-                    **dict(c),
-                    "status": "RUNNING",
-                    "inputs_digest": "-" * 32,
-                    "upstream_hashes": {},
-                    "root_hashes": {},
-                    "previous_hash": None,
-                    "result_hash": None,
-                    "generation": None,
-                    "users": 0,
-                    "attempts": 0,
-                    "lease_expires_at": expires,
-                    "run_id": run_id,
-                    "error": None,
-                    "hash_format": 1,
-                    "updated_at": now,
-                }
-                for c in cells
-                if (c["calculation"], c["date"]) not in existing
-            ]
-            if placeholders:
-                conn.execute(insert(CELLS), placeholders)
 
     def renew_leases(self, run_id: str, expires: dt.datetime) -> None:
         """The heartbeat: extend the leases of this run's RUNNING cells."""
