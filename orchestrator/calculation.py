@@ -19,6 +19,10 @@ Metadata (all optional except ``process``):
 ``earliest_date``  ISO date string; earlier dates are IMPOSSIBLE (BEFORE_EARLIEST)
 ``product_lines``  labels used to slice the manifest
 ``max_failure_rate`` fraction of users allowed to fail before the cell fails (default 0.10)
+``allow_nan``, ``max_null_fraction``, ``nullable``, ``flatline_min_users``, ``flatline_ok``
+                   validation before publishing (see ``validation.py``): NaN/Inf rejected,
+                   a field null for more than 50 % of users rejected unless ``nullable``, a
+                   float field constant across 50+ users rejected unless ``flatline_ok``
 ``simulate``       run on the fabricated world when the code changes, so a proven-cosmetic
                    change is skipped (default True; False: every code change re-runs)
 """
@@ -47,6 +51,11 @@ class Calculation:
     product_lines: ClassVar[Sequence[str]] = ()
     max_failure_rate: ClassVar[float] = 0.10
     simulate: ClassVar[bool] = True
+    allow_nan: ClassVar[bool] = False
+    max_null_fraction: ClassVar[float | None] = 0.5
+    nullable: ClassVar[Sequence[str]] = ()
+    flatline_min_users: ClassVar[int | None] = 50
+    flatline_ok: ClassVar[Sequence[str]] = ()
     kind: ClassVar[str] = ""
 
     def process(self, ctx: Any) -> Result | None:  # pragma: no cover - abstract

@@ -31,7 +31,7 @@ from typing import Any
 
 import psutil
 
-from orchestrator import faults
+from orchestrator import faults, validation
 from orchestrator.calculation import MetaContext, StandardContext
 from orchestrator.fingerprint import result_line
 from orchestrator.ledger.store import CellWrite, Ledger, LedgerCell, SlimCell, Snapshot, build_key
@@ -90,6 +90,7 @@ class _CellRun:
     errors: list[str] = field(default_factory=list)
     aborted: str | None = None
     pending: list[dict[str, Any]] = field(default_factory=list)  # shards cut in a worker
+    stats: validation.Stats | None = None  # merged from workers (else computed from keep)
 
 
 class _LazyHistory(Mapping[str, list[Any]]):
@@ -617,6 +618,12 @@ class Executor:
         if error is not None:
             error = error + "\n" + "\n".join(run.errors)
             return self._failure(spec, date, run.decision, error, run), []
+        stats = run.stats if run.stats is not None else validation.collect(run.keep.values())
+        found = validation.problems(spec.rules, stats)
+        if found:  # nothing of this attempt is published; the previous result stays
+            run.writer.cut()
+            error = "VALIDATION: " + "; ".join(found)
+            return self._failure(spec, date, run.decision, error, run), []
         rows = run.writer.cut()
         if rows and self.pool is None:
             run.flushes += 1
@@ -662,6 +669,10 @@ class Executor:
         except Exception:  # noqa: BLE001 - user code: any error fails the cell
             run.failures = 1
             return self._failure(spec, date, decision, traceback.format_exc(), run), []
+        found = validation.problems(spec.rules, validation.collect([result]), per_user=False)
+        if found:
+            error = "VALIDATION: " + "; ".join(found)
+            return self._failure(spec, date, decision, error, run), []
         rows = run.writer.cut()
         run.flushes = 1
         self.cache.put((spec.name, date), result)

@@ -32,8 +32,20 @@ from orchestrator.fingerprint import digest, infra_parts, normalise
 _BUILTINS = frozenset(dir(builtins))
 
 # Class attributes that place or police results but never change them: a category change is a
-# CATEGORY_MIGRATED move, not a code change.
-PLACEMENT_ATTRIBUTES = frozenset({"category", "product_lines", "max_failure_rate"})
+# CATEGORY_MIGRATED move, not a code change; validation thresholds apply at the next publish.
+PLACEMENT_ATTRIBUTES = frozenset(
+    {
+        "category",
+        "product_lines",
+        "max_failure_rate",
+        "allow_nan",
+        "max_null_fraction",
+        "nullable",
+        "flatline_min_users",
+        "flatline_ok",
+        "simulate",
+    }
+)
 
 
 @dataclass(frozen=True, slots=True)

@@ -26,6 +26,7 @@ from orchestrator.calculation import Calculation, MetaCalculation, StandardCalcu
 from orchestrator.errors import CycleError, ManifestError
 from orchestrator.fingerprint import digest, infra_hash
 from orchestrator.lineage import Lineage, trace
+from orchestrator.validation import Rules
 
 EMPTY_LAYER = digest("layer", {})
 
@@ -52,6 +53,7 @@ class CalcSpec:
     cls: type[Calculation] = field(compare=False, repr=False)
     layer_hash: str = EMPTY_LAYER
     simulate: bool = True
+    rules: Rules = field(default_factory=Rules)
     infra_hash: str = field(default_factory=infra_hash)
     lineage: Lineage | None = field(default=None, compare=False, repr=False)
 
@@ -105,6 +107,13 @@ class CalcSpec:
             cls=calc,
             layer_hash=lineage.layer_hash,
             simulate=bool(getattr(calc, "simulate", True)),
+            rules=Rules(
+                allow_nan=bool(calc.allow_nan),
+                max_null_fraction=calc.max_null_fraction,
+                nullable=frozenset(names("nullable")),
+                flatline_min_users=calc.flatline_min_users,
+                flatline_ok=frozenset(names("flatline_ok")),
+            ),
             infra_hash=lineage.infra_hash,
             lineage=lineage,
         )

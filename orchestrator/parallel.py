@@ -24,6 +24,8 @@ import traceback
 from multiprocessing.connection import Connection
 from typing import TYPE_CHECKING, Any, NamedTuple, Self
 
+from orchestrator import validation
+
 if TYPE_CHECKING:
     from orchestrator.execution import Executor, _CellRun
     from orchestrator.planning import Decision
@@ -58,6 +60,7 @@ class _Part(NamedTuple):
     raws: list[bytes]
     rows: list[dict[str, Any]]
     keep: dict[str, Any] | None
+    stats: validation.Stats
 
 
 class WorkerError(RuntimeError):
@@ -99,6 +102,7 @@ def _serve(
                         run.writer.raws,
                         run.pending,
                         run.keep if run.spec.name in send_results else None,
+                        validation.collect(run.keep.values()),
                     )
                 )
                 # This worker's users' results, for its later passes and dates.
@@ -168,8 +172,10 @@ class WorkerPool:
             run.flushes = sum(p.flushes for p in parts)
             run.errors = [e for p in parts for e in p.errors][:5]
             run.aborted = next((p.aborted for p in parts if p.aborted), None)
+            run.stats = validation.Stats()
             for p in parts:
                 run.writer.absorb(p.raws, p.rows)
+                run.stats.merge(p.stats)
             if all(p.keep is not None for p in parts):
                 for p in parts:
                     run.keep.update(p.keep or {})

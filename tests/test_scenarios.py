@@ -44,6 +44,7 @@ class RSI(StandardCalculation):
     dependencies = ["price_extractor"]
     historical = True
     period = 3
+    nullable = ("rsi",)  # warm-up: no moves on the first date
 
     def process(self, ctx):
         close = ctx.upstream["price_extractor"]["close"]

@@ -227,6 +227,7 @@ class Overdraft(StandardCalculation):
     """
 
     name = "overdraft"
+    flatline_ok = ("shortfall",)  # 0.0 for every account on most days: overdrafts are rare
     category = "risk"
     dependencies = ("balance",)
 

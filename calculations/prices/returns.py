@@ -57,6 +57,8 @@ class DailyReturn(StandardCalculation):
     """
 
     name = "daily_return"
+    # Null on an instrument's first row (no earlier close): every row of the first date.
+    nullable = ("prev_close", "prev_date", "return")
     category = "returns"
     root_data = ("prices",)
     max_gap = 5
@@ -98,6 +100,7 @@ class Volatility20(StandardCalculation):
     """
 
     name = "volatility_20"
+    nullable = ("volatility", "annualised")  # fewer than 2 returns: the first dates
     category = "risk"
     root_data = ("prices",)
     window = 20
@@ -142,6 +145,7 @@ class Drawdown(StandardCalculation):
     """
 
     name = "drawdown"
+    flatline_ok = ("drawdown",)  # 0.0 for every instrument on its first date
     category = "risk"
     root_data = ("prices",)
     historical = True

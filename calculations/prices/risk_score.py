@@ -42,6 +42,10 @@ class RiskScore(StandardCalculation):
     """
 
     name = "risk_score"
+    # Components are null while their inputs warm up; on the first date only the drawdown
+    # (0 for everyone) is known, so the score is flat there.
+    nullable = ("c_atr", "c_rank", "c_rsi", "c_volatility")
+    flatline_ok = ("score", "c_drawdown")
     category = "risk"
     dependencies = ("volatility_20", "rsi_14", "atr_14", "drawdown", "xs_rank")
     vol_cap = 0.80

@@ -94,6 +94,7 @@ class Rsi14(StandardCalculation):
     """
 
     name = "rsi_14"
+    nullable = ("rsi", "avg_gain", "avg_loss")  # warm-up: the first `period` bars
     category = "signals"
     root_data = ("prices",)
     historical = True
@@ -144,6 +145,7 @@ class Atr14(StandardCalculation):
     """
 
     name = "atr_14"
+    nullable = ("atr", "atr_ratio")  # warm-up: the first `period` bars
     category = "risk"
     root_data = ("prices",)
     historical = True

@@ -1,0 +1,136 @@
+"""Heuristic validation of a cell's results before they are published (seed 004 §7).
+
+Better to fail and alert than to persist corrupt data that pollutes every dependent. Checks,
+with thresholds per calculation (class attributes, see ``calculation.py``):
+
+* **NaN / Inf** in a numeric field (``allow_nan = False``) — anywhere in a meta result too;
+* **null density** — a field that is null (or missing) for more than ``max_null_fraction`` of
+  the users (default 0.5), except the fields listed in ``nullable`` (warm-up periods);
+* **flatline** — a float field with zero variance across at least ``flatline_min_users``
+  users (default 50), except the fields in ``flatline_ok``.
+
+Statistics are accumulated per field in one pass (``collect``) and merge across worker
+processes (``FieldStats.merge``), so validation sees every user however the cell was computed.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass(frozen=True, slots=True)
+class Rules:
+    """A calculation's validation thresholds (``None`` disables a check)."""
+
+    allow_nan: bool = False
+    max_null_fraction: float | None = 0.5
+    nullable: frozenset[str] = frozenset()
+    flatline_min_users: int | None = 50
+    flatline_ok: frozenset[str] = frozenset()
+
+
+@dataclass(slots=True)
+class FieldStats:
+    """One field over a cell's users: how often present, null, non-finite; float range."""
+
+    present: int = 0
+    nulls: int = 0
+    non_finite: int = 0
+    floats: int = 0
+    low: float = math.inf
+    high: float = -math.inf
+
+    def merge(self, other: FieldStats) -> None:
+        self.present += other.present
+        self.nulls += other.nulls
+        self.non_finite += other.non_finite
+        self.floats += other.floats
+        self.low = min(self.low, other.low)
+        self.high = max(self.high, other.high)
+
+
+@dataclass(slots=True)
+class Stats:
+    """Per-field statistics of a cell's results, and how many results there were."""
+
+    results: int = 0
+    fields: dict[str, FieldStats] = field(default_factory=dict)
+
+    def merge(self, other: Stats) -> None:
+        self.results += other.results
+        for name, stats in other.fields.items():
+            self.fields.setdefault(name, FieldStats()).merge(stats)
+
+
+def collect(results: Iterable[Any]) -> Stats:
+    """Statistics of flat per-user results (standard cells) or of one nested result (meta:
+    every numeric leaf, keyed by its path)."""
+    out = Stats()
+    fields = out.fields
+    for result in results:
+        if not isinstance(result, Mapping):
+            continue
+        out.results += 1
+        for name, value in result.items():
+            stats = fields.get(name)
+            if stats is None:
+                stats = fields[name] = FieldStats()
+            stats.present += 1
+            if value is None:
+                stats.nulls += 1
+            elif type(value) is float:
+                if not math.isfinite(value):
+                    stats.non_finite += 1
+                else:
+                    stats.floats += 1
+                    stats.low = min(stats.low, value)
+                    stats.high = max(stats.high, value)
+            elif isinstance(value, (Mapping, list)):
+                for path, leaf in _leaves(value, name):
+                    if type(leaf) is float and not math.isfinite(leaf):
+                        fields.setdefault(path, FieldStats()).non_finite += 1
+    return out
+
+
+def _leaves(value: Any, path: str) -> Iterable[tuple[str, Any]]:
+    if isinstance(value, Mapping):
+        for key, item in value.items():
+            yield from _leaves(item, f"{path}.{key}")
+    elif isinstance(value, list):
+        for item in value:
+            yield from _leaves(item, f"{path}[]")
+    else:
+        yield path, value
+
+
+def problems(rules: Rules, stats: Stats, per_user: bool = True) -> list[str]:
+    """What fails validation, one line per field; empty when the results pass. Null density
+    and flatline are about users, so a meta result (``per_user=False``) gets the NaN check."""
+    out = []
+    for name, s in sorted(stats.fields.items()):
+        if s.non_finite and not rules.allow_nan:
+            out.append(f"{name}: {s.non_finite} NaN/Inf value(s)")
+        if not per_user:
+            continue
+        missing = s.nulls + (stats.results - s.present)
+        if (
+            rules.max_null_fraction is not None
+            and name not in rules.nullable
+            and stats.results
+            and missing / stats.results > rules.max_null_fraction
+        ):
+            out.append(
+                f"{name}: null for {missing} of {stats.results} results "
+                f"({missing / stats.results:.0%} > {rules.max_null_fraction:.0%})"
+            )
+        if (
+            rules.flatline_min_users is not None
+            and name not in rules.flatline_ok
+            and s.floats >= rules.flatline_min_users
+            and s.low == s.high
+        ):
+            out.append(f"{name}: flatline, {s.low!r} for all {s.floats} results")
+    return out

@@ -1,0 +1,118 @@
+"""Validation before publishing and the circuit breaker (SQLite and PostgreSQL).
+
+A failing cell is FAILED with the offending fields, nothing of the attempt is published, and
+the previous result stays readable.
+"""
+
+from __future__ import annotations
+
+from orchestrator.validation import Rules, collect, problems
+from tests.conftest import Project, price_rows
+from tests.test_scenarios import DATES, run
+
+USERS = [f"U{i:03d}" for i in range(120)]
+DAY = DATES[0]
+
+TEMPLATE = """
+from orchestrator import MetaCalculation, StandardCalculation
+
+
+class Quality(StandardCalculation):
+    name = "quality"
+    root_data = ["prices"]
+{attributes}
+    def process(self, ctx):
+        close = ctx.root["prices"][0]["close"]
+        n = int(ctx.user[1:])
+{body}
+
+
+class Summary(MetaCalculation):
+    name = "summary"
+    dependencies = ["quality"]
+
+    def process(self, ctx):
+        return {{"n": len(ctx.upstream["quality"])}}
+"""
+
+
+def build(project: Project, body: str, attributes: str = "") -> None:
+    project.write_calcs(TEMPLATE.format(body=body, attributes=attributes))
+
+
+def outcome(project: Project):
+    summary = run(project, DAY)
+    orch = project.orchestrator()
+    cell = orch.ledger.cell("quality", DAY)
+    result = orch.load_result("quality", DAY)
+    orch.close()
+    return summary, cell, result
+
+
+def good_then(project: Project, body: str, attributes: str = ""):
+    project.write_prices(price_rows(USERS, DATES[:1]))
+    build(project, '        return {"value": close + n}')
+    first = run(project, DAY)
+    assert first.ok
+    build(project, body, attributes)
+    return outcome(project)
+
+
+def test_nan_fails_validation_and_keeps_the_previous_result(project: Project) -> None:
+    summary, cell, result = good_then(
+        project, '        return {"value": float("nan") if n % 2 else close + n}'
+    )
+    assert [c for c, _, _ in summary.failed] == ["quality"]
+    assert cell.status == "FAILED"
+    assert cell.error.startswith("VALIDATION: value: 60 NaN/Inf value(s)")
+    assert result["U001"] == {"value": price_rows(USERS, DATES[:1])[1]["close"] + 1}  # old one
+    assert ("summary", DAY) not in summary.executed  # blocked by the failure
+
+
+def test_null_density_fails_unless_the_field_is_nullable(project: Project) -> None:
+    body = '        return {"value": None if n % 4 else close}'
+    _, cell, _ = good_then(project, body)
+    assert "value: null for 90 of 120 results (75% > 50%)" in cell.error
+    build(project, body, '    nullable = ("value",)\n')
+    summary, cell, result = outcome(project)
+    assert summary.ok and cell.status == "COMPLETED" and result["U001"] == {"value": None}
+
+
+def test_flatline_fails_unless_allowed(project: Project) -> None:
+    body = '        return {"value": 1.5}'
+    _, cell, _ = good_then(project, body)
+    assert "value: flatline, 1.5 for all 120 results" in cell.error
+    build(project, body, '    flatline_ok = ("value",)\n')
+    assert outcome(project)[0].ok
+
+
+def test_circuit_breaker_trips_and_publishes_nothing(project: Project) -> None:
+    body = (
+        "        if n % 5 == 0:\n            raise ValueError(f'bad row for {ctx.user}')\n"
+        '        return {"value": close - n}'
+    )
+    _, cell, result = good_then(project, body)
+    assert cell.status == "FAILED"
+    assert cell.error.startswith("circuit breaker: 21 of 101 users failed (21% > 10%)")
+    assert "ValueError: bad row for U000" in cell.error
+    assert result["U001"] == {"value": price_rows(USERS, DATES[:1])[1]["close"] + 1}
+
+
+def test_a_few_failing_users_do_not_fail_the_cell(project: Project) -> None:
+    body = (
+        "        if n == 7:\n            raise ValueError('one bad row')\n"
+        '        return {"value": close - n}'
+    )
+    summary, cell, result = good_then(project, body)
+    assert summary.ok and cell.status == "COMPLETED" and "U007" not in result
+    orch = project.orchestrator()
+    attempt = orch.ledger.attempts("quality", DAY)[-1]
+    orch.close()
+    assert attempt.users == 120 and attempt.users_failed == 1
+
+
+def test_meta_results_are_checked_for_nan_only() -> None:
+    rules = Rules()
+    assert problems(rules, collect([{"a": None, "b": {"x": float("inf")}}]), per_user=False) == [
+        "b.x: 1 NaN/Inf value(s)"
+    ]
