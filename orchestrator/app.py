@@ -376,6 +376,11 @@ class Orchestrator:
                 workers=workers or self.config.workers,
                 max_attempts=self.config.max_attempts,
                 lease=lease,
+                memory_budget=(
+                    int(self.config.memory_budget_mb * 2**20 * self.config.memory_fraction)
+                    if self.config.memory_budget_mb
+                    else None
+                ),
             )
             summary = executor.execute()
             for (name, old), verdict in request.cosmetic.items():

@@ -18,7 +18,9 @@ Metadata (all optional except ``process``):
 ``lookback``       number of available dates of root history in ``ctx.history`` (default 1)
 ``earliest_date``  ISO date string; earlier dates are IMPOSSIBLE (BEFORE_EARLIEST)
 ``product_lines``  labels used to slice the manifest
-``max_failure_rate`` fraction of users allowed to fail before the cell fails (default 0.10)
+``max_failure_rate`` fraction of users allowed to fail before the cell fails (default 0.10);
+                   the circuit breaker aborts a cell early once ``breaker_min_users``
+                   (default 100) users were processed and more than that fraction failed
 ``allow_nan``, ``max_null_fraction``, ``nullable``, ``flatline_min_users``, ``flatline_ok``
                    validation before publishing (see ``validation.py``): NaN/Inf rejected,
                    a field null for more than 50 % of users rejected unless ``nullable``, a
@@ -50,6 +52,7 @@ class Calculation:
     earliest_date: ClassVar[str | None] = None
     product_lines: ClassVar[Sequence[str]] = ()
     max_failure_rate: ClassVar[float] = 0.10
+    breaker_min_users: ClassVar[int] = 100
     simulate: ClassVar[bool] = True
     allow_nan: ClassVar[bool] = False
     max_null_fraction: ClassVar[float | None] = 0.5

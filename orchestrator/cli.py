@@ -335,12 +335,25 @@ def graph(ctx: click.Context, fmt: str) -> None:
 
 @main.command()
 @click.option("--limit", default=20, show_default=True)
+@click.option("--run", "run_id", default=None, help="List this run's cell attempts (id prefix).")
 @click.pass_context
 @_handle_errors
-def runs(ctx: click.Context, limit: int) -> None:
-    """Recent runs."""
+def runs(ctx: click.Context, limit: int, run_id: str | None) -> None:
+    """Recent runs, or the cell attempts of one run."""
     orch = _orch(ctx)
     try:
+        if run_id is not None:
+            for a in orch.ledger.attempts_of_run(run_id):
+                took = (a.finished_at - a.started_at).total_seconds()
+                reasons = ", ".join(f"{k} {v}" for k, v in sorted((a.flush_reasons or {}).items()))
+                click.echo(
+                    f"{a.calculation:20} {a.date} {a.status:9} {a.reason:20} users {a.users} "
+                    f"failed {a.users_failed} flushes {a.flushes} ({reasons or '-'}) shards "
+                    f"{a.shards} bytes {a.bytes_raw}->{a.bytes_compressed} "
+                    f"peak {a.peak_memory / 2**20:.0f} MiB {took:.2f}s {a.worker}"
+                    + (f"\n    {a.error.strip().splitlines()[-1]}" if a.error else "")
+                )
+            return
         for r in orch.ledger.recent_runs(limit):
             took = (r.finished_at - r.started_at).total_seconds() if r.finished_at else None
             click.echo(

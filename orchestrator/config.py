@@ -47,6 +47,9 @@ class Config:
         max_attempts: consecutive failed attempts of a cell (one retry happens in the same
             run's reconciliation) before it becomes a dead letter.
         lease_seconds: how long a RUNNING cell's lease lasts without a heartbeat.
+        memory_budget_mb / memory_fraction: result buffers are flushed early once the
+            process's resident memory passes this fraction of the budget (MEMORY_PRESSURE);
+            without a budget, only the thresholds flush.
         packages: distributions whose versions make up every calculation's infrastructure
             hash; None: those each calculation imports (traced through the AST).
     """
@@ -62,6 +65,8 @@ class Config:
     workers: int = 1
     max_attempts: int = 3
     lease_seconds: int = 600
+    memory_budget_mb: int | None = None
+    memory_fraction: float = 0.7
     packages: tuple[str, ...] | None = None
 
 
@@ -142,6 +147,12 @@ def load_config(path: str | os.PathLike[str] | None = None, db_url: str | None =
     workers = need("workers", raw.get("workers", 1), int)
     max_attempts = need("max_attempts", raw.get("max_attempts", 3), int)
     lease_seconds = need("lease_seconds", raw.get("lease_seconds", 600), int)
+    budget = raw.get("memory_budget_mb")
+    if budget is not None and (not isinstance(budget, int) or budget < 1):
+        raise ConfigError(f"{cfg_path}: memory_budget_mb must be a positive int, found {budget!r}")
+    fraction = raw.get("memory_fraction", 0.7)
+    if not isinstance(fraction, (int, float)) or not 0 < fraction <= 1:
+        raise ConfigError(f"{cfg_path}: memory_fraction must be in (0, 1], found {fraction!r}")
     if lease_seconds < 10:
         raise ConfigError(f"{cfg_path}: lease_seconds must be >= 10, found {lease_seconds}")
     if max_attempts < 1:
@@ -160,5 +171,7 @@ def load_config(path: str | os.PathLike[str] | None = None, db_url: str | None =
         workers=workers,
         max_attempts=max_attempts,
         lease_seconds=lease_seconds,
+        memory_budget_mb=budget,
+        memory_fraction=float(fraction),
         packages=tuple(packages) if packages is not None else None,
     )

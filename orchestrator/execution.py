@@ -41,7 +41,7 @@ from orchestrator.planning import CellKey, Decider, Decision, Plan, Reason, Stat
 from orchestrator.results import ShardWriter, assemble, decode_shards
 from orchestrator.rootdata import Dataset
 
-MIN_USERS_FOR_BREAKER = 100
+MEMORY_CHECK_EVERY = 1000  # users between two looks at the process's memory
 _PROCESS = psutil.Process()
 
 
@@ -91,6 +91,7 @@ class _CellRun:
     aborted: str | None = None
     pending: list[dict[str, Any]] = field(default_factory=list)  # shards cut in a worker
     stats: validation.Stats | None = None  # merged from workers (else computed from keep)
+    flush_reasons: dict[str, int] = field(default_factory=dict)
 
 
 class _LazyHistory(Mapping[str, list[Any]]):
@@ -170,6 +171,8 @@ class Executor:
         workers: processes for standard cells (users partitioned, see ``parallel.py``).
         max_attempts: consecutive failed attempts after which a cell is a dead letter.
         lease: how long the lease of a RUNNING cell lasts (renewed by ``heartbeat``).
+        memory_budget: bytes of resident memory past which buffers are flushed early
+            (MEMORY_PRESSURE); None: flush on thresholds only.
     """
 
     def __init__(
@@ -190,6 +193,7 @@ class Executor:
         workers: int = 1,
         max_attempts: int = 3,
         lease: dt.timedelta = dt.timedelta(minutes=10),
+        memory_budget: int | None = None,
     ):
         self.ledger = ledger
         self.manifest = manifest
@@ -207,6 +211,7 @@ class Executor:
         self.workers = workers
         self.max_attempts = max_attempts
         self.lease = lease
+        self.memory_budget = memory_budget
         self.pool: WorkerPool | None = None
         self.in_worker = False
         self.decisions: dict[CellKey, Decision] = dict(plan.decisions)
@@ -503,16 +508,32 @@ class Executor:
         return writes, shard_rows
 
     def flush_if_full(self, run: _CellRun) -> None:
-        """Write the cell's buffered shards now if a flush threshold is reached."""
+        """Write the cell's buffered shards now if a flush threshold is reached (BATCH_LIMIT)."""
         writer = run.writer
         if len(writer._lines) >= self.flush_users or writer._size >= self.shard_bytes:
-            run.flushes += 1
-            if self.in_worker:  # the parent writes them (workers never write)
-                run.pending.extend(writer.cut())
-            else:
-                self.ledger.write_shards(writer.cut())
-                faults.reached("flush")
-            self._sample_memory()
+            self.flush(run, "BATCH_LIMIT")
+
+    def flush(self, run: _CellRun, reason: str) -> None:
+        """Cut the cell's buffer into shards and write them (a worker hands them to the
+        parent instead: workers never write). ``reason`` is BATCH_LIMIT, MEMORY_PRESSURE or
+        FINAL, counted on the attempt."""
+        writer = run.writer
+        if not writer._lines:
+            return
+        run.flushes += 1
+        run.flush_reasons[reason] = run.flush_reasons.get(reason, 0) + 1
+        if self.in_worker:
+            run.pending.extend(writer.cut())
+        else:
+            self.ledger.write_shards(writer.cut())
+            faults.reached("flush")
+        self._sample_memory()
+
+    def under_pressure(self) -> bool:
+        """Whether this process's memory passed ``memory_fraction`` of ``memory_budget``."""
+        rss = _PROCESS.memory_info().rss
+        self.peak_rss = max(self.peak_rss, rss)
+        return self.memory_budget is not None and rss > self.memory_budget
 
     def _walk(
         self,
@@ -555,8 +576,11 @@ class Executor:
             )
             for run in runs
         ]
-        for user in sorted(all_users):
+        for walked, user in enumerate(sorted(all_users), 1):
             faults.reached("user")
+            if stream and walked % MEMORY_CHECK_EVERY == 0 and self.under_pressure():
+                for run in runs:  # adaptive flushing: free the buffers before the budget
+                    self.flush(run, "MEMORY_PRESSURE")
             today = {ds: d.users_on(date).get(user, empty) for ds, d in datasets.items()}
             roots: dict[tuple[str, ...], dict[str, list[Any]]] = {}
             for run, root_names, per_user, whole, lookback in plans:
@@ -596,7 +620,7 @@ class Executor:
                     if len(run.errors) < 5:
                         run.errors.append(f"user {user}: {traceback.format_exc()}")
                     if (
-                        run.processed >= MIN_USERS_FOR_BREAKER
+                        run.processed >= run.spec.breaker_min_users
                         and run.failures / run.processed > run.spec.max_failure_rate
                     ):
                         run.aborted = (
@@ -627,6 +651,7 @@ class Executor:
         rows = run.writer.cut()
         if rows and self.pool is None:
             run.flushes += 1
+            run.flush_reasons["FINAL"] = run.flush_reasons.get("FINAL", 0) + 1
         if run.keep is not None:
             self.cache.put((spec.name, date), run.keep)
         return self._success(spec, date, run.decision, run.writer, run), rows
@@ -724,6 +749,7 @@ class Executor:
                 "users": run.processed,
                 "users_failed": run.failures,
                 "flushes": run.flushes,
+                "flush_reasons": dict(run.flush_reasons),
                 "shards": writer.seq,
                 "bytes_raw": writer.bytes_raw,
                 "bytes_compressed": writer.bytes_compressed,

@@ -38,6 +38,7 @@ PLACEMENT_ATTRIBUTES = frozenset(
         "category",
         "product_lines",
         "max_failure_rate",
+        "breaker_min_users",
         "allow_nan",
         "max_null_fraction",
         "nullable",

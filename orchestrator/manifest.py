@@ -54,6 +54,7 @@ class CalcSpec:
     layer_hash: str = EMPTY_LAYER
     simulate: bool = True
     rules: Rules = field(default_factory=Rules)
+    breaker_min_users: int = 100
     infra_hash: str = field(default_factory=infra_hash)
     lineage: Lineage | None = field(default=None, compare=False, repr=False)
 
@@ -107,6 +108,7 @@ class CalcSpec:
             cls=calc,
             layer_hash=lineage.layer_hash,
             simulate=bool(getattr(calc, "simulate", True)),
+            breaker_min_users=int(calc.breaker_min_users),
             rules=Rules(
                 allow_nan=bool(calc.allow_nan),
                 max_null_fraction=calc.max_null_fraction,

@@ -61,6 +61,7 @@ class _Part(NamedTuple):
     rows: list[dict[str, Any]]
     keep: dict[str, Any] | None
     stats: validation.Stats
+    flush_reasons: dict[str, int]
 
 
 class WorkerError(RuntimeError):
@@ -103,6 +104,7 @@ def _serve(
                         run.pending,
                         run.keep if run.spec.name in send_results else None,
                         validation.collect(run.keep.values()),
+                        {**run.flush_reasons, **({"FINAL": 1} if rows else {})},
                     )
                 )
                 # This worker's users' results, for its later passes and dates.
@@ -174,6 +176,8 @@ class WorkerPool:
             run.aborted = next((p.aborted for p in parts if p.aborted), None)
             run.stats = validation.Stats()
             for p in parts:
+                for reason, count in p.flush_reasons.items():
+                    run.flush_reasons[reason] = run.flush_reasons.get(reason, 0) + count
                 run.writer.absorb(p.raws, p.rows)
                 run.stats.merge(p.stats)
             if all(p.keep is not None for p in parts):

@@ -116,3 +116,27 @@ def test_meta_results_are_checked_for_nan_only() -> None:
     assert problems(rules, collect([{"a": None, "b": {"x": float("inf")}}]), per_user=False) == [
         "b.x: 1 NaN/Inf value(s)"
     ]
+
+
+def test_memory_pressure_flushes_early_and_is_recorded(project: Project) -> None:
+    from click.testing import CliRunner
+
+    from orchestrator.cli import main
+
+    many = [f"M{i:04d}" for i in range(2500)]
+    project.write_prices(price_rows(many, DATES[:1]))
+    project.extra_config = "memory_budget_mb = 1\n"  # always under pressure
+    build(project, '        return {"value": close + n}')
+    summary = run(project, DAY)
+    assert summary.ok
+    orch = project.orchestrator()
+    attempt = orch.ledger.attempts("quality", DAY)[-1]
+    result = orch.load_result("quality", DAY)
+    orch.close()
+    assert attempt.flush_reasons["MEMORY_PRESSURE"] == 2  # after 1,000 and 2,000 users
+    assert attempt.flush_reasons["FINAL"] == 1 and attempt.flushes == 3
+    assert len(result) == 2500
+    listing = CliRunner().invoke(
+        main, ["--config", str(project.config), "runs", "--run", summary.run_id[:8]]
+    )
+    assert "MEMORY_PRESSURE 2" in listing.output and "quality" in listing.output

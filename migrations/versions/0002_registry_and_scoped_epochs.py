@@ -7,6 +7,8 @@
   global epoch (whose value lives in system_epoch.py), else the bump is scoped to it.
 * ``cells.scoped_epoch``: the calculation's scoped epoch the cell was built under.
 * ``code_versions.sim_hash``: the simulation hash of a code version (COSMETIC_CHANGE).
+* ``run_attempts.flush_reasons``: how many flushes of an attempt had which reason
+  (BATCH_LIMIT, MEMORY_PRESSURE, FINAL).
 * ``root_sources.schema``: column types of a dataset, inferred when indexed (the
   simulation fabricates rows from them).
 
@@ -49,9 +51,13 @@ def upgrade() -> None:
         batch.add_column(sa.Column("scoped_epoch", sa.Integer, nullable=False, server_default="0"))
     with op.batch_alter_table("root_sources") as batch:
         batch.add_column(sa.Column("schema", JSON, nullable=True))
+    with op.batch_alter_table("run_attempts") as batch:
+        batch.add_column(sa.Column("flush_reasons", JSON, nullable=True))
 
 
 def downgrade() -> None:
+    with op.batch_alter_table("run_attempts") as batch:
+        batch.drop_column("flush_reasons")
     with op.batch_alter_table("root_sources") as batch:
         batch.drop_column("schema")
     with op.batch_alter_table("cells") as batch:

@@ -163,6 +163,7 @@ class AttemptRow(Base):
     users: Mapped[int] = mapped_column(Integer)
     users_failed: Mapped[int] = mapped_column(Integer)
     flushes: Mapped[int] = mapped_column(Integer)
+    flush_reasons: Mapped[dict[str, Any] | None] = mapped_column(JSONType, nullable=True)
     shards: Mapped[int] = mapped_column(Integer)
     bytes_raw: Mapped[int] = mapped_column(BigInteger)
     bytes_compressed: Mapped[int] = mapped_column(BigInteger)

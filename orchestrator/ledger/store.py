@@ -819,6 +819,17 @@ class Ledger:
                 conn.execute(select(RUNS).order_by(RUNS.c.started_at.desc()).limit(limit)).all()
             )
 
+    def attempts_of_run(self, run_id: str) -> list[Any]:
+        """Every attempt of the run whose id starts with ``run_id``, in order."""
+        with self.engine.connect() as conn:
+            return list(
+                conn.execute(
+                    select(ATTEMPTS)
+                    .where(ATTEMPTS.c.run_id.startswith(run_id))
+                    .order_by(ATTEMPTS.c.id)
+                ).all()
+            )
+
     def attempts(self, calculation: str, date: dt.date) -> list[Any]:
         with self.engine.connect() as conn:
             return list(
