@@ -383,6 +383,13 @@ class Orchestrator:
                 ),
             )
             summary = executor.execute()
+            for name, dataset in sorted(self._datasets.items()):
+                summary.notes += [f"{name}: {problem}" for problem in dataset.problems]
+                if dataset.bad_rows:
+                    summary.notes.append(
+                        f"{name}: {len(dataset.bad_rows)} user-date(s) with malformed rows "
+                        "failed those users (see `orchestrator runs --run ID`)"
+                    )
             for (name, old), verdict in request.cosmetic.items():
                 if verdict == "" and name in manifest.calcs:  # proven equivalent: re-stamp
                     ledger.restamp_code(name, old, manifest.calcs[name].code_hash)

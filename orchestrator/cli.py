@@ -93,6 +93,8 @@ def _print_summary(summary: Any) -> None:
         + f" in {summary.seconds:.1f}s ({summary.users_processed} user-passes, "
         f"peak {summary.peak_memory / 2**20:.0f} MiB)"
     )
+    for note in summary.notes[:20]:
+        click.echo(f"  note: {note}", err=True)
     for calc, date, error in summary.failed[:20]:
         click.echo(f"  FAILED {calc} {date}: {error}", err=True)
     if len(summary.failed) > 20:

@@ -50,7 +50,9 @@ class RunSummary:
     """What a run did.
 
     ``failed`` lists (calculation, date, error's last line); ``executed`` maps every cell that
-    ran (successfully or not) to the reason it ran; ``reasons`` counts final reasons.
+    ran (successfully or not) to the reason it ran; ``reasons`` counts final reasons;
+    ``notes`` are problems found in root data parsed by this run (unreadable files, malformed
+    rows), each with its location.
     """
 
     run_id: str
@@ -65,6 +67,7 @@ class RunSummary:
     peak_memory: int = 0
     reasons: dict[str, int] = field(default_factory=dict)
     executed: dict[tuple[str, dt.date], str] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
@@ -535,6 +538,19 @@ class Executor:
         self.peak_rss = max(self.peak_rss, rss)
         return self.memory_budget is not None and rss > self.memory_budget
 
+    def _malformed(
+        self,
+        run: _CellRun,
+        user: str,
+        date: dt.date,
+        datasets: Mapping[str, Dataset],
+        names: tuple[str, ...],
+    ) -> None:
+        """A user with malformed root rows that date: a failed user, with the locations."""
+        run.processed += 1
+        where = [loc for ds in names for loc in datasets[ds].bad_rows.get((date, user), [])]
+        _user_failed(run, f"user {user}: malformed root data: {'; '.join(where)}")
+
     def _walk(
         self,
         date: dt.date,
@@ -547,10 +563,14 @@ class Executor:
         thresholds are reached (else lines stay buffered)."""
         datasets = {ds: self.dataset(ds) for run in runs for ds in run.spec.root_data}
         all_users: set[str] = set()
+        bad = False
         for run in runs:
             if run.users is None:
                 for ds in run.spec.root_data:
                     all_users.update(datasets[ds].users_on(date))
+                    malformed = [u for (d, u) in datasets[ds].bad_rows if d == date]
+                    all_users.update(malformed)
+                    bad = bad or bool(malformed)
             else:
                 all_users |= run.users
         if mine is not None:
@@ -587,6 +607,9 @@ class Executor:
                 if run.aborted:
                     continue
                 if run.users is None:
+                    if bad and any((date, user) in datasets[ds].bad_rows for ds in root_names):
+                        self._malformed(run, user, date, datasets, root_names)
+                        continue
                     root = roots.get(root_names)
                     if root is None:
                         root = roots[root_names] = {ds: today[ds] for ds in root_names}
@@ -616,17 +639,7 @@ class Executor:
                         run.writer.add(user, result_line(user, result))
                         run.keep[user] = result  # type: ignore[index]
                 except Exception:  # noqa: BLE001 - user code: any error is a per-user failure
-                    run.failures += 1
-                    if len(run.errors) < 5:
-                        run.errors.append(f"user {user}: {traceback.format_exc()}")
-                    if (
-                        run.processed >= run.spec.breaker_min_users
-                        and run.failures / run.processed > run.spec.max_failure_rate
-                    ):
-                        run.aborted = (
-                            f"circuit breaker: {run.failures} of {run.processed} users failed "
-                            f"({run.failures / run.processed:.0%} > {run.spec.max_failure_rate:.0%})"
-                        )
+                    _user_failed(run, f"user {user}: {traceback.format_exc()}")
                 if stream:
                     self.flush_if_full(run)
             self.summary.users_processed += 1
@@ -784,6 +797,22 @@ class Executor:
     def _sample_memory(self) -> None:
         rss = _PROCESS.memory_info().rss
         self.peak_rss = max(self.peak_rss, rss)
+
+
+def _user_failed(run: _CellRun, error: str) -> None:
+    """Count a failed user; trip the circuit breaker once ``breaker_min_users`` users were
+    processed and more than ``max_failure_rate`` of them failed (seed 004, StandardExecutor)."""
+    run.failures += 1
+    if len(run.errors) < 5:
+        run.errors.append(error)
+    spec = run.spec
+    if run.processed >= spec.breaker_min_users and run.failures / run.processed > (
+        spec.max_failure_rate
+    ):
+        run.aborted = (
+            f"circuit breaker: {run.failures} of {run.processed} users failed "
+            f"({run.failures / run.processed:.0%} > {spec.max_failure_rate:.0%})"
+        )
 
 
 def _as_ledger_cell(w: CellWrite, old: LedgerCell | SlimCell | None) -> LedgerCell:

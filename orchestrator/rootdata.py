@@ -10,8 +10,9 @@ its raw field values, sorted — so the file's row order does not matter).
 Parsing rules (documented for calculation authors):
 * numeric columns become ``int`` (all values integral) or ``float``; empty fields become ``None``;
   other columns stay strings; the date and user columns keep their text.
-* a column is numeric when at least 99 % of its non-empty values parse; the rest become ``None``
-  and are counted as malformed values with their file and line.
+* a column is numeric when at least 90 % of its non-empty values parse; a row holding one of
+  the others is malformed: its user counts as a failed user, with the row's file and line, in
+  every cell that reads the dataset that date (``Dataset.bad_rows``).
 * a row without a user or with a date that is not ``YYYY-MM-DD`` is skipped and counted.
 """
 
@@ -60,6 +61,10 @@ class Dataset:
         problems: up to 20 examples, "file:line: what".
         schema: column -> "int" | "float" | "str" | "date" | "user", as parsed (the
             simulation fabricates rows from it).
+        bad_rows: (date, user) -> locations of that user's malformed rows that date (a value
+            that is not a number in a numeric column). The user fails every cell reading the
+            dataset that date — with these locations — instead of being computed from
+            partial rows.
     """
 
     name: str
@@ -69,6 +74,7 @@ class Dataset:
     malformed: int = 0
     problems: list[str] = field(default_factory=list)
     schema: dict[str, str] = field(default_factory=dict)
+    bad_rows: dict[tuple[dt.date, str], list[str]] = field(default_factory=dict)
     _series: dict[str, tuple[list[int], list[int], list[Row]]] | None = None
 
     def users_on(self, date: dt.date) -> dict[str, list[Row]]:
@@ -154,8 +160,18 @@ class FileSource:
         malformed = 0
         problems: list[str] = []
         schema: dict[str, str] = {}
-        for path in _files(self.config.path):
-            header, raw_rows, row_texts = self._read(path)
+        bad_rows: dict[tuple[dt.date, str], list[str]] = {}
+        files = _files(self.config.path)
+        for path in files:
+            try:
+                header, raw_rows, row_texts = self._read(path)
+            except RootDataError as e:
+                if len(files) == 1:
+                    raise
+                # One unreadable file of a folder: its dates are simply unavailable (NO_DATA)
+                # and the reason is reported; the other files still count.
+                problems.append(f"{path.name}: unreadable, skipped ({e})")
+                continue
             for column in (self.config.date_column, self.config.user_column):
                 if column not in header:
                     raise RootDataError(
@@ -167,9 +183,7 @@ class FileSource:
             di = header.index(self.config.date_column)
             ui = header.index(self.config.user_column)
             dates_raw, users = columns[di], columns[ui]
-            bad, notes = _type_columns(header, columns, (di, ui), path)
-            malformed += bad
-            problems.extend(notes)
+            bad_cells = _type_columns(header, columns, (di, ui), path)
             for c, name in enumerate(header):
                 kind = "date" if c == di else "user" if c == ui else _kind(columns[c])
                 if schema.get(name) in (None, "int") or kind == "str":
@@ -193,11 +207,15 @@ class FileSource:
                 if per_user is None:
                     per_user = by_date[date] = {}
                     lines_by_date[date] = []
+                lines_by_date[date].append(row_texts[i])  # a corrected row changes the hash
+                if i in bad_cells:  # the user fails that date, with the row's location
+                    malformed += 1
+                    bad_rows.setdefault((date, user), []).append(bad_cells[i])
+                    continue
                 rows = per_user.get(user)
                 if rows is None:
                     rows = per_user[user] = []
                 rows.append(dict(zip(header, row_values)))
-                lines_by_date[date].append(row_texts[i])
         index = {}
         for date, texts in lines_by_date.items():
             texts.sort()
@@ -215,6 +233,7 @@ class FileSource:
             malformed=malformed,
             problems=problems[:20],
             schema=schema,
+            bad_rows=bad_rows,
         )
 
     def _read(self, path: Path) -> tuple[list[str], list[list[str]], list[str]]:
@@ -290,13 +309,14 @@ def _to_float(text: str) -> float | None:
 
 def _type_columns(
     header: list[str], columns: list[list[Any]], keep: tuple[int, ...], path: Path
-) -> tuple[int, list[str]]:
-    """Type the columns in place (except ``keep``); returns (unparseable values, examples).
+) -> dict[int, str]:
+    """Type the columns in place (except ``keep``).
 
-    A column is numeric when at least 99 % of its non-empty values parse as numbers.
+    A column is numeric when at least 90 % of its non-empty values parse as numbers (a text
+    column parses almost never); the others are malformed values. Returns row index -> "file:line: column='value' is not a
+    number" for each row holding one.
     """
-    bad_total = 0
-    notes: list[str] = []
+    bad: dict[int, str] = {}
     for c, name in enumerate(header):
         if c in keep:
             continue
@@ -311,19 +331,16 @@ def _type_columns(
             pass  # empty fields or text: the careful path below
         parsed = [_to_float(v) if v else None for v in values]
         filled = sum(1 for v in values if v)
-        failures = sum(1 for v, p in zip(values, parsed) if v and p is None)
-        if filled == 0 or failures > 0.01 * filled:
+        failures = [i for i, (v, p) in enumerate(zip(values, parsed)) if v and p is None]
+        if filled == 0 or len(failures) > 0.1 * filled:
             columns[c] = [v if v else None for v in values]  # a text column
             continue
         if all(v.lstrip("+-").isdigit() for v, p in zip(values, parsed) if p is not None):
             parsed = [None if p is None else int(v) for v, p in zip(values, parsed)]
         columns[c] = parsed
-        if failures:
-            bad_total += failures
-            for line, (v, p) in enumerate(zip(values, parsed), start=2):
-                if v and p is None and len(notes) < 20:
-                    notes.append(f"{path.name}:{line}: {name}={v!r} is not a number; read as None")
-    return bad_total, notes
+        for i in failures:
+            bad.setdefault(i, f"{path.name}:{i + 2}: {name}={values[i]!r} is not a number")
+    return bad
 
 
 def window_dates(dates: list[dt.date], date: dt.date, lookback: int) -> list[dt.date]:

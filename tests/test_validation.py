@@ -140,3 +140,40 @@ def test_memory_pressure_flushes_early_and_is_recorded(project: Project) -> None
         main, ["--config", str(project.config), "runs", "--run", summary.run_id[:8]]
     )
     assert "MEMORY_PRESSURE 2" in listing.output and "quality" in listing.output
+
+
+def test_malformed_rows_fail_their_users_with_the_location(project: Project) -> None:
+    rows = price_rows(USERS[:40], DATES[:2])
+    rows[3]["close"] = "twelve"  # U001 on the second date (rows are per user, then date)
+    project.write_prices(rows)
+    build(project, '        return {"value": close + n}')
+    summary = run(project, DATES[1])
+    assert summary.ok  # 1 of 40 users: under the failure rate
+    assert any("1 user-date(s) with malformed rows" in note for note in summary.notes)
+    orch = project.orchestrator()
+    attempt = orch.ledger.attempts("quality", DATES[1])[-1]
+    result = orch.load_result("quality", DATES[1])
+    orch.close()
+    assert attempt.users_failed == 1 and "U001" not in result and len(result) == 39
+
+
+def test_an_unreadable_file_in_a_folder_makes_its_dates_unavailable(project: Project) -> None:
+    import gzip
+
+    from tests.conftest import PRICES_HEADER
+
+    folder = project.root / "data" / "prices"
+    folder.mkdir(parents=True)
+    good = price_rows(USERS[:5], DATES[:3])
+    with gzip.open(folder / "a.csv.gz", "wt") as f:
+        f.write(",".join(PRICES_HEADER) + "\n")
+        for r in good:
+            f.write(",".join(str(r[c]) for c in PRICES_HEADER) + "\n")
+    (folder / "b.csv.gz").write_bytes(b"this is not gzip")
+    build(project, '        return {"value": close + n}', '    nullable = ("value",)\n')
+    (project.root / "orchestrator.toml").write_text(
+        project.config.read_text().replace('path = "data/prices.csv"', 'path = "data/prices"')
+    )
+    summary = run(project, DATES[2])
+    assert summary.ok and summary.completed == 6
+    assert any("b.csv.gz: unreadable, skipped" in note for note in summary.notes)
