@@ -42,6 +42,9 @@ from orchestrator.results import ShardWriter, assemble, decode_shards
 from orchestrator.rootdata import Dataset
 
 MEMORY_CHECK_EVERY = 1000  # users between two looks at the process's memory
+# A cell's whole result is kept in memory for its dependents only up to this many users;
+# beyond, memory stays bounded by the flush thresholds and dependents read the shards.
+KEEP_LIMIT = 100_000
 _PROCESS = psutil.Process()
 
 
@@ -95,6 +98,7 @@ class _CellRun:
     pending: list[dict[str, Any]] = field(default_factory=list)  # shards cut in a worker
     stats: validation.Stats | None = None  # merged from workers (else computed from keep)
     flush_reasons: dict[str, int] = field(default_factory=dict)
+    recent: list[Any] = field(default_factory=list)  # results since the last flush
 
 
 class _LazyHistory(Mapping[str, list[Any]]):
@@ -523,6 +527,10 @@ class Executor:
         writer = run.writer
         if not writer._lines:
             return
+        if run.stats is None:
+            run.stats = validation.Stats()
+        run.stats.merge(validation.collect(run.recent))  # validation, without keeping results
+        run.recent.clear()
         run.flushes += 1
         run.flush_reasons[reason] = run.flush_reasons.get(reason, 0) + 1
         if self.in_worker:
@@ -637,7 +645,11 @@ class Executor:
                                 f"process() must return a dict or None, not {type(result).__name__}"
                             )
                         run.writer.add(user, result_line(user, result))
-                        run.keep[user] = result  # type: ignore[index]
+                        run.recent.append(result)
+                        if run.keep is not None:
+                            run.keep[user] = result
+                            if len(run.keep) > KEEP_LIMIT:  # too big to cache: readers load it
+                                run.keep = None
                 except Exception:  # noqa: BLE001 - user code: any error is a per-user failure
                     _user_failed(run, f"user {user}: {traceback.format_exc()}")
                 if stream:
@@ -655,7 +667,11 @@ class Executor:
         if error is not None:
             error = error + "\n" + "\n".join(run.errors)
             return self._failure(spec, date, run.decision, error, run), []
-        stats = run.stats if run.stats is not None else validation.collect(run.keep.values())
+        if run.stats is None:
+            run.stats = validation.Stats()
+        run.stats.merge(validation.collect(run.recent))
+        run.recent.clear()
+        stats = run.stats
         found = validation.problems(spec.rules, stats)
         if found:  # nothing of this attempt is published; the previous result stays
             run.writer.cut()

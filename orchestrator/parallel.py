@@ -64,6 +64,15 @@ class _Part(NamedTuple):
     flush_reasons: dict[str, int]
 
 
+def _stats(run: _CellRun) -> validation.Stats:
+    """A worker's validation statistics of one cell: what its flushes folded in, plus the
+    results since."""
+    stats = run.stats or validation.Stats()
+    stats.merge(validation.collect(run.recent))
+    run.recent.clear()
+    return stats
+
+
 class WorkerError(RuntimeError):
     """A worker process failed outside user code (a bug, or it was killed)."""
 
@@ -103,12 +112,13 @@ def _serve(
                         run.writer.raws,
                         run.pending,
                         run.keep if run.spec.name in send_results else None,
-                        validation.collect(run.keep.values()),
+                        _stats(run),
                         {**run.flush_reasons, **({"FINAL": 1} if rows else {})},
                     )
                 )
                 # This worker's users' results, for its later passes and dates.
-                executor.cache.put((run.spec.name, date), run.keep)
+                if run.keep is not None:
+                    executor.cache.put((run.spec.name, date), run.keep)
             conn.send(("ok", parts, executor.summary.users_processed - before))
         except BaseException:  # noqa: BLE001 - reported to the parent, which raises
             conn.send(("error", traceback.format_exc(), 0))
@@ -180,7 +190,7 @@ class WorkerPool:
                     run.flush_reasons[reason] = run.flush_reasons.get(reason, 0) + count
                 run.writer.absorb(p.raws, p.rows)
                 run.stats.merge(p.stats)
-            if all(p.keep is not None for p in parts):
+            if run.keep is not None and all(p.keep is not None for p in parts):
                 for p in parts:
                     run.keep.update(p.keep or {})
             else:

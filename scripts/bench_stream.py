@@ -1,0 +1,166 @@
+"""Benchmark: stream N synthetic users through one pass of 5 standard calculations, one date.
+
+For each N (default 100,000, 300,000 and 1,000,000) it writes a synthetic root file (one row
+per user: date, user, price, quantity), a package of 5 simple standard calculations sharing
+the pass, and a config (SQLite ledger, flush every 5,000 users, one process), then runs
+``orchestrator run`` as a whole process and reports:
+
+* peak memory of the process (proportional set size, polled every 250 ms);
+* the run's own execution time (the summary line) and throughput in user-calculations per
+  second (N x 5 / execution time), and the whole process's wall time (parsing included).
+
+Usage:
+    .venv/bin/python scripts/bench_stream.py [--users 100000 300000 1000000] [--workers 1]
+The last line printed is one JSON object of figures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import psutil
+
+CALCS = '''
+from orchestrator import StandardCalculation
+
+
+class Notional(StandardCalculation):
+    """price x quantity."""
+    root_data = ["trades"]
+    def process(self, ctx):
+        row = ctx.root["trades"][0]
+        return {"notional": row["price"] * row["qty"]}
+
+
+class Signed(StandardCalculation):
+    """quantity with the sign of the price move from 100."""
+    root_data = ["trades"]
+    def process(self, ctx):
+        row = ctx.root["trades"][0]
+        return {"signed": row["qty"] if row["price"] >= 100 else -row["qty"]}
+
+
+class Bucket(StandardCalculation):
+    """price bucket of width 10."""
+    root_data = ["trades"]
+    def process(self, ctx):
+        return {"bucket": int(ctx.root["trades"][0]["price"] // 10)}
+
+
+class Premium(StandardCalculation):
+    """relative distance of the price from 100."""
+    root_data = ["trades"]
+    def process(self, ctx):
+        return {"premium": ctx.root["trades"][0]["price"] / 100.0 - 1.0}
+
+
+class Large(StandardCalculation):
+    """whether the trade is large."""
+    root_data = ["trades"]
+    def process(self, ctx):
+        return {"large": ctx.root["trades"][0]["qty"] > 500}
+'''
+
+
+def _pss(process: psutil.Process) -> int:
+    try:
+        with open(f"/proc/{process.pid}/smaps_rollup") as f:
+            for line in f:
+                if line.startswith("Pss:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return process.memory_info().rss
+
+
+def measure(users: int, workers: int, work: Path) -> dict[str, float | int]:
+    folder = work / f"n{users}"
+    (folder / "bench_stream_calcs").mkdir(parents=True)
+    (folder / "bench_stream_calcs" / "__init__.py").write_text("")
+    (folder / "bench_stream_calcs" / "calcs.py").write_text(CALCS)
+    with (folder / "trades.csv").open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["date", "user", "price", "qty"])
+        for i in range(users):
+            writer.writerow(
+                [
+                    "2024-01-02",
+                    f"u{i:07d}",
+                    f"{50 + (i * 7919) % 10000 / 100:.2f}",
+                    (i * 104729) % 1000 + 1,
+                ]
+            )
+    (folder / "orchestrator.toml").write_text(
+        'database_url = "sqlite:///ledger.db"\ncalculations = "bench_stream_calcs"\n'
+        f'system_epoch = "epoch.py"\nworkers = {workers}\nflush_users = 5000\n'
+        '[root_data.trades]\npath = "trades.csv"\ndate_column = "date"\nuser_column = "user"\n'
+    )
+    start = time.perf_counter()
+    proc = psutil.Popen(
+        [
+            sys.executable,
+            "-m",
+            "orchestrator.cli",
+            "--config",
+            str(folder / "orchestrator.toml"),
+            "run",
+            "--date",
+            "2024-01-02",
+        ],
+        cwd=folder,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    peak = 0
+    while proc.poll() is None:
+        try:
+            peak = max(peak, sum(_pss(p) for p in [proc, *proc.children(recursive=True)]))
+        except psutil.Error:
+            pass
+        time.sleep(0.25)
+    out, err = proc.communicate()
+    wall = time.perf_counter() - start
+    if proc.returncode != 0:
+        raise SystemExit(f"run failed for {users} users:\n{out}\n{err}")
+    executed = float(re.search(r" in ([0-9.]+)s", out).group(1))  # type: ignore[union-attr]
+    return {
+        "users": users,
+        "peak_mib": round(peak / 2**20),
+        "execute_s": executed,
+        "wall_s": round(wall, 2),
+        "user_calcs_per_s": round(users * 5 / executed),
+    }
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--users", type=int, nargs="+", default=[100_000, 300_000, 1_000_000])
+    parser.add_argument("--workers", type=int, default=1)
+    args = parser.parse_args()
+    results = []
+    with tempfile.TemporaryDirectory(prefix="bench_stream_") as tmp:
+        for users in args.users:
+            figures = measure(users, args.workers, Path(tmp))
+            results.append(figures)
+            print(
+                f"{users:>9,} users: peak {figures['peak_mib']} MiB, execute "
+                f"{figures['execute_s']} s ({figures['user_calcs_per_s']:,} user-calcs/s), "
+                f"wall {figures['wall_s']} s"
+            )
+    print(json.dumps({"bench": "stream", "workers": args.workers, "results": results}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
