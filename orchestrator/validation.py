@@ -18,6 +18,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from operator import itemgetter
 from typing import Any
 
 
@@ -67,32 +68,49 @@ class Stats:
 
 def collect(results: Iterable[Any]) -> Stats:
     """Statistics of flat per-user results (standard cells) or of one nested result (meta:
-    every numeric leaf, keyed by its path)."""
-    out = Stats()
-    fields = out.fields
-    for result in results:
-        if not isinstance(result, Mapping):
-            continue
-        out.results += 1
-        for name, value in result.items():
-            stats = fields.get(name)
-            if stats is None:
-                stats = fields[name] = FieldStats()
-            stats.present += 1
-            if value is None:
-                stats.nulls += 1
-            elif type(value) is float:
-                if not math.isfinite(value):
-                    stats.non_finite += 1
-                else:
-                    stats.floats += 1
-                    stats.low = min(stats.low, value)
-                    stats.high = max(stats.high, value)
-            elif isinstance(value, (Mapping, list)):
-                for path, leaf in _leaves(value, name):
-                    if type(leaf) is float and not math.isfinite(leaf):
-                        fields.setdefault(path, FieldStats()).non_finite += 1
+    every numeric leaf, keyed by its path).
+
+    Column-wise (one pass of C-level builtins per field), because it runs on every result of
+    every cell: per-value Python loops cost seconds on a five-year catch-up.
+    """
+    rows = [r for r in results if isinstance(r, Mapping)]
+    out = Stats(results=len(rows))
+    if not rows:
+        return out
+    names: set[str] = set().union(*rows)
+    for name in names:
+        try:
+            values = list(map(itemgetter(name), rows))  # C speed when every row has it
+        except KeyError:
+            values = [row.get(name, _MISSING) for row in rows]
+        missing = values.count(_MISSING)
+        nulls = values.count(None)
+        kinds = set(map(type, values))
+        if kinds == {float}:
+            floats = values
+        else:
+            floats = [v for v in values if type(v) is float] if float in kinds else []
+        finite = list(filter(math.isfinite, floats))
+        stats = FieldStats(
+            present=len(values) - missing,
+            nulls=nulls,
+            non_finite=len(floats) - len(finite),
+            floats=len(finite),
+            low=min(finite, default=math.inf),
+            high=max(finite, default=-math.inf),
+        )
+        out.fields[name] = stats
+        if kinds - _SCALARS:  # nested values (meta results): check their numeric leaves
+            for value in values:
+                if isinstance(value, (Mapping, list)):
+                    for path, leaf in _leaves(value, name):
+                        if type(leaf) is float and not math.isfinite(leaf):
+                            out.fields.setdefault(path, FieldStats()).non_finite += 1
     return out
+
+
+_MISSING = object()
+_SCALARS = {type(None), bool, int, float, str, object}
 
 
 def _leaves(value: Any, path: str) -> Iterable[tuple[str, Any]]:
