@@ -387,18 +387,7 @@ class Executor:
             key = (spec.name, d.date)
             old = self._stored(key)
             if isinstance(old, LedgerCell):
-                self.stored[spec.name][d.date] = old._replace(
-                    category=spec.category,
-                    build=build_key(
-                        old.status,
-                        spec.category,
-                        old.code_hash,
-                        old.layer_hash,
-                        old.infra_hash,
-                        old.epoch,
-                        old.scoped_epoch,
-                    ),
-                )
+                self.stored[spec.name][d.date] = _with(old, category=spec.category)
             self.migrated.add(key)
 
     def _run_pass(self, date: dt.date, members: tuple[str, ...]) -> None:
@@ -831,23 +820,26 @@ def _user_failed(run: _CellRun, error: str) -> None:
         )
 
 
+def _with(cell: LedgerCell, **changes: Any) -> LedgerCell:
+    """``cell`` with some fields changed and its build key recomputed from them."""
+    new = cell._replace(**changes)
+    return new._replace(
+        build=build_key(
+            new.status,
+            new.category,
+            new.code_hash,
+            new.layer_hash,
+            new.infra_hash,
+            new.epoch,
+            new.scoped_epoch,
+        )
+    )
+
+
 def _as_ledger_cell(w: CellWrite, old: LedgerCell | SlimCell | None) -> LedgerCell:
     """The ledger row a write leaves behind, mirrored in memory for later decisions."""
     if w.status in ("FAILED", "DEAD_LETTER") and isinstance(old, LedgerCell):
-        return old._replace(
-            status=w.status,
-            build=build_key(
-                w.status,
-                old.category,
-                old.code_hash,
-                old.layer_hash,
-                old.infra_hash,
-                old.epoch,
-                old.scoped_epoch,
-            ),
-            attempts=old.attempts + 1,
-            error=w.error,
-        )
+        return _with(old, status=w.status, attempts=old.attempts + 1, error=w.error)
     return LedgerCell(
         calculation=w.calculation,
         date=w.date,

@@ -14,6 +14,8 @@ import gc
 from collections.abc import Iterator
 from contextlib import contextmanager
 
+import psutil
+
 
 @contextmanager
 def paused_gc(freeze: bool = False) -> Iterator[None]:
@@ -28,3 +30,17 @@ def paused_gc(freeze: bool = False) -> Iterator[None]:
             gc.freeze()
         if enabled:
             gc.enable()
+
+
+def tree_pss(process: psutil.Process) -> int:
+    """Proportional set size in bytes of ``process`` and its children: forked workers' shared
+    copy-on-write pages count once. Read from /proc/PID/smaps_rollup (cheap, unlike a full
+    smaps read, which would load the machine being measured); RSS where unavailable."""
+    total = 0
+    for member in [process, *process.children(recursive=True)]:
+        try:
+            with open(f"/proc/{member.pid}/smaps_rollup") as f:
+                total += next(int(line.split()[1]) * 1024 for line in f if line.startswith("Pss:"))
+        except (OSError, StopIteration):
+            total += member.memory_info().rss
+    return total

@@ -29,22 +29,11 @@ from pathlib import Path
 
 import psutil
 
+from orchestrator.memory import tree_pss
+
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = REPO.parent / "shared" / "data" / "sp500_daily_ohlcv_2013-02-08_2018-02-07.csv.gz"
 ORCH = [sys.executable, "-m", "orchestrator.cli"]
-
-
-def _pss(process: psutil.Process) -> int:
-    """Proportional set size in bytes, from /proc/PID/smaps_rollup (cheap, unlike a full smaps
-    read, which would load the machine being measured); RSS where it is unavailable."""
-    try:
-        with open(f"/proc/{process.pid}/smaps_rollup") as f:
-            for line in f:
-                if line.startswith("Pss:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return process.memory_info().rss
 
 
 def timed(args: list[str], cwd: Path) -> tuple[float, int, subprocess.CompletedProcess[str]]:
@@ -55,10 +44,7 @@ def timed(args: list[str], cwd: Path) -> tuple[float, int, subprocess.CompletedP
     peak = 0
     while proc.poll() is None:
         try:  # the whole process tree: with workers > 1 the run forks worker processes
-            tree = [proc, *proc.children(recursive=True)]
-            # PSS shares each copy-on-write page among the processes that map it, so the sum
-            # is the tree's real footprint (RSS would count the shared root data per worker).
-            peak = max(peak, sum(_pss(p) for p in tree))
+            peak = max(peak, tree_pss(proc))
         except psutil.Error:
             pass
         time.sleep(0.25)

@@ -28,6 +28,8 @@ from pathlib import Path
 
 import psutil
 
+from orchestrator.memory import tree_pss
+
 CALCS = '''
 from orchestrator import StandardCalculation
 
@@ -68,17 +70,6 @@ class Large(StandardCalculation):
     def process(self, ctx):
         return {"large": ctx.root["trades"][0]["qty"] > 500}
 '''
-
-
-def _pss(process: psutil.Process) -> int:
-    try:
-        with open(f"/proc/{process.pid}/smaps_rollup") as f:
-            for line in f:
-                if line.startswith("Pss:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return process.memory_info().rss
 
 
 def measure(users: int, workers: int, work: Path) -> dict[str, float | int]:
@@ -123,7 +114,7 @@ def measure(users: int, workers: int, work: Path) -> dict[str, float | int]:
     peak = 0
     while proc.poll() is None:
         try:
-            peak = max(peak, sum(_pss(p) for p in [proc, *proc.children(recursive=True)]))
+            peak = max(peak, tree_pss(proc))
         except psutil.Error:
             pass
         time.sleep(0.25)
