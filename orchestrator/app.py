@@ -235,11 +235,13 @@ class Orchestrator:
         """Full ledger rows of ``names``, the registered versions of their stored hashes, and
         the simulation verdicts of their code changes (what ``planning.plan_with`` asks for
         when cells changed; the no-op plan never gets here)."""
-        rows = self.ledger.load_cells(names)
+        rows = self.ledger.load_cells(names)  # full rows: every cell is a LedgerCell
+        full = [
+            c for per_date in rows.values() for c in per_date.values() if isinstance(c, LedgerCell)
+        ]
         wanted = {
             (kind, value)
-            for per_date in rows.values()
-            for cell in per_date.values()
+            for cell in full
             for kind, value in (
                 ("code", cell.code_hash),
                 ("layer", cell.layer_hash),
@@ -248,7 +250,8 @@ class Orchestrator:
         }
         registry = self.ledger.load_versions(wanted)
         stale = {
-            name: {c.code_hash for c in per_date.values()} - {self.manifest.calcs[name].code_hash}
+            name: {c.code_hash for c in per_date.values() if isinstance(c, LedgerCell)}
+            - {self.manifest.calcs[name].code_hash}
             for name, per_date in rows.items()
             if name in self.manifest.calcs
         }

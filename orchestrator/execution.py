@@ -421,20 +421,20 @@ class Executor:
         writes: list[CellWrite] = []
         shard_rows: list[dict[str, Any]] = []
         if standard:
-            w, rows = self._run_standard(date, standard)
-            writes += w
+            std_writes, rows = self._run_standard(date, standard)
+            writes += std_writes
             shard_rows += rows
         for spec, decision in to_run:
             if not spec.is_standard:
-                w, rows = self._run_meta(date, spec, decision)
-                writes.append(w)
+                meta_write, rows = self._run_meta(date, spec, decision)
+                writes.append(meta_write)
                 shard_rows += rows
         if writes:
             self.ledger.publish_with_shards(writes, shard_rows, self.clock())
-            for w in writes:
-                key = (w.calculation, w.date)
-                self.stored.setdefault(w.calculation, {})[w.date] = _as_ledger_cell(
-                    w, self._stored(key)
+            for write in writes:
+                key = (write.calculation, write.date)
+                self.stored.setdefault(write.calculation, {})[write.date] = _as_ledger_cell(
+                    write, self._stored(key)
                 )
 
     # --- standard cells -------------------------------------------------------------------

@@ -98,7 +98,10 @@ def digest(tag: str, value: Any) -> str:
 
 _JSON = json.JSONEncoder(sort_keys=True, separators=(",", ":"), allow_nan=True)
 try:  # the C encoder called directly: half the cost of json.dumps per line, same output
-    from json.encoder import c_make_encoder, encode_basestring_ascii
+    from json.encoder import (  # type: ignore[attr-defined]
+        c_make_encoder,
+        encode_basestring_ascii,
+    )
 
     _c_encode = c_make_encoder(
         None, _JSON.default, encode_basestring_ascii, None, ":", ",", True, False, True
@@ -108,7 +111,7 @@ try:  # the C encoder called directly: half the cost of json.dumps per line, sam
         return "".join(_c_encode(value, 0))
 
 except (ImportError, TypeError):  # pragma: no cover - interpreters without the C accelerator
-    _canonical_json = _JSON.encode
+    _canonical_json = _JSON.encode  # type: ignore[assignment]
 
 
 def result_line(user: str | None, result: Any) -> bytes:

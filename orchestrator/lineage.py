@@ -26,6 +26,7 @@ import sys
 import textwrap
 from dataclasses import dataclass, field
 from functools import cache
+from typing import Any
 
 from orchestrator.fingerprint import digest, infra_parts, normalise
 
@@ -71,7 +72,7 @@ class Lineage:
             "layer": {k: digest("def", v) for k, v in self.layers.items()},
         }
 
-    def registry_parts(self) -> dict[str, dict[str, object]]:
+    def registry_parts(self) -> dict[str, dict[str, Any]]:
         """What the registry keeps per kind: definition digests, plus for code the statement
         digests of each function under ``"__stmts__"``."""
         digests = self.digests()

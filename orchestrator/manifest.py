@@ -292,7 +292,7 @@ def find_cycle(graph: Mapping[str, Iterable[str]]) -> list[str]:
                     low[node] = min(low[node], index[child])
                 continue
             if low[node] == index[node]:
-                component = []
+                component: list[str] = []
                 while True:
                     member = stack.pop()
                     on_stack.discard(member)
@@ -303,10 +303,12 @@ def find_cycle(graph: Mapping[str, Iterable[str]]) -> list[str]:
             if work:
                 parent = work[-1][0]
                 low[parent] = min(low[parent], low[node])
-    cyclic = [sorted(c) for c in components if len(c) > 1 or c[0] in deps.get(c[0], [])]
+    cyclic: list[list[str]] = [
+        sorted(c) for c in components if len(c) > 1 or c[0] in deps.get(c[0], [])
+    ]
     if not cyclic:
         return []
-    members = set(min(cyclic, key=lambda c: c[0]))
+    members = set(min(cyclic))  # sorted, disjoint components: the smallest first name wins
     start = min(members)
     # The shortest chain inside the component from start back to itself (BFS).
     parents: dict[str, str | None] = {start: None}
@@ -315,9 +317,9 @@ def find_cycle(graph: Mapping[str, Iterable[str]]) -> list[str]:
         node = queue.popleft()
         for child in deps[node]:
             if child == start:
-                path = [node]
-                while (parent := parents[path[-1]]) is not None:
-                    path.append(parent)
+                path: list[str] = [node]
+                while (up := parents[path[-1]]) is not None:
+                    path.append(up)
                 return [*reversed(path), start]
             if child in members and child not in parents:
                 parents[child] = node

@@ -387,7 +387,7 @@ class Decider:
         self,
         spec: CalcSpec,
         date: dt.date,
-        stored: LedgerCell | None,
+        stored: LedgerCell | SlimCell | None,
         upstream_state: Callable[[CellKey], tuple[Upstream, str | None]],
     ) -> Decision:
         """Decide one cell.
@@ -422,7 +422,7 @@ class Decider:
             previous = hashes.pop() if prev_date is not None else None
             if self.unchanged(spec, date, stored, hashes, previous):
                 return Decision(name, date, Reason.UP_TO_DATE, "", stored.result_hash)
-        if type(stored) is SlimCell:
+        if isinstance(stored, SlimCell):
             raise NeedsFullRow(name)
         return self._decide_slowly(spec, date, stored, dict(zip(upstream_keys, states)))
 
@@ -464,7 +464,7 @@ class Decider:
         self,
         spec: CalcSpec,
         date: dt.date,
-        stored: LedgerCell,
+        stored: LedgerCell | SlimCell,
         upstream: list[str | None],
         previous: str | None,
     ) -> bool:

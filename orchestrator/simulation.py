@@ -195,7 +195,7 @@ def simulate_one(
                     for user in users:
                         if spec.root_data and not any(rows[ds].get((date, user)) for ds in rows):
                             continue
-                        ctx = StandardContext(
+                        ctx: StandardContext | MetaContext = StandardContext(
                             date=date,
                             user=user,
                             root={ds: rows[ds].get((date, user), []) for ds in rows},

@@ -25,6 +25,7 @@ from sqlalchemy import (
     Connection,
     Engine,
     String,
+    Table,
     and_,
     cast,
     create_engine,
@@ -54,15 +55,15 @@ from orchestrator.ledger.models import (
 )
 from orchestrator.memory import paused_gc
 
-CELLS = CellRow.__table__
-SHARDS = ShardRow.__table__
-ROOT_INDEX = RootIndexRow.__table__
-ROOT_SOURCES = RootSourceRow.__table__
-RUNS = RunRow.__table__
-ATTEMPTS = AttemptRow.__table__
-LOCK = RunLockRow.__table__
-VERSIONS = CodeVersionRow.__table__
-BUMPS = EpochBumpRow.__table__
+CELLS: Table = CellRow.__table__  # type: ignore[assignment]
+SHARDS: Table = ShardRow.__table__  # type: ignore[assignment]
+ROOT_INDEX: Table = RootIndexRow.__table__  # type: ignore[assignment]
+ROOT_SOURCES: Table = RootSourceRow.__table__  # type: ignore[assignment]
+RUNS: Table = RunRow.__table__  # type: ignore[assignment]
+ATTEMPTS: Table = AttemptRow.__table__  # type: ignore[assignment]
+LOCK: Table = RunLockRow.__table__  # type: ignore[assignment]
+VERSIONS: Table = CodeVersionRow.__table__  # type: ignore[assignment]
+BUMPS: Table = EpochBumpRow.__table__  # type: ignore[assignment]
 
 MIGRATIONS = Path(__file__).resolve().parents[2] / "migrations"
 
@@ -368,11 +369,12 @@ class Ledger:
                     date = dates[raw] = (
                         raw if isinstance(raw, dt.date) else dt.date.fromisoformat(raw)
                     )
-                per_date[date] = make(kind, (row[0], date, *row[2:]))
+                per_date[date] = make(kind, (row[0], date, *row[2:]))  # type: ignore[assignment,call-overload]
         return out
 
     def cell(self, calculation: str, date: dt.date) -> LedgerCell | None:
-        return self.load_cells([calculation]).get(calculation, {}).get(date)
+        cell = self.load_cells([calculation]).get(calculation, {}).get(date)
+        return cell if isinstance(cell, LedgerCell) else None
 
     # --- cells: writes --------------------------------------------------------------------
 
@@ -558,7 +560,8 @@ class Ledger:
             )
         )
         with self.engine.begin() as conn:
-            return conn.execute(delete(s).where(~published)).rowcount or 0
+            deleted = conn.execute(delete(s).where(~published))  # type: ignore[arg-type]
+            return deleted.rowcount or 0
 
     # --- results --------------------------------------------------------------------------
 
