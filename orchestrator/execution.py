@@ -99,6 +99,7 @@ class _CellRun:
     stats: validation.Stats | None = None  # merged from workers (else computed from keep)
     flush_reasons: dict[str, int] = field(default_factory=dict)
     recent: list[Any] = field(default_factory=list)  # results since the last flush
+    spilled: bool = False  # more than KEEP_LIMIT results: not kept in memory
 
 
 class _LazyHistory(Mapping[str, list[Any]]):
@@ -226,8 +227,11 @@ class Executor:
         self.ran: set[CellKey] = set()
         self.migrated: set[CellKey] = set()
         self.dead: set[CellKey] = set()  # failed past max_attempts: dead letters
+        self._unpublished: tuple[list[CellWrite], list[dict[str, Any]]] = ([], [])
+        self._uncached = False  # a result of this pass is not in memory (see KEEP_LIMIT)
         self.failed: set[CellKey] = set()
-        self.cache = ResultCache(ledger, manifest)
+        # Room for every result of a date and of the one before (historical), at least.
+        self.cache = ResultCache(ledger, manifest, capacity=max(256, 3 * len(manifest.calcs)))
         self.worker = f"{socket.gethostname()}:{os.getpid()}"
         self.summary = RunSummary(run_id=run_id)
         self.peak_rss = _PROCESS.memory_info().rss
@@ -310,6 +314,16 @@ class Executor:
         self.summary.peak_memory = self.peak_rss
         return self.summary
 
+    def _publish(self) -> None:
+        """Publish the cells finished since the last call, in one transaction: a date's
+        passes share it (one commit per date, not per pass). Within the date, later passes
+        read their upstream from memory — this process's cache, or the results handed to the
+        workers with their task — never from the not yet published ledger."""
+        writes, shard_rows = self._unpublished
+        if writes:
+            self.ledger.publish_with_shards(writes, shard_rows, self.clock())
+        self._unpublished = ([], [])
+
     def _walk_dates(self, label: str) -> None:
         """Run every date with work, passes in order, with a progress bar when asked."""
         dates = sorted(
@@ -330,6 +344,7 @@ class Executor:
         for date in dates:
             for members in self.manifest.passes:
                 self._run_pass(date, members)
+            self._publish()
             self.heartbeat()
             if bar is not None:
                 bar.update(1)
@@ -429,13 +444,16 @@ class Executor:
                 meta_write, rows = self._run_meta(date, spec, decision)
                 writes.append(meta_write)
                 shard_rows += rows
-        if writes:
-            self.ledger.publish_with_shards(writes, shard_rows, self.clock())
-            for write in writes:
-                key = (write.calculation, write.date)
-                self.stored.setdefault(write.calculation, {})[write.date] = _as_ledger_cell(
-                    write, self._stored(key)
-                )
+        for write in writes:  # decisions of later passes see them at once; the ledger at
+            key = (write.calculation, write.date)  # the end of the date (``_walk_dates``)
+            self.stored.setdefault(write.calculation, {})[write.date] = _as_ledger_cell(
+                write, self._stored(key)
+            )
+        self._unpublished[0].extend(writes)
+        self._unpublished[1].extend(shard_rows)
+        if self._uncached:  # a result too big to keep in memory: dependents read the ledger
+            self._publish()
+            self._uncached = False
 
     # --- standard cells -------------------------------------------------------------------
 
@@ -639,6 +657,7 @@ class Executor:
                             run.keep[user] = result
                             if len(run.keep) > KEEP_LIMIT:  # too big to cache: readers load it
                                 run.keep = None
+                                run.spilled = True
                 except Exception:  # noqa: BLE001 - user code: any error is a per-user failure
                     _user_failed(run, f"user {user}: {traceback.format_exc()}")
                 if stream:
@@ -672,6 +691,8 @@ class Executor:
             run.flush_reasons["FINAL"] = run.flush_reasons.get("FINAL", 0) + 1
         if run.keep is not None:
             self.cache.put((spec.name, date), run.keep)
+        elif run.spilled:
+            self._uncached = True
         return self._success(spec, date, run.decision, run.writer, run), rows
 
     # --- meta cells -----------------------------------------------------------------------

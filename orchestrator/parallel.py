@@ -62,6 +62,7 @@ class _Part(NamedTuple):
     keep: dict[str, Any] | None
     stats: validation.Stats
     flush_reasons: dict[str, int]
+    spilled: bool
 
 
 def _stats(run: _CellRun) -> validation.Stats:
@@ -89,7 +90,9 @@ def _serve(
         message = conn.recv()
         if message is None:
             return
-        date, cells = message
+        date, cells, handed = message
+        for key, value in handed.items():  # upstream results not published yet
+            executor.cache.put(key, value)
         try:
             runs = executor._prepare(
                 date, [(executor.manifest.calcs[name], decision) for name, decision in cells]
@@ -114,6 +117,7 @@ def _serve(
                         run.keep if run.spec.name in send_results else None,
                         _stats(run),
                         {**run.flush_reasons, **({"FINAL": 1} if rows else {})},
+                        run.spilled,
                     )
                 )
                 # This worker's users' results, for its later passes and dates.
@@ -165,8 +169,16 @@ class WorkerPool:
             WorkerError: a worker died or failed outside user code.
         """
         cells: list[tuple[str, Decision]] = [(r.spec.name, r.decision) for r in runs]
+        # Meta upstream results of this date come with the task: they are not published yet
+        # (a date is published as a whole), and the workers do not compute them.
+        handed = {
+            (dep, date): executor.cache.get((dep, date))
+            for run in runs
+            for dep in run.spec.dependencies
+            if not executor.manifest.calcs[dep].is_standard
+        }
         for conn in self.connections:
-            conn.send((date, cells))
+            conn.send((date, cells, handed))
         replies = []
         for conn in self.connections:
             try:
@@ -184,6 +196,7 @@ class WorkerPool:
             run.flushes = sum(p.flushes for p in parts)
             run.errors = [e for p in parts for e in p.errors][:5]
             run.aborted = next((p.aborted for p in parts if p.aborted), None)
+            run.spilled = any(p.spilled for p in parts)
             run.stats = validation.Stats()
             for p in parts:
                 for reason, count in p.flush_reasons.items():

@@ -38,7 +38,8 @@ ORCH = [sys.executable, "-m", "orchestrator.cli"]
 
 def timed(args: list[str], cwd: Path) -> tuple[float, int, subprocess.CompletedProcess[str]]:
     """Run a command; wall seconds, peak memory in bytes of the process tree (proportional set
-    size, polled every 250 ms: reading it often would load the machine), the result."""
+    size, polled every second: reading it more often would load the machine measured), the
+    result."""
     start = time.perf_counter()
     proc = psutil.Popen(args, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     peak = 0
@@ -47,7 +48,7 @@ def timed(args: list[str], cwd: Path) -> tuple[float, int, subprocess.CompletedP
             peak = max(peak, tree_pss(proc))
         except psutil.Error:
             pass
-        time.sleep(0.25)
+        time.sleep(1.0)
     out, err = proc.communicate()
     took = time.perf_counter() - start
     return took, peak, subprocess.CompletedProcess(args, proc.returncode, out, err)

@@ -74,7 +74,7 @@ def small(project: Project) -> Project:
     return project
 
 
-@pytest.mark.parametrize("fault", ["user:200", "flush:9", "publish:5", "publish:14"])
+@pytest.mark.parametrize("fault", ["user:200", "flush:9", "publish:5", "publish:9"])
 @pytest.mark.parametrize("mode", ["cold", "rerun"])
 def test_kill_9_then_rerun_converges_to_the_uninterrupted_results(
     small: Project, fault: str, mode: str, tmp_path
