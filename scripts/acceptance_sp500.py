@@ -32,6 +32,7 @@ import psutil
 from orchestrator.memory import tree_pss
 
 REPO = Path(__file__).resolve().parents[1]
+POLL_SECONDS = 1.0  # memory polling reads smaps_rollup of every process: not too often
 DEFAULT_DATA = REPO.parent / "shared" / "data" / "sp500_daily_ohlcv_2013-02-08_2018-02-07.csv.gz"
 ORCH = [sys.executable, "-m", "orchestrator.cli"]
 
@@ -43,12 +44,16 @@ def timed(args: list[str], cwd: Path) -> tuple[float, int, subprocess.CompletedP
     start = time.perf_counter()
     proc = psutil.Popen(args, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     peak = 0
-    while proc.poll() is None:
+    while True:
         try:  # the whole process tree: with workers > 1 the run forks worker processes
             peak = max(peak, tree_pss(proc))
         except psutil.Error:
             pass
-        time.sleep(1.0)
+        try:  # returns as soon as the process ends: the wall time is not rounded to a poll
+            proc.wait(timeout=POLL_SECONDS)
+            break
+        except psutil.TimeoutExpired:
+            continue
     out, err = proc.communicate()
     took = time.perf_counter() - start
     return took, peak, subprocess.CompletedProcess(args, proc.returncode, out, err)

@@ -30,6 +30,8 @@ import psutil
 
 from orchestrator.memory import tree_pss
 
+POLL_SECONDS = 0.25
+
 CALCS = '''
 from orchestrator import StandardCalculation
 
@@ -112,12 +114,16 @@ def measure(users: int, workers: int, work: Path) -> dict[str, float | int]:
         text=True,
     )
     peak = 0
-    while proc.poll() is None:
-        try:
+    while True:
+        try:  # the whole process tree: with workers > 1 the run forks worker processes
             peak = max(peak, tree_pss(proc))
         except psutil.Error:
             pass
-        time.sleep(0.25)
+        try:  # returns as soon as the process ends: the wall time is not rounded to a poll
+            proc.wait(timeout=POLL_SECONDS)
+            break
+        except psutil.TimeoutExpired:
+            continue
     out, err = proc.communicate()
     wall = time.perf_counter() - start
     if proc.returncode != 0:
