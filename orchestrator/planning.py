@@ -555,7 +555,12 @@ class Decider:
                 *key,
                 Reason.COSMETIC_CHANGE,
                 "same simulated behaviour: "
-                + (_definitions_change(req_registry(self, stored), spec, "code") or "code edited"),
+                + (
+                    _definitions_change(
+                        self.request.registry.get(("code", stored.code_hash)), spec, "code"
+                    )
+                    or "code edited"
+                ),
                 published,
             )
         if current.digest == stored.inputs_digest:
@@ -632,10 +637,6 @@ class Decider:
                 )
                 changes.append(f"{ds} on {', '.join(days[:3])}{' ...' if len(days) > 3 else ''}")
         return "; ".join(f"{c} changed" for c in changes)
-
-
-def req_registry(decider: Decider, stored: LedgerCell) -> Mapping[str, Any] | None:
-    return decider.request.registry.get(("code", stored.code_hash))
 
 
 def _definitions_change(before: Mapping[str, str] | None, spec: CalcSpec, kind: str) -> str:

@@ -24,7 +24,6 @@ import datetime as dt
 import gzip
 import io
 import json
-from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,7 +32,7 @@ import xxhash
 
 from orchestrator.config import RootDataConfig
 from orchestrator.errors import RootDataError
-from orchestrator.fingerprint import digest, encode
+from orchestrator.fingerprint import encode
 from orchestrator.memory import paused_gc
 
 Row = dict[str, Any]
@@ -343,20 +342,4 @@ def _type_columns(
     return bad
 
 
-def window_dates(dates: list[dt.date], date: dt.date, lookback: int) -> list[dt.date]:
-    """The last ``lookback`` of ``dates`` (ascending) that are <= ``date``, ascending."""
-    end = bisect.bisect_right(dates, date)
-    return dates[max(0, end - lookback) : end]
-
-
-def index_of(datasets: Mapping[str, Mapping[dt.date, DateEntry]]) -> dict[str, dict[dt.date, str]]:
-    """dataset -> date -> content hash, the form the planner consumes."""
-    return {name: {d: e.content_hash for d, e in idx.items()} for name, idx in datasets.items()}
-
-
-def iter_rows(dataset: Dataset, date: dt.date) -> Iterator[Row]:
-    for rows in dataset.users_on(date).values():
-        yield from rows
-
-
-__all__ = ["Dataset", "DateEntry", "FileSource", "digest", "index_of", "iter_rows", "window_dates"]
+__all__ = ["Dataset", "DateEntry", "FileSource"]
