@@ -11,6 +11,8 @@ alive — reference counting still frees them — it only spares the collector's
 from __future__ import annotations
 
 import gc
+import subprocess
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -44,3 +46,31 @@ def tree_pss(process: psutil.Process) -> int:
         except (OSError, StopIteration):
             total += member.memory_info().rss
     return total
+
+
+def run_measured(
+    args: list[str], cwd: str | object, poll_seconds: float = 1.0
+) -> tuple[float, int, subprocess.CompletedProcess[str]]:
+    """Run a command to completion; returns (wall seconds, peak ``tree_pss`` in bytes, the
+    completed process). Memory is polled every ``poll_seconds`` (each poll reads every
+    process's smaps_rollup: too often would load the machine being measured); the wall time
+    is not rounded to a poll, since the wait returns as soon as the process ends."""
+    start = time.perf_counter()
+    proc = psutil.Popen(args, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    peak = 0
+    while True:
+        try:
+            peak = max(peak, tree_pss(proc))
+        except psutil.Error:
+            pass
+        try:
+            proc.wait(timeout=poll_seconds)
+            break
+        except psutil.TimeoutExpired:
+            continue
+    out, err = proc.communicate()
+    return (
+        time.perf_counter() - start,
+        peak,
+        subprocess.CompletedProcess(args, proc.returncode or 0, out, err),
+    )

@@ -23,13 +23,10 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import time
 from collections import Counter
 from pathlib import Path
 
-import psutil
-
-from orchestrator.memory import tree_pss
+from orchestrator.memory import run_measured
 
 REPO = Path(__file__).resolve().parents[1]
 POLL_SECONDS = 1.0  # memory polling reads smaps_rollup of every process: not too often
@@ -38,25 +35,8 @@ ORCH = [sys.executable, "-m", "orchestrator.cli"]
 
 
 def timed(args: list[str], cwd: Path) -> tuple[float, int, subprocess.CompletedProcess[str]]:
-    """Run a command; wall seconds, peak memory in bytes of the process tree (proportional set
-    size, polled every second: reading it more often would load the machine measured), the
-    result."""
-    start = time.perf_counter()
-    proc = psutil.Popen(args, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    peak = 0
-    while True:
-        try:  # the whole process tree: with workers > 1 the run forks worker processes
-            peak = max(peak, tree_pss(proc))
-        except psutil.Error:
-            pass
-        try:  # returns as soon as the process ends: the wall time is not rounded to a poll
-            proc.wait(timeout=POLL_SECONDS)
-            break
-        except psutil.TimeoutExpired:
-            continue
-    out, err = proc.communicate()
-    took = time.perf_counter() - start
-    return took, peak, subprocess.CompletedProcess(args, proc.returncode, out, err)
+    """Run a command; wall seconds, peak memory (PSS) of its process tree, the result."""
+    return run_measured(args, cwd, POLL_SECONDS)
 
 
 def plan_counts(

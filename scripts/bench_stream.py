@@ -20,15 +20,11 @@ import argparse
 import csv
 import json
 import re
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
-import psutil
-
-from orchestrator.memory import tree_pss
+from orchestrator.memory import run_measured
 
 POLL_SECONDS = 0.25
 
@@ -96,8 +92,7 @@ def measure(users: int, workers: int, work: Path) -> dict[str, float | int]:
         f'system_epoch = "epoch.py"\nworkers = {workers}\nflush_users = 5000\n'
         '[root_data.trades]\npath = "trades.csv"\ndate_column = "date"\nuser_column = "user"\n'
     )
-    start = time.perf_counter()
-    proc = psutil.Popen(
+    wall, peak, done = run_measured(
         [
             sys.executable,
             "-m",
@@ -108,25 +103,11 @@ def measure(users: int, workers: int, work: Path) -> dict[str, float | int]:
             "--date",
             "2024-01-02",
         ],
-        cwd=folder,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
+        folder,
+        POLL_SECONDS,
     )
-    peak = 0
-    while True:
-        try:  # the whole process tree: with workers > 1 the run forks worker processes
-            peak = max(peak, tree_pss(proc))
-        except psutil.Error:
-            pass
-        try:  # returns as soon as the process ends: the wall time is not rounded to a poll
-            proc.wait(timeout=POLL_SECONDS)
-            break
-        except psutil.TimeoutExpired:
-            continue
-    out, err = proc.communicate()
-    wall = time.perf_counter() - start
-    if proc.returncode != 0:
+    out, err = done.stdout, done.stderr
+    if done.returncode != 0:
         raise SystemExit(f"run failed for {users} users:\n{out}\n{err}")
     executed = float(re.search(r" in ([0-9.]+)s", out).group(1))  # type: ignore[union-attr]
     return {
