@@ -35,8 +35,9 @@ from orchestrator.planning import (
     plan_with,
     provenance,
 )
-from orchestrator.results import assemble, decode_shards
-from orchestrator.rootdata import Dataset, FileSource
+from orchestrator.results import StoredResult, assemble, decode_shards
+from orchestrator.rootdata import FileSource, RootData
+from orchestrator.rootstore import StoredDataset, build_store, store_path
 from orchestrator.simulation import Simulation, simulate, unverified_changes
 
 LOCK_TTL = dt.timedelta(minutes=15)
@@ -107,7 +108,8 @@ class Orchestrator:
     def __init__(self, config: Config, progress: bool = False):
         self.config = config
         self.progress = progress
-        self._datasets: dict[str, Dataset] = {}
+        self._datasets: dict[str, RootData] = {}
+        self._digests: dict[str, str] = {}
         self._sims: dict[str, Simulation] = {}
 
     @classmethod
@@ -144,24 +146,46 @@ class Orchestrator:
 
     # --- observe --------------------------------------------------------------------------
 
-    def dataset(self, name: str) -> Dataset:
-        """The parsed dataset (parsed at most once per process)."""
+    def holds_in_memory(self, name: str) -> bool:
+        """Whether dataset ``name`` is parsed into memory rather than streamed from its root
+        store: only when a calculation reads history windows from it (``lookback > 1``:
+        served from memory with a slice, from the store with a query per user) and its
+        files' uncompressed size is at most ``root_memory_mb``."""
+        history = any(s.lookback > 1 for s in self.manifest.calcs.values() if name in s.root_data)
+        source = FileSource(self.config.root_data[name])
+        return history and source.raw_size() <= self.config.root_memory_mb * 2**20
+
+    def _digest(self, name: str) -> str:
+        if name not in self._digests:
+            self._digests[name] = FileSource(self.config.root_data[name]).digest()
+        return self._digests[name]
+
+    def dataset(self, name: str) -> RootData:
+        """The dataset, opened at most once per process: parsed into memory, or its root store
+        (imported on first use of this version of the source; see ``holds_in_memory``)."""
         if name not in self._datasets:
-            self._datasets[name] = FileSource(self.config.root_data[name]).load()
+            config = self.config.root_data[name]
+            if self.holds_in_memory(name):
+                self._datasets[name] = FileSource(config).load()
+            else:
+                folder = self.config.work_dir / "root"
+                path = store_path(folder, name, self._digest(name))
+                if not path.exists():
+                    path = build_store(config, self._digest(name), folder)
+                self._datasets[name] = StoredDataset(path)
         return self._datasets[name]
 
     def index_root_data(self, now: dt.datetime) -> dict[str, dict[dt.date, str]]:
-        """dataset -> available date -> content hash, re-parsing only changed sources."""
+        """dataset -> available date -> content hash, re-reading only changed sources."""
         used = sorted({ds for s in self.manifest.calcs.values() for ds in s.root_data})
         stored = self.ledger.load_root_sources()
         out: dict[str, dict[dt.date, str]] = {}
         for name in used:
-            source = FileSource(self.config.root_data[name])
-            digest = source.digest()
+            digest = self._digest(name)
             if stored.get(name) == digest:
                 out[name] = {d: h for d, (n, h) in self.ledger.load_root_index(name).items() if n}
                 continue
-            dataset = self._datasets[name] = source.load()
+            dataset = self.dataset(name)
             self.ledger.replace_root_index(
                 name,
                 digest,
@@ -388,9 +412,9 @@ class Orchestrator:
             summary = executor.execute()
             for name, dataset in sorted(self._datasets.items()):
                 summary.notes += [f"{name}: {problem}" for problem in dataset.problems]
-                if dataset.bad_rows:
+                if dataset.bad_count:
                     summary.notes.append(
-                        f"{name}: {len(dataset.bad_rows)} user-date(s) with malformed rows "
+                        f"{name}: {dataset.bad_count} user-date(s) with malformed rows "
                         "failed those users (see `orchestrator runs --run ID`)"
                     )
             for (name, old), verdict in request.cosmetic.items():
@@ -416,14 +440,33 @@ class Orchestrator:
         Raises:
             DefinitionError: unknown calculation.
         """
-        if calculation not in self.manifest.calcs:
-            raise DefinitionError(
-                f"unknown calculation '{calculation}'; known: {', '.join(sorted(self.manifest.calcs))}"
-            )
+        self._known(calculation)
         payloads = self.ledger.shard_payloads(calculation, date)
         if payloads is None:
             return None
         return assemble(decode_shards(payloads), self.manifest.calcs[calculation].kind)
+
+    def load_user_result(self, calculation: str, date: dt.date, user: str) -> Any:
+        """One user's published result of a standard cell, reading only the shard that holds
+        it (found by each shard's first and last user); None if there is none.
+
+        Raises:
+            DefinitionError: unknown calculation, or a meta calculation (no users).
+        """
+        self._known(calculation)
+        if self.manifest.calcs[calculation].kind != "standard":
+            raise DefinitionError(f"'{calculation}' is a meta calculation: it has no users")
+        shards = self.ledger.shard_index(calculation, date)
+        if shards is None:
+            return None
+        fetch = lambda shard: self.ledger.shard_data(calculation, date, shard)
+        return StoredResult(shards, fetch).get(user)
+
+    def _known(self, calculation: str) -> None:
+        if calculation not in self.manifest.calcs:
+            raise DefinitionError(
+                f"unknown calculation '{calculation}'; known: {', '.join(sorted(self.manifest.calcs))}"
+            )
 
     def why(self, calculation: str, date: dt.date) -> tuple[Decision, LedgerCell | None, list[Any]]:
         """A cell's decision, its stored row and every fingerprint part, stored vs current.

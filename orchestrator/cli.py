@@ -249,7 +249,13 @@ def show(ctx: click.Context, calc: str, date: dt.date, user: str | None) -> None
     """Print a stored result as JSON."""
     orch = _orch(ctx)
     try:
-        result = orch.load_result(calc, date)
+        if user is not None:  # one shard read, however many users the cell has
+            result = orch.load_user_result(calc, date, user)
+            if result is None and orch.ledger.shard_index(calc, date) is not None:
+                click.echo(f"Error: {calc} on {date} has no result for user {user!r}", err=True)
+                ctx.exit(1)
+        else:
+            result = orch.load_result(calc, date)
     finally:
         orch.close()
     if result is None:
@@ -257,11 +263,6 @@ def show(ctx: click.Context, calc: str, date: dt.date, user: str | None) -> None
             f"Error: no published result for {calc} on {date}; see `orchestrator plan`", err=True
         )
         ctx.exit(1)
-    if user is not None:
-        if orch.manifest.calcs[calc].kind != "standard" or user not in result:
-            click.echo(f"Error: {calc} on {date} has no result for user {user!r}", err=True)
-            ctx.exit(1)
-        result = result[user]
     click.echo(json.dumps(result, indent=2, sort_keys=True))
 
 

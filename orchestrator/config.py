@@ -52,6 +52,12 @@ class Config:
             without a budget, only the thresholds flush.
         packages: distributions whose versions make up every calculation's infrastructure
             hash; None: those each calculation imports (traced through the AST).
+        work_dir: local working files (the root stores under ``root/``); default
+            ``.orchestrator`` next to the config file.
+        root_memory_mb: a dataset read with history windows (``lookback > 1``) and at most
+            this many MiB uncompressed is parsed into memory (about 20 times its size) for
+            speed; every other dataset is streamed from its root store, so memory does not
+            grow with the number of users. 0: always stream.
     """
 
     path: Path
@@ -68,6 +74,8 @@ class Config:
     memory_budget_mb: int | None = None
     memory_fraction: float = 0.7
     packages: tuple[str, ...] | None = None
+    work_dir: Path = Path(".orchestrator")
+    root_memory_mb: int = 64
 
 
 def _resolve_db_url(url: str, base: Path) -> str:
@@ -159,6 +167,10 @@ def load_config(path: str | os.PathLike[str] | None = None, db_url: str | None =
         raise ConfigError(f"{cfg_path}: max_attempts must be >= 1, found {max_attempts}")
     if workers < 1:
         raise ConfigError(f"{cfg_path}: workers must be >= 1, found {workers}")
+    root_memory_mb = need("root_memory_mb", raw.get("root_memory_mb", 64), int)
+    if root_memory_mb < 0:
+        raise ConfigError(f"{cfg_path}: root_memory_mb must be >= 0, found {root_memory_mb}")
+    work_dir = base / need("work_dir", raw.get("work_dir", ".orchestrator"), str)
     return Config(
         path=cfg_path,
         database_url=url,
@@ -174,4 +186,6 @@ def load_config(path: str | os.PathLike[str] | None = None, db_url: str | None =
         memory_budget_mb=budget,
         memory_fraction=float(fraction),
         packages=tuple(packages) if packages is not None else None,
+        work_dir=work_dir.resolve(),
+        root_memory_mb=root_memory_mb,
     )

@@ -38,13 +38,13 @@ from orchestrator.ledger.store import CellWrite, Ledger, LedgerCell, SlimCell, S
 from orchestrator.manifest import CalcSpec, Manifest
 from orchestrator.parallel import WorkerPool
 from orchestrator.planning import CellKey, Decider, Decision, Plan, Reason, Status, Upstream
-from orchestrator.results import ShardWriter, assemble, decode_shards
-from orchestrator.rootdata import Dataset
+from orchestrator.results import ShardWriter, StoredResult, assemble, decode_shards
+from orchestrator.rootdata import RootData, Row
 
 MEMORY_CHECK_EVERY = 1000  # users between two looks at the process's memory
 # A cell's whole result is kept in memory for its dependents only up to this many users;
 # beyond, memory stays bounded by the flush thresholds and dependents read the shards.
-KEEP_LIMIT = 100_000
+KEEP_LIMIT = 20_000
 _PROCESS = psutil.Process()
 
 
@@ -86,8 +86,8 @@ class _CellRun:
     instance: Any
     writer: ShardWriter
     upstream: dict[str, Any]
-    previous: Mapping[str, Any]
-    users: set[str] | None  # None: the users of its root data
+    previous: Mapping[str, Any] | StoredResult
+    by_upstream: bool  # no root data: it walks the users of its standard upstream results
     keep: dict[str, Any] | None  # whole result, for the cache; None if the parent lacks it
     started: dt.datetime
     failures: int = 0
@@ -110,7 +110,7 @@ class _LazyHistory(Mapping[str, list[Any]]):
 
     def __init__(
         self,
-        datasets: Mapping[str, Dataset],
+        datasets: Mapping[str, RootData],
         names: tuple[str, ...],
         user: str,
         date: dt.date,
@@ -150,12 +150,26 @@ class ResultCache:
             self._items.popitem(last=False)
 
     def get(self, key: CellKey) -> Any:
+        """The published result of ``key``: a meta result, a standard result as ``{user:
+        result}``, or — past ``KEEP_LIMIT`` users — a ``StoredResult`` read shard by shard;
+        None if unpublished."""
         if key in self._items:
             self._items.move_to_end(key)
             return self._items[key]
-        payloads = self.ledger.shard_payloads(*key)
         kind = self.manifest.calcs[key[0]].kind
-        value = None if payloads is None else assemble(decode_shards(payloads), kind)
+        value: Any
+        if kind == "meta":
+            payloads = self.ledger.shard_payloads(*key)
+            value = None if payloads is None else assemble(decode_shards(payloads), kind)
+        else:
+            shards = self.ledger.shard_index(*key)
+            if shards is None:
+                value = None
+            elif sum(s.users for s in shards) > KEEP_LIMIT:
+                return StoredResult(shards, lambda shard: self.ledger.shard_data(*key, shard))
+            else:
+                data = (self.ledger.shard_data(*key, shard) for shard in shards)
+                value = assemble(decode_shards(data), kind)
         self.put(key, value)
         return value
 
@@ -190,7 +204,7 @@ class Executor:
         decider: Decider,
         plan: Plan,
         ledger_snapshot: Snapshot,
-        dataset: Callable[[str], Dataset],
+        dataset: Callable[[str], RootData],
         run_id: str,
         flush_users: int,
         shard_bytes: int,
@@ -285,9 +299,8 @@ class Executor:
             return self._execute()
         users: set[str] = set()
         for ds in {ds for name in standard for ds in self.manifest.calcs[name].root_data}:
-            dataset = self.dataset(ds)  # parsed before the fork, shared copy-on-write
-            for per_user in dataset.by_date.values():
-                users.update(per_user)
+            # opened before the fork: held in memory it is shared copy-on-write
+            users.update(self.dataset(ds).user_sample())
         with WorkerPool(self, self.workers, users) as pool:
             self.pool = pool
             try:
@@ -464,6 +477,11 @@ class Executor:
         there is none); for a meta calculation it is the previous result dict or None.
         """
         upstream = {dep: self.cache.get((dep, date)) for dep in spec.dependencies}
+        if not spec.is_standard:  # a meta calculation reads its upstream whole, by definition
+            upstream = {
+                dep: dict(res.items()) if isinstance(res, StoredResult) else res
+                for dep, res in upstream.items()
+            }
         previous = None
         if spec.historical:
             prev_date = self.decider.previous_date(spec.name, date)
@@ -482,12 +500,6 @@ class Executor:
         runs = []
         for spec, decision in cells:
             upstream, previous = self._inputs_for(spec, date) if inputs else ({}, {})
-            users: set[str] | None = None
-            if not spec.root_data:
-                users = set()
-                for dep in spec.dependencies:
-                    if self.manifest.calcs[dep].is_standard and upstream.get(dep):
-                        users.update(upstream[dep])
             runs.append(
                 _CellRun(
                     spec=spec,
@@ -496,7 +508,7 @@ class Executor:
                     writer=ShardWriter(spec.name, date, uuid.uuid4().hex, self.shard_bytes),
                     upstream=upstream,
                     previous=previous,
-                    users=users,
+                    by_upstream=not spec.root_data,
                     keep={},
                     started=now,
                 )
@@ -511,7 +523,7 @@ class Executor:
             self.pool.compute(date, runs, self)
         else:
             runs = self._prepare(date, cells)
-            self._walk(date, runs, None, stream=True)
+            self._walk(date, runs)
         self._sample_memory()
         writes = []
         shard_rows: list[dict[str, Any]] = []
@@ -553,96 +565,97 @@ class Executor:
         self.peak_rss = max(self.peak_rss, rss)
         return self.memory_budget is not None and rss > self.memory_budget
 
-    def _malformed(
-        self,
-        run: _CellRun,
-        user: str,
-        date: dt.date,
-        datasets: Mapping[str, Dataset],
-        names: tuple[str, ...],
-    ) -> None:
-        """A user with malformed root rows that date: a failed user, with the locations."""
-        run.processed += 1
-        where = [loc for ds in names for loc in datasets[ds].bad_rows.get((date, user), [])]
-        _user_failed(run, f"user {user}: malformed root data: {'; '.join(where)}")
-
     def _walk(
         self,
         date: dt.date,
         runs: list[_CellRun],
-        mine: Callable[[str], bool] | None,
-        stream: bool,
+        span: tuple[str | None, str | None] = (None, None),
+        stream: bool = True,
     ) -> None:
-        """One walk over the users (sorted), each user's root rows read once and passed to
-        every cell of the group. ``mine`` keeps a worker's users; ``stream`` flushes shards as
-        thresholds are reached (else lines stay buffered)."""
+        """One walk over the users in id order, each user's root rows read once and passed to
+        every cell of the group.
+
+        Every per-user input is a sorted stream read in step with the walk — root data
+        (``RootData.stream``), standard upstream results and the own previous result (dicts,
+        or ``StoredResult`` shards) — so memory does not grow with the number of users.
+        ``span`` = (lo, hi) keeps a worker's users ``lo <= user < hi``; ``stream`` flushes
+        shards as thresholds are reached (else lines stay buffered)."""
+        lo, hi = span
+        names = sorted({ds for run in runs if not run.by_upstream for ds in run.spec.root_data})
         datasets = {ds: self.dataset(ds) for run in runs for ds in run.spec.root_data}
-        all_users: set[str] = set()
-        bad = False
-        for run in runs:
-            if run.users is None:
-                for ds in run.spec.root_data:
-                    all_users.update(datasets[ds].users_on(date))
-                    malformed = [u for (d, u) in datasets[ds].bad_rows if d == date]
-                    all_users.update(malformed)
-                    bad = bad or bool(malformed)
-            else:
-                all_users |= run.users
-        if mine is not None:
-            all_users = {u for u in all_users if mine(u)}
-        empty: list[Any] = []
+        roots = {ds: _Cursor(_keyed(datasets[ds].stream(date, lo, hi))) for ds in names}
         calcs = self.manifest.calcs
-        # Per cell, fixed for the whole walk: which upstream results are per user.
-        plans = [
-            (
-                run,
-                run.spec.root_data,
-                [
-                    (dep, res)
-                    for dep, res in run.upstream.items()
-                    if calcs[dep].is_standard and res is not None
-                ],
-                {
-                    dep: res
-                    for dep, res in run.upstream.items()
-                    if not calcs[dep].is_standard or res is None
-                },
-                run.spec.lookback,
+        cursors: dict[int, _Cursor] = {}  # one per StoredResult, shared by the cells reading it
+
+        def stored(result: StoredResult) -> _Cursor:
+            if id(result) not in cursors:
+                cursors[id(result)] = _Cursor(result.items(lo, hi))
+            return cursors[id(result)]
+
+        drivers: list[_Cursor] = list(roots.values())
+        plans = []
+        for run in runs:
+            lookups: list[tuple[str, Callable[[str], Any]]] = []
+            whole = {}
+            for dep, res in run.upstream.items():
+                if not calcs[dep].is_standard or res is None:
+                    whole[dep] = res
+                elif isinstance(res, dict):
+                    lookups.append((dep, res.get))
+                    if run.by_upstream:
+                        drivers.append(_Cursor(((u, None) for u in sorted(res)), lo, hi))
+                else:
+                    cursor = stored(res)
+                    lookups.append((dep, cursor.get))
+                    if run.by_upstream:
+                        drivers.append(cursor)
+            previous = (
+                run.previous.get if isinstance(run.previous, Mapping) else stored(run.previous).get
             )
-            for run in runs
-        ]
-        for walked, user in enumerate(sorted(all_users), 1):
+            plans.append((run, run.spec.root_data, lookups, whole, previous, run.spec.lookback))
+        unique: list[_Cursor] = []
+        for cursor in drivers:
+            if all(cursor is not c for c in unique):
+                unique.append(cursor)
+        drivers = unique
+        nothing: tuple[list[Row], list[str]] = ([], [])
+        walked = 0
+        while True:
+            user = min((c.key for c in drivers if c.key is not None), default=None)
+            if user is None:
+                break
+            walked += 1
             faults.reached("user")
             if stream and walked % MEMORY_CHECK_EVERY == 0 and self.under_pressure():
                 for run in runs:  # adaptive flushing: free the buffers before the budget
                     self.flush(run, "MEMORY_PRESSURE")
-            today = {ds: d.users_on(date).get(user, empty) for ds, d in datasets.items()}
-            roots: dict[tuple[str, ...], dict[str, list[Any]]] = {}
-            for run, root_names, per_user, whole, lookback in plans:
+            today = {ds: cursor.get(user) or nothing for ds, cursor in roots.items()}
+            for run, root_names, lookups, whole, previous, lookback in plans:
                 if run.aborted:
                     continue
-                if run.users is None:
-                    if bad and any((date, user) in datasets[ds].bad_rows for ds in root_names):
-                        self._malformed(run, user, date, datasets, root_names)
+                upstream = dict(whole)
+                for dep, lookup in lookups:
+                    upstream[dep] = lookup(user)
+                if not run.by_upstream:
+                    mine = [today[ds] for ds in root_names]
+                    bad = [where for _, problems in mine for where in problems]
+                    if bad:  # malformed root rows that date: a failed user, with the locations
+                        run.processed += 1
+                        _user_failed(run, f"user {user}: malformed root data: {'; '.join(bad)}")
                         continue
-                    root = roots.get(root_names)
-                    if root is None:
-                        root = roots[root_names] = {ds: today[ds] for ds in root_names}
+                    root = {ds: rows for ds, (rows, _) in zip(root_names, mine)}
                     if not any(root.values()):
                         continue
-                    history = (
+                    history: Mapping[str, list[Any]] = (
                         _LazyHistory(datasets, root_names, user, date, lookback)
                         if lookback > 1
                         else root
                     )
-                elif user not in run.users:
+                elif all(upstream[dep] is None for dep, _ in lookups):
                     continue
                 else:
                     root = history = {}
-                upstream = dict(whole)
-                for dep, res in per_user:
-                    upstream[dep] = res.get(user)
-                ctx = StandardContext(date, user, root, history, upstream, run.previous.get(user))
+                ctx = StandardContext(date, user, root, history, upstream, previous(user))
                 run.processed += 1
                 try:
                     result = run.instance.process(ctx)
@@ -655,7 +668,7 @@ class Executor:
                         run.recent.append(result)
                         if run.keep is not None:
                             run.keep[user] = result
-                            if len(run.keep) > KEEP_LIMIT:  # too big to cache: readers load it
+                            if len(run.keep) > KEEP_LIMIT:  # too big to cache: readers stream it
                                 run.keep = None
                                 run.spilled = True
                 except Exception:  # noqa: BLE001 - user code: any error is a per-user failure
@@ -663,6 +676,9 @@ class Executor:
                 if stream:
                     self.flush_if_full(run)
             self.summary.users_processed += 1
+            for cursor in drivers:
+                if cursor.key == user:
+                    cursor.step()
 
     def _finish(self, run: _CellRun, date: dt.date) -> tuple[CellWrite, list[dict[str, Any]]]:
         spec = run.spec
@@ -709,16 +725,13 @@ class Executor:
             writer=ShardWriter(spec.name, date, uuid.uuid4().hex, self.shard_bytes),
             upstream=upstream,
             previous={},
-            users=None,
+            by_upstream=False,
             keep={},
             started=now,
         )
         ctx = MetaContext(
             date=date,
-            root={
-                ds: [row for rows in self.dataset(ds).users_on(date).values() for row in rows]
-                for ds in spec.root_data
-            },
+            root={ds: self.dataset(ds).rows_on(date) for ds in spec.root_data},
             upstream=upstream,
             previous=previous,
         )
@@ -823,6 +836,42 @@ class Executor:
     def _sample_memory(self) -> None:
         rss = _PROCESS.memory_info().rss
         self.peak_rss = max(self.peak_rss, rss)
+
+
+class _Cursor:
+    """A sorted ``(user, value)`` stream looked up in ascending user order: ``get(user)``
+    skips the users before ``user`` and never moves past it (several cells may ask for the
+    same user); ``key`` is the next user not yet passed (None at the end). Optional bounds
+    ``lo <= user < hi`` filter the stream."""
+
+    __slots__ = ("_hi", "_items", "key", "value")
+
+    def __init__(
+        self, items: Iterator[tuple[str, Any]], lo: str | None = None, hi: str | None = None
+    ):
+        if lo is not None:
+            items = (item for item in items if item[0] >= lo)
+        self._items = items
+        self._hi = hi
+        self.key: str | None = None
+        self.value: Any = None
+        self.step()
+
+    def step(self) -> None:
+        self.key, self.value = next(self._items, (None, None))
+        if self._hi is not None and self.key is not None and self.key >= self._hi:
+            self.key = self.value = None
+
+    def get(self, user: str) -> Any:
+        while self.key is not None and self.key < user:
+            self.step()
+        return self.value if self.key == user else None
+
+
+def _keyed(
+    stream: Iterator[tuple[str, list[Row], list[str]]],
+) -> Iterator[tuple[str, tuple[list[Row], list[str]]]]:
+    return ((user, (rows, bad)) for user, rows, bad in stream)
 
 
 def _user_failed(run: _CellRun, error: str) -> None:

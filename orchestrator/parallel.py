@@ -48,6 +48,11 @@ class Partition(NamedTuple):
     def owner(self, user: str) -> int:
         return bisect.bisect_right(self.boundaries, user)
 
+    def span(self, index: int) -> tuple[str | None, str | None]:
+        """Worker ``index``'s users: ``lo <= user < hi`` (None: unbounded)."""
+        b = self.boundaries
+        return (b[index - 1] if index > 0 else None, b[index] if index < len(b) else None)
+
 
 class _Part(NamedTuple):
     """One worker's share of one cell."""
@@ -85,7 +90,6 @@ def _serve(
     executor.ledger.engine.dispose(close=False)
     executor.pool = None
     executor.in_worker = True
-    mine = lambda user: partition.owner(user) == index
     while True:
         message = conn.recv()
         if message is None:
@@ -100,7 +104,7 @@ def _serve(
             for run in runs:
                 run.writer.keep_raw = True
             before = executor.summary.users_processed
-            executor._walk(date, runs, mine, stream=True)
+            executor._walk(date, runs, partition.span(index))
             parts = []
             for run in runs:
                 rows = run.writer.cut()
@@ -135,7 +139,8 @@ class WorkerPool:
     Args:
         executor: the executor to fork (its root datasets already parsed).
         count: number of worker processes.
-        users: every user id the run may see (for balanced ranges).
+        users: user ids the run may see, or an evenly spaced sample of them (for balanced
+            ranges; any ranges give the same results).
     """
 
     def __init__(self, executor: Executor, count: int, users: set[str]):

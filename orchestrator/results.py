@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -37,6 +37,46 @@ def assemble(pairs: list[tuple[str | None, Any]], kind: str) -> Any:
     if kind == "meta":
         return pairs[0][1] if pairs else None
     return {user: result for user, result in pairs}
+
+
+class StoredResult:
+    """A standard cell's published result, read one shard at a time (never whole).
+
+    ``shards`` lists the cell's shards in order (``Ledger.shard_index``); ``fetch(shard)``
+    returns one shard's compressed payload. Memory is one decoded shard, whatever the number of
+    users: this is how dependents and ``show --user`` read results too big to hold.
+    """
+
+    def __init__(self, shards: list[Any], fetch: Callable[[Any], bytes]):
+        self.shards = shards
+        self.fetch = fetch
+
+    @property
+    def users(self) -> int:
+        return sum(s.users for s in self.shards)
+
+    def _decode(self, shard: Any) -> list[tuple[str, Any]]:
+        raw = _decompressor.decompress(self.fetch(shard))
+        return [tuple(json.loads(line)) for line in raw.splitlines() if line]  # type: ignore[misc]
+
+    def items(self, lo: str | None = None, hi: str | None = None) -> Iterator[tuple[str, Any]]:
+        """``(user, result)`` with ``lo <= user < hi``, users ascending; shards wholly outside
+        the range are not fetched."""
+        for shard in self.shards:
+            if lo is not None and shard.last_user is not None and shard.last_user < lo:
+                continue
+            if hi is not None and shard.first_user is not None and shard.first_user >= hi:
+                return
+            for user, result in self._decode(shard):
+                if (lo is None or user >= lo) and (hi is None or user < hi):
+                    yield user, result
+
+    def get(self, user: str) -> Any:
+        """One user's result (None if it has none), fetching the one shard that can hold it."""
+        for shard in self.shards:
+            if shard.first_user is not None and shard.first_user <= user <= shard.last_user:
+                return dict(self._decode(shard)).get(user)
+        return None
 
 
 @dataclass(slots=True)

@@ -24,9 +24,10 @@ import datetime as dt
 import gzip
 import io
 import json
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import xxhash
 
@@ -37,6 +38,8 @@ from orchestrator.memory import paused_gc
 
 Row = dict[str, Any]
 SUFFIXES = (".csv", ".csv.gz", ".parquet")
+# What reading a damaged or misencoded file raises (the file is then unreadable, not a crash).
+read_error_types = (OSError, UnicodeDecodeError, csv.Error, EOFError, gzip.BadGzipFile)
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,9 +79,42 @@ class Dataset:
     bad_rows: dict[tuple[dt.date, str], list[str]] = field(default_factory=dict)
     _series: dict[str, tuple[list[int], list[int], list[Row]]] | None = None
 
-    def users_on(self, date: dt.date) -> dict[str, list[Row]]:
-        """user -> rows on ``date`` (empty when the date is unavailable)."""
-        return self.by_date.get(date, {})
+    _bad_users: dict[dt.date, dict[str, list[str]]] | None = None
+
+    @property
+    def bad_count(self) -> int:
+        """User-dates with malformed rows."""
+        return len(self.bad_rows)
+
+    def stream(
+        self, date: dt.date, lo: str | None = None, hi: str | None = None
+    ) -> Iterator[tuple[str, list[Row], list[str]]]:
+        """``(user, rows, bad)`` for every user with rows on ``date`` with ``lo <= user < hi``,
+        users ascending; ``bad`` lists the locations of the user's malformed rows (the user
+        then fails that date; ``rows`` excludes them). Same contract as
+        ``StoredDataset.stream``."""
+        if self._bad_users is None:
+            self._bad_users = {}
+            for (d, user), where in self.bad_rows.items():
+                self._bad_users.setdefault(d, {})[user] = where
+        per_user = self.by_date.get(date, {})
+        bad = self._bad_users.get(date, {})
+        users: Iterable[str] = sorted({*per_user, *bad}) if bad else per_user  # sorted dict
+        no_rows: list[Row] = []
+        no_problems: list[str] = []
+        for user in users:
+            if (lo is not None and user < lo) or (hi is not None and user >= hi):
+                continue
+            yield user, per_user.get(user, no_rows), bad.get(user, no_problems)
+
+    def rows_on(self, date: dt.date) -> list[Row]:
+        """Every well-formed row of ``date`` (users ascending, then file order)."""
+        return [row for rows in self.by_date.get(date, {}).values() for row in rows]
+
+    def user_sample(self, limit: int = 10_000) -> list[str]:
+        """Up to about ``limit`` distinct users, evenly spaced in id order (for partitions)."""
+        users = sorted({u for per_user in self.by_date.values() for u in per_user})
+        return users[:: max(1, len(users) // limit)]
 
     def history(self, user: str, date: dt.date, lookback: int) -> list[Row]:
         """The user's rows over the last ``lookback`` available dates up to and including
@@ -110,7 +146,32 @@ class Dataset:
         self._series = series
 
 
-def _files(path: Path) -> list[Path]:
+class RootData(Protocol):
+    """What the executor reads from a root dataset, held in memory (``Dataset``) or streamed
+    from its root store (``rootstore.StoredDataset``)."""
+
+    name: str
+    dates: list[dt.date]
+    index: dict[dt.date, DateEntry]
+    malformed: int
+    problems: list[str]
+    schema: dict[str, str]
+
+    @property
+    def bad_count(self) -> int: ...
+
+    def stream(
+        self, date: dt.date, lo: str | None = None, hi: str | None = None
+    ) -> Iterator[tuple[str, list[Row], list[str]]]: ...
+
+    def rows_on(self, date: dt.date) -> list[Row]: ...
+
+    def history(self, user: str, date: dt.date, lookback: int) -> list[Row]: ...
+
+    def user_sample(self, limit: int = 10_000) -> list[str]: ...
+
+
+def files_of(path: Path) -> list[Path]:
     if path.is_file():
         return [path]
     if path.is_dir():
@@ -130,7 +191,7 @@ class FileSource:
         Raises:
             RootDataError: the path does not exist or holds no readable file.
         """
-        files = _files(self.config.path)
+        files = files_of(self.config.path)
         if not files:
             raise RootDataError(
                 f"root data folder {self.config.path} holds no .csv, .csv.gz or .parquet file"
@@ -143,6 +204,19 @@ class FileSource:
                 while chunk := f.read(1 << 20):
                     h.update(chunk)
         return h.hexdigest()
+
+    def raw_size(self) -> int:
+        """Uncompressed bytes of the source's files (a gzip file's size is read from its
+        trailer, modulo 4 GiB; a Parquet file counts its stored size)."""
+        total = 0
+        for path in files_of(self.config.path):
+            size = path.stat().st_size
+            if path.name.endswith(".gz") and size >= 4:
+                with path.open("rb") as f:
+                    f.seek(-4, 2)
+                    size = max(size, int.from_bytes(f.read(4), "little"))
+            total += size
+        return total
 
     def load(self) -> Dataset:
         """Parse every file into a ``Dataset``.
@@ -160,7 +234,7 @@ class FileSource:
         problems: list[str] = []
         schema: dict[str, str] = {}
         bad_rows: dict[tuple[dt.date, str], list[str]] = {}
-        files = _files(self.config.path)
+        files = files_of(self.config.path)
         for path in files:
             try:
                 header, raw_rows, row_texts = self._read(path)
@@ -242,7 +316,7 @@ class FileSource:
             if fmt == "parquet":
                 return _read_parquet(path)
             return _read_csv(path)
-        except (OSError, UnicodeDecodeError, csv.Error, EOFError, gzip.BadGzipFile) as e:
+        except read_error_types as e:
             raise RootDataError(f"cannot read root data file {path}: {e}") from e
 
 
@@ -342,4 +416,4 @@ def _type_columns(
     return bad
 
 
-__all__ = ["Dataset", "DateEntry", "FileSource"]
+__all__ = ["Dataset", "DateEntry", "FileSource", "RootData", "files_of"]

@@ -55,6 +55,17 @@ from orchestrator.ledger.models import (
 )
 from orchestrator.memory import paused_gc
 
+
+class ShardInfo(NamedTuple):
+    """Where one shard of a published result sits and which users it holds (in order)."""
+
+    generation: str
+    seq: int
+    first_user: str | None
+    last_user: str | None
+    users: int
+
+
 CELLS: Table = CellRow.__table__  # type: ignore[assignment]
 SHARDS: Table = ShardRow.__table__  # type: ignore[assignment]
 ROOT_INDEX: Table = RootIndexRow.__table__  # type: ignore[assignment]
@@ -568,6 +579,52 @@ class Ledger:
     def shard_payloads(self, calculation: str, date: dt.date) -> list[bytes] | None:
         """The compressed shards of a cell's published result, in order; None if unpublished."""
         return self.shard_payloads_many([(calculation, date)]).get((calculation, date))
+
+    def shard_index(self, calculation: str, date: dt.date) -> list[ShardInfo] | None:
+        """The shards of a cell's published result (without their data), in order; None if
+        the cell has no published result."""
+        with self.engine.connect() as conn:
+            generation = conn.execute(
+                select(CELLS.c.generation).where(
+                    CELLS.c.calculation == calculation, CELLS.c.date == date
+                )
+            ).scalar()
+            if generation is None:
+                return None
+            return [
+                ShardInfo(generation, *row)
+                for row in conn.execute(
+                    select(SHARDS.c.seq, SHARDS.c.first_user, SHARDS.c.last_user, SHARDS.c.users)
+                    .where(
+                        SHARDS.c.calculation == calculation,
+                        SHARDS.c.date == date,
+                        SHARDS.c.generation == generation,
+                    )
+                    .order_by(SHARDS.c.seq)
+                )
+            ]
+
+    def shard_data(self, calculation: str, date: dt.date, shard: ShardInfo) -> bytes:
+        """One shard's compressed payload.
+
+        Raises:
+            StorageError: the shard is gone (its cell was re-published since it was listed).
+        """
+        with self.engine.connect() as conn:
+            data = conn.execute(
+                select(SHARDS.c.data).where(
+                    SHARDS.c.calculation == calculation,
+                    SHARDS.c.date == date,
+                    SHARDS.c.generation == shard.generation,
+                    SHARDS.c.seq == shard.seq,
+                )
+            ).scalar()
+        if data is None:
+            raise StorageError(
+                f"shard {shard.seq} of {calculation} on {date} vanished while being read "
+                "(the cell was re-published meanwhile); read it again"
+            )
+        return bytes(data)
 
     def shard_payloads_many(
         self, cells: Sequence[tuple[str, dt.date]]

@@ -1,0 +1,532 @@
+"""The root store: a dataset imported once into a local SQLite file and read back as a stream.
+
+Why: a source with a million users must not sit in memory (parsed rows cost about 1 KB each).
+``build_store`` reads the files in chunks of ``CHUNK_ROWS`` rows and writes each row's raw text
+to a SQLite file kept sorted by (date, user, file, line); ``StoredDataset`` then streams one
+date's users in id order (``stream``), so memory depends on the chunk and a user's rows, not on
+the number of users. The file is named by the source's digest and written under a temporary
+name then renamed, so a crash never leaves a half-built store and an unchanged source is
+never imported twice (a re-run after a crash reuses it).
+
+The rows and the per-date index are exactly those of ``FileSource.load`` (the in-memory path):
+same typing rules per file, same canonical row texts, same content hash per date, same
+malformed-row locations. ``tests/test_rootstore.py`` checks this parity.
+"""
+
+from __future__ import annotations
+
+import bisect
+import datetime as dt
+import gzip
+import json
+import os
+import sqlite3
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import xxhash
+
+from orchestrator.config import RootDataConfig
+from orchestrator.errors import RootDataError
+from orchestrator.fingerprint import encode
+from orchestrator.rootdata import DateEntry, Row, files_of, read_error_types
+
+STORE_FORMAT = 1
+CHUNK_ROWS = 50_000  # rows parsed and typed at a time while importing
+
+
+def store_path(folder: Path, name: str, digest: str) -> Path:
+    """Where the store of dataset ``name`` at source ``digest`` lives."""
+    return folder / f"{name}-{digest[:20]}-v{STORE_FORMAT}.sqlite"
+
+
+class _ColumnStats:
+    """What decides a column's type over a whole file, gathered chunk by chunk (the same rules
+    as ``rootdata._type_columns``, which sees the whole column at once)."""
+
+    __slots__ = ("all_digit", "all_float", "failures", "filled", "signed_digit")
+
+    def __init__(self) -> None:
+        self.all_digit = True  # every value non-empty and all digits
+        self.all_float = True  # every value non-empty and a float
+        self.filled = 0
+        self.failures = 0
+        self.signed_digit = True  # every value that parses is an optionally signed integer
+
+    def add(self, values: list[str]) -> list[int]:
+        """Fold one chunk's values in; returns the positions of non-empty values that are not
+        numbers."""
+        if self.all_digit and all(map(str.isdigit, values)):
+            self.filled += len(values)
+            return []
+        self.all_digit = False
+        if self.all_float:
+            try:
+                list(map(float, values))
+                self.filled += len(values)
+                self.signed_digit = self.signed_digit and all(
+                    v.lstrip("+-").isdigit() for v in values
+                )
+                return []
+            except ValueError:
+                self.all_float = False
+        failed = []
+        for i, v in enumerate(values):
+            if not v:
+                continue
+            self.filled += 1
+            try:
+                float(v)
+            except ValueError:
+                failed.append(i)
+                continue
+            if self.signed_digit and not v.lstrip("+-").isdigit():
+                self.signed_digit = False
+        self.failures += len(failed)
+        return failed
+
+    def kind(self) -> str:
+        """ "int", "float" or "str" (a text column)."""
+        if self.all_digit:
+            return "int"
+        if self.all_float:
+            return "float"
+        if self.filled == 0 or self.failures > 0.1 * self.filled:
+            return "str"
+        return "int" if self.signed_digit else "float"
+
+
+_SCHEMA = """
+CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE files (id INTEGER PRIMARY KEY, name TEXT NOT NULL, fast INTEGER NOT NULL,
+                    header TEXT NOT NULL, kinds TEXT NOT NULL);
+CREATE TABLE staging (date INTEGER, user TEXT, file INTEGER, line INTEGER, text TEXT,
+                      fails INTEGER);
+CREATE TABLE dates (date INTEGER PRIMARY KEY, row_count INTEGER NOT NULL,
+                    content_hash TEXT NOT NULL);
+CREATE TABLE bad_rows (date INTEGER, user TEXT, file INTEGER, line INTEGER, location TEXT);
+"""
+
+
+def build_store(config: RootDataConfig, digest: str, folder: Path) -> Path:
+    """Import the source's files into a new store (see the module docstring); returns its path.
+
+    Memory is bounded by ``CHUNK_ROWS`` rows and SQLite's page cache, whatever the file size.
+
+    Raises:
+        RootDataError: a single-file source cannot be read, or the date or user column is
+            missing (an unreadable file of a folder is skipped and reported, as in ``load``).
+    """
+    folder.mkdir(parents=True, exist_ok=True)
+    final = store_path(folder, config.name, digest)
+    temporary = final.with_name(f".{final.name}.{uuid.uuid4().hex[:8]}.tmp")
+    conn = sqlite3.connect(temporary)
+    try:
+        conn.executescript(
+            "PRAGMA journal_mode=OFF; PRAGMA synchronous=OFF; PRAGMA cache_size=-16384;"
+        )
+        conn.executescript(_SCHEMA)
+        importer = _Importer(config, conn)
+        files = files_of(config.path)
+        for file_id, path in enumerate(files):
+            try:
+                importer.add_file(file_id, path)
+            except RootDataError as e:
+                if len(files) == 1:
+                    raise
+                importer.problems.append(f"{path.name}: unreadable, skipped ({e})")
+                conn.execute("DELETE FROM staging WHERE file = ?", (file_id,))
+                conn.execute("DELETE FROM files WHERE id = ?", (file_id,))
+        importer.finish(digest)
+        conn.commit()
+        conn.close()
+        os.replace(temporary, final)
+    except BaseException:
+        conn.close()
+        temporary.unlink(missing_ok=True)
+        raise
+    for old in folder.glob(f"{config.name}-*.sqlite"):  # earlier versions of this source
+        if old != final and old.name.startswith(f"{config.name}-") and old.stem.count("-") == 2:
+            old.unlink(missing_ok=True)
+    return final
+
+
+class _Importer:
+    def __init__(self, config: RootDataConfig, conn: sqlite3.Connection):
+        self.config = config
+        self.conn = conn
+        self.malformed = 0
+        self.problems: list[str] = []
+        self.schema: dict[str, str] = {}
+        self._dates: dict[str, int | None] = {}
+
+    def add_file(self, file_id: int, path: Path) -> None:
+        fmt = self.config.format or ("parquet" if path.name.endswith(".parquet") else "csv")
+        try:
+            if fmt == "parquet":
+                fast, chunks = False, _parquet_chunks(path)
+            else:
+                fast = not _needs_csv_reader(path)
+                chunks = _csv_chunks(path, fast)
+            header = next(chunks, None) or []  # an empty file has no columns: refused below
+            assert isinstance(header, list)
+            for column in (self.config.date_column, self.config.user_column):
+                if column not in header:
+                    raise RootDataError(
+                        f"{path}: column '{column}' not found (columns: {', '.join(header)}); "
+                        f"fix date_column / user_column of [root_data.{self.config.name}]"
+                    )
+            di = header.index(self.config.date_column)
+            ui = header.index(self.config.user_column)
+            stats = {c: _ColumnStats() for c in range(len(header)) if c not in (di, ui)}
+            seen = 0
+            for chunk in chunks:
+                assert isinstance(chunk, tuple)
+                rows, texts = chunk
+                self._add_chunk(file_id, path, rows, texts, seen, di, ui, stats)
+                seen += len(rows)
+        except read_error_types as e:
+            raise RootDataError(f"cannot read root data file {path}: {e}") from e
+        kinds = [
+            "date" if c == di else "user" if c == ui else stats[c].kind()
+            for c in range(len(header))
+        ]
+        for c, name in enumerate(header):
+            kind = kinds[c]
+            if c in stats and stats[c].filled == 0:
+                kind = "str"
+            if self.schema.get(name) in (None, "int") or kind == "str":
+                self.schema[name] = kind  # across files, the widest type wins
+        self.conn.execute(
+            "INSERT INTO files VALUES (?, ?, ?, ?, ?)",
+            (file_id, path.name, int(fast), json.dumps(header), json.dumps(kinds)),
+        )
+        # Rows holding a value that is not a number in what turned out a numeric column: the
+        # user fails that date, with the first such value's location (as in ``load``).
+        numeric = [c for c in stats if kinds[c] != "str"]
+        mask = sum(1 << c for c in numeric)
+        bad = []
+        for rowid, line, text, fails in self.conn.execute(
+            "SELECT rowid, line, text, fails FROM staging WHERE file = ? AND fails & ? != 0",
+            (file_id, mask),
+        ):
+            fields = _split(text, fast)
+            c = next(c for c in numeric if fails & (1 << c))
+            value = fields[c] if c < len(fields) else ""
+            bad.append((f"{path.name}:{line}: {header[c]}={value!r} is not a number", rowid))
+        self.malformed += len(bad)
+        self.conn.executemany(
+            "UPDATE staging SET fails = -1 WHERE rowid = ?", [(rowid,) for _, rowid in bad]
+        )
+        self.conn.executemany(
+            "INSERT INTO bad_rows SELECT date, user, file, line, ? FROM staging WHERE rowid = ?",
+            bad,
+        )
+
+    def _add_chunk(
+        self,
+        file_id: int,
+        path: Path,
+        rows: list[list[str]],
+        texts: list[str],
+        seen: int,
+        di: int,
+        ui: int,
+        stats: dict[int, _ColumnStats],
+    ) -> None:
+        columns = list(zip(*rows)) if rows else []
+        fails = [0] * len(rows)
+        for c, column_stats in stats.items():
+            for i in column_stats.add(list(columns[c])):
+                fails[i] |= 1 << c
+        dates = self._dates
+        out = []
+        for i, row in enumerate(rows):
+            text_date = row[di]
+            if text_date not in dates:
+                try:
+                    dates[text_date] = dt.date.fromisoformat(text_date).toordinal()
+                except (TypeError, ValueError):
+                    dates[text_date] = None
+            date = dates[text_date]
+            user = row[ui]
+            line = seen + i + 2
+            if date is None or not user:
+                self.malformed += 1
+                if len(self.problems) < 20:
+                    what = f"bad date {text_date!r}" if date is None else "missing user"
+                    self.problems.append(f"{path.name}:{line}: {what}; row skipped")
+                continue
+            out.append((date, user, file_id, line, texts[i], fails[i]))
+        self.conn.executemany("INSERT INTO staging VALUES (?, ?, ?, ?, ?, ?)", out)
+
+    def finish(self, digest: str) -> None:
+        conn = self.conn
+        conn.executescript(
+            """
+            CREATE TABLE rows (date INTEGER, user TEXT, file INTEGER, line INTEGER, text TEXT,
+                               bad INTEGER, PRIMARY KEY (date, user, file, line)) WITHOUT ROWID;
+            INSERT INTO rows SELECT date, user, file, line, text, fails = -1 FROM staging
+                ORDER BY date, user, file, line;
+            DROP TABLE staging;
+            CREATE INDEX bad_by_user ON bad_rows (date, user);
+            """
+        )
+        # The per-date content hash over the date's sorted row texts, as ``load`` computes it
+        # (SQLite's BINARY order on UTF-8 is Python's code point order).
+        current: int | None = None
+        count = 0
+        h = xxhash.xxh3_128()
+        entries = []
+        for date, text in conn.execute("SELECT date, text FROM rows ORDER BY date, text"):
+            if date != current:
+                if current is not None:
+                    entries.append((current, count, h.hexdigest()))
+                current, count, h = date, 0, xxhash.xxh3_128()
+                h.update(encode("rootdate"))
+            h.update(text.encode() + b"\n")
+            count += 1
+        if current is not None:
+            entries.append((current, count, h.hexdigest()))
+        conn.executemany("INSERT INTO dates VALUES (?, ?, ?)", entries)
+        meta = {
+            "name": self.config.name,
+            "digest": digest,
+            "malformed": self.malformed,
+            "problems": self.problems[:20],
+            "schema": self.schema,
+        }
+        conn.executemany(
+            "INSERT INTO meta VALUES (?, ?)", [(k, json.dumps(v)) for k, v in meta.items()]
+        )
+
+
+def _needs_csv_reader(path: Path) -> bool:
+    """Whether the file has quoting or carriage returns (else a line is a row and its text is
+    its canonical form: ``load``'s fast path). Scans the bytes, cheaply."""
+    opener: Callable[..., Any] = gzip.open if path.name.endswith(".gz") else open
+    with opener(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            if b'"' in chunk or b"\r" in chunk:
+                return True
+    return False
+
+
+def _split(text: str, fast: bool) -> list[str]:
+    return text.split(",") if fast else json.loads(text)
+
+
+def _csv_chunks(path: Path, fast: bool) -> Iterator[list[str] | tuple[list[list[str]], list[str]]]:
+    """The header, then chunks of (padded rows of raw fields, canonical row texts)."""
+    import csv
+
+    opener: Callable[..., Any] = gzip.open if path.name.endswith(".gz") else open
+    with opener(path, "rt", newline="", encoding="utf-8") as f:
+        if fast:
+            first = f.readline()
+            if not first.strip():
+                return
+            header = first.rstrip("\n").split(",")
+            yield header
+            width = len(header)
+            rows: list[list[str]] = []
+            texts: list[str] = []
+            for line in f:
+                text = line.removesuffix("\n")
+                if not text:
+                    continue
+                fields = text.split(",")
+                if len(fields) != width:
+                    fields = (fields + [""] * width)[:width]
+                rows.append(fields)
+                texts.append(text)
+                if len(rows) >= CHUNK_ROWS:
+                    yield rows, texts
+                    rows, texts = [], []
+            if rows:
+                yield rows, texts
+            return
+        reader = csv.reader(f)
+        header = next(reader, None)
+        if header is None:
+            return
+        yield header
+        width = len(header)
+        rows, texts = [], []
+        for fields in reader:
+            if not fields:
+                continue
+            texts.append(json.dumps(fields))
+            rows.append(fields if len(fields) == width else (fields + [""] * width)[:width])
+            if len(rows) >= CHUNK_ROWS:
+                yield rows, texts
+                rows, texts = [], []
+        if rows:
+            yield rows, texts
+
+
+def _parquet_chunks(path: Path) -> Iterator[list[str] | tuple[list[list[str]], list[str]]]:
+    try:
+        import pyarrow.parquet as pq
+    except ImportError as e:
+        raise RootDataError(
+            f"{path} is Parquet; install the parquet extra: pip install 'orchestrator[parquet]'"
+        ) from e
+    parquet = pq.ParquetFile(path)
+    yield list(parquet.schema_arrow.names)
+    for batch in parquet.iter_batches(batch_size=CHUNK_ROWS):
+        columns = [
+            [
+                "" if v is None else (v.isoformat() if isinstance(v, dt.date) else str(v))
+                for v in batch.column(i).to_pylist()
+            ]
+            for i in range(batch.num_columns)
+        ]
+        rows = [list(r) for r in zip(*columns)]
+        yield rows, [json.dumps(r) for r in rows]
+
+
+_CONVERT: dict[str, Callable[[str], Any]] = {
+    "int": lambda v: int(v) if v else None,
+    "float": lambda v: float(v) if v else None,
+    "str": lambda v: v if v else None,
+    "date": lambda v: v,
+    "user": lambda v: v,
+}
+
+
+class StoredDataset:
+    """A dataset read from its root store (see the module docstring).
+
+    Attributes (as ``rootdata.Dataset``): ``name``, ``dates`` (ascending), ``index`` (date ->
+    DateEntry), ``malformed``, ``problems``, ``schema``; ``bad_count`` counts user-dates with
+    malformed rows. Rows are dicts typed per file (``rootdata`` module docstring).
+
+    Connections are per process (a forked worker opens its own) and read-only.
+    """
+
+    def __init__(self, path: Path):
+        self.path = path
+        self._conn: sqlite3.Connection | None = None
+        self._pid = -1
+        conn = self._db()
+        meta = {k: json.loads(v) for k, v in conn.execute("SELECT key, value FROM meta")}
+        self.name: str = meta["name"]
+        self.malformed: int = meta["malformed"]
+        self.problems: list[str] = meta["problems"]
+        self.schema: dict[str, str] = meta["schema"]
+        self.index = {
+            dt.date.fromordinal(d): DateEntry(n, h)
+            for d, n, h in conn.execute("SELECT date, row_count, content_hash FROM dates")
+        }
+        self.dates = sorted(self.index)
+        self.bad_count: int = conn.execute(
+            "SELECT COUNT(*) FROM (SELECT DISTINCT date, user FROM bad_rows)"
+        ).fetchone()[0]
+        self._files: dict[int, tuple[bool, list[str], list[Callable[[str], Any]]]] = {}
+        for file_id, fast, header, kinds in conn.execute(
+            "SELECT id, fast, header, kinds FROM files"
+        ):
+            self._files[file_id] = (
+                bool(fast),
+                json.loads(header),
+                [_CONVERT[k] for k in json.loads(kinds)],
+            )
+
+    def _db(self) -> sqlite3.Connection:
+        if self._conn is None or self._pid != os.getpid():
+            # immutable: the file never changes once renamed into place (no locks needed)
+            self._conn = sqlite3.connect(
+                f"file:{self.path}?mode=ro&immutable=1", uri=True, check_same_thread=False
+            )
+            self._pid = os.getpid()
+        return self._conn
+
+    def _row(self, file_id: int, text: str) -> Row:
+        fast, header, converters = self._files[file_id]
+        fields = _split(text, fast)
+        if len(fields) != len(header):
+            fields = (fields + [""] * len(header))[: len(header)]
+        return {h: conv(v) for h, conv, v in zip(header, converters, fields)}
+
+    def stream(
+        self, date: dt.date, lo: str | None = None, hi: str | None = None
+    ) -> Iterator[tuple[str, list[Row], list[str]]]:
+        """``(user, rows, bad)`` for every user with rows on ``date`` with ``lo <= user < hi``,
+        users ascending; ``rows`` in file order; ``bad`` lists the locations of the user's
+        malformed rows (the user then fails that date; ``rows`` excludes them)."""
+        query = "SELECT user, file, line, text, bad FROM rows WHERE date = ?"
+        args: list[Any] = [date.toordinal()]
+        if lo is not None:
+            query += " AND user >= ?"
+            args.append(lo)
+        if hi is not None:
+            query += " AND user < ?"
+            args.append(hi)
+        query += " ORDER BY user, file, line"
+        conn = self._db()
+        current: str | None = None
+        rows: list[Row] = []
+        bad = False
+        for user, file_id, _line, text, is_bad in conn.execute(query, args):
+            if user != current:
+                if current is not None:
+                    yield current, rows, self._bad(date, current) if bad else []
+                current, rows, bad = user, [], False
+            if is_bad:
+                bad = True
+            else:
+                rows.append(self._row(file_id, text))
+        if current is not None:
+            yield current, rows, self._bad(date, current) if bad else []
+
+    def _bad(self, date: dt.date, user: str) -> list[str]:
+        return [
+            where
+            for (where,) in self._db().execute(
+                "SELECT location FROM bad_rows WHERE date = ? AND user = ? ORDER BY file, line",
+                (date.toordinal(), user),
+            )
+        ]
+
+    def rows_on(self, date: dt.date) -> list[Row]:
+        """Every well-formed row of ``date`` (users ascending, then file order)."""
+        return [row for _, rows, _ in self.stream(date) for row in rows]
+
+    def history(self, user: str, date: dt.date, lookback: int) -> list[Row]:
+        """The user's rows over the last ``lookback`` available dates up to ``date`` (oldest
+        first), one seek per date of the window on the (date, user) key.
+
+        Every call is a query: calculations that read their history on every date are faster
+        on a dataset held in memory (``root_memory_mb``)."""
+        end = bisect.bisect_right(self.dates, date)
+        window = [d.toordinal() for d in self.dates[max(0, end - lookback) : end]]
+        if not window:
+            return []
+        marks = ",".join("?" * len(window))
+        return [
+            self._row(file_id, text)
+            for file_id, text in self._db().execute(
+                f"SELECT file, text FROM rows WHERE date IN ({marks}) AND user = ? AND bad = 0"
+                " ORDER BY date, file, line",
+                (*window, user),
+            )
+        ]
+
+    def user_sample(self, limit: int = 10_000) -> list[str]:
+        """Up to about ``limit`` distinct users, evenly spaced in id order (for partitions)."""
+        total = self._db().execute("SELECT COUNT(DISTINCT user) FROM rows").fetchone()[0]
+        step = max(1, total // limit)
+        return [
+            u
+            for (u,) in self._db().execute(
+                "SELECT user FROM (SELECT user, row_number() OVER (ORDER BY user) AS n FROM "
+                "(SELECT DISTINCT user FROM rows)) WHERE (n - 1) % ? = 0",
+                (step,),
+            )
+        ]
+
+
+__all__ = ["CHUNK_ROWS", "StoredDataset", "build_store", "store_path"]
