@@ -583,7 +583,7 @@ class Executor:
         lo, hi = span
         names = sorted({ds for run in runs if not run.by_upstream for ds in run.spec.root_data})
         datasets = {ds: self.dataset(ds) for run in runs for ds in run.spec.root_data}
-        roots = {ds: _Cursor(_keyed(datasets[ds].stream(date, lo, hi))) for ds in names}
+        roots = {ds: _Cursor(datasets[ds].stream(date, lo, hi)) for ds in names}
         calcs = self.manifest.calcs
         cursors: dict[int, _Cursor] = {}  # one per StoredResult, shared by the cells reading it
 
@@ -593,6 +593,7 @@ class Executor:
             return cursors[id(result)]
 
         drivers: list[_Cursor] = list(roots.values())
+        keyed: set[str] = set()  # users of in-memory upstream results of upstream-driven cells
         plans = []
         for run in runs:
             lookups: list[tuple[str, Callable[[str], Any]]] = []
@@ -603,7 +604,7 @@ class Executor:
                 elif isinstance(res, dict):
                     lookups.append((dep, res.get))
                     if run.by_upstream:
-                        drivers.append(_Cursor(((u, None) for u in sorted(res)), lo, hi))
+                        keyed.update(res)
                 else:
                     cursor = stored(res)
                     lookups.append((dep, cursor.get))
@@ -613,15 +614,21 @@ class Executor:
                 run.previous.get if isinstance(run.previous, Mapping) else stored(run.previous).get
             )
             plans.append((run, run.spec.root_data, lookups, whole, previous, run.spec.lookback))
+        if keyed:
+            drivers.append(_Cursor(((u, None) for u in sorted(keyed)), lo, hi))
         unique: list[_Cursor] = []
         for cursor in drivers:
             if all(cursor is not c for c in unique):
                 unique.append(cursor)
         drivers = unique
-        nothing: tuple[list[Row], list[str]] = ([], [])
+        no_rows: list[Row] = []
+        lone = drivers[0] if len(drivers) == 1 else None
         walked = 0
         while True:
-            user = min((c.key for c in drivers if c.key is not None), default=None)
+            if lone is not None:
+                user = lone.key
+            else:
+                user = min([c.key for c in drivers if c.key is not None], default=None)
             if user is None:
                 break
             walked += 1
@@ -629,7 +636,18 @@ class Executor:
             if stream and walked % MEMORY_CHECK_EVERY == 0 and self.under_pressure():
                 for run in runs:  # adaptive flushing: free the buffers before the budget
                     self.flush(run, "MEMORY_PRESSURE")
-            today = {ds: cursor.get(user) or nothing for ds, cursor in roots.items()}
+            today: dict[str, list[Row]] = {}
+            malformed: dict[str, list[str]] | None = None
+            for ds, cursor in roots.items():
+                entry = cursor.get(user)
+                if entry is None:
+                    today[ds] = no_rows
+                else:
+                    today[ds] = entry[0]
+                    if entry[1]:
+                        malformed = malformed or {}
+                        malformed[ds] = entry[1]
+            shared: dict[tuple[str, ...], dict[str, list[Row]]] = {}
             for run, root_names, lookups, whole, previous, lookback in plans:
                 if run.aborted:
                     continue
@@ -637,13 +655,15 @@ class Executor:
                 for dep, lookup in lookups:
                     upstream[dep] = lookup(user)
                 if not run.by_upstream:
-                    mine = [today[ds] for ds in root_names]
-                    bad = [where for _, problems in mine for where in problems]
-                    if bad:  # malformed root rows that date: a failed user, with the locations
+                    if malformed is not None and any(ds in malformed for ds in root_names):
+                        # malformed root rows that date: a failed user, with the locations
+                        bad = [where for ds in root_names for where in malformed.get(ds, ())]
                         run.processed += 1
                         _user_failed(run, f"user {user}: malformed root data: {'; '.join(bad)}")
                         continue
-                    root = {ds: rows for ds, (rows, _) in zip(root_names, mine)}
+                    root = shared.get(root_names)
+                    if root is None:
+                        root = shared[root_names] = {ds: today[ds] for ds in root_names}
                     if not any(root.values()):
                         continue
                     history: Mapping[str, list[Any]] = (
@@ -866,12 +886,6 @@ class _Cursor:
         while self.key is not None and self.key < user:
             self.step()
         return self.value if self.key == user else None
-
-
-def _keyed(
-    stream: Iterator[tuple[str, list[Row], list[str]]],
-) -> Iterator[tuple[str, tuple[list[Row], list[str]]]]:
-    return ((user, (rows, bad)) for user, rows, bad in stream)
 
 
 def _user_failed(run: _CellRun, error: str) -> None:

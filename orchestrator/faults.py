@@ -1,5 +1,5 @@
 """Fault injection for crash tests: ``ORCHESTRATOR_FAULT=point:n`` kills this process with
-SIGKILL the n-th time execution reaches ``point`` ("user", "flush", "publish").
+SIGKILL the n-th time execution reaches ``point`` ("import", "user", "flush", "publish").
 
 Used by ``tests/test_faults.py`` to prove that a kill at any of those moments loses nothing
 published and never exposes a partial cell. Without the variable, ``reached`` is a dictionary

@@ -88,8 +88,8 @@ class Dataset:
 
     def stream(
         self, date: dt.date, lo: str | None = None, hi: str | None = None
-    ) -> Iterator[tuple[str, list[Row], list[str]]]:
-        """``(user, rows, bad)`` for every user with rows on ``date`` with ``lo <= user < hi``,
+    ) -> Iterator[tuple[str, tuple[list[Row], list[str]]]]:
+        """``(user, (rows, bad))`` for every user with rows on ``date`` with ``lo <= user < hi``,
         users ascending; ``bad`` lists the locations of the user's malformed rows (the user
         then fails that date; ``rows`` excludes them). Same contract as
         ``StoredDataset.stream``."""
@@ -99,13 +99,13 @@ class Dataset:
                 self._bad_users.setdefault(d, {})[user] = where
         per_user = self.by_date.get(date, {})
         bad = self._bad_users.get(date, {})
-        users: Iterable[str] = sorted({*per_user, *bad}) if bad else per_user  # sorted dict
         no_rows: list[Row] = []
         no_problems: list[str] = []
-        for user in users:
-            if (lo is not None and user < lo) or (hi is not None and user >= hi):
-                continue
-            yield user, per_user.get(user, no_rows), bad.get(user, no_problems)
+        if not bad and lo is None and hi is None:  # the nightly case: no filtering at all
+            return ((user, (rows, no_problems)) for user, rows in per_user.items())
+        users: Iterable[str] = sorted({*per_user, *bad}) if bad else per_user  # sorted dict
+        users = [u for u in users if (lo is None or u >= lo) and (hi is None or u < hi)]
+        return ((user, (per_user.get(user, no_rows), bad.get(user, no_problems))) for user in users)
 
     def rows_on(self, date: dt.date) -> list[Row]:
         """Every well-formed row of ``date`` (users ascending, then file order)."""
@@ -162,7 +162,7 @@ class RootData(Protocol):
 
     def stream(
         self, date: dt.date, lo: str | None = None, hi: str | None = None
-    ) -> Iterator[tuple[str, list[Row], list[str]]]: ...
+    ) -> Iterator[tuple[str, tuple[list[Row], list[str]]]]: ...
 
     def rows_on(self, date: dt.date) -> list[Row]: ...
 

@@ -20,14 +20,16 @@ import datetime as dt
 import gzip
 import json
 import os
+import re
 import sqlite3
-import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import psutil
 import xxhash
 
+from orchestrator import faults
 from orchestrator.config import RootDataConfig
 from orchestrator.errors import RootDataError
 from orchestrator.fingerprint import encode
@@ -121,7 +123,11 @@ def build_store(config: RootDataConfig, digest: str, folder: Path) -> Path:
     """
     folder.mkdir(parents=True, exist_ok=True)
     final = store_path(folder, config.name, digest)
-    temporary = final.with_name(f".{final.name}.{uuid.uuid4().hex[:8]}.tmp")
+    for stale in folder.glob(f".{config.name}-*.tmp"):  # left by a killed import
+        pid = stale.name.rsplit(".", 2)[-2]
+        if pid.isdigit() and not psutil.pid_exists(int(pid)):
+            stale.unlink(missing_ok=True)
+    temporary = final.with_name(f".{final.name}.{os.getpid()}.tmp")
     conn = sqlite3.connect(temporary)
     try:
         conn.executescript(
@@ -147,8 +153,9 @@ def build_store(config: RootDataConfig, digest: str, folder: Path) -> Path:
         conn.close()
         temporary.unlink(missing_ok=True)
         raise
-    for old in folder.glob(f"{config.name}-*.sqlite"):  # earlier versions of this source
-        if old != final and old.name.startswith(f"{config.name}-") and old.stem.count("-") == 2:
+    version = re.compile(rf"{re.escape(config.name)}-[0-9a-f]{{20}}-v\d+\.sqlite")
+    for old in folder.iterdir():  # earlier versions of this source
+        if old != final and version.fullmatch(old.name):
             old.unlink(missing_ok=True)
     return final
 
@@ -261,6 +268,7 @@ class _Importer:
                 continue
             out.append((date, user, file_id, line, texts[i], fails[i]))
         self.conn.executemany("INSERT INTO staging VALUES (?, ?, ?, ?, ?, ?)", out)
+        faults.reached("import")
 
     def finish(self, digest: str) -> None:
         conn = self.conn
@@ -453,8 +461,8 @@ class StoredDataset:
 
     def stream(
         self, date: dt.date, lo: str | None = None, hi: str | None = None
-    ) -> Iterator[tuple[str, list[Row], list[str]]]:
-        """``(user, rows, bad)`` for every user with rows on ``date`` with ``lo <= user < hi``,
+    ) -> Iterator[tuple[str, tuple[list[Row], list[str]]]]:
+        """``(user, (rows, bad))`` for every user with rows on ``date`` with ``lo <= user < hi``,
         users ascending; ``rows`` in file order; ``bad`` lists the locations of the user's
         malformed rows (the user then fails that date; ``rows`` excludes them)."""
         query = "SELECT user, file, line, text, bad FROM rows WHERE date = ?"
@@ -473,14 +481,14 @@ class StoredDataset:
         for user, file_id, _line, text, is_bad in conn.execute(query, args):
             if user != current:
                 if current is not None:
-                    yield current, rows, self._bad(date, current) if bad else []
+                    yield current, (rows, self._bad(date, current) if bad else [])
                 current, rows, bad = user, [], False
             if is_bad:
                 bad = True
             else:
                 rows.append(self._row(file_id, text))
         if current is not None:
-            yield current, rows, self._bad(date, current) if bad else []
+            yield current, (rows, self._bad(date, current) if bad else [])
 
     def _bad(self, date: dt.date, user: str) -> list[str]:
         return [
@@ -493,7 +501,7 @@ class StoredDataset:
 
     def rows_on(self, date: dt.date) -> list[Row]:
         """Every well-formed row of ``date`` (users ascending, then file order)."""
-        return [row for _, rows, _ in self.stream(date) for row in rows]
+        return [row for _, (rows, _) in self.stream(date) for row in rows]
 
     def history(self, user: str, date: dt.date, lookback: int) -> list[Row]:
         """The user's rows over the last ``lookback`` available dates up to ``date`` (oldest

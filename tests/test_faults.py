@@ -121,6 +121,19 @@ def test_kill_9_then_rerun_converges_to_the_uninterrupted_results(
     orch.close()
 
 
+def test_kill_9_while_importing_root_data_leaves_no_store(small: Project) -> None:
+    store = small.root / ".orchestrator" / "root"
+    killed = _cli(small, {"ORCHESTRATOR_FAULT": "import:1"})
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    assert not list(store.glob("*.sqlite"))  # only the dead import's temporary file
+    assert list(store.glob(".*.tmp"))
+    again = _cli(small)
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert len(list(store.glob("prices-*.sqlite"))) == 1
+    assert not list(store.glob(".*.tmp"))  # the dead import's file was collected
+    assert len(_published(small)) == 4 * len(DATES)
+
+
 def test_a_dead_holder_does_not_block_the_next_run(small: Project) -> None:
     import datetime as dt
 

@@ -32,7 +32,7 @@ def both(folder: Path, path: Path, **options: Any) -> tuple[Dataset, StoredDatas
     return memory, stored
 
 
-def everything(ds: Any) -> dict[dt.date, list[tuple[str, list[dict[str, Any]], list[str]]]]:
+def everything(ds: Any) -> dict[dt.date, list[Any]]:
     return {d: list(ds.stream(d)) for d in ds.dates}
 
 
@@ -47,7 +47,7 @@ def assert_same(memory: Dataset, stored: StoredDataset) -> None:
     assert repr(everything(stored)) == repr(everything(memory))
     for d in memory.dates:
         assert repr(stored.rows_on(d)) == repr(memory.rows_on(d))
-        for user in {u for u, _, _ in memory.stream(d)}:
+        for user in {u for u, _ in memory.stream(d)}:
             for lookback in (1, 2, 5):
                 window = stored.history(user, d, lookback)
                 assert repr(window) == repr(memory.history(user, d, lookback))
@@ -74,7 +74,7 @@ def test_plain_csv_with_gaps_and_malformed_values(tmp_path: Path) -> None:
     assert memory.malformed == 3 and memory.bad_count == 1
     assert_same(memory, stored)
     a_on_3 = [entry for entry in stored.stream(dt.date(2024, 1, 3)) if entry[0] == "A"]
-    assert a_on_3 and a_on_3[0][2] == ["prices.csv:5: close='abc' is not a number"]
+    assert a_on_3 and a_on_3[0][1][1] == ["prices.csv:5: close='abc' is not a number"]
 
 
 def test_quoted_gzip_folder_with_an_unreadable_file(tmp_path: Path) -> None:
@@ -100,10 +100,10 @@ def test_worker_ranges_partition_the_stream(tmp_path: Path) -> None:
     path.write_text("date,user,v\n" + "".join(f"2024-03-01,u{i:03d},{i}\n" for i in range(200)))
     _, stored = both(tmp_path, path)
     day = dt.date(2024, 3, 1)
-    whole = [u for u, _, _ in stored.stream(day)]
+    whole = [u for u, _ in stored.stream(day)]
     assert whole == sorted(whole) and len(whole) == 200
     parts = [
-        [u for u, _, _ in stored.stream(day, lo, hi)]
+        [u for u, _ in stored.stream(day, lo, hi)]
         for lo, hi in ((None, "u050"), ("u050", "u150"), ("u150", None))
     ]
     assert [len(p) for p in parts] == [50, 100, 50]
