@@ -3,11 +3,14 @@
 For each N (default 100,000, 300,000 and 1,000,000) it writes a synthetic root file (one row
 per user: date, user, price, quantity), a package of 5 simple standard calculations sharing
 the pass, and a config (SQLite ledger, flush every 5,000 users, one process), then runs
-``orchestrator run`` as a whole process and reports:
+``orchestrator run`` as a whole process and reports the figures below. No calculation reads a
+history window, so the source is imported once into its root store and streamed from it in
+user order (defaults, nothing forced: see ``root_memory_mb`` in the README).
 
 * peak memory of the process (proportional set size, polled every 250 ms);
 * the run's own execution time (the summary line) and throughput in user-calculations per
-  second (N x 5 / execution time), and the whole process's wall time (parsing included).
+  second (N x 5 / execution time), and the whole process's wall time (the root store's
+  import included).
 
 Usage:
     .venv/bin/python scripts/bench_stream.py [--users 100000 300000 1000000] [--workers 1]
