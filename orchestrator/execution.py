@@ -45,6 +45,9 @@ MEMORY_CHECK_EVERY = 1000  # users between two looks at the process's memory
 # A cell's whole result is kept in memory for its dependents only up to this many users;
 # beyond, memory stays bounded by the flush thresholds and dependents read the shards.
 KEEP_LIMIT = 20_000
+# A worker hands a cell's shards to the parent in memory up to this many raw bytes; beyond, it
+# writes them itself (the parent reads them back, one at a time, for the result hash).
+WORKER_INLINE_BYTES = 8 * 2**20
 _PROCESS = psutil.Process()
 
 
@@ -96,6 +99,8 @@ class _CellRun:
     errors: list[str] = field(default_factory=list)
     aborted: str | None = None
     pending: list[dict[str, Any]] = field(default_factory=list)  # shards cut in a worker
+    pending_bytes: int = 0
+    written: bool = False  # a worker wrote this cell's shards itself (see ``hand_over``)
     stats: validation.Stats | None = None  # merged from workers (else computed from keep)
     flush_reasons: dict[str, int] = field(default_factory=dict)
     recent: list[Any] = field(default_factory=list)  # results since the last flush
@@ -539,10 +544,23 @@ class Executor:
         if len(writer._lines) >= self.flush_users or writer._size >= self.shard_bytes:
             self.flush(run, "BATCH_LIMIT")
 
+    def hand_over(self, run: _CellRun, rows: list[dict[str, Any]]) -> None:
+        """In a worker: keep the cell's shards for the parent (with their raw payloads, for the
+        result hash) up to ``WORKER_INLINE_BYTES``; past that, write them under the cell's
+        generation now and from then on (``run.written``), so a worker's memory stays bounded.
+        Written shards stay invisible until the parent publishes the generation."""
+        run.pending.extend(rows)
+        run.pending_bytes += sum(row["raw_bytes"] for row in rows)
+        if run.written or run.pending_bytes > WORKER_INLINE_BYTES:
+            self.ledger.write_shards(run.pending)
+            run.pending.clear()
+            run.writer.raws.clear()
+            run.written = True
+
     def flush(self, run: _CellRun, reason: str) -> None:
-        """Cut the cell's buffer into shards and write them (a worker hands them to the
-        parent instead: workers never write). ``reason`` is BATCH_LIMIT, MEMORY_PRESSURE or
-        FINAL, counted on the attempt."""
+        """Cut the cell's buffer into shards and write them (a worker hands them over, see
+        ``hand_over``). ``reason`` is BATCH_LIMIT, MEMORY_PRESSURE or FINAL, counted on the
+        attempt."""
         writer = run.writer
         if not writer._lines:
             return
@@ -553,7 +571,7 @@ class Executor:
         run.flushes += 1
         run.flush_reasons[reason] = run.flush_reasons.get(reason, 0) + 1
         if self.in_worker:
-            run.pending.extend(writer.cut())
+            self.hand_over(run, writer.cut())
         else:
             self.ledger.write_shards(writer.cut())
             faults.reached("flush")
@@ -822,7 +840,7 @@ class Executor:
                 "users_failed": run.failures,
                 "flushes": run.flushes,
                 "flush_reasons": dict(run.flush_reasons),
-                "shards": writer.seq,
+                "shards": writer.shards,
                 "bytes_raw": writer.bytes_raw,
                 "bytes_compressed": writer.bytes_compressed,
                 "peak_memory": self.peak_rss,

@@ -54,6 +54,10 @@ class Partition(NamedTuple):
         return (b[index - 1] if index > 0 else None, b[index] if index < len(b) else None)
 
 
+# Shard numbers of worker k start at k * SEQ_SPAN (within the ledger's 32-bit seq column).
+SEQ_SPAN = 10_000_000
+
+
 class _Part(NamedTuple):
     """One worker's share of one cell."""
 
@@ -68,6 +72,8 @@ class _Part(NamedTuple):
     stats: validation.Stats
     flush_reasons: dict[str, int]
     spilled: bool
+    written: bool  # the worker wrote its shards itself: ``raws`` and ``rows`` are empty
+    counts: tuple[int, int, int]  # users, raw bytes, compressed bytes of its shards
 
 
 def _stats(run: _CellRun) -> validation.Stats:
@@ -94,21 +100,24 @@ def _serve(
         message = conn.recv()
         if message is None:
             return
-        date, cells, handed = message
+        date, cells, handed, generations = message
         for key, value in handed.items():  # upstream results not published yet
             executor.cache.put(key, value)
         try:
             runs = executor._prepare(
                 date, [(executor.manifest.calcs[name], decision) for name, decision in cells]
             )
-            for run in runs:
+            for run, generation in zip(runs, generations, strict=True):
                 run.writer.keep_raw = True
+                run.writer.generation = generation  # the parent's: one cell, one generation
+                run.writer.seq = index * SEQ_SPAN  # worker ranges ascend, and so do their seqs
             before = executor.summary.users_processed
             executor._walk(date, runs, partition.span(index))
             parts = []
             for run in runs:
                 rows = run.writer.cut()
-                run.pending.extend(rows)
+                executor.hand_over(run, rows)
+                writer = run.writer
                 parts.append(
                     _Part(
                         run.processed,
@@ -116,12 +125,14 @@ def _serve(
                         run.errors,
                         run.aborted,
                         run.flushes + (1 if rows else 0),
-                        run.writer.raws,
+                        writer.raws,
                         run.pending,
                         run.keep if run.spec.name in send_results else None,
                         _stats(run),
                         {**run.flush_reasons, **({"FINAL": 1} if rows else {})},
                         run.spilled,
+                        run.written,
+                        (writer.users, writer.bytes_raw, writer.bytes_compressed),
                     )
                 )
                 # This worker's users' results, for its later passes and dates.
@@ -182,8 +193,9 @@ class WorkerPool:
             for dep in run.spec.dependencies
             if not executor.manifest.calcs[dep].is_standard
         }
+        generations = [r.writer.generation for r in runs]
         for conn in self.connections:
-            conn.send((date, cells, handed))
+            conn.send((date, cells, handed, generations))
         replies = []
         for conn in self.connections:
             try:
@@ -203,10 +215,21 @@ class WorkerPool:
             run.aborted = next((p.aborted for p in parts if p.aborted), None)
             run.spilled = any(p.spilled for p in parts)
             run.stats = validation.Stats()
-            for p in parts:
+            for k, p in enumerate(parts):  # worker order is user order
                 for reason, count in p.flush_reasons.items():
                     run.flush_reasons[reason] = run.flush_reasons.get(reason, 0) + count
-                run.writer.absorb(p.raws, p.rows)
+                if p.written:
+                    run.writer.absorb_written(
+                        executor.ledger.unpublished_payloads(
+                            run.spec.name,
+                            date,
+                            run.writer.generation,
+                            (k * SEQ_SPAN, (k + 1) * SEQ_SPAN),
+                        ),
+                        *p.counts,
+                    )
+                else:
+                    run.writer.absorb(p.raws, p.rows)
                 run.stats.merge(p.stats)
             if run.keep is not None and all(p.keep is not None for p in parts):
                 for p in parts:

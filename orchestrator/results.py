@@ -94,7 +94,8 @@ class ShardWriter:
     generation: str
     max_bytes: int
     hasher: ResultHasher = field(default_factory=ResultHasher)
-    seq: int = 0
+    seq: int = 0  # of the next shard (a worker starts at its own span)
+    shards: int = 0
     users: int = 0
     bytes_raw: int = 0
     bytes_compressed: int = 0
@@ -119,17 +120,29 @@ class ShardWriter:
         return self._size
 
     def absorb(self, raws: list[bytes], rows: list[dict[str, Any]]) -> None:
-        """Take shards another writer already cut over the next users in order (a worker's
-        range): their payloads ``raws`` extend the result hash, their rows are renumbered after
-        this writer's and come out of the next ``cut()``."""
+        """Take shards another writer of the same generation already cut over the next users
+        in order (a worker's range, its rows numbered in the worker's ``seq`` span): their
+        payloads ``raws`` extend the result hash; the rows come out of the next ``cut()``."""
         for raw, row in zip(raws, rows, strict=True):
             self.hasher.update(raw)
-            row.update(generation=self.generation, seq=self.seq)
-            self.seq += 1
+            self.shards += 1
             self.users += row["users"]
             self.bytes_raw += len(raw)
             self.bytes_compressed += len(row["data"])
             self._absorbed.append(row)
+
+    def absorb_written(
+        self, payloads: Iterable[bytes], users: int, bytes_raw: int, bytes_compressed: int
+    ) -> None:
+        """Take shards another writer of the same generation already wrote over the next users
+        in order: their compressed ``payloads`` (read back one at a time) extend the result
+        hash; the counts are that writer's."""
+        for payload in payloads:
+            self.hasher.update(_decompressor.decompress(payload))
+            self.shards += 1
+        self.users += users
+        self.bytes_raw += bytes_raw
+        self.bytes_compressed += bytes_compressed
 
     def cut(self) -> list[dict[str, Any]]:
         """Empty the buffer into shard rows (none if the buffer is empty)."""
@@ -162,6 +175,7 @@ class ShardWriter:
                 }
             )
             self.seq += 1
+            self.shards += 1
             self.users += end - start
             self.bytes_raw += len(raw)
             self.bytes_compressed += len(data)

@@ -128,3 +128,30 @@ def test_one_user_is_read_from_one_shard(project: Project) -> None:
     assert len(orch.ledger.shard_index("rsi", TARGET)) > 3
     assert orch.load_user_result("rsi", TARGET, "nobody") is None
     orch.close()
+
+
+def test_workers_that_write_their_own_shards_publish_the_serial_results(
+    project: Project, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    setup(project, "flush_users = 4\nshard_bytes = 1024\n")
+    assert run(project).ok
+    serial = hashes(project)
+    orch = project.orchestrator()
+    serial_shards = len(orch.ledger.shard_index("rsi", TARGET) or [])
+    orch.close()
+    # Every worker writes its shards itself instead of handing them over in memory.
+    monkeypatch.setattr(execution, "WORKER_INLINE_BYTES", 0)
+    forced = run(project, calculations=ALL, force=True, workers=2)
+    assert forced.ok and len(forced.executed) == len(ALL) * len(DATES)
+    assert hashes(project) == serial
+    orch = project.orchestrator()
+    shards = orch.ledger.shard_index("rsi", TARGET) or []
+    attempt = orch.ledger.attempts("rsi", TARGET)[-1]
+    assert orch.load_result("rsi", TARGET).keys() == set(SYMBOLS)
+    assert orch.ledger.count("result_shards") == sum(  # nothing unpublished left behind
+        len(orch.ledger.shard_index(c, d) or []) for c, d in serial
+    )
+    orch.close()
+    assert [s.seq for s in shards] == sorted(s.seq for s in shards)
+    assert attempt.shards == len(shards) >= serial_shards
+    assert {s.seq // 10_000_000 for s in shards} == {0, 1}  # both workers' spans

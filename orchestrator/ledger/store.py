@@ -626,6 +626,34 @@ class Ledger:
             )
         return bytes(data)
 
+    def unpublished_payloads(
+        self, calculation: str, date: dt.date, generation: str, seqs: tuple[int, int]
+    ) -> Iterator[bytes]:
+        """The compressed payloads of a generation's shards with ``seqs[0] <= seq < seqs[1]``,
+        in order, fetched one at a time (whether or not the generation is published)."""
+        where = (
+            SHARDS.c.calculation == calculation,
+            SHARDS.c.date == date,
+            SHARDS.c.generation == generation,
+        )
+        with self.engine.connect() as conn:
+            numbers = (
+                conn.execute(
+                    select(SHARDS.c.seq)
+                    .where(*where, SHARDS.c.seq >= seqs[0], SHARDS.c.seq < seqs[1])
+                    .order_by(SHARDS.c.seq)
+                )
+                .scalars()
+                .all()
+            )
+        for seq in numbers:
+            with self.engine.connect() as conn:
+                yield bytes(
+                    conn.execute(
+                        select(SHARDS.c.data).where(*where, SHARDS.c.seq == seq)
+                    ).scalar_one()
+                )
+
     def shard_payloads_many(
         self, cells: Sequence[tuple[str, dt.date]]
     ) -> dict[tuple[str, dt.date], list[bytes]]:
