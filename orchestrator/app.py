@@ -96,6 +96,7 @@ class Observation:
     scoped_epochs: dict[str, tuple[int, str]]
     epoch_reasons: dict[int, str]
     live_runs: frozenset[str]
+    complete: dict[str, dt.date] = dataclasses.field(default_factory=dict)
 
 
 class Orchestrator:
@@ -175,8 +176,27 @@ class Orchestrator:
                 self._datasets[name] = StoredDataset(path)
         return self._datasets[name]
 
-    def index_root_data(self, now: dt.datetime) -> dict[str, dict[dt.date, str]]:
-        """dataset -> available date -> content hash, re-reading only changed sources."""
+    def complete_through(self) -> dict[str, dt.date]:
+        """dataset -> last complete date, for the datasets with a completeness marker."""
+        out = {}
+        for name in sorted({ds for s in self.manifest.calcs.values() for ds in s.root_data}):
+            through = FileSource(self.config.root_data[name]).complete_through()
+            if through is not None:
+                out[name] = through
+        return out
+
+    def index_root_data(
+        self, now: dt.datetime, complete: Mapping[str, dt.date] | None = None
+    ) -> dict[str, dict[dt.date, str]]:
+        """dataset -> available date -> content hash, re-reading only changed sources. Dates
+        after a dataset's ``complete`` date (its completeness marker) are not available."""
+        out = self._index_root_data(now)
+        for name, through in (complete or {}).items():
+            if name in out:
+                out[name] = {d: h for d, h in out[name].items() if d <= through}
+        return out
+
+    def _index_root_data(self, now: dt.datetime) -> dict[str, dict[dt.date, str]]:
         used = sorted({ds for s in self.manifest.calcs.values() for ds in s.root_data})
         stored = self.ledger.load_root_sources()
         out: dict[str, dict[dt.date, str]] = {}
@@ -246,13 +266,15 @@ class Orchestrator:
                 reasons[bump.epoch] = bump.reason
             else:
                 scoped[bump.calculation] = (bump.epoch, bump.reason)
+        complete = self.complete_through()
         return Observation(
             ledger=self.ledger.load_cells(self.manifest.calcs, slim=True),
-            root=self.index_root_data(now),
+            root=self.index_root_data(now, complete),
             epoch=read_epoch(self.config.epoch_file),
             scoped_epochs=scoped,
             epoch_reasons=reasons,
             live_runs=self.ledger.live_runs(now),
+            complete=complete,
         )
 
     def observe_more(self, names: set[str]) -> MoreObservation:
@@ -324,6 +346,7 @@ class Orchestrator:
             scoped_epochs=observation.scoped_epochs,
             epoch_reasons=observation.epoch_reasons,
             live_runs=observation.live_runs,
+            complete=observation.complete,
         )
 
     def plan(self, target: dt.date | None = None, now: dt.datetime | None = None) -> Plan:

@@ -28,6 +28,9 @@ class RootDataConfig:
     date_column: str = "date"
     user_column: str = "user"
     format: str | None = None  # "csv" or "parquet"; None: from the file suffix
+    # A file holding the last complete date (YYYY-MM-DD), written by whoever delivers the data
+    # once a day is whole: later dates are held back (not available). None: every date counts.
+    complete_marker: Path | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -138,6 +141,11 @@ def load_config(path: str | os.PathLike[str] | None = None, db_url: str | None =
             date_column=need("date_column", table.get("date_column", "date"), str),
             user_column=need("user_column", table.get("user_column", "user"), str),
             format=fmt,
+            complete_marker=(
+                (base / need(f"root_data.{name}.complete_marker", marker, str)).resolve()
+                if (marker := table.get("complete_marker")) is not None
+                else None
+            ),
         )
 
     calendar = need("calendar", raw.get("calendar", "data"), str)

@@ -203,6 +203,8 @@ class PlanRequest:
         cosmetic: (calculation, stored code hash) -> "" if the change to the current code is
             proven cosmetic by simulation, else why not (see ``App.cosmetic_verdicts``).
         live_runs: ids of runs alive now; a RUNNING cell of any other run is a zombie.
+        complete: dataset -> its last complete date by its completeness marker (``date.min``:
+            none yet); later dates are absent from ``root`` and NO_DATA says why.
     """
 
     manifest: Manifest
@@ -218,6 +220,7 @@ class PlanRequest:
     registry: Mapping[tuple[str, str], Mapping[str, Any]] = field(default_factory=dict)
     cosmetic: Mapping[tuple[str, str], str] = field(default_factory=dict)
     live_runs: frozenset[str] = frozenset()
+    complete: Mapping[str, dt.date] = field(default_factory=dict)
 
 
 _WINDOW_TAG = encode("window")
@@ -274,13 +277,25 @@ class Decider:
     def _axis(request: PlanRequest) -> tuple[dt.date, ...]:
         used = {ds for spec in request.manifest.calcs.values() for ds in spec.root_data}
         data_dates = {d for ds in used for d in request.root.get(ds, {}) if d <= request.target}
-        if not data_dates:
-            return ()
+        if not data_dates:  # nothing available yet: the target alone, to say why (NO_DATA)
+            return (request.target,) if used else ()
         first = min(data_dates)
         if request.calendar == "daily":
             span = (request.target - first).days
             return tuple(first + dt.timedelta(days=i) for i in range(span + 1))
         return tuple(sorted(data_dates | {request.target}))
+
+    def _no_data(self, missing: list[str], date: dt.date) -> str:
+        detail = f"no {', '.join(missing)} rows on {date}"
+        held = [ds for ds in missing if date > self.request.complete.get(ds, dt.date.max)]
+        for ds in held:
+            through = self.request.complete[ds]
+            detail += (
+                f" ({ds} has no completeness marker yet)"
+                if through == dt.date.min
+                else f" ({ds} is complete through {through} by its marker)"
+            )
+        return detail
 
     def _possible_dates(self, spec: CalcSpec) -> list[dt.date]:
         bad: dict[dt.date, Decision] = {}
@@ -296,9 +311,7 @@ class Decider:
                 continue
             missing = [ds for ds in spec.root_data if date not in self.request.root.get(ds, {})]
             if missing:
-                bad[date] = Decision(
-                    name, date, Reason.NO_DATA, f"no {', '.join(missing)} rows on {date}"
-                )
+                bad[date] = Decision(name, date, Reason.NO_DATA, self._no_data(missing, date))
         for dep in spec.dependencies:
             for date, above in self._impossible_of[dep].items():
                 if date not in bad:

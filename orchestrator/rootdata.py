@@ -205,6 +205,31 @@ class FileSource:
                     h.update(chunk)
         return h.hexdigest()
 
+    def complete_through(self) -> dt.date | None:
+        """The last complete date by the source's completeness marker (``complete_marker``):
+        None without a marker configured; ``date.min`` while the marker file does not exist
+        (nothing is complete yet).
+
+        Raises:
+            RootDataError: the marker does not hold a YYYY-MM-DD date.
+        """
+        marker = self.config.complete_marker
+        if marker is None:
+            return None
+        try:
+            text = marker.read_text().strip()
+        except FileNotFoundError:
+            return dt.date.min
+        except OSError as e:
+            raise RootDataError(f"cannot read the completeness marker {marker}: {e}") from e
+        try:
+            return dt.date.fromisoformat(text)
+        except ValueError:
+            raise RootDataError(
+                f"completeness marker {marker} holds {text[:40]!r}, not a YYYY-MM-DD date; "
+                f"write the last complete date of [root_data.{self.config.name}] into it"
+            ) from None
+
     def raw_size(self) -> int:
         """Uncompressed bytes of the source's files (a gzip file's size is read from its
         trailer, modulo 4 GiB; a Parquet file counts its stored size)."""

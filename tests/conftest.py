@@ -81,6 +81,7 @@ class Project:
         self.data = root / "data" / "prices.csv"
         self.package: str | None = None
         self.extra_config = ""
+        self.root_options = ""  # extra keys of [root_data.prices]
 
     def write_prices(self, rows: list[dict[str, Any]]) -> None:
         self.data.parent.mkdir(parents=True, exist_ok=True)
@@ -122,6 +123,7 @@ class Project:
                 user_column = "Name"
                 """
             )
+            + self.root_options
         )
 
     @property

@@ -16,6 +16,7 @@ from collections import Counter
 import pytest
 
 from orchestrator.app import bump_epoch
+from orchestrator.errors import RootDataError
 from orchestrator.planning import Reason, Status
 from tests.conftest import Project, price_rows, weekdays
 
@@ -235,6 +236,34 @@ def test_scenario_e_missing_root_data_is_impossible_and_propagates(project: Proj
     after = orch.load_result("rsi", DATES[6])["AAA"]
     orch.close()
     assert len(after["closes"]) == 4
+
+
+def test_dates_after_the_completeness_marker_are_held_back(project: Project) -> None:
+    setup(project)  # every date's rows are in the file, the last one still being written
+    marker = project.root / "data" / "prices.complete"
+    project.root_options = 'complete_marker = "data/prices.complete"\n'
+    project.write_config()
+    p = plan(project)  # no marker yet: nothing is complete
+    assert p.decisions[("price_extractor", TARGET)].reason is Reason.NO_DATA
+    assert "no completeness marker yet" in p.decisions[("market", TARGET)].detail
+
+    marker.write_text(f"{DATES[-2]}\n")
+    summary = run(project)
+    assert summary.ok and executed(summary) == {c: len(DATES) - 1 for c in CALCS}
+    p = plan(project)
+    assert p.decisions[("rsi", TARGET)].reason is Reason.UPSTREAM
+    assert f"complete through {DATES[-2]} by its marker" in p.decisions[("rsi", TARGET)].detail
+
+    marker.write_text(f"{TARGET}\n")  # the day is whole: only it runs
+    summary = run(project)
+    assert summary.ok and set(summary.executed) == {(c, TARGET) for c in CALCS}
+    assert set(summary.executed.values()) == {"NEW"}
+
+    marker.write_text("tomorrow")
+    orch = project.orchestrator()
+    with pytest.raises(RootDataError, match="not a YYYY-MM-DD date"):
+        orch.plan(TARGET)
+    orch.close()
 
 
 def test_target_date_without_data_is_impossible_no_data(project: Project) -> None:
