@@ -25,6 +25,7 @@ from multiprocessing.connection import Connection
 from typing import TYPE_CHECKING, Any, NamedTuple, Self
 
 from orchestrator import validation
+from orchestrator.rootdata import Dataset
 
 if TYPE_CHECKING:
     from orchestrator.execution import Executor, _CellRun
@@ -111,6 +112,10 @@ def _serve(
                 run.writer.keep_raw = True
                 run.writer.generation = generation  # the parent's: one cell, one generation
                 run.writer.seq = index * SEQ_SPAN  # worker ranges ascend, and so do their seqs
+            for ds in {ds for run in runs for ds in run.spec.root_data}:
+                dataset = executor.dataset(ds)
+                if isinstance(dataset, Dataset):  # index only this worker's users' histories
+                    dataset.focus(*partition.span(index))
             before = executor.summary.users_processed
             executor._walk(date, runs, partition.span(index))
             parts = []

@@ -78,6 +78,7 @@ class Dataset:
     schema: dict[str, str] = field(default_factory=dict)
     bad_rows: dict[tuple[dt.date, str], list[str]] = field(default_factory=dict)
     _series: dict[str, tuple[list[int], list[int], list[Row]]] | None = None
+    _span: tuple[str | None, str | None] = (None, None)
 
     _bad_users: dict[dt.date, dict[str, list[str]]] | None = None
 
@@ -119,6 +120,9 @@ class Dataset:
     def history(self, user: str, date: dt.date, lookback: int) -> list[Row]:
         """The user's rows over the last ``lookback`` available dates up to and including
         ``date`` (oldest first). ``date`` itself need not be available."""
+        first, stop = self._span
+        if (first is not None and user < first) or (stop is not None and user >= stop):
+            self.focus(None, None)  # outside this process's users after all: index them all
         if self._series is None:
             self._build_series()
         assert self._series is not None
@@ -131,12 +135,27 @@ class Dataset:
         hi = bisect.bisect_left(positions, end)
         return rows[starts[lo] : starts[hi]]
 
+    def focus(self, lo: str | None, hi: str | None) -> None:
+        """Declare that this process reads the history of users ``lo <= user < hi`` only (a
+        worker's span), so the history index covers just them."""
+        if (lo, hi) != self._span:
+            self._span = (lo, hi)
+            self._series = None
+
     def _build_series(self) -> None:
         # Per user: the date positions it has rows on, where each date's rows start in one
         # flat list (plus an end sentinel), so a history window is a single slice.
         series: dict[str, tuple[list[int], list[int], list[Row]]] = {}
+        lo, hi = self._span
         for pos, date in enumerate(self.dates):
-            for user, rows in self.by_date[date].items():
+            per_user: Iterable[tuple[str, list[Row]]] = self.by_date[date].items()
+            if lo is not None or hi is not None:
+                per_user = [
+                    (u, r)
+                    for u, r in per_user
+                    if (lo is None or u >= lo) and (hi is None or u < hi)
+                ]
+            for user, rows in per_user:
                 entry = series.get(user)
                 if entry is None:
                     entry = series[user] = ([], [0], [])
