@@ -7,7 +7,9 @@ upstream settled: it runs (UPSTREAM_CHANGED) or is skipped by early cutoff
 (UPSTREAM_UNCHANGED).
 
 Streaming: the standard cells of one pass and date share one walk over the users (sorted by
-id), each user's root rows read once. Each cell's canonical result lines are buffered and
+id), each user's root rows read once. Root rows, upstream results and previous results are
+sorted streams read in step with the walk (root stores, shards past ``KEEP_LIMIT`` users), so
+memory is flat in the number of users. Each cell's canonical result lines are buffered and
 flushed as compressed shards every ``flush_users`` users or ``shard_bytes`` bytes; shards are
 written under a fresh generation no reader looks at, and the cell is published (its generation
 switched) in one transaction only after every user succeeded or the failure rate stayed under
@@ -25,7 +27,7 @@ import time
 import traceback
 import uuid
 from collections import OrderedDict
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -147,6 +149,7 @@ class ResultCache:
         self.manifest = manifest
         self.capacity = capacity
         self._items: OrderedDict[CellKey, Any] = OrderedDict()
+        self._big: dict[CellKey, list[Any]] = {}  # shard index of results past KEEP_LIMIT
 
     def put(self, key: CellKey, value: Any) -> None:
         self._items[key] = value
@@ -158,25 +161,42 @@ class ResultCache:
         """The published result of ``key``: a meta result, a standard result as ``{user:
         result}``, or — past ``KEEP_LIMIT`` users — a ``StoredResult`` read shard by shard;
         None if unpublished."""
+        if key not in self._items:
+            self.prefetch([key])
         if key in self._items:
             self._items.move_to_end(key)
             return self._items[key]
-        kind = self.manifest.calcs[key[0]].kind
-        value: Any
-        if kind == "meta":
-            payloads = self.ledger.shard_payloads(*key)
-            value = None if payloads is None else assemble(decode_shards(payloads), kind)
-        else:
-            shards = self.ledger.shard_index(*key)
-            if shards is None:
-                value = None
-            elif sum(s.users for s in shards) > KEEP_LIMIT:
-                return StoredResult(shards, lambda shard: self.ledger.shard_data(*key, shard))
+        shards = self._big.pop(key)
+        return StoredResult(shards, lambda shard: self.ledger.shard_data(*key, shard))
+
+    def discard(self, key: CellKey) -> None:
+        """Forget ``key`` (its published result is being replaced)."""
+        self._items.pop(key, None)
+        self._big.pop(key, None)
+
+    def prefetch(self, keys: Iterable[CellKey]) -> None:
+        """Load the published results of ``keys`` not in memory with a few bulk queries (one
+        round trip for a cell's inputs, not two per input); results past ``KEEP_LIMIT`` users
+        are only indexed, to be read shard by shard."""
+        missing = list(dict.fromkeys(k for k in keys if k not in self._items))
+        if not missing:
+            return
+        index = self.ledger.shard_index_many(missing)
+        small = [
+            key
+            for key, shards in index.items()
+            if self.manifest.calcs[key[0]].kind == "meta"
+            or sum(s.users for s in shards) <= KEEP_LIMIT
+        ]
+        payloads = self.ledger.shard_payloads_many(small) if small else {}
+        for key in missing:
+            if key in payloads:
+                kind = self.manifest.calcs[key[0]].kind
+                self.put(key, assemble(decode_shards(payloads[key]), kind))
+            elif key in index:
+                self._big[key] = index[key]
             else:
-                data = (self.ledger.shard_data(*key, shard) for shard in shards)
-                value = assemble(decode_shards(data), kind)
-        self.put(key, value)
-        return value
+                self.put(key, None)
 
 
 class Executor:
@@ -503,6 +523,12 @@ class Executor:
         results (a parallel run's parent leaves those to the workers)."""
         now = self.clock()
         runs = []
+        if inputs:
+            wanted = [(dep, date) for spec, _ in cells for dep in spec.dependencies]
+            for spec, _ in cells:
+                if spec.historical and (prev := self.decider.previous_date(spec.name, date)):
+                    wanted.append((spec.name, prev))
+            self.cache.prefetch(wanted)
         for spec, decision in cells:
             upstream, previous = self._inputs_for(spec, date) if inputs else ({}, {})
             runs.append(
@@ -588,7 +614,6 @@ class Executor:
         date: dt.date,
         runs: list[_CellRun],
         span: tuple[str | None, str | None] = (None, None),
-        stream: bool = True,
     ) -> None:
         """One walk over the users in id order, each user's root rows read once and passed to
         every cell of the group.
@@ -596,8 +621,8 @@ class Executor:
         Every per-user input is a sorted stream read in step with the walk — root data
         (``RootData.stream``), standard upstream results and the own previous result (dicts,
         or ``StoredResult`` shards) — so memory does not grow with the number of users.
-        ``span`` = (lo, hi) keeps a worker's users ``lo <= user < hi``; ``stream`` flushes
-        shards as thresholds are reached (else lines stay buffered)."""
+        ``span`` = (lo, hi) keeps a worker's users ``lo <= user < hi``. Shards are flushed as
+        thresholds are reached."""
         lo, hi = span
         names = sorted({ds for run in runs if not run.by_upstream for ds in run.spec.root_data})
         datasets = {ds: self.dataset(ds) for run in runs for ds in run.spec.root_data}
@@ -651,7 +676,7 @@ class Executor:
                 break
             walked += 1
             faults.reached("user")
-            if stream and walked % MEMORY_CHECK_EVERY == 0 and self.under_pressure():
+            if walked % MEMORY_CHECK_EVERY == 0 and self.under_pressure():
                 for run in runs:  # adaptive flushing: free the buffers before the budget
                     self.flush(run, "MEMORY_PRESSURE")
             today: dict[str, list[Row]] = {}
@@ -711,8 +736,7 @@ class Executor:
                                 run.spilled = True
                 except Exception:  # noqa: BLE001 - user code: any error is a per-user failure
                     _user_failed(run, f"user {user}: {traceback.format_exc()}")
-                if stream:
-                    self.flush_if_full(run)
+                self.flush_if_full(run)
             self.summary.users_processed += 1
             for cursor in drivers:
                 if cursor.key == user:
@@ -747,6 +771,7 @@ class Executor:
             self.cache.put((spec.name, date), run.keep)
         elif run.spilled:
             self._uncached = True
+            self.cache.discard((spec.name, date))  # an older result may be cached
         return self._success(spec, date, run.decision, run.writer, run), rows
 
     # --- meta cells -----------------------------------------------------------------------

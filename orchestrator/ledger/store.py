@@ -583,26 +583,47 @@ class Ledger:
     def shard_index(self, calculation: str, date: dt.date) -> list[ShardInfo] | None:
         """The shards of a cell's published result (without their data), in order; None if
         the cell has no published result."""
-        with self.engine.connect() as conn:
-            generation = conn.execute(
-                select(CELLS.c.generation).where(
-                    CELLS.c.calculation == calculation, CELLS.c.date == date
-                )
-            ).scalar()
-            if generation is None:
-                return None
-            return [
-                ShardInfo(generation, *row)
-                for row in conn.execute(
-                    select(SHARDS.c.seq, SHARDS.c.first_user, SHARDS.c.last_user, SHARDS.c.users)
-                    .where(
-                        SHARDS.c.calculation == calculation,
-                        SHARDS.c.date == date,
-                        SHARDS.c.generation == generation,
+        return self.shard_index_many([(calculation, date)]).get((calculation, date))
+
+    def shard_index_many(
+        self, cells: Sequence[tuple[str, dt.date]]
+    ) -> dict[tuple[str, dt.date], list[ShardInfo]]:
+        """``shard_index`` of many cells, two queries per 500 cells; cells without a
+        published result are absent."""
+        out: dict[tuple[str, dt.date], list[ShardInfo]] = {}
+        for chunk in _chunks(list(cells), 500):
+            with self.engine.connect() as conn:
+                for calc, date, _ in conn.execute(
+                    select(CELLS.c.calculation, CELLS.c.date, CELLS.c.generation).where(
+                        tuple_(CELLS.c.calculation, CELLS.c.date).in_(list(chunk)),
+                        CELLS.c.generation.is_not(None),
                     )
-                    .order_by(SHARDS.c.seq)
+                ):
+                    out[(calc, date)] = []
+                query = (
+                    select(
+                        SHARDS.c.calculation,
+                        SHARDS.c.date,
+                        SHARDS.c.generation,
+                        SHARDS.c.seq,
+                        SHARDS.c.first_user,
+                        SHARDS.c.last_user,
+                        SHARDS.c.users,
+                    )
+                    .join(
+                        CELLS,
+                        and_(
+                            CELLS.c.calculation == SHARDS.c.calculation,
+                            CELLS.c.date == SHARDS.c.date,
+                            CELLS.c.generation == SHARDS.c.generation,
+                        ),
+                    )
+                    .where(tuple_(CELLS.c.calculation, CELLS.c.date).in_(list(chunk)))
+                    .order_by(SHARDS.c.calculation, SHARDS.c.date, SHARDS.c.seq)
                 )
-            ]
+                for calc, date, *info in conn.execute(query):
+                    out[(calc, date)].append(ShardInfo(*info))
+        return out
 
     def shard_data(self, calculation: str, date: dt.date, shard: ShardInfo) -> bytes:
         """One shard's compressed payload.
