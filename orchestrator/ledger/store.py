@@ -22,6 +22,7 @@ from typing import Any, NamedTuple
 
 import psutil
 from sqlalchemy import (
+    ColumnElement,
     Connection,
     Engine,
     String,
@@ -33,6 +34,7 @@ from sqlalchemy import (
     event,
     exists,
     insert,
+    or_,
     select,
     text,
     tuple_,
@@ -298,6 +300,21 @@ def holder_is_dead(holder: str) -> bool:
         return True
 
 
+def _cells_in(table: Table, cells: Iterable[tuple[str, dt.date]]) -> ColumnElement[bool]:
+    """``(calculation, date) IN cells`` written as an OR over calculations of ``date IN
+    (...)``: SQLite uses no index for a row-value IN list (it scans the table, measured: a
+    catch-up re-run 40 s slower), but searches its index for each term of this form."""
+    by_calc: dict[str, list[dt.date]] = {}
+    for calc, date in cells:
+        by_calc.setdefault(calc, []).append(date)
+    return or_(
+        *(
+            and_(table.c.calculation == calc, table.c.date.in_(dates))
+            for calc, dates in by_calc.items()
+        )
+    )
+
+
 def _chunks(items: Sequence[Any], size: int) -> Iterator[Sequence[Any]]:
     for start in range(0, len(items), size):
         yield items[start : start + size]
@@ -435,7 +452,7 @@ class Ledger:
                     CELLS.c.date,
                     CELLS.c.generation,
                     CELLS.c.attempts,
-                ).where(tuple_(CELLS.c.calculation, CELLS.c.date).in_(keys))
+                ).where(_cells_in(CELLS, keys))
             )
         }
         inserts: list[dict[str, Any]] = []
@@ -508,7 +525,7 @@ class Ledger:
             with self.engine.begin() as conn:
                 conn.execute(
                     update(CELLS)
-                    .where(tuple_(CELLS.c.calculation, CELLS.c.date).in_(list(cells)))
+                    .where(_cells_in(CELLS, cells))
                     .values(status="RUNNING", run_id=run_id, lease_expires_at=expires)
                 )
 
@@ -595,7 +612,7 @@ class Ledger:
             with self.engine.connect() as conn:
                 for calc, date, _ in conn.execute(
                     select(CELLS.c.calculation, CELLS.c.date, CELLS.c.generation).where(
-                        tuple_(CELLS.c.calculation, CELLS.c.date).in_(list(chunk)),
+                        _cells_in(CELLS, chunk),
                         CELLS.c.generation.is_not(None),
                     )
                 ):
@@ -618,7 +635,7 @@ class Ledger:
                             CELLS.c.generation == SHARDS.c.generation,
                         ),
                     )
-                    .where(tuple_(CELLS.c.calculation, CELLS.c.date).in_(list(chunk)))
+                    .where(_cells_in(CELLS, chunk))
                     .order_by(SHARDS.c.calculation, SHARDS.c.date, SHARDS.c.seq)
                 )
                 for calc, date, *info in conn.execute(query):
@@ -691,7 +708,7 @@ class Ledger:
                         CELLS.c.generation == SHARDS.c.generation,
                     ),
                 )
-                .where(tuple_(CELLS.c.calculation, CELLS.c.date).in_(list(chunk)))
+                .where(_cells_in(CELLS, chunk))
                 .order_by(SHARDS.c.calculation, SHARDS.c.date, SHARDS.c.seq)
             )
             with self.engine.connect() as conn:
@@ -699,7 +716,7 @@ class Ledger:
                     (r[0], r[1])
                     for r in conn.execute(
                         select(CELLS.c.calculation, CELLS.c.date).where(
-                            tuple_(CELLS.c.calculation, CELLS.c.date).in_(list(chunk)),
+                            _cells_in(CELLS, chunk),
                             CELLS.c.generation.is_not(None),
                         )
                     )
