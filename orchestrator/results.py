@@ -27,9 +27,18 @@ def decode_shards(payloads: Iterable[bytes]) -> list[tuple[str | None, Any]]:
     """All ``(user, result)`` pairs of a cell's shards, in stored order."""
     out: list[tuple[str | None, Any]] = []
     for payload in payloads:
-        raw = _decompressor.decompress(payload)
-        out.extend(tuple(json.loads(line)) for line in raw.splitlines() if line)  # type: ignore[misc]
+        out.extend(_pairs(_decompressor.decompress(payload)))
     return out
+
+
+def _pairs(raw: bytes) -> list[tuple[str | None, Any]]:
+    """The ``(user, result)`` pairs of one shard's raw lines, parsed as one JSON array (a
+    line's JSON never holds a raw newline: ``json.dumps`` escapes them), several times faster
+    than a ``json.loads`` per line."""
+    body = raw.strip(b"\n")
+    if not body:
+        return []
+    return [(user, result) for user, result in json.loads(b"[" + body.replace(b"\n", b",") + b"]")]
 
 
 def assemble(pairs: list[tuple[str | None, Any]], kind: str) -> Any:
@@ -56,8 +65,7 @@ class StoredResult:
         return sum(s.users for s in self.shards)
 
     def _decode(self, shard: Any) -> list[tuple[str, Any]]:
-        raw = _decompressor.decompress(self.fetch(shard))
-        return [tuple(json.loads(line)) for line in raw.splitlines() if line]  # type: ignore[misc]
+        return _pairs(_decompressor.decompress(self.fetch(shard)))  # type: ignore[return-value]
 
     def items(self, lo: str | None = None, hi: str | None = None) -> Iterator[tuple[str, Any]]:
         """``(user, result)`` with ``lo <= user < hi``, users ascending; shards wholly outside
