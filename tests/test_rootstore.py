@@ -153,3 +153,33 @@ def test_missing_column_and_replaced_versions(tmp_path: Path) -> None:
     assert StoredDataset(second).rows_on(dt.date(2024, 1, 1)) == [
         {"date": "2024-01-01", "user": "a", "v": 2}
     ]
+
+
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+REAL = [
+    ("prices", DATA / "sp500_daily_ohlcv_2013-02-08_2018-02-07.csv.gz", "Name"),
+    ("transactions", DATA / "berka" / "trans_1993-01-01_1994-03-30.csv.gz", "account_id"),
+]
+
+
+@pytest.mark.skipif(not DATA.is_dir(), reason=f"{DATA} is absent")
+@pytest.mark.parametrize(("name", "path", "user_column"), REAL, ids=[r[0] for r in REAL])
+def test_real_sources_stream_exactly_what_memory_holds(
+    tmp_path: Path, name: str, path: Path, user_column: str
+) -> None:
+    config = RootDataConfig(name=name, path=path, user_column=user_column)
+    source = FileSource(config)
+    memory = source.load()
+    stored = StoredDataset(build_store(config, source.digest(), tmp_path))
+    assert stored.index == memory.index  # every date's content hash: what the planner sees
+    assert (stored.schema, stored.malformed, stored.problems, stored.bad_count) == (
+        memory.schema,
+        memory.malformed,
+        memory.problems,
+        memory.bad_count,
+    )
+    for date in memory.dates[:: max(1, len(memory.dates) // 25)]:  # 25 dates across the file
+        streamed = list(stored.stream(date))
+        assert repr(streamed) == repr(list(memory.stream(date)))
+        for user, _ in streamed[:: max(1, len(streamed) // 10)]:
+            assert repr(stored.history(user, date, 20)) == repr(memory.history(user, date, 20))
