@@ -16,6 +16,7 @@ malformed-row locations. ``tests/test_rootstore.py`` checks this parity.
 from __future__ import annotations
 
 import bisect
+import csv
 import datetime as dt
 import gzip
 import json
@@ -161,6 +162,9 @@ def build_store(config: RootDataConfig, digest: str, folder: Path) -> Path:
 
 
 class _Importer:
+    """Fills one store: rows into ``staging`` chunk by chunk, then the sorted ``rows`` table,
+    the per-date index and the metadata (``finish``)."""
+
     def __init__(self, config: RootDataConfig, conn: sqlite3.Connection):
         self.config = config
         self.conn = conn
@@ -328,8 +332,6 @@ def _split(text: str, fast: bool) -> list[str]:
 
 def _csv_chunks(path: Path, fast: bool) -> Iterator[list[str] | tuple[list[list[str]], list[str]]]:
     """The header, then chunks of (padded rows of raw fields, canonical row texts)."""
-    import csv
-
     opener: Callable[..., Any] = gzip.open if path.name.endswith(".gz") else open
     with opener(path, "rt", newline="", encoding="utf-8") as f:
         if fast:
