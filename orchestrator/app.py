@@ -13,6 +13,7 @@ import datetime as dt
 import importlib.metadata
 import os
 import re
+import sqlite3
 import uuid
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -171,9 +172,12 @@ class Orchestrator:
             else:
                 folder = self.config.work_dir / "root"
                 path = store_path(folder, name, self._digest(name))
-                if not path.exists():
-                    path = build_store(config, self._digest(name), folder)
-                self._datasets[name] = StoredDataset(path)
+                try:
+                    self._datasets[name] = StoredDataset(path)
+                except (sqlite3.DatabaseError, KeyError):  # missing, or damaged since: rebuild
+                    path.unlink(missing_ok=True)
+                    build_store(config, self._digest(name), folder)
+                    self._datasets[name] = StoredDataset(path)
         return self._datasets[name]
 
     def complete_through(self) -> dict[str, dt.date]:

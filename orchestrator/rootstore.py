@@ -418,6 +418,13 @@ class StoredDataset:
     """
 
     def __init__(self, path: Path):
+        """Open the store at ``path``.
+
+        Raises:
+            sqlite3.DatabaseError: no store there, or a damaged one (the caller rebuilds it).
+        """
+        if not path.is_file():
+            raise sqlite3.DatabaseError(f"no root store at {path}")
         self.path = path
         self._conn: sqlite3.Connection | None = None
         self._pid = -1

@@ -183,3 +183,19 @@ def test_real_sources_stream_exactly_what_memory_holds(
         assert repr(streamed) == repr(list(memory.stream(date)))
         for user, _ in streamed[:: max(1, len(streamed) // 10)]:
             assert repr(stored.history(user, date, 20)) == repr(memory.history(user, date, 20))
+
+
+def test_a_damaged_store_is_rebuilt(tmp_path: Path) -> None:
+    from tests.conftest import Project, price_rows
+    from tests.test_scenarios import BASE, DATES, SYMBOLS, run
+
+    project = Project(tmp_path, f"sqlite:///{tmp_path / 'ledger.db'}")
+    project.write_prices(price_rows(SYMBOLS, DATES))
+    project.write_calcs(BASE)  # no history windows: the prices are streamed from a store
+    assert run(project).ok
+    (store,) = (tmp_path / ".orchestrator" / "root").glob("prices-*.sqlite")
+    store.write_bytes(b"not a database")
+    orch = project.orchestrator()
+    assert orch.dataset("prices").rows_on(DATES[0])[0]["Name"] == "AAA"
+    orch.close()
+    assert StoredDataset(store).dates == DATES
