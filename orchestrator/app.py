@@ -176,7 +176,7 @@ class Orchestrator:
                     self._datasets[name] = StoredDataset(path)
                 except (sqlite3.DatabaseError, KeyError):  # missing, or damaged since: rebuild
                     path.unlink(missing_ok=True)
-                    build_store(config, self._digest(name), folder)
+                    build_store(config, self._digest(name), folder, progress=self.progress)
                     self._datasets[name] = StoredDataset(path)
         return self._datasets[name]
 

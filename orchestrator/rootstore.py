@@ -23,6 +23,7 @@ import json
 import os
 import re
 import sqlite3
+import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -113,10 +114,11 @@ CREATE TABLE bad_rows (date INTEGER, user TEXT, file INTEGER, line INTEGER, loca
 """
 
 
-def build_store(config: RootDataConfig, digest: str, folder: Path) -> Path:
+def build_store(config: RootDataConfig, digest: str, folder: Path, progress: bool = False) -> Path:
     """Import the source's files into a new store (see the module docstring); returns its path.
 
     Memory is bounded by ``CHUNK_ROWS`` rows and SQLite's page cache, whatever the file size.
+    With ``progress``, a bar on stderr counts the rows imported.
 
     Raises:
         RootDataError: a single-file source cannot be read, or the date or user column is
@@ -136,6 +138,10 @@ def build_store(config: RootDataConfig, digest: str, folder: Path) -> Path:
         )
         conn.executescript(_SCHEMA)
         importer = _Importer(config, conn)
+        if progress:
+            from tqdm import tqdm
+
+            importer.bar = tqdm(unit=" rows", file=sys.stderr, desc=f"import {config.name}")
         files = files_of(config.path)
         for file_id, path in enumerate(files):
             try:
@@ -147,6 +153,8 @@ def build_store(config: RootDataConfig, digest: str, folder: Path) -> Path:
                 conn.execute("DELETE FROM staging WHERE file = ?", (file_id,))
                 conn.execute("DELETE FROM files WHERE id = ?", (file_id,))
         importer.finish(digest)
+        if importer.bar is not None:
+            importer.bar.close()
         conn.commit()
         conn.close()
         os.replace(temporary, final)
@@ -172,6 +180,7 @@ class _Importer:
         self.problems: list[str] = []
         self.schema: dict[str, str] = {}
         self._dates: dict[str, int | None] = {}
+        self.bar: Any = None  # a tqdm progress bar, when asked for
 
     def add_file(self, file_id: int, path: Path) -> None:
         fmt = self.config.format or ("parquet" if path.name.endswith(".parquet") else "csv")
@@ -272,6 +281,8 @@ class _Importer:
                 continue
             out.append((date, user, file_id, line, texts[i], fails[i]))
         self.conn.executemany("INSERT INTO staging VALUES (?, ?, ?, ?, ?, ?)", out)
+        if self.bar is not None:
+            self.bar.update(len(rows))
         faults.reached("import")
 
     def finish(self, digest: str) -> None:
