@@ -8,6 +8,7 @@ executor. ``plan`` (dry run), the reports and ``run`` consume the same ``Plan``.
 from __future__ import annotations
 
 import ast
+import contextlib
 import dataclasses
 import datetime as dt
 import importlib.metadata
@@ -456,6 +457,12 @@ class Orchestrator:
                 dt.datetime.now(dt.UTC),
             )
             return summary
+        except BaseException:
+            # The run stopped short (a worker died, storage failed, an interrupt): say so in
+            # its record. Its leased cells become zombies, recovered by the next run.
+            with contextlib.suppress(Exception):
+                ledger.finish_run(run_id, "ABORTED", 0, 0, 0, dt.datetime.now(dt.UTC))
+            raise
         finally:
             ledger.release_lock(holder)
 

@@ -25,6 +25,7 @@ from multiprocessing.connection import Connection
 from typing import TYPE_CHECKING, Any, NamedTuple, Self
 
 from orchestrator import validation
+from orchestrator.errors import OrchestratorError
 from orchestrator.rootdata import Dataset
 
 if TYPE_CHECKING:
@@ -86,8 +87,11 @@ def _stats(run: _CellRun) -> validation.Stats:
     return stats
 
 
-class WorkerError(RuntimeError):
-    """A worker process failed outside user code (a bug, or it was killed)."""
+class WorkerError(OrchestratorError):
+    """A worker process failed outside user code (a bug, or it was killed, e.g. out of
+    memory). Nothing of its pass was published; running again resumes (exit code 1)."""
+
+    exit_code = 1
 
 
 def _serve(
@@ -206,7 +210,10 @@ class WorkerPool:
             try:
                 status, payload, users = conn.recv()
             except EOFError as e:
-                raise WorkerError("a worker process died; see the log above") from e
+                raise WorkerError(
+                    "a worker process died (killed, or out of memory?); nothing of its pass "
+                    "was published; run again to resume"
+                ) from e
             if status != "ok":
                 raise WorkerError(f"a worker process failed:\n{payload}")
             replies.append(payload)

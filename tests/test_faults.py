@@ -134,6 +134,32 @@ def test_kill_9_while_importing_root_data_leaves_no_store(small: Project) -> Non
     assert len(_published(small)) == 4 * len(DATES)
 
 
+def test_a_killed_worker_aborts_the_run_and_the_next_run_converges(
+    small: Project, tmp_path
+) -> None:
+    small.extra_config += "workers = 2\n"
+    small.write_config()
+    killed = _cli(small, {"ORCHESTRATOR_FAULT": "user:100"})  # each worker, at its 100th user
+    assert killed.returncode == 1, killed.stdout + killed.stderr
+    assert "a worker process died" in killed.stderr
+    assert "Traceback" not in killed.stderr
+    partial = _published(small)  # whole cells only
+    assert len(partial) < 4 * len(DATES)
+    orch = small.orchestrator()
+    (run,) = orch.ledger.recent_runs()
+    orch.close()
+    assert run.status == "ABORTED"
+    again = _cli(small)
+    assert again.returncode == 0, again.stdout + again.stderr
+    after = _published(small)
+    reference = Project(small.root, f"sqlite:///{tmp_path / 'reference.db'}")
+    reference.package = small.package
+    reference.extra_config = small.extra_config
+    reference.write_config()
+    assert _cli(reference).returncode == 0
+    assert _published(reference) == after
+
+
 def test_a_dead_holder_does_not_block_the_next_run(small: Project) -> None:
     import datetime as dt
 
