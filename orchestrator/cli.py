@@ -71,9 +71,9 @@ def _orch(ctx: click.Context, progress: bool = False) -> Orchestrator:
     "--config",
     "config",
     type=click.Path(dir_okay=False, path_type=Path),
-    default=Path("orchestrator.toml"),
-    show_default=True,
-    help="The TOML config file.",
+    default=None,
+    help="The TOML config file [default: orchestrator.toml, else pyproject.toml's "
+    "[tool.orchestrator] table].",
 )
 @click.option(
     "--db", "db", default=None, help="Database URL; overrides the config and ORCHESTRATOR_DB_URL."

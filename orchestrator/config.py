@@ -90,25 +90,41 @@ def _resolve_db_url(url: str, base: Path) -> str:
     return url
 
 
+def _has_tool_table(path: Path) -> bool:
+    try:
+        return "orchestrator" in tomllib.loads(path.read_text()).get("tool", {})
+    except (OSError, tomllib.TOMLDecodeError):
+        return False
+
+
 def load_config(path: str | os.PathLike[str] | None = None, db_url: str | None = None) -> Config:
     """Read and validate a TOML config file.
 
     Args:
-        path: the file; default ``./orchestrator.toml``.
+        path: the file (``orchestrator.toml``, or a ``pyproject.toml`` whose
+            ``[tool.orchestrator]`` table holds the same keys); default ``./orchestrator.toml``,
+            else ``./pyproject.toml`` when it has that table.
         db_url: a ``--db`` override (wins over the environment and the file).
 
     Raises:
         ConfigError: the file is missing, is not valid TOML, or a key has a wrong type.
     """
     cfg_path = Path(path or "orchestrator.toml").resolve()
+    if path is None and not cfg_path.is_file() and _has_tool_table(Path("pyproject.toml")):
+        cfg_path = Path("pyproject.toml").resolve()
     if not cfg_path.is_file():
         raise ConfigError(
-            f"config file {cfg_path} not found; pass --config PATH or create orchestrator.toml"
+            f"config file {cfg_path} not found; pass --config PATH or create orchestrator.toml "
+            "(or a [tool.orchestrator] table in pyproject.toml)"
         )
     try:
         raw: dict[str, Any] = tomllib.loads(cfg_path.read_text())
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{cfg_path} is not valid TOML: {e}") from e
+    if cfg_path.name == "pyproject.toml":
+        raw = raw.get("tool", {}).get("orchestrator")
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{cfg_path} has no [tool.orchestrator] table")
     base = cfg_path.parent
 
     def need(key: str, value: Any, kind: type) -> Any:

@@ -127,3 +127,21 @@ def test_db_upgrade(project: Project) -> None:
     result = cli(project, "db", "upgrade")
     assert result.exit_code == 0 and "ledger schema at 0002" in result.output
     assert Ledger.open(project.db_url).count("cells") == 0
+
+
+def test_config_from_pyproject_tool_table(project: Project, tmp_path, monkeypatch) -> None:
+    setup(project)
+    table = project.config.read_text()
+    project.config.unlink()
+    # The same keys under [tool.orchestrator] (tables nest: [tool.orchestrator.root_data.X]).
+    body = table.replace("[root_data.prices]", "[tool.orchestrator.root_data.prices]")
+    (project.root / "pyproject.toml").write_text(
+        '[project]\nname = "demo"\n\n[tool.orchestrator]\n' + body
+    )
+    monkeypatch.chdir(project.root)  # no --config: orchestrator.toml absent, pyproject used
+    result = CliRunner().invoke(main, ["run", "--date", TARGET.isoformat()])
+    assert result.exit_code == 0, result.output
+    assert f"{4 * len(DATES)} completed" in result.output
+    (project.root / "pyproject.toml").write_text('[project]\nname = "demo"\n')
+    result = CliRunner().invoke(main, ["run", "--date", TARGET.isoformat()])
+    assert result.exit_code == 2 and "orchestrator.toml" in result.output
