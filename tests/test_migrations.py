@@ -13,7 +13,7 @@ from orchestrator.ledger.store import Ledger, current_revision, downgrade, make_
 def test_upgrade_to_head_matches_models_and_downgrade_to_base(db_url: str) -> None:
     engine = make_engine(db_url)
     upgrade(engine)
-    assert current_revision(engine) == "0002"
+    assert current_revision(engine) == "0003"
     tables = set(inspect(engine).get_table_names()) - {"alembic_version"}
     assert tables == set(Base.metadata.tables)
     for name, table in Base.metadata.tables.items():
@@ -38,3 +38,49 @@ def test_a_newer_schema_is_refused_with_what_to_do(db_url: str) -> None:
 def test_unreachable_database_is_a_storage_error() -> None:
     with pytest.raises(StorageError, match="cannot connect"):
         Ledger.open("postgresql://postgres@127.0.0.1:1/nothing")
+
+
+def test_0003_computes_the_build_key_of_existing_and_new_cells(db_url: str) -> None:
+    import datetime as dt
+
+    from sqlalchemy import text
+
+    from orchestrator.ledger.store import build_key
+
+    engine = make_engine(db_url)
+    upgrade(engine, "0002")
+    row = {
+        "calculation": "rsi",
+        "date": dt.date(2024, 1, 2),
+        "status": "COMPLETED",
+        "category": "signals",
+        "code_hash": "c" * 32,
+        "layer_hash": "l" * 32,
+        "infra_hash": "i" * 32,
+        "epoch": 3,
+        "scoped_epoch": 1,
+        "inputs_digest": "d" * 32,
+        "upstream_hashes": "{}",
+        "root_hashes": "{}",
+        "users": 0,
+        "attempts": 0,
+        "hash_format": 1,
+        "updated_at": dt.datetime(2024, 1, 3),
+    }
+    insert = text(
+        f"INSERT INTO cells ({', '.join(row)}) VALUES ({', '.join(':' + k for k in row)})"
+    )
+    with engine.begin() as conn:
+        conn.execute(insert, row)
+    upgrade(engine)  # the existing cell gets its key
+    with engine.begin() as conn:
+        conn.execute(insert, {**row, "date": dt.date(2024, 1, 3), "status": "FAILED"})
+        conn.execute(text("UPDATE cells SET epoch = 4 WHERE date = :d"), {"d": dt.date(2024, 1, 2)})
+        keys = dict(conn.execute(text("SELECT status, build_key FROM cells")).all())
+    parts = ("signals", "c" * 32, "l" * 32, "i" * 32)
+    assert keys == {
+        "COMPLETED": build_key("COMPLETED", *parts, 4, 1),  # kept current by the database
+        "FAILED": build_key("FAILED", *parts, 3, 1),
+    }
+    downgrade(engine, "base")
+    engine.dispose()

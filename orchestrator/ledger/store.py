@@ -89,7 +89,8 @@ def build_key(
 
     A comparison key, not a hash: the three hashes have a fixed width, status and the epochs
     hold no ``|``, and the category comes last, so two different part tuples never give the
-    same key. ``BUILD_KEY_SQL`` computes the same string in the database.
+    same key. The database stores the same string as ``cells.build_key``
+    (``models.BUILD_KEY_EXPRESSION``).
     """
     return f"{status}|{code}{layer}{infra}|{epoch}.{scoped}|{category}"
 
@@ -140,22 +141,10 @@ class LedgerCell(NamedTuple):
         return json.loads(self.root_json)
 
 
-BUILD_KEY_SQL = (
-    CELLS.c.status.concat("|")
-    .concat(CELLS.c.code_hash)
-    .concat(CELLS.c.layer_hash)
-    .concat(CELLS.c.infra_hash)
-    .concat("|")
-    .concat(cast(CELLS.c.epoch, String))
-    .concat(".")
-    .concat(cast(CELLS.c.scoped_epoch, String))
-    .concat("|")
-    .concat(CELLS.c.category)
-)
 _SLIM_COLUMNS = (
     CELLS.c.calculation,
     CELLS.c.date,
-    BUILD_KEY_SQL,
+    CELLS.c.build_key,
     CELLS.c.inputs_digest,
     CELLS.c.result_hash,
 )
