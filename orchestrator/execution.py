@@ -564,12 +564,6 @@ class Executor:
             shard_rows += rows
         return writes, shard_rows
 
-    def flush_if_full(self, run: _CellRun) -> None:
-        """Write the cell's buffered shards now if a flush threshold is reached (BATCH_LIMIT)."""
-        writer = run.writer
-        if len(writer._lines) >= self.flush_users or writer._size >= self.shard_bytes:
-            self.flush(run, "BATCH_LIMIT")
-
     def hand_over(self, run: _CellRun, rows: list[dict[str, Any]]) -> None:
         """In a worker: keep the cell's shards for the parent (with their raw payloads, for the
         result hash) up to ``WORKER_INLINE_BYTES``; past that, write them under the cell's
@@ -665,6 +659,7 @@ class Executor:
                 unique.append(cursor)
         drivers = unique
         no_rows: list[Row] = []
+        flush_users, shard_bytes = self.flush_users, self.shard_bytes
         lone = drivers[0] if len(drivers) == 1 else None
         walked = 0
         while True:
@@ -736,7 +731,9 @@ class Executor:
                                 run.spilled = True
                 except Exception:  # noqa: BLE001 - user code: any error is a per-user failure
                     _user_failed(run, f"user {user}: {traceback.format_exc()}")
-                self.flush_if_full(run)
+                writer = run.writer  # a flush threshold reached (checked per user and cell)
+                if len(writer._lines) >= flush_users or writer._size >= shard_bytes:
+                    self.flush(run, "BATCH_LIMIT")
             self.summary.users_processed += 1
             for cursor in drivers:
                 if cursor.key == user:

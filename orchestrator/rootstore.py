@@ -39,6 +39,7 @@ from orchestrator.rootdata import DateEntry, Row, files_of, read_error_types
 
 STORE_FORMAT = 1
 CHUNK_ROWS = 50_000  # rows parsed and typed at a time while importing
+STREAM_BATCH = 2_000  # rows fetched (and their JSON texts decoded) at a time while streaming
 
 
 def store_path(folder: Path, name: str, digest: str) -> Path:
@@ -473,11 +474,26 @@ class StoredDataset:
         return self._conn
 
     def _row(self, file_id: int, text: str) -> Row:
-        fast, header, converters = self._files[file_id]
-        fields = _split(text, fast)
+        return self._typed(file_id, _split(text, self._files[file_id][0]))
+
+    def _typed(self, file_id: int, fields: list[str]) -> Row:
+        _, header, converters = self._files[file_id]
         if len(fields) != len(header):
             fields = (fields + [""] * len(header))[: len(header)]
         return {h: conv(v) for h, conv, v in zip(header, converters, fields)}
+
+    def _batches(self, cursor: sqlite3.Cursor) -> Iterator[list[tuple[str, int, list[str], int]]]:
+        """Rows of ``cursor`` (user, file, line, text, bad) as (user, file, fields, bad), a
+        batch at a time: the texts of quoted files (JSON arrays) are decoded with one
+        ``json.loads`` per batch, several times faster than one per row."""
+        slow = {f for f, (fast, _, _) in self._files.items() if not fast}
+        while batch := cursor.fetchmany(STREAM_BATCH):
+            quoted = [text for _, f, _, text, _ in batch if f in slow]
+            decoded = iter(json.loads("[" + ",".join(quoted) + "]") if quoted else ())
+            yield [
+                (user, f, next(decoded) if f in slow else text.split(","), bad)
+                for user, f, _, text, bad in batch
+            ]
 
     def stream(
         self, date: dt.date, lo: str | None = None, hi: str | None = None
@@ -498,15 +514,16 @@ class StoredDataset:
         current: str | None = None
         rows: list[Row] = []
         bad = False
-        for user, file_id, _line, text, is_bad in conn.execute(query, args):
-            if user != current:
-                if current is not None:
-                    yield current, (rows, self._bad(date, current) if bad else [])
-                current, rows, bad = user, [], False
-            if is_bad:
-                bad = True
-            else:
-                rows.append(self._row(file_id, text))
+        for batch in self._batches(conn.execute(query, args)):
+            for user, file_id, fields, is_bad in batch:
+                if user != current:
+                    if current is not None:
+                        yield current, (rows, self._bad(date, current) if bad else [])
+                    current, rows, bad = user, [], False
+                if is_bad:
+                    bad = True
+                else:
+                    rows.append(self._typed(file_id, fields))
         if current is not None:
             yield current, (rows, self._bad(date, current) if bad else [])
 
