@@ -1,18 +1,20 @@
-"""Local worker processes for standard cells: the users of a pass, partitioned by a stable hash.
+"""Local worker processes for standard cells: the users of a pass, split into ranges.
 
 Standard calculations are independent per user, and a historical one only needs the same
 user's previous result. So each worker owns a fixed, contiguous range of user ids
 (``Partition``, stable for the whole run): it walks its users through every standard cell of a
 pass, keeps its users' results for the next passes and dates, and returns its shards (cut and
-compressed) with their raw payloads. The ranges ascend, so the parent only concatenates: the
-result hash is exactly a serial run's, and shards differ only in where they are cut. The parent
-then decides, validates and publishes as usual. Meta cells and all database writes stay in the
-parent.
+compressed) with their raw payloads — or, past ``WORKER_INLINE_BYTES`` of a cell, writes them
+itself under the cell's generation, in its own range of shard numbers, still unpublished. The
+ranges ascend, so the parent only concatenates: the result hash is exactly a serial run's, and
+shards differ only in where they are cut. The parent then decides, validates and publishes as
+usual. Meta cells and publishing stay in the parent.
 
-Workers are forked after the root data is parsed (copy-on-write: no re-read, no pickling of
-the rows) and before any result is cached, so they start from the parent's exact state. A
-worker reads published results it has not computed itself (meta results, earlier runs) from
-the ledger with its own connections.
+Workers are forked after the root data is opened — a dataset held in memory is shared
+copy-on-write (no re-read, no pickling of the rows); a root store is read through the worker's
+own connection, only its range — and before any result is cached, so they start from the
+parent's exact state. A worker reads published results it has not computed itself (meta
+results, earlier runs) from the ledger with its own connections.
 """
 
 from __future__ import annotations

@@ -5,7 +5,9 @@ user column. ``FileSource.digest()`` hashes the raw bytes (cheap: no parsing), s
 source reuses the stored root index and is never parsed by a run that executes nothing.
 ``FileSource.load()`` parses everything once into a ``Dataset``: rows grouped by date and user,
 and per date a row count and a content hash (xxh3-128 over the date's rows, each as the JSON of
-its raw field values, sorted — so the file's row order does not matter).
+its raw field values, sorted — so the file's row order does not matter). A source too big to
+hold, or read without history windows, is streamed from its root store instead
+(``rootstore.py``: the same rows and hashes); both serve ``RootData``.
 
 Parsing rules (documented for calculation authors):
 * numeric columns become ``int`` (all values integral) or ``float``; empty fields become ``None``;
