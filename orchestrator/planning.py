@@ -151,6 +151,16 @@ class CellInputs(NamedTuple):
     digest: str
 
 
+class RootSummary(NamedTuple):
+    """A dataset's available dates as the plan saw them, and its completeness marker's date
+    (None: no marker; ``date.min``: no marker file yet)."""
+
+    dates: int
+    first: dt.date | None
+    last: dt.date | None
+    complete_through: dt.date | None
+
+
 @dataclass(frozen=True, slots=True)
 class Plan:
     """A frozen plan: every cell's decision, in execution order (pass, then date).
@@ -163,6 +173,7 @@ class Plan:
             ascending within a date).
         needs_full: calculations with cells a slim snapshot could not decide; when not empty
             the plan is provisional (see ``plan_with``).
+        root: dataset -> ``RootSummary`` of its available dates (for the report).
     """
 
     target_date: dt.date
@@ -170,6 +181,7 @@ class Plan:
     decisions: Mapping[CellKey, Decision]
     order: tuple[CellKey, ...]
     needs_full: frozenset[str] = frozenset()
+    root: Mapping[str, RootSummary] = field(default_factory=dict)
 
     def counts(self) -> dict[str, int]:
         c = Counter(d.status.value for d in self.decisions.values())
@@ -822,6 +834,15 @@ def _make_plan(request: PlanRequest) -> Plan:
         decisions=decisions,
         order=tuple(order),
         needs_full=frozenset(needs_full),
+        root={
+            name: RootSummary(
+                len(available),
+                min(available, default=None),
+                max(available, default=None),
+                request.complete.get(name),
+            )
+            for name, available in sorted(request.root.items())
+        },
     )
 
 

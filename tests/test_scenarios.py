@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import datetime as dt
 import itertools
+import json
 from collections import Counter
 
 import pytest
@@ -18,6 +19,7 @@ import pytest
 from orchestrator.app import bump_epoch
 from orchestrator.errors import RootDataError
 from orchestrator.planning import Reason, Status
+from orchestrator.reporting import render
 from tests.conftest import Project, price_rows, weekdays
 
 DATES = weekdays(dt.date(2024, 1, 1), 12)
@@ -253,6 +255,17 @@ def test_dates_after_the_completeness_marker_are_held_back(project: Project) -> 
     p = plan(project)
     assert p.decisions[("rsi", TARGET)].reason is Reason.UPSTREAM
     assert f"complete through {DATES[-2]} by its marker" in p.decisions[("rsi", TARGET)].detail
+    # The report says what is held back, in every format.
+    for fmt in ("text", "markdown", "html"):
+        assert f"complete through {DATES[-2]} by its marker" in render(p, fmt)
+    root = json.loads(render(p, "json"))["root"]["prices"]
+    assert root == {
+        "dates": len(DATES) - 1,
+        "first": DATES[0].isoformat(),
+        "last": DATES[-2].isoformat(),
+        "complete_through": DATES[-2].isoformat(),
+        "marker": True,
+    }
 
     marker.write_text(f"{TARGET}\n")  # the day is whole: only it runs
     summary = run(project)

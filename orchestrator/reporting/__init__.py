@@ -16,7 +16,7 @@ from typing import Any
 
 import jinja2
 
-from orchestrator.planning import Decision, Plan, Status, decision_json
+from orchestrator.planning import Decision, Plan, RootSummary, Status, decision_json
 
 _env = jinja2.Environment(
     loader=jinja2.PackageLoader("orchestrator.reporting", "templates"),
@@ -96,7 +96,17 @@ def _context(plan: Plan) -> dict[str, Any]:
         "spans": spans(plan, (Status.RUNNABLE, Status.BLOCKED, Status.IMPOSSIBLE)),
         "first": plan.dates[0] if plan.dates else None,
         "last": plan.dates[-1] if plan.dates else None,
+        "root": [(name, summary, _marker(summary)) for name, summary in plan.root.items()],
     }
+
+
+def _marker(summary: RootSummary) -> str:
+    through = summary.complete_through
+    if through is None:
+        return ""
+    if through == dt.date.min:
+        return "no completeness marker yet: every date held back"
+    return f"complete through {through} by its marker"
 
 
 def render(plan: Plan, fmt: str) -> str:
@@ -106,6 +116,20 @@ def render(plan: Plan, fmt: str) -> str:
             {
                 "target_date": plan.target_date.isoformat(),
                 "counts": plan.counts(),
+                "root": {
+                    name: {
+                        "dates": r.dates,
+                        "first": r.first and r.first.isoformat(),
+                        "last": r.last and r.last.isoformat(),
+                        "complete_through": (
+                            None
+                            if r.complete_through in (None, dt.date.min)
+                            else r.complete_through.isoformat()  # type: ignore[union-attr]
+                        ),
+                        "marker": r.complete_through is not None,
+                    }
+                    for name, r in plan.root.items()
+                },
                 "cells": [decision_json(plan.decisions[k]) for k in plan.order],
             },
             indent=None,
