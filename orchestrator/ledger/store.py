@@ -33,6 +33,7 @@ from sqlalchemy import (
     delete,
     event,
     exists,
+    false,
     insert,
     or_,
     select,
@@ -296,6 +297,8 @@ def _cells_in(table: Table, cells: Iterable[tuple[str, dt.date]]) -> ColumnEleme
     by_calc: dict[str, list[dt.date]] = {}
     for calc, date in cells:
         by_calc.setdefault(calc, []).append(date)
+    if not by_calc:
+        return false()
     return or_(
         *(
             and_(table.c.calculation == calc, table.c.date.in_(dates))
