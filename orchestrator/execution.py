@@ -653,11 +653,7 @@ class Executor:
             plans.append((run, run.spec.root_data, lookups, whole, previous, run.spec.lookback))
         if keyed:
             drivers.append(_Cursor(((u, None) for u in sorted(keyed)), lo, hi))
-        unique: list[_Cursor] = []
-        for cursor in drivers:
-            if all(cursor is not c for c in unique):
-                unique.append(cursor)
-        drivers = unique
+        drivers = list({id(c): c for c in drivers}.values())  # a shared upstream drives once
         no_rows: list[Row] = []
         flush_users, shard_bytes = self.flush_users, self.shard_bytes
         lone = drivers[0] if len(drivers) == 1 else None

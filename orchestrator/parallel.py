@@ -19,7 +19,6 @@ results, earlier runs) from the ledger with its own connections.
 
 from __future__ import annotations
 
-import bisect
 import datetime as dt
 import multiprocessing
 import traceback
@@ -48,9 +47,6 @@ class Partition(NamedTuple):
         return cls(
             tuple(ordered[len(ordered) * k // count] for k in range(1, count)) if ordered else ()
         )
-
-    def owner(self, user: str) -> int:
-        return bisect.bisect_right(self.boundaries, user)
 
     def span(self, index: int) -> tuple[str | None, str | None]:
         """Worker ``index``'s users: ``lo <= user < hi`` (None: unbounded)."""

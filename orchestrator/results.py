@@ -60,10 +60,6 @@ class StoredResult:
         self.shards = shards
         self.fetch = fetch
 
-    @property
-    def users(self) -> int:
-        return sum(s.users for s in self.shards)
-
     def _decode(self, shard: Any) -> list[tuple[str, Any]]:
         return _pairs(_decompressor.decompress(self.fetch(shard)))  # type: ignore[return-value]
 
@@ -118,14 +114,6 @@ class ShardWriter:
         self._lines.append(line)
         self._users.append(user)
         self._size += len(line)
-
-    @property
-    def buffered_users(self) -> int:
-        return len(self._lines)
-
-    @property
-    def buffered_bytes(self) -> int:
-        return self._size
 
     def absorb(self, raws: list[bytes], rows: list[dict[str, Any]]) -> None:
         """Take shards another writer of the same generation already cut over the next users

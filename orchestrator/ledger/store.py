@@ -599,39 +599,39 @@ class Ledger:
     ) -> dict[tuple[str, dt.date], list[ShardInfo]]:
         """``shard_index`` of many cells, two queries per 500 cells; cells without a
         published result are absent."""
-        out: dict[tuple[str, dt.date], list[ShardInfo]] = {}
+        columns = (SHARDS.c.generation, SHARDS.c.seq, SHARDS.c.first_user, SHARDS.c.last_user)
+        rows = self._published_shards(cells, (*columns, SHARDS.c.users))
+        return {key: [ShardInfo(*row) for row in shards] for key, shards in rows.items()}
+
+    def _published_shards(
+        self, cells: Sequence[tuple[str, dt.date]], columns: Sequence[Any]
+    ) -> dict[tuple[str, dt.date], list[Sequence[Any]]]:
+        """``columns`` of the published shards of ``cells``, in order, per cell (an empty list
+        for a published cell without shards; an unpublished cell is absent)."""
+        out: dict[tuple[str, dt.date], list[Sequence[Any]]] = {}
         for chunk in _chunks(list(cells), 500):
+            query = (
+                select(SHARDS.c.calculation, SHARDS.c.date, *columns)
+                .join(
+                    CELLS,
+                    and_(
+                        CELLS.c.calculation == SHARDS.c.calculation,
+                        CELLS.c.date == SHARDS.c.date,
+                        CELLS.c.generation == SHARDS.c.generation,
+                    ),
+                )
+                .where(_cells_in(CELLS, chunk))
+                .order_by(SHARDS.c.calculation, SHARDS.c.date, SHARDS.c.seq)
+            )
             with self.engine.connect() as conn:
-                for calc, date, _ in conn.execute(
-                    select(CELLS.c.calculation, CELLS.c.date, CELLS.c.generation).where(
-                        _cells_in(CELLS, chunk),
-                        CELLS.c.generation.is_not(None),
+                for calc, date in conn.execute(
+                    select(CELLS.c.calculation, CELLS.c.date).where(
+                        _cells_in(CELLS, chunk), CELLS.c.generation.is_not(None)
                     )
                 ):
                     out[(calc, date)] = []
-                query = (
-                    select(
-                        SHARDS.c.calculation,
-                        SHARDS.c.date,
-                        SHARDS.c.generation,
-                        SHARDS.c.seq,
-                        SHARDS.c.first_user,
-                        SHARDS.c.last_user,
-                        SHARDS.c.users,
-                    )
-                    .join(
-                        CELLS,
-                        and_(
-                            CELLS.c.calculation == SHARDS.c.calculation,
-                            CELLS.c.date == SHARDS.c.date,
-                            CELLS.c.generation == SHARDS.c.generation,
-                        ),
-                    )
-                    .where(_cells_in(CELLS, chunk))
-                    .order_by(SHARDS.c.calculation, SHARDS.c.date, SHARDS.c.seq)
-                )
-                for calc, date, *info in conn.execute(query):
-                    out[(calc, date)].append(ShardInfo(*info))
+                for calc, date, *row in conn.execute(query):
+                    out[(calc, date)].append(row)
         return out
 
     def shard_data(self, calculation: str, date: dt.date, shard: ShardInfo) -> bytes:
@@ -687,37 +687,9 @@ class Ledger:
     def shard_payloads_many(
         self, cells: Sequence[tuple[str, dt.date]]
     ) -> dict[tuple[str, dt.date], list[bytes]]:
-        """Published shards of many cells in one query per 500 cells."""
-        out: dict[tuple[str, dt.date], list[bytes]] = {}
-        for chunk in _chunks(list(cells), 500):
-            query = (
-                select(SHARDS.c.calculation, SHARDS.c.date, SHARDS.c.data)
-                .join(
-                    CELLS,
-                    and_(
-                        CELLS.c.calculation == SHARDS.c.calculation,
-                        CELLS.c.date == SHARDS.c.date,
-                        CELLS.c.generation == SHARDS.c.generation,
-                    ),
-                )
-                .where(_cells_in(CELLS, chunk))
-                .order_by(SHARDS.c.calculation, SHARDS.c.date, SHARDS.c.seq)
-            )
-            with self.engine.connect() as conn:
-                published = {
-                    (r[0], r[1])
-                    for r in conn.execute(
-                        select(CELLS.c.calculation, CELLS.c.date).where(
-                            _cells_in(CELLS, chunk),
-                            CELLS.c.generation.is_not(None),
-                        )
-                    )
-                }
-                for key in published:
-                    out[key] = []
-                for calc, date, data in conn.execute(query):
-                    out[(calc, date)].append(data)
-        return out
+        """Published shards of many cells, two queries per 500 cells."""
+        rows = self._published_shards(cells, (SHARDS.c.data,))
+        return {key: [row[0] for row in shards] for key, shards in rows.items()}
 
     # --- code-version registry and epoch bumps --------------------------------------------
 
