@@ -61,6 +61,11 @@ class Config:
             this many MiB uncompressed is parsed into memory (about 20 times its size) for
             speed; every other dataset is streamed from its root store, so memory does not
             grow with the number of users. 0: always stream.
+        cosmetic_verdict: how a code change may be judged cosmetic (skipped, not re-run):
+            "proof" (default) only when the normalised AST is equal up to a consistent
+            renaming of local variables; "simulation" also accepts an equal simulation hash
+            (a heuristic, opt-in; see ``simulation.py``). A calculation's own
+            ``cosmetic_verdict`` attribute wins over this.
     """
 
     path: Path
@@ -79,6 +84,10 @@ class Config:
     packages: tuple[str, ...] | None = None
     work_dir: Path = Path(".orchestrator")
     root_memory_mb: int = 64
+    cosmetic_verdict: str = "proof"
+
+
+COSMETIC_VERDICTS = ("proof", "simulation")
 
 
 def _resolve_db_url(url: str, base: Path) -> str:
@@ -195,6 +204,11 @@ def load_config(path: str | os.PathLike[str] | None = None, db_url: str | None =
     if root_memory_mb < 0:
         raise ConfigError(f"{cfg_path}: root_memory_mb must be >= 0, found {root_memory_mb}")
     work_dir = base / need("work_dir", raw.get("work_dir", ".orchestrator"), str)
+    verdict = need("cosmetic_verdict", raw.get("cosmetic_verdict", "proof"), str)
+    if verdict not in COSMETIC_VERDICTS:
+        raise ConfigError(
+            f"{cfg_path}: cosmetic_verdict must be 'proof' or 'simulation', found {verdict!r}"
+        )
     return Config(
         path=cfg_path,
         database_url=url,
@@ -212,4 +226,5 @@ def load_config(path: str | os.PathLike[str] | None = None, db_url: str | None =
         packages=tuple(packages) if packages is not None else None,
         work_dir=work_dir.resolve(),
         root_memory_mb=root_memory_mb,
+        cosmetic_verdict=verdict,
     )
