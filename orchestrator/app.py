@@ -27,6 +27,7 @@ from orchestrator.errors import ConfigError, DefinitionError
 from orchestrator.execution import Executor, RunSummary
 from orchestrator.fingerprint import infra_hash
 from orchestrator.ledger.store import Ledger, LedgerCell, Snapshot, lock_holder
+from orchestrator.lineage import Lineage
 from orchestrator.manifest import CalcSpec, Manifest, discover
 from orchestrator.planning import (
     Decider,
@@ -34,6 +35,7 @@ from orchestrator.planning import (
     MoreObservation,
     Plan,
     PlanRequest,
+    Verdict,
     plan_with,
     provenance,
 )
@@ -230,37 +232,48 @@ class Orchestrator:
             self._sims.update(simulate(self.manifest, missing, schemas))
         return {n: self._sims[n] for n in names}
 
+    def verdict_rule(self, name: str) -> str:
+        """How a code change of ``name`` may be judged cosmetic: its ``cosmetic_verdict``
+        attribute, else the config's (default "proof")."""
+        return self.manifest.calcs[name].cosmetic_verdict or self.config.cosmetic_verdict
+
     def cosmetic_verdicts(
         self, stale: Mapping[str, set[str]], registry: Mapping[tuple[str, str], Any]
-    ) -> dict[tuple[str, str], str]:
+    ) -> dict[tuple[str, str], Verdict]:
         """For calculations whose stored cells were built by other code (``stale``: name ->
-        old code hashes): (name, old hash) -> "" when the change is proven cosmetic (same
-        simulation hash, every new statement executed by the simulation), else why not."""
+        old code hashes): (name, old hash) -> whether the change is cosmetic, by which rule.
+
+        "proof" (the default) calls a change cosmetic only when the old and new code are
+        equal up to a consistent renaming of local variables (``equivalence.py``); it runs no
+        user code. "simulation" (opt-in, a heuristic) also accepts an equal simulation hash
+        when every new statement ran in the simulation and no literal, operator, comparison
+        or called name changed.
+        """
         stale = {n: hs for n, hs in stale.items() if hs}
-        simulable = {n for n in stale if self.manifest.calcs[n].simulate}
-        sims = self.simulations(simulable) if simulable else {}
-        verdicts: dict[tuple[str, str], str] = {}
-        for name, hashes in stale.items():
+        before = {
+            (name, old): registry.get(("code", old)) or {}
+            for name, hashes in stale.items()
+            for old in hashes
+        }
+        # Simulate only where the heuristic is opted in and could still say "cosmetic": the
+        # proof failed and no literal, operator, comparison or called name changed.
+        simulating = {
+            name
+            for (name, _), parts in before.items()
+            if self.verdict_rule(name) == "simulation"
+            and (lineage := self.manifest.calcs[name].lineage) is not None
+            and parts.get("__proof__") != lineage.proof_hash
+            and parts.get("__tokens__") == lineage.tokens_hash
+        }
+        sims = self.simulations(simulating) if simulating else {}
+        verdicts: dict[tuple[str, str], Verdict] = {}
+        for (name, old), parts in before.items():
             spec = self.manifest.calcs[name]
-            for old in hashes:
-                before = registry.get(("code", old))
-                if not spec.simulate:
-                    verdicts[(name, old)] = "simulation disabled for this calculation"
-                elif before is None or not before.get("__sim__"):
-                    verdicts[(name, old)] = "the old version was never simulated"
-                elif before["__sim__"] != sims[name].sim_hash:
-                    verdicts[(name, old)] = "its simulated behaviour changed"
-                else:
-                    now = spec.lineage.digests()["code"] if spec.lineage else {}
-                    changed = {k for k in now if before.get(k) != now[k]}
-                    unverified = unverified_changes(
-                        spec, changed, sims[name].lines, before.get("__stmts__") or {}
-                    )
-                    verdicts[(name, old)] = (
-                        f"unverified by simulation: {', '.join(unverified)} not executed"
-                        if unverified
-                        else ""
-                    )
+            verdicts[(name, old)] = (
+                Verdict(False, "proof", "the old code was never registered")
+                if spec.lineage is None or not parts
+                else _verdict(spec, spec.lineage, parts, self.verdict_rule(name), sims.get(name))
+            )
         return verdicts
 
     def observe(self, now: dt.datetime) -> Observation:
@@ -313,7 +326,7 @@ class Orchestrator:
         with the simulation hash of each new code version."""
         known = self.ledger.load_versions(("code", s.code_hash) for s in manifest.calcs.values())
         new = {n for n, s in manifest.calcs.items() if ("code", s.code_hash) not in known}
-        simulable = {n for n in new if manifest.calcs[n].simulate}
+        simulable = {n for n in new if self.verdict_rule(n) == "simulation"}
         sims = {
             manifest.calcs[n].code_hash: sim.sim_hash
             for n, sim in (self.simulations(simulable) if simulable else {}).items()
@@ -446,7 +459,7 @@ class Orchestrator:
                         "failed those users (see `orchestrator runs --run ID`)"
                     )
             for (name, old), verdict in request.cosmetic.items():
-                if verdict == "" and name in manifest.calcs:  # proven equivalent: re-stamp
+                if verdict.cosmetic and name in manifest.calcs:  # equivalent: re-stamp
                     ledger.restamp_code(name, old, manifest.calcs[name].code_hash)
             ledger.finish_run(
                 run_id,
@@ -555,6 +568,45 @@ class Orchestrator:
             new = old + 1
         self.ledger.record_epoch_bump(calculation, new, reason, now)
         return old, new
+
+
+def _verdict(
+    spec: CalcSpec,
+    lineage: Lineage,
+    before: Mapping[str, Any],
+    rule: str,
+    sim: Simulation | None,
+) -> Verdict:
+    """The verdict on one code change of ``spec`` from registered version ``before`` under
+    ``rule``; ``sim`` is the current code's simulation, when one was run."""
+    if before.get("__proof__") == lineage.proof_hash:
+        return Verdict(True, "proof", "proven equivalent: equal up to renamed local variables")
+    if rule != "simulation":
+        return Verdict(
+            False,
+            "proof",
+            "not proven equivalent"
+            if before.get("__proof__")
+            else "not proven equivalent: the old code was registered before proofs",
+        )
+    if before.get("__tokens__") != lineage.tokens_hash:
+        return Verdict(
+            False, "simulation", "a literal, operator, comparison or called name changed"
+        )
+    if not before.get("__sim__") or sim is None:
+        return Verdict(False, "simulation", "the old version was never simulated")
+    if before["__sim__"] != sim.sim_hash:
+        return Verdict(False, "simulation", "its simulated behaviour changed")
+    now = lineage.digests()["code"]
+    changed = {k for k in now if before.get(k) != now[k]}
+    unverified = unverified_changes(spec, changed, sim.lines, before.get("__stmts__") or {})
+    if unverified:
+        return Verdict(
+            False,
+            "simulation",
+            f"unverified by simulation: {', '.join(unverified)} not executed",
+        )
+    return Verdict(True, "simulation", "same simulated behaviour (heuristic)")
 
 
 def declared_packages(spec: CalcSpec, names: Iterable[str]) -> CalcSpec:

@@ -25,8 +25,14 @@ Metadata (all optional except ``process``):
                    validation before publishing (see ``validation.py``): NaN/Inf rejected,
                    a field null for more than 50 % of users rejected unless ``nullable``, a
                    float field constant across 50+ users rejected unless ``flatline_ok``
-``simulate``       run on the fabricated world when the code changes, so a proven-cosmetic
-                   change is skipped (default True; False: every code change re-runs)
+``cosmetic_verdict`` how a code change may be judged cosmetic (skipped, not re-run):
+                   ``"proof"`` — only when the code is equal up to renamed local variables,
+                   proven from the AST without running anything (``equivalence.py``);
+                   ``"simulation"`` — also when the simulation on a fabricated world gives
+                   the same outputs, every new statement ran there, and no literal,
+                   operator, comparison or called name changed: a heuristic, opt-in, as a
+                   simulation can show that behaviour changed but never that it did not.
+                   Default ``None``: the config's ``cosmetic_verdict`` ("proof").
 """
 
 from __future__ import annotations
@@ -53,7 +59,7 @@ class Calculation:
     product_lines: ClassVar[Sequence[str]] = ()
     max_failure_rate: ClassVar[float] = 0.10
     breaker_min_users: ClassVar[int] = 100
-    simulate: ClassVar[bool] = True
+    cosmetic_verdict: ClassVar[str | None] = None
     allow_nan: ClassVar[bool] = False
     max_null_fraction: ClassVar[float | None] = 0.5
     nullable: ClassVar[Sequence[str]] = ()

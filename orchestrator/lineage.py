@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from functools import cache
 from typing import Any
 
+from orchestrator.equivalence import ProofForm, proof_form
 from orchestrator.fingerprint import digest, infra_parts, normalise
 
 _BUILTINS = frozenset(dir(builtins))
@@ -45,7 +46,7 @@ PLACEMENT_ATTRIBUTES = frozenset(
         "nullable",
         "flatline_min_users",
         "flatline_ok",
-        "simulate",
+        "cosmetic_verdict",
     }
 )
 
@@ -62,6 +63,8 @@ class Lineage:
         packages: distribution name -> installed version, for non-stdlib imports.
         statements: code function name -> digests of every statement inside it (nested
             ones too), so a simulation can check that each new statement executed.
+        proof: code definition name -> its proof form (``equivalence.proof_form``): equal
+            forms prove a code change cosmetic.
     """
 
     def digests(self) -> dict[str, dict[str, str]]:
@@ -77,7 +80,12 @@ class Lineage:
         digests of each function under ``"__stmts__"``."""
         digests = self.digests()
         return {
-            "code": {**digests["code"], "__stmts__": self.statements},
+            "code": {
+                **digests["code"],
+                "__stmts__": self.statements,
+                "__proof__": self.proof_hash,
+                "__tokens__": self.tokens_hash,
+            },
             "layer": digests["layer"],
         }
 
@@ -85,10 +93,23 @@ class Lineage:
     layers: dict[str, str] = field(default_factory=dict)
     packages: dict[str, str] = field(default_factory=dict)
     statements: dict[str, list[str]] = field(default_factory=dict)
+    proof: dict[str, ProofForm] = field(default_factory=dict)
 
     @property
     def code_hash(self) -> str:
         return digest("code", self.code)
+
+    @property
+    def proof_hash(self) -> str:
+        """Equal for two code versions iff they are proven equivalent (same definitions,
+        each equal up to a consistent renaming of local variables)."""
+        return digest("code-proof", {k: v.text for k, v in self.proof.items()})
+
+    @property
+    def tokens_hash(self) -> str:
+        """Of every literal, operator, comparison and called name of the code (a multiset):
+        the simulation heuristic never calls a change cosmetic when it differs."""
+        return digest("code-tokens", sorted(t for v in self.proof.values() for t in v.tokens))
 
     @property
     def layer_hash(self) -> str:
@@ -233,11 +254,13 @@ def trace(cls: type, local_prefix: str | None = None) -> Lineage:
                 and not (isinstance(s, ast.Expr) and isinstance(s.value, ast.Constant))
             ]
             node.body = [ast.Pass()]
+            lineage.proof[cls.__qualname__] = proof_form(node)
             lineage.code[cls.__qualname__] = normalise(node)
             for member in members:
                 key = f"{cls.__qualname__}.{_member_name(member)}"
                 if isinstance(member, (ast.FunctionDef, ast.AsyncFunctionDef)):
                     lineage.statements[key] = [d for d, _ in statement_digests(member)]
+                lineage.proof[key] = proof_form(member)
                 lineage.code[key] = normalise(member)
             node.body = members or [ast.Pass()]
 
@@ -270,8 +293,10 @@ def trace(cls: type, local_prefix: str | None = None) -> Lineage:
             pending.append((module, head))
             continue
         key = head if module == home else f"{_relative(module, prefix)}:{head}"
-        if module == home and isinstance(stmt, (ast.FunctionDef, ast.AsyncFunctionDef)):
-            lineage.statements[key] = [d for d, _ in statement_digests(stmt)]
+        if module == home:
+            if isinstance(stmt, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                lineage.statements[key] = [d for d, _ in statement_digests(stmt)]
+            lineage.proof[key] = proof_form(stmt)
         (lineage.code if module == home else lineage.layers)[key] = normalise(stmt)
         enqueue(module, stmt)
     return lineage

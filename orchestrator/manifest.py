@@ -52,7 +52,7 @@ class CalcSpec:
     code_hash: str
     cls: type[Calculation] = field(compare=False, repr=False)
     layer_hash: str = EMPTY_LAYER
-    simulate: bool = True
+    cosmetic_verdict: str | None = None  # "proof" | "simulation"; None: the config's
     rules: Rules = field(default_factory=Rules)
     breaker_min_users: int = 100
     infra_hash: str = field(default_factory=infra_hash)
@@ -89,6 +89,17 @@ class CalcSpec:
             raise ManifestError(
                 f"{where}: 'earliest_date' must be 'YYYY-MM-DD', found {earliest!r}"
             ) from e
+        if hasattr(calc, "simulate"):
+            raise ManifestError(
+                f"{where}: 'simulate' is no longer an attribute; a code change is cosmetic only "
+                "when proven (cosmetic_verdict = 'proof', the default), or opt in to the "
+                "simulation heuristic with cosmetic_verdict = 'simulation'"
+            )
+        verdict = calc.cosmetic_verdict
+        if verdict not in (None, "proof", "simulation"):
+            raise ManifestError(
+                f"{where}: 'cosmetic_verdict' must be 'proof' or 'simulation', found {verdict!r}"
+            )
         try:
             lineage = trace(calc, local_prefix)
         except (OSError, TypeError, SyntaxError) as e:
@@ -107,7 +118,7 @@ class CalcSpec:
             code_hash=lineage.code_hash,
             cls=calc,
             layer_hash=lineage.layer_hash,
-            simulate=bool(getattr(calc, "simulate", True)),
+            cosmetic_verdict=verdict,
             breaker_min_users=int(calc.breaker_min_users),
             rules=Rules(
                 allow_nan=bool(calc.allow_nan),

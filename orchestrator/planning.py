@@ -196,6 +196,22 @@ class Plan:
         ]
 
 
+class Verdict(NamedTuple):
+    """The verdict on a code change: is it cosmetic (recorded, not re-run)?
+
+    Attributes:
+        cosmetic: True only when the rule proved (or, for the opt-in heuristic, judged) the
+            old and new code to behave the same.
+        rule: "proof" (normalised AST equal up to renamed locals; ``equivalence.py``) or
+            "simulation" (the opt-in heuristic of ``simulation.py``).
+        detail: why, in words, shown in the plan.
+    """
+
+    cosmetic: bool
+    rule: str
+    detail: str
+
+
 @dataclass(frozen=True, slots=True)
 class PlanRequest:
     """Everything the planner needs, all observed beforehand.
@@ -212,8 +228,9 @@ class PlanRequest:
         scoped_epochs: calculation -> (its scoped epoch, reason of the last bump).
         epoch_reasons: global epoch -> reason it was bumped to.
         registry: (kind, hash) -> registered parts, to name what changed since a stored hash.
-        cosmetic: (calculation, stored code hash) -> "" if the change to the current code is
-            proven cosmetic by simulation, else why not (see ``App.cosmetic_verdicts``).
+        cosmetic: (calculation, stored code hash) -> the verdict on the change from that
+            code to the current code: cosmetic or not, by which rule, and why (see
+            ``App.cosmetic_verdicts``). A code change without a verdict is CODE_CHANGED.
         live_runs: ids of runs alive now; a RUNNING cell of any other run is a zombie.
         complete: dataset -> its last complete date by its completeness marker (``date.min``:
             none yet); later dates are absent from ``root`` and NO_DATA says why.
@@ -230,7 +247,7 @@ class PlanRequest:
     scoped_epochs: Mapping[str, tuple[int, str]] = field(default_factory=dict)
     epoch_reasons: Mapping[int, str] = field(default_factory=dict)
     registry: Mapping[tuple[str, str], Mapping[str, Any]] = field(default_factory=dict)
-    cosmetic: Mapping[tuple[str, str], str] = field(default_factory=dict)
+    cosmetic: Mapping[tuple[str, str], Verdict] = field(default_factory=dict)
     live_runs: frozenset[str] = frozenset()
     complete: Mapping[str, dt.date] = field(default_factory=dict)
 
@@ -502,10 +519,10 @@ class Decider:
 
     def _cosmetic(self, spec: CalcSpec, stored: LedgerCell) -> bool:
         """The stored cell's code differs from the current code only cosmetically."""
-        return (
-            stored.code_hash != spec.code_hash
-            and self.request.cosmetic.get((spec.name, stored.code_hash)) == ""
-        )
+        if stored.code_hash == spec.code_hash:
+            return False
+        verdict = self.request.cosmetic.get((spec.name, stored.code_hash))
+        return verdict is not None and verdict.cosmetic
 
     def _forced(self, name: str, date: dt.date) -> bool:
         req = self.request
@@ -576,16 +593,14 @@ class Decider:
                 published,
             )
         if current.digest == stored.inputs_digest and self._cosmetic(spec, stored):
+            verdict = self.request.cosmetic[(spec.name, stored.code_hash)]
+            what = _definitions_change(
+                self.request.registry.get(("code", stored.code_hash)), spec, "code"
+            )
             return Decision(
                 *key,
                 Reason.COSMETIC_CHANGE,
-                "same simulated behaviour: "
-                + (
-                    _definitions_change(
-                        self.request.registry.get(("code", stored.code_hash)), spec, "code"
-                    )
-                    or "code edited"
-                ),
+                f"{verdict.rule}: {verdict.detail}: {what or 'code edited'}",
                 published,
             )
         if current.digest == stored.inputs_digest:
@@ -640,7 +655,9 @@ class Decider:
                 f"code {stored.code_hash[:8]} -> {spec.code_hash[:8]}"
             )
             verdict = req.cosmetic.get((spec.name, stored.code_hash))
-            return Reason.CODE_CHANGED, what + (f" ({verdict})" if verdict else "")
+            return Reason.CODE_CHANGED, what + (
+                f" ({verdict.rule}: {verdict.detail})" if verdict else ""
+            )
         if stored.layer_hash != spec.layer_hash:
             before = req.registry.get(("layer", stored.layer_hash))
             return Reason.LAYER_CHANGED, _definitions_change(before, spec, "layer") or (
@@ -854,7 +871,7 @@ class MoreObservation(NamedTuple):
 
     rows: Snapshot  # their full ledger rows
     registry: Registry  # registered versions of the hashes those rows were built with
-    cosmetic: Mapping[tuple[str, str], str]  # simulation verdicts for their code changes
+    cosmetic: Mapping[tuple[str, str], Verdict]  # verdicts on their code changes
 
 
 def plan_with(

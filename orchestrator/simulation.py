@@ -1,4 +1,11 @@
-"""The simulation hash: what a calculation *does* on a fixed, fabricated world.
+"""The simulation hash: what a calculation *does* on a fixed, fabricated world — an opt-in
+heuristic (``cosmetic_verdict = "simulation"``), never the default.
+
+A simulation can show that behaviour changed; it can never prove that it did not (a changed
+money threshold behaves the same on every fabricated value that misses both thresholds). The
+default verdict is the proof of ``equivalence.py``, which runs no user code. With the opt-in,
+a change the proof rejects is still never cosmetic when a literal, operator, comparison or
+called name changed (``Lineage.tokens_hash``); only then is the simulation consulted.
 
 When a calculation's code hash changes, the question is whether its behaviour changed. The
 fabricator builds deterministic contexts for it — seeded by the calculation's name — from the

@@ -184,6 +184,12 @@ def test_a_constant_a_helper_reads_is_not_cosmetic(built: Project, exec_log) -> 
     assert executed(exec_log) == {"level": 6, "board": 6}  # new means: the board changes too
 
 
+def simulated_lines(log: Path) -> int:
+    """Lines the simulation's fabricated dates left in the log (user code it ran)."""
+    simulated = {d.isoformat() for d in SIM_DATES}
+    return sum(1 for line in log.read_text().splitlines() if line.split(",")[1] in simulated)
+
+
 def test_code_change_names_the_changed_member(built: Project, exec_log) -> None:
     write(
         built,
@@ -194,31 +200,119 @@ def test_code_change_names_the_changed_member(built: Project, exec_log) -> None:
     p = plan(built)
     assert p.decisions[("level", TARGET)].reason is Reason.CODE_CHANGED
     assert p.decisions[("level", TARGET)].detail == (
-        "changed Level.process (its simulated behaviour changed)"
+        "changed Level.process (proof: not proven equivalent)"
     )
 
 
-def test_scenario_b_local_variable_rename_is_cosmetic(built: Project, exec_log) -> None:
-    # Seed 004 §5 B: a renamed variable changes the code hash, not the simulation hash.
+def test_scenario_b_local_variable_rename_is_proven_cosmetic(built: Project, exec_log) -> None:
+    # Seed 004 §5 B: a renamed variable changes the code hash; the proof (AST equal up to a
+    # consistent renaming of locals) shows it changes nothing, without running any code.
     write(
         built,
         calcs=CALCS.replace("closes = [r", "prices = [r").replace("mean(closes)", "mean(prices)"),
     )
     p = plan(built)
     assert {p.decisions[("level", d)].reason for d in DATES} == {Reason.COSMETIC_CHANGE}
-    assert (
-        p.decisions[("level", TARGET)].detail == "same simulated behaviour: changed Level.process"
+    assert p.decisions[("level", TARGET)].detail == (
+        "proof: proven equivalent: equal up to renamed local variables: changed Level.process"
     )
     assert p.counts()["RUNNABLE"] == 0 and p.counts()["BLOCKED"] == 0
+    assert simulated_lines(exec_log) == 0  # the plan ran no user code
     run(built)
     assert executed(exec_log) == {}
     # The equivalence is recorded: the cells now carry the new code hash, the plan is fast.
     assert {d.reason for d in plan(built).decisions.values()} == {Reason.UP_TO_DATE}
 
 
+def test_renaming_a_parameter_is_not_cosmetic(built: Project, exec_log) -> None:
+    # A caller may pass a parameter by keyword: its name is part of the interface.
+    write(
+        built,
+        calcs=CALCS.replace(
+            "def process(self, ctx):\n        _log(self.name, ctx)\n        closes",
+            "def process(self, c):\n        _log(self.name, c)\n        closes",
+        ).replace(
+            'for r in ctx.history["prices"]]\n        return {{"mean"',
+            'for r in c.history["prices"]]\n        return {{"mean"',
+        ),
+    )
+    p = plan(built)
+    assert p.decisions[("level", TARGET)].reason is Reason.CODE_CHANGED
+
+
+THRESHOLD = CALCS.replace(
+    'return {{"mean": mean(closes)}}',
+    'return {{"mean": mean(closes), "big": mean(closes) > 100000}}',
+)
+
+
+def test_a_changed_threshold_is_never_cosmetic(built: Project, exec_log) -> None:
+    # The fabricated world never has a mean between 100000 and 150000, so the simulation hash
+    # stays equal; the proof still sees a changed literal: CODE_CHANGED under either rule.
+    write(built, calcs=THRESHOLD)
+    run(built)
+    executed(exec_log)
+    write(built, calcs=THRESHOLD.replace("> 100000", "> 150000"))
+    p = plan(built)
+    assert {p.decisions[("level", d)].reason for d in DATES} == {Reason.CODE_CHANGED}
+    assert "proof: not proven equivalent" in p.decisions[("level", TARGET)].detail
+    assert simulated_lines(exec_log) == 0
+
+
+@pytest.mark.parametrize("where", ["config", "class"])
+def test_the_simulation_heuristic_is_opt_in_and_still_refuses_a_changed_literal(
+    built: Project, exec_log, where: str
+) -> None:
+    opt_in = "    lookback = 3\n    cosmetic_verdict = 'simulation'\n\n    def process(self, ctx):\n        _log(self.name, ctx)\n        closes"
+    source = THRESHOLD
+    if where == "class":
+        source = THRESHOLD.replace(
+            "    lookback = 3\n\n    def process(self, ctx):\n        _log(self.name, ctx)\n        closes",
+            opt_in,
+        )
+        assert source != THRESHOLD
+    else:
+        built.extra_config = 'cosmetic_verdict = "simulation"\n'
+    write(built, calcs=source)
+    run(built)
+    executed(exec_log)
+    # A changed literal: never cosmetic, even with the heuristic, and the plan says the rule.
+    write(built, calcs=source.replace("> 100000", "> 150000"))
+    p = plan(built)
+    assert p.decisions[("level", TARGET)].reason is Reason.CODE_CHANGED
+    assert p.decisions[("level", TARGET)].detail == (
+        "changed Level.process (simulation: a literal, operator, comparison or called name changed)"
+    )
+    assert simulated_lines(exec_log) == 0  # refused before running any user code
+
+
+def test_the_simulation_heuristic_accepts_an_equivalent_reordering(
+    built: Project, exec_log
+) -> None:
+    built.extra_config = 'cosmetic_verdict = "simulation"\n'
+    source = CALCS.replace(
+        'return {{"mean": mean(closes)}}', 'return {{"mean": mean(closes), "n": 1 + len(closes)}}'
+    )
+    write(built, calcs=source)
+    run(built)
+    executed(exec_log)
+    # Same tokens, same simulated behaviour, every new statement ran: cosmetic by heuristic.
+    write(built, calcs=source.replace("1 + len(closes)", "len(closes) + 1"))
+    p = plan(built)
+    assert simulated_lines(exec_log) > 0  # the opt-in ran user code on the fabricated world
+    assert p.decisions[("level", TARGET)].reason is Reason.COSMETIC_CHANGE
+    assert p.decisions[("level", TARGET)].detail == (
+        "simulation: same simulated behaviour (heuristic): changed Level.process"
+    )
+
+
 def test_an_unexecuted_change_is_not_called_cosmetic(built: Project, exec_log) -> None:
-    # The new branch never runs on the fabricated world (no close is ever 12345.678), so
-    # equal simulation hashes prove nothing about it.
+    # The new branch never runs on the fabricated world, so even the opt-in heuristic
+    # cannot vouch for it.
+    built.extra_config = 'cosmetic_verdict = "simulation"\n'
+    write(built)
+    run(built)
+    executed(exec_log)
     write(
         built,
         calcs=CALCS.replace(
@@ -228,27 +322,22 @@ def test_an_unexecuted_change_is_not_called_cosmetic(built: Project, exec_log) -
     )
     p = plan(built)
     assert p.decisions[("level", TARGET)].reason is Reason.CODE_CHANGED
-    assert "its simulated behaviour changed" in p.decisions[("level", TARGET)].detail or (
-        "unverified by simulation" in p.decisions[("level", TARGET)].detail
-    )
+    assert "simulation:" in p.decisions[("level", TARGET)].detail
 
 
-def test_opting_out_of_simulation_makes_every_change_a_code_change(built: Project, exec_log):
+def test_the_removed_simulate_attribute_is_refused_with_the_replacement(
+    built: Project, exec_log
+) -> None:
     source = CALCS.replace(
-        "    lookback = 3\n\n    def process(self, ctx):\n        _log(self.name, ctx)\n        closes",
-        "    lookback = 3\n    simulate = False\n\n    def process(self, ctx):\n        _log(self.name, ctx)\n        closes",
+        "    lookback = 3\n\n    def process",
+        "    lookback = 3\n    simulate = False\n\n    def process",
+        1,
     )
     assert source != CALCS
     write(built, calcs=source)
-    run(built)  # adding the opt-out is itself a code change
-    executed(exec_log)
-    write(
-        built,
-        calcs=source.replace("closes = [r", "prices = [r").replace("mean(closes)", "mean(prices)"),
-    )
-    p = plan(built)
-    assert p.decisions[("level", TARGET)].reason is Reason.CODE_CHANGED
-    assert "simulation disabled" in p.decisions[("level", TARGET)].detail
+    result = CliRunner().invoke(main, ["--config", str(built.config), "plan"])
+    assert result.exit_code == 2, result.output
+    assert "cosmetic_verdict" in result.output
 
 
 def test_scoped_epoch_forces_one_calculation_with_its_reason(built: Project, exec_log) -> None:
