@@ -7,7 +7,7 @@ runs whole ``orchestrator`` processes, each timed from outside:
 2. the same command again (every cell SKIPPED / UP_TO_DATE, nothing executed);
 3. RSI period 14 -> 15: rsi_14 re-runs, then only what depends on it and changed;
 4. a comment-only edit of the RSI class: nothing re-runs;
-4b. a local variable renamed in Rsi14.process: COSMETIC_CHANGE by simulation, nothing re-runs;
+4b. a local variable renamed in Rsi14.process: COSMETIC_CHANGE by proof (no user code runs), nothing re-runs;
 5. ``epoch bump``: the plan makes every cell RUNNABLE (EPOCH_CHANGED).
 
 Usage:
