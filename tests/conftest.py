@@ -20,7 +20,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import settings
 from sqlalchemy import create_engine, text
+
+# `pytest --hypothesis-profile=long`: a longer search, by hand (tests/test_soundness.py).
+settings.register_profile("long", max_examples=300, stateful_step_count=15, deadline=None)
 
 PG_ENV = "ORCHESTRATOR_TEST_POSTGRES_URL"
 _BACKENDS = ["sqlite"] + (["postgresql"] if os.environ.get(PG_ENV) else [])
