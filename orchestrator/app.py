@@ -456,18 +456,20 @@ class Orchestrator:
                 if dataset.bad_count:
                     summary.notes.append(
                         f"{name}: {dataset.bad_count} user-date(s) with malformed rows "
-                        "failed those users (see `orchestrator runs --run ID`)"
+                        "failed those users (see `orchestrator failures`)"
                     )
             for (name, old), verdict in request.cosmetic.items():
                 if verdict.cosmetic and name in manifest.calcs:  # equivalent: re-stamp
                     ledger.restamp_code(name, old, manifest.calcs[name].code_hash)
             ledger.finish_run(
                 run_id,
-                "FAILED" if summary.failed else "COMPLETED",
+                "COMPLETED" if summary.ok else "FAILED",  # FAILED: not complete and clean
                 summary.completed,
                 len(summary.failed),
                 summary.skipped,
                 dt.datetime.now(dt.UTC),
+                exit_code=summary.exit_code,
+                summary=summary.lines(),
             )
             return summary
         except BaseException:

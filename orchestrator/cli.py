@@ -3,8 +3,10 @@
 Exit codes:
 
 ====  =============================================================
-0     all good
-1     some cells failed (the run completed the rest)
+0     all good: every cell of the range is complete and clean
+1     not clean: a cell failed, users failed (their traceback is
+      stored: ``orchestrator failures``), a dead letter, or a cell
+      blocked by a failure upstream — one summary line per kind
 2     usage or configuration error: a one-line message, no traceback
 ====  =============================================================
 
@@ -27,6 +29,7 @@ import click
 from orchestrator.app import Orchestrator
 from orchestrator.errors import OrchestratorError
 from orchestrator.planning import decision_json
+from orchestrator.results import describe_failure, failure_of
 
 
 class DateType(click.ParamType):
@@ -86,9 +89,11 @@ def main(ctx: click.Context, config: Path, db: str | None, debug: bool) -> None:
 
 
 def _print_summary(summary: Any) -> None:
+    users = sum(n for *_, n in summary.users_failed)
     click.echo(
         f"run {summary.run_id[:8]}: {summary.completed} completed, {len(summary.failed)} failed, "
-        f"{summary.skipped} skipped, {summary.blocked} blocked, {summary.impossible} impossible"
+        + (f"{users} users failed, " if users else "")
+        + f"{summary.skipped} skipped, {summary.blocked} blocked, {summary.impossible} impossible"
         + (f", {summary.not_in_scope} outside the range" if summary.not_in_scope else "")
         + f" in {summary.seconds:.1f}s ({summary.users_processed} user-passes, "
         f"peak {summary.peak_memory / 2**20:.0f} MiB)"
@@ -99,6 +104,10 @@ def _print_summary(summary: Any) -> None:
         click.echo(f"  FAILED {calc} {date}: {error}", err=True)
     if len(summary.failed) > 20:
         click.echo(f"  ... and {len(summary.failed) - 20} more failures", err=True)
+    for line in summary.lines():
+        click.echo(f"  {line}")
+    if not summary.ok:
+        click.echo(f"  not clean: exit 1 (orchestrator runs --run {summary.run_id[:8]})")
 
 
 @main.command()
@@ -124,7 +133,7 @@ def run(ctx: click.Context, date: dt.date | None, trigger: str, workers: int | N
     finally:
         orch.close()
     _print_summary(summary)
-    ctx.exit(0 if summary.ok else 1)
+    ctx.exit(summary.exit_code)
 
 
 @main.command()
@@ -199,7 +208,7 @@ def backfill(
     finally:
         orch.close()
     _print_summary(summary)
-    ctx.exit(0 if summary.ok else 1)
+    ctx.exit(summary.exit_code)
 
 
 @main.group()
@@ -258,6 +267,18 @@ def show(ctx: click.Context, calc: str, date: dt.date, user: str | None) -> None
             result = orch.load_result(calc, date)
     finally:
         orch.close()
+    origin = failure_of(result)
+    if user is not None and origin is not None:
+        click.echo(f"Error: {calc} on {date}: {describe_failure(user, origin)}", err=True)
+        ctx.exit(1)
+    if user is None and isinstance(result, dict):
+        failed = sum(1 for value in result.values() if failure_of(value) is not None)
+        if failed:  # shown as markers ({"__failed__": ...}), and said once on stderr
+            click.echo(
+                f"note: {failed} user(s) failed in {calc} on {date}; their results are failure "
+                f"markers (orchestrator failures {calc} {date})",
+                err=True,
+            )
     if result is None:
         click.echo(
             f"Error: no published result for {calc} on {date}; see `orchestrator plan`", err=True
@@ -346,6 +367,16 @@ def runs(ctx: click.Context, limit: int, run_id: str | None) -> None:
     orch = _orch(ctx)
     try:
         if run_id is not None:
+            record = orch.ledger.run(run_id)
+            if record is not None:
+                code = "-" if record.exit_code is None else record.exit_code
+                click.echo(
+                    f"run {record.run_id[:8]} {record.status} exit {code}: "
+                    f"{record.cells_completed} completed, {record.cells_failed} failed, "
+                    f"{record.cells_skipped} skipped"
+                )
+                for line in (record.summary or "").splitlines():
+                    click.echo(f"  {line}")
             for a in orch.ledger.attempts_of_run(run_id):
                 took = (a.finished_at - a.started_at).total_seconds()
                 reasons = ", ".join(f"{k} {v}" for k, v in sorted((a.flush_reasons or {}).items()))
@@ -356,6 +387,7 @@ def runs(ctx: click.Context, limit: int, run_id: str | None) -> None:
                     f"peak {a.peak_memory / 2**20:.0f} MiB {took:.2f}s {a.worker}"
                     + (f"\n    {a.error.strip().splitlines()[-1]}" if a.error else "")
                 )
+            _print_failures(orch.ledger.user_failures(run_id=run_id))
             return
         for r in orch.ledger.recent_runs(limit):
             took = (r.finished_at - r.started_at).total_seconds() if r.finished_at else None
@@ -366,6 +398,47 @@ def runs(ctx: click.Context, limit: int, run_id: str | None) -> None:
             )
     finally:
         orch.close()
+
+
+def _print_failures(rows: list[Any]) -> None:
+    """Stored failed users with their errors (the whole traceback for an error of its own)."""
+    for r in rows:
+        click.echo(f"{r.calculation} {r.date} user {r.user} ({r.kind}, run {r.run_id[:8]}):")
+        for line in r.error.rstrip().splitlines():
+            click.echo(f"    {line}")
+
+
+@main.command()
+@click.argument("calc", required=False)
+@click.argument("date", type=DATE, required=False)
+@click.pass_context
+@_handle_errors
+def failures(ctx: click.Context, calc: str | None, date: dt.date | None) -> None:
+    """Users that failed in the last attempt of each cell (optionally of CALC, on DATE):
+    user, date, calculation and the error — the traceback ending at the calculation's line,
+    the malformed rows' file:line, or the upstream cell where the user failed first. The
+    first 20 users of each kind are stored per cell; the count covers them all."""
+    orch = _orch(ctx)
+    try:
+        if calc is not None:
+            orch._known(calc)
+        counts = orch.ledger.failure_counts(calc, date)
+        rows = orch.ledger.user_failures(calc, date)
+    finally:
+        orch.close()
+    if not counts:
+        click.echo("no failed users")
+        return
+    shown: dict[tuple[str, dt.date], int] = {}
+    for r in rows:
+        shown[(r.calculation, r.date)] = shown.get((r.calculation, r.date), 0) + 1
+    for c in counts:
+        stored = shown.get((c.calculation, c.date), 0)
+        click.echo(
+            f"{c.calculation} {c.date} {c.status}: {c.users_failed} user(s) failed"
+            + (f" ({stored} stored)" if stored < c.users_failed else "")
+        )
+    _print_failures(rows)
 
 
 @main.group()

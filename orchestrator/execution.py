@@ -40,7 +40,16 @@ from orchestrator.ledger.store import CellWrite, Ledger, LedgerCell, SlimCell, S
 from orchestrator.manifest import CalcSpec, Manifest
 from orchestrator.parallel import WorkerPool
 from orchestrator.planning import CellKey, Decider, Decision, Plan, Reason, Status, Upstream
-from orchestrator.results import ShardWriter, StoredResult, assemble, decode_shards
+from orchestrator.results import (
+    FAILED_KEY,
+    ShardWriter,
+    StoredResult,
+    assemble,
+    decode_shards,
+    describe_failure,
+    failure_marker,
+    failure_of,
+)
 from orchestrator.rootdata import RootData, Row
 
 MEMORY_CHECK_EVERY = 1000  # users between two looks at the process's memory
@@ -51,16 +60,26 @@ KEEP_LIMIT = 20_000
 # writes them itself (the parent reads them back, one at a time, for the result hash).
 WORKER_INLINE_BYTES = 8 * 2**20
 _PROCESS = psutil.Process()
+# Failed users stored per attempt of a cell, of each kind (own / upstream), with their error;
+# the cell's ``users_failed`` counts them all.
+STORED_FAILURES = 20
 
 
 @dataclass(slots=True)
 class RunSummary:
-    """What a run did.
+    """What a run did, and whether the range it covered is complete and clean.
 
-    ``failed`` lists (calculation, date, error's last line); ``executed`` maps every cell that
-    ran (successfully or not) to the reason it ran; ``reasons`` counts final reasons;
-    ``notes`` are problems found in root data parsed by this run (unreadable files, malformed
-    rows), each with its location.
+    ``failed`` lists (calculation, date, error's last line) of the cells this run could not
+    publish; ``executed`` maps every cell that ran (successfully or not) to the reason it ran;
+    ``reasons`` counts final reasons; ``notes`` are problems found in root data parsed by this
+    run (unreadable files, malformed rows), each with its location.
+
+    The verdict covers the whole range after the run, not only what ran: ``users_failed``
+    lists (calculation, date, status, failed users) of the cells whose last attempt had
+    failed users (status PARTIAL or DEAD_LETTER: errors of their own; COMPLETED: failures
+    inherited from upstream or from the previous date); ``dead_letters`` the dead-lettered
+    cells; ``blocked_by_failure`` the cells blocked by a failure, each with the failed or dead-lettered
+    cell at the top of its chain. ``ok`` (exit code 0) only when all of these are empty.
     """
 
     run_id: str
@@ -76,10 +95,66 @@ class RunSummary:
     reasons: dict[str, int] = field(default_factory=dict)
     executed: dict[tuple[str, dt.date], str] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    users_failed: list[tuple[str, dt.date, str, int]] = field(default_factory=list)
+    dead_letters: list[tuple[str, dt.date]] = field(default_factory=list)
+    blocked_by_failure: list[tuple[tuple[str, dt.date], tuple[str, dt.date]]] = field(
+        default_factory=list
+    )
 
     @property
     def ok(self) -> bool:
-        return not self.failed
+        """Every cell of the range is complete and clean."""
+        return not (
+            self.failed or self.users_failed or self.dead_letters or self.blocked_by_failure
+        )
+
+    @property
+    def exit_code(self) -> int:
+        """What ``run`` exits with: 0 when ``ok``, else 1 (see the CLI's exit-code table)."""
+        return 0 if self.ok else 1
+
+    def lines(self) -> list[str]:
+        """One line per kind of problem, each naming the command that shows more."""
+        out = []
+        if self.failed:
+            out.append(
+                f"{_count(len(self.failed), 'cell')} failed: {_cells([(c, d) for c, d, _ in self.failed])}"
+                " (orchestrator runs --run ID)"
+            )
+        own = [f for f in self.users_failed if f[2] != "COMPLETED"]
+        inherited = [f for f in self.users_failed if f[2] == "COMPLETED"]
+        if own:
+            out.append(
+                f"{_count(sum(f[3] for f in own), 'user')} failed in {_count(len(own), 'cell')}: "
+                f"{_cells([(c, d) for c, d, _, _ in own])} (orchestrator failures)"
+            )
+        if inherited:
+            out.append(
+                f"{_count(sum(f[3] for f in inherited), 'user')} failed upstream or on an "
+                f"earlier date in {_count(len(inherited), 'more cell')}: "
+                f"{_cells([(c, d) for c, d, _, _ in inherited])} (orchestrator failures)"
+            )
+        if self.dead_letters:
+            out.append(
+                f"{_count(len(self.dead_letters), 'dead letter')}: {_cells(self.dead_letters)}"
+                " (orchestrator dlq list)"
+            )
+        if self.blocked_by_failure:
+            causes = list(dict.fromkeys(cause for _, cause in self.blocked_by_failure))
+            out.append(
+                f"{_count(len(self.blocked_by_failure), 'cell')} blocked by a failure upstream, caused by "
+                f"{_cells(causes)} (orchestrator plan)"
+            )
+        return out
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}{'' if n == 1 else 's'}"
+
+
+def _cells(keys: list[tuple[str, dt.date]], limit: int = 3) -> str:
+    shown = ", ".join(f"{c} {d}" for c, d in keys[:limit])
+    return shown + (f" and {len(keys) - limit} more" if len(keys) > limit else "")
 
 
 @dataclass(slots=True)
@@ -95,10 +170,12 @@ class _CellRun:
     by_upstream: bool  # no root data: it walks the users of its standard upstream results
     keep: dict[str, Any] | None  # whole result, for the cache; None if the parent lacks it
     started: dt.datetime
-    failures: int = 0
+    failures: int = 0  # users that failed with an error of their own
+    inherited: int = 0  # users whose upstream or previous result had failed
     processed: int = 0
     flushes: int = 0
-    errors: list[str] = field(default_factory=list)
+    # Stored failed users, ``STORED_FAILURES`` of each kind: {"user", "kind", "error"}.
+    failed_users: list[dict[str, str]] = field(default_factory=list)
     aborted: str | None = None
     pending: list[dict[str, Any]] = field(default_factory=list)  # shards cut in a worker
     pending_bytes: int = 0
@@ -348,9 +425,35 @@ class Executor:
             self._walk_dates("reconcile")
         for key in self.plan.order:
             self._count(self.decisions[key], key)
+        self._verdict()
         self.summary.seconds = time.perf_counter() - started
         self.summary.peak_memory = self.peak_rss
         return self.summary
+
+    def _verdict(self) -> None:
+        """Whether the range is complete and clean after the run, from the ledger (failed
+        users and dead letters, whenever they happened: a cell skipped as up to date may still
+        carry a failed user) and from the final decisions (cells blocked by a failure, each
+        with the failed or dead-lettered cell at the top of its chain)."""
+        s = self.summary
+        if not self.plan.dates:
+            return
+        dead = set()
+        for row in self.ledger.unclean_cells(
+            self.manifest.calcs, self.plan.dates[0], self.plan.target_date
+        ):
+            key = (row.calculation, row.date)
+            if not self.in_scope(key) or key not in self.decisions:
+                continue
+            if row.status == "DEAD_LETTER":
+                s.dead_letters.append(key)
+                dead.add(key)
+            if row.users_failed:
+                s.users_failed.append((*key, row.status, row.users_failed))
+        blocking = (Reason.UPSTREAM_FAILED, Reason.UPSTREAM_DEAD_LETTER)
+        for key in self.plan.order:
+            if self.decisions[key].reason in blocking and key not in dead and self.in_scope(key):
+                s.blocked_by_failure.append((key, self.decider.root_cause(key)))
 
     def _publish(self) -> None:
         """Publish the cells finished since the last call, in one transaction: a date's
@@ -693,7 +796,9 @@ class Executor:
                         # malformed root rows that date: a failed user, with the locations
                         bad = [where for ds in root_names for where in malformed.get(ds, ())]
                         run.processed += 1
-                        _user_failed(run, f"user {user}: malformed root data: {'; '.join(bad)}")
+                        error = f"malformed root data: {'; '.join(bad)}"
+                        _user_failed(run, user, date, error, error)
+                        self._flush_if_full(run)
                         continue
                     root = shared.get(root_names)
                     if root is None:
@@ -709,7 +814,18 @@ class Executor:
                     continue
                 else:
                     root = history = {}
-                ctx = StandardContext(date, user, root, history, upstream, previous(user))
+                before = previous(user)
+                # A failed upstream or previous result of this user: the user fails here too
+                # (never computed from "no result" or from an empty state), naming its origin.
+                origin = failure_of(before)
+                for dep, _ in lookups:
+                    origin = origin or failure_of(upstream[dep])
+                if origin is not None:
+                    run.processed += 1
+                    _user_inherited(run, user, origin)
+                    self._flush_if_full(run)
+                    continue
+                ctx = StandardContext(date, user, root, history, upstream, before)
                 run.processed += 1
                 try:
                     result = run.instance.process(ctx)
@@ -718,6 +834,8 @@ class Executor:
                             raise TypeError(
                                 f"process() must return a dict or None, not {type(result).__name__}"
                             )
+                        if FAILED_KEY in result:
+                            raise ValueError(f"{FAILED_KEY!r} is a reserved result key")
                         run.writer.add(user, result_line(user, result))
                         run.recent.append(result)
                         if run.keep is not None:
@@ -725,8 +843,9 @@ class Executor:
                             if len(run.keep) > KEEP_LIMIT:  # too big to cache: readers stream it
                                 run.keep = None
                                 run.spilled = True
-                except Exception:  # noqa: BLE001 - user code: any error is a per-user failure
-                    _user_failed(run, f"user {user}: {traceback.format_exc()}")
+                except Exception as e:  # noqa: BLE001 - user code: a per-user failure
+                    last = traceback.format_exception_only(e)[-1].strip()
+                    _user_failed(run, user, date, traceback.format_exc(), last)
                 writer = run.writer  # a flush threshold reached (checked per user and cell)
                 if len(writer._lines) >= flush_users or writer._size >= shard_bytes:
                     self.flush(run, "BATCH_LIMIT")
@@ -734,6 +853,11 @@ class Executor:
             for cursor in drivers:
                 if cursor.key == user:
                     cursor.step()
+
+    def _flush_if_full(self, run: _CellRun) -> None:
+        writer = run.writer
+        if len(writer._lines) >= self.flush_users or writer._size >= self.shard_bytes:
+            self.flush(run, "BATCH_LIMIT")
 
     def _finish(self, run: _CellRun, date: dt.date) -> tuple[CellWrite, list[dict[str, Any]]]:
         spec = run.spec
@@ -744,7 +868,8 @@ class Executor:
                 f"({run.failures / run.processed:.0%} > {spec.max_failure_rate:.0%})"
             )
         if error is not None:
-            error = error + "\n" + "\n".join(run.errors)
+            own = [f"user {f['user']}: {f['error']}" for f in run.failed_users if f["kind"] == "own"]
+            error = error + "\n" + "\n".join(own[:5])
             return self._failure(spec, date, run.decision, error, run), []
         if run.stats is None:
             run.stats = validation.Stats()
@@ -765,6 +890,13 @@ class Executor:
         elif run.spilled:
             self._uncached = True
             self.cache.discard((spec.name, date))  # an older result may be cached
+        if run.failures:  # published without the failed users' results: retried later
+            first = next(f for f in run.failed_users if f["kind"] == "own")
+            last = first["error"].strip().splitlines()[-1]
+            error = (
+                f"{run.failures} of {run.processed} users failed; first: {first['user']}: {last}"
+            )
+            return self._partial(spec, date, run.decision, error, run), rows
         return self._success(spec, date, run.decision, run.writer, run), rows
 
     # --- meta cells -----------------------------------------------------------------------
@@ -785,6 +917,26 @@ class Executor:
             keep={},
             started=now,
         )
+        # A meta calculation aggregates whole results: it never runs without a failed user's
+        # result (a silently different aggregate); it fails, naming the users.
+        for dep in spec.dependencies:
+            res = upstream.get(dep)
+            if not self.manifest.calcs[dep].is_standard or not isinstance(res, dict):
+                continue
+            failed = [(u, o) for u, v in res.items() if (o := failure_of(v)) is not None]
+            if failed:
+                run.inherited = len(failed)
+                run.failed_users = [
+                    {"user": u, "kind": "upstream", "error": "upstream " + describe_failure(u, o)}
+                    for u, o in failed[:STORED_FAILURES]
+                ]
+                names = ", ".join(u for u, _ in failed[:10])
+                more = f" and {len(failed) - 10} more" if len(failed) > 10 else ""
+                error = (
+                    f"upstream {dep} failed for {len(failed)} user(s) on {date}: {names}{more} "
+                    "(orchestrator failures)"
+                )
+                return self._failure(spec, date, decision, error, run), []
         ctx = MetaContext(
             date=date,
             root={ds: self.dataset(ds).rows_on(date) for ds in spec.root_data},
@@ -822,10 +974,10 @@ class Executor:
         writer: ShardWriter,
         run: _CellRun,
         error: str | None,
+        published: bool,
     ) -> CellWrite:
         inputs = self.decider.inputs(spec, date, self._hash)
         finished = self.clock()
-        success = status == "COMPLETED"
         return CellWrite(
             calculation=spec.name,
             date=date,
@@ -840,11 +992,13 @@ class Executor:
             upstream_hashes=inputs.upstream,
             root_hashes=inputs.root,
             previous_hash=inputs.previous_hash,
-            result_hash=writer.hasher.hexdigest() if success else None,
-            generation=writer.generation if success else None,
+            result_hash=writer.hasher.hexdigest() if published else None,
+            generation=writer.generation if published else None,
             users=writer.users,
             run_id=self.run_id,
             error=error,
+            users_failed=run.failures + run.inherited,
+            failures=sorted(run.failed_users, key=lambda f: (f["kind"], f["user"])),
             attempt={
                 "run_id": self.run_id,
                 "calculation": spec.name,
@@ -855,7 +1009,7 @@ class Executor:
                 "finished_at": finished,
                 "status": status,
                 "users": run.processed,
-                "users_failed": run.failures,
+                "users_failed": run.failures + run.inherited,
                 "flushes": run.flushes,
                 "flush_reasons": dict(run.flush_reasons),
                 "shards": writer.shards,
@@ -871,7 +1025,22 @@ class Executor:
     ) -> CellWrite:
         key = (spec.name, date)
         self.ran.add(key)
-        write = self._write(spec, date, decision, "COMPLETED", writer, run, None)
+        write = self._write(spec, date, decision, "COMPLETED", writer, run, None, True)
+        self.hashes[key] = write.result_hash
+        return write
+
+    def _partial(
+        self, spec: CalcSpec, date: dt.date, decision: Decision, error: str, run: _CellRun
+    ) -> CellWrite:
+        """Publish a cell some of whose users failed with errors of their own (their results
+        are failure markers): dependents run on it now, and later runs retry it (RETRY) until
+        it is clean, or until it is a dead letter after ``max_attempts`` (still published)."""
+        key = (spec.name, date)
+        self.ran.add(key)
+        stored = self._stored(key)
+        attempts = (stored.attempts if isinstance(stored, LedgerCell) else 0) + 1
+        status = "DEAD_LETTER" if attempts >= self.max_attempts else "PARTIAL"
+        write = self._write(spec, date, decision, status, run.writer, run, error, True)
         self.hashes[key] = write.result_hash
         return write
 
@@ -887,7 +1056,7 @@ class Executor:
         if attempts >= self.max_attempts:
             status = "DEAD_LETTER"
             self.dead.add(key)
-        return self._write(spec, date, decision, status, run.writer, run, error)
+        return self._write(spec, date, decision, status, run.writer, run, error, False)
 
     def _sample_memory(self) -> None:
         rss = _PROCESS.memory_info().rss
@@ -924,12 +1093,15 @@ class _Cursor:
         return self.value if self.key == user else None
 
 
-def _user_failed(run: _CellRun, error: str) -> None:
-    """Count a failed user; trip the circuit breaker once ``breaker_min_users`` users were
-    processed and more than ``max_failure_rate`` of them failed (seed 004, StandardExecutor)."""
+def _user_failed(run: _CellRun, user: str, date: dt.date, error: str, last: str) -> None:
+    """A user failed with an error of its own (``error``: the traceback, or the malformed
+    rows' locations; ``last``: its one-line form). Its result is a failure marker; trip the
+    circuit breaker once ``breaker_min_users`` users were processed and more than
+    ``max_failure_rate`` of them failed (seed 004, StandardExecutor)."""
     run.failures += 1
-    if len(run.errors) < 5:
-        run.errors.append(error)
+    if run.failures <= STORED_FAILURES:
+        run.failed_users.append({"user": user, "kind": "own", "error": error})
+    _add_marker(run, user, failure_marker(run.spec.name, date, last))
     spec = run.spec
     if run.processed >= spec.breaker_min_users and run.failures / run.processed > (
         spec.max_failure_rate
@@ -938,6 +1110,29 @@ def _user_failed(run: _CellRun, error: str) -> None:
             f"circuit breaker: {run.failures} of {run.processed} users failed "
             f"({run.failures / run.processed:.0%} > {spec.max_failure_rate:.0%})"
         )
+
+
+def _user_inherited(run: _CellRun, user: str, origin: dict[str, str]) -> None:
+    """A user whose upstream (or previous) result is a failure marker fails here too: its
+    result is the same marker, naming the cell where it failed first. Not counted by the
+    circuit breaker (the failure is not this calculation's) nor retried for itself: it heals
+    when the origin does, its inputs then changing."""
+    run.inherited += 1
+    if run.inherited <= STORED_FAILURES:
+        kind = "previous" if origin["calculation"] == run.spec.name else "upstream"
+        run.failed_users.append(
+            {"user": user, "kind": "upstream", "error": f"{kind} " + describe_failure(user, origin)}
+        )
+    _add_marker(run, user, {FAILED_KEY: origin})
+
+
+def _add_marker(run: _CellRun, user: str, marker: dict[str, Any]) -> None:
+    run.writer.add(user, result_line(user, marker))
+    if run.keep is not None:
+        run.keep[user] = marker
+        if len(run.keep) > KEEP_LIMIT:
+            run.keep = None
+            run.spilled = True
 
 
 def _with(cell: LedgerCell, **changes: Any) -> LedgerCell:
@@ -957,9 +1152,19 @@ def _with(cell: LedgerCell, **changes: Any) -> LedgerCell:
 
 
 def _as_ledger_cell(w: CellWrite, old: LedgerCell | SlimCell | None) -> LedgerCell:
-    """The ledger row a write leaves behind, mirrored in memory for later decisions."""
-    if w.status in ("FAILED", "DEAD_LETTER") and isinstance(old, LedgerCell):
-        return _with(old, status=w.status, attempts=old.attempts + 1, error=w.error)
+    """The ledger row a write leaves behind, mirrored in memory for later decisions (as
+    ``Ledger._publish`` writes it)."""
+    old_attempts = old.attempts if isinstance(old, LedgerCell) else 0
+    attempts = old_attempts + 1 if w.status != "COMPLETED" else 0
+    if w.generation is None and isinstance(old, LedgerCell):
+        return _with(
+            old,
+            status=w.status,
+            attempts=attempts,
+            error=w.error,
+            attempted_digest=w.inputs_digest,
+            users_failed=w.users_failed,
+        )
     return LedgerCell(
         calculation=w.calculation,
         date=w.date,
@@ -968,7 +1173,7 @@ def _as_ledger_cell(w: CellWrite, old: LedgerCell | SlimCell | None) -> LedgerCe
         ),
         inputs_digest=w.inputs_digest,
         result_hash=w.result_hash
-        if w.status == "COMPLETED"
+        if w.generation is not None
         else (old.result_hash if old else None),
         status=w.status,
         category=w.category,
@@ -980,6 +1185,8 @@ def _as_ledger_cell(w: CellWrite, old: LedgerCell | SlimCell | None) -> LedgerCe
         upstream_json=json.dumps(dict(w.upstream_hashes)),
         root_json=json.dumps({k: dict(v) for k, v in w.root_hashes.items()}),
         previous_hash=w.previous_hash,
-        attempts=1 if w.status in ("FAILED", "DEAD_LETTER") else 0,
+        attempts=attempts,
         error=w.error,
+        attempted_digest=w.inputs_digest,
+        users_failed=w.users_failed,
     )

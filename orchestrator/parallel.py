@@ -63,7 +63,8 @@ class _Part(NamedTuple):
 
     processed: int
     failures: int
-    errors: list[str]
+    inherited: int
+    failed_users: list[dict[str, str]]  # its first STORED_FAILURES of each kind, user order
     aborted: str | None
     flushes: int
     raws: list[bytes]
@@ -129,7 +130,8 @@ def _serve(
                     _Part(
                         run.processed,
                         run.failures,
-                        run.errors,
+                        run.inherited,
+                        run.failed_users,
                         run.aborted,
                         run.flushes + (1 if rows else 0),
                         writer.raws,
@@ -191,6 +193,8 @@ class WorkerPool:
         Raises:
             WorkerError: a worker died or failed outside user code.
         """
+        from orchestrator.execution import STORED_FAILURES  # a cycle at import time
+
         cells: list[tuple[str, Decision]] = [(r.spec.name, r.decision) for r in runs]
         # Meta upstream results of this date come with the task: they are not published yet
         # (a date is published as a whole), and the workers do not compute them.
@@ -220,8 +224,16 @@ class WorkerPool:
             parts: list[_Part] = [reply[i] for reply in replies]
             run.processed = sum(p.processed for p in parts)
             run.failures = sum(p.failures for p in parts)
+            run.inherited = sum(p.inherited for p in parts)
             run.flushes = sum(p.flushes for p in parts)
-            run.errors = [e for p in parts for e in p.errors][:5]
+            # Worker order is user order: the first of each kind are a serial run's.
+            run.failed_users = [
+                f
+                for kind in ("own", "upstream")
+                for f in [f for p in parts for f in p.failed_users if f["kind"] == kind][
+                    :STORED_FAILURES
+                ]
+            ]
             run.aborted = next((p.aborted for p in parts if p.aborted), None)
             run.spilled = any(p.spilled for p in parts)
             run.stats = validation.Stats()

@@ -269,6 +269,10 @@ class Decider:
         self._root_dates = {n: sorted(d) for n, d in request.root.items()}
         self._root_pos = {n: {d: i for i, d in enumerate(ds)} for n, ds in self._root_dates.items()}
         self._pairs: dict[str, list[bytes]] = {}
+        # Blocked cell -> the failed / dead-lettered cell at the top of its chain, as last
+        # decided (the planner and the executor decide in dependency order, so an upstream's
+        # entry is current when a dependent asks). A memo, not a decision input.
+        self._causes: dict[CellKey, CellKey] = {}
         self._window_cache: dict[tuple[str, int, dt.date], str] = {}
         self._window_columns: dict[tuple[str, int], list[str]] = {}
         # Possible dates per calculation, in pass order (impossibility propagates down).
@@ -353,6 +357,11 @@ class Decider:
         for date, decision in bad.items():
             self.impossible[(name, date)] = decision
         return [d for d in self.dates if d not in bad]
+
+    def root_cause(self, key: CellKey) -> CellKey:
+        """The failed or dead-lettered cell that ``key`` is blocked by (``key`` itself when it
+        failed or is dead-lettered on its own), as last decided."""
+        return self._causes.get(key, key)
 
     def previous_date(self, name: str, date: dt.date) -> dt.date | None:
         """The calculation's previous possible date before ``date`` (its history link)."""
@@ -538,21 +547,26 @@ class Decider:
         states: dict[CellKey, tuple[Upstream, str | None]],
     ) -> Decision:
         key = (spec.name, date)
+        self._causes.pop(key, None)
         published = stored.result_hash if stored is not None else None
         for k, (state, _) in states.items():
-            if state is Upstream.FAILED:
-                return Decision(
-                    *key, Reason.UPSTREAM_FAILED, _cell_name(k, spec, "failed"), published
-                )
-            if state is Upstream.DEAD:
-                return Decision(
-                    *key,
-                    Reason.UPSTREAM_DEAD_LETTER,
-                    _cell_name(k, spec, "is dead-lettered"),
-                    published,
-                )
+            if state is Upstream.FAILED or state is Upstream.DEAD:
+                # Name the top of the chain, not the nearest blocked cell: a dead letter two
+                # levels up is what to fix (``dlq list``), its dependents only wait.
+                cause = self._causes[key] = self.root_cause(k)
+                failed = state is Upstream.FAILED
+                what = "failed" if failed else "is dead-lettered"
+                detail = _cell_name(k, spec, what)
+                if cause != k:
+                    via = _cell_name(k, spec, "")
+                    detail = f"{cause[0]} on {cause[1]} {what} (via {via.strip()})"
+                reason = Reason.UPSTREAM_FAILED if failed else Reason.UPSTREAM_DEAD_LETTER
+                return Decision(*key, reason, detail, published)
         if stored is not None and stored.status == "DEAD_LETTER":
-            return Decision(*key, Reason.DEAD_LETTER, _first_line(stored.error), published)
+            revived = self._revived(spec, date, stored, states)
+            if revived is None:
+                return Decision(*key, Reason.DEAD_LETTER, _first_line(stored.error), published)
+            return Decision(*key, revived[0], revived[1], published)
         if (
             stored is not None
             and stored.status == "RUNNING"
@@ -617,6 +631,31 @@ class Decider:
             *key, Reason.UPSTREAM_CHANGED, _upstream_change(spec, stored, current), published
         )
 
+    def _revived(
+        self,
+        spec: CalcSpec,
+        date: dt.date,
+        stored: LedgerCell,
+        states: dict[CellKey, tuple[Upstream, str | None]],
+    ) -> tuple[Reason, str] | None:
+        """A dead letter whose inputs changed since its last attempt (its root data was fixed,
+        an upstream result changed) gets one more attempt: (reason, detail). None while it
+        stays dead: same inputs, or an upstream still to run (the executor decides it again
+        once that upstream settled)."""
+        if stored.attempted_digest is None or any(
+            state is not Upstream.READY and state is not Upstream.RAN
+            for state, _ in states.values()
+        ):
+            return None
+        current = self.inputs(spec, date, lambda k: states[k][1] if k in states else None)
+        if current.digest == stored.attempted_digest:
+            return None
+        why = f"inputs changed since it was dead-lettered ({_first_line(stored.error)})"
+        root_change = self._root_change(spec, date, stored)
+        if root_change:
+            return Reason.ROOT_DATA_CHANGED, f"{root_change}; {why}"
+        return Reason.UPSTREAM_CHANGED, f"{_upstream_change(spec, stored, current)}; {why}"
+
     def _own_reason(
         self, spec: CalcSpec, date: dt.date, stored: LedgerCell | None
     ) -> tuple[Reason, str] | None:
@@ -625,7 +664,15 @@ class Decider:
             return Reason.FORCED, "forced by backfill --force"
         if stored is None:
             return Reason.NEW, "never computed"
-        if stored.status == "FAILED":
+        if stored.status in ("FAILED", "PARTIAL"):
+            # Stored root hashes are this attempt's when it published (PARTIAL) or when no
+            # result was ever published; then a changed window names the fix.
+            if stored.status == "PARTIAL" or stored.result_hash is None:
+                root_change = self._root_change(spec, date, stored)
+                if root_change:
+                    return Reason.ROOT_DATA_CHANGED, root_change
+            if stored.status == "PARTIAL":  # published without its failed users' results
+                return Reason.RETRY, f"attempt {stored.attempts}: {_first_line(stored.error)}"
             return Reason.RETRY, f"attempt {stored.attempts} failed: {_first_line(stored.error)}"
         if stored.status == "RUNNING":  # its run is not alive (else IN_PROGRESS, above)
             return Reason.ZOMBIE_RECOVERED, (

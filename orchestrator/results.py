@@ -18,9 +18,36 @@ import zstandard
 
 from orchestrator.fingerprint import ResultHasher
 
+# A failed user's line in a standard cell's result: ``[user, {FAILED_KEY: {"calculation": c,
+# "date": iso, "error": last line}}]`` naming the cell where that user failed first. It is part
+# of the result hash (fixing the failure changes the hash, so early cutoff lets the heal flow
+# downstream and to later dates); the engine intercepts it before user code sees it (the
+# user's dependents and historical successors fail for that user too); validation never sees
+# it; ``show`` and ``load_result`` present it as a failure. A calculation may not return this
+# key itself.
+FAILED_KEY = "__failed__"
+
 ZSTD_LEVEL = 3
 _compressor = zstandard.ZstdCompressor(level=ZSTD_LEVEL)
 _decompressor = zstandard.ZstdDecompressor()
+
+
+def failure_marker(calculation: str, date: dt.date, error: str) -> dict[str, Any]:
+    """The stored result of a user who failed in ``calculation`` on ``date`` with ``error``
+    (one line: the exception, or the malformed rows' locations)."""
+    return {FAILED_KEY: {"calculation": calculation, "date": date.isoformat(), "error": error}}
+
+
+def failure_of(value: Any) -> dict[str, str] | None:
+    """The failure a stored user result records (``failure_marker``'s inner dict), else None."""
+    if type(value) is dict:
+        return value.get(FAILED_KEY)
+    return None
+
+
+def describe_failure(user: str, origin: dict[str, str]) -> str:
+    """One line naming where a user failed first: "rsi failed for user U on D: error"."""
+    return f"{origin['calculation']} failed for user {user} on {origin['date']}: {origin['error']}"
 
 
 def decode_shards(payloads: Iterable[bytes]) -> list[tuple[str | None, Any]]:

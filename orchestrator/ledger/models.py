@@ -22,6 +22,7 @@ from sqlalchemy import (
     String,
     Text,
     TypeDecorator,
+    text,
 )
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
@@ -54,6 +55,9 @@ class Base(DeclarativeBase):
 # ``store.build_key`` of a cell's parts, as SQL (SQLite and PostgreSQL alike). The hashes
 # have a fixed width, status and epochs hold no "|", and the category comes last, so two
 # different part tuples never give the same key.
+# A cell that is not complete and clean: failed, dead-lettered, running, or with failed users.
+UNCLEAN_EXPRESSION = "status <> 'COMPLETED' OR users_failed > 0"
+
 BUILD_KEY_EXPRESSION = (
     "status || '|' || code_hash || layer_hash || infra_hash || '|' || "
     "CAST(epoch AS VARCHAR) || '.' || CAST(scoped_epoch AS VARCHAR) || '|' || category"
@@ -68,7 +72,17 @@ class CellRow(Base):
     """
 
     __tablename__ = "cells"
-    __table_args__ = (Index("ix_cells_calc_date", "calculation", "date", unique=True),)
+    __table_args__ = (
+        Index("ix_cells_calc_date", "calculation", "date", unique=True),
+        # The cells that are not complete and clean (migration 0004): the run's verdict.
+        Index(
+            "ix_cells_unclean",
+            "calculation",
+            "date",
+            sqlite_where=text(UNCLEAN_EXPRESSION),
+            postgresql_where=text(UNCLEAN_EXPRESSION),
+        ),
+    )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
     calculation: Mapped[str] = mapped_column(String(200))
@@ -98,6 +112,33 @@ class CellRow(Base):
     build_key: Mapped[str | None] = mapped_column(
         String(400), Computed(BUILD_KEY_EXPRESSION, persisted=True), nullable=True
     )
+    # Users of the last attempt that failed, their own error or one inherited from upstream.
+    users_failed: Mapped[int] = mapped_column(Integer, server_default="0", default=0)
+    # The inputs digest the last attempt saw (success or not): a dead letter whose inputs
+    # changed since is planned again.
+    attempted_digest: Mapped[str | None] = mapped_column(HASH, nullable=True)
+
+
+class UserFailureRow(Base):
+    """One failed user of one attempt: its error (the traceback for an error of its own).
+    At most ``execution.STORED_FAILURES`` rows per attempt; ``cells.users_failed`` counts all.
+
+    ``kind`` is ``own`` (the user's calculation raised, or its root rows were malformed) or
+    ``upstream`` (an upstream or previous result of that user had failed)."""
+
+    __tablename__ = "user_failures"
+    __table_args__ = (
+        Index("ix_user_failures_cell", "calculation", "date"),
+        Index("ix_user_failures_run", "run_id"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    run_id: Mapped[str] = mapped_column(String(32))
+    calculation: Mapped[str] = mapped_column(String(200))
+    date: Mapped[dt.date] = mapped_column(Date)
+    user: Mapped[str] = mapped_column(String(200))
+    kind: Mapped[str] = mapped_column(String(10))
+    error: Mapped[str] = mapped_column(Text)
 
 
 class ShardRow(Base):
@@ -158,6 +199,8 @@ class RunRow(Base):
     cells_completed: Mapped[int] = mapped_column(Integer, default=0)
     cells_failed: Mapped[int] = mapped_column(Integer, default=0)
     cells_skipped: Mapped[int] = mapped_column(Integer, default=0)
+    exit_code: Mapped[int | None] = mapped_column(Integer, nullable=True)  # what cron saw
+    summary: Mapped[str | None] = mapped_column(Text, nullable=True)  # its summary lines
 
 
 class AttemptRow(Base):

@@ -46,6 +46,7 @@ from sqlalchemy.exc import IntegrityError, OperationalError, SQLAlchemyError
 from orchestrator import faults
 from orchestrator.errors import RunLockedError, StorageError
 from orchestrator.ledger.models import (
+    UNCLEAN_EXPRESSION,
     AttemptRow,
     CellRow,
     CodeVersionRow,
@@ -55,6 +56,7 @@ from orchestrator.ledger.models import (
     RunLockRow,
     RunRow,
     ShardRow,
+    UserFailureRow,
 )
 from orchestrator.memory import paused_gc
 
@@ -78,6 +80,7 @@ ATTEMPTS: Table = AttemptRow.__table__  # type: ignore[assignment]
 LOCK: Table = RunLockRow.__table__  # type: ignore[assignment]
 VERSIONS: Table = CodeVersionRow.__table__  # type: ignore[assignment]
 BUMPS: Table = EpochBumpRow.__table__  # type: ignore[assignment]
+FAILURES: Table = UserFailureRow.__table__  # type: ignore[assignment]
 
 MIGRATIONS = Path(__file__).resolve().parents[2] / "migrations"
 
@@ -132,6 +135,8 @@ class LedgerCell(NamedTuple):
     error: str | None
     run_id: str | None = None  # the run that last wrote it (holds its lease while RUNNING)
     lease_expires_at: dt.datetime | None = None
+    attempted_digest: str | None = None  # inputs digest of the last attempt, success or not
+    users_failed: int = 0  # users of the last attempt that failed (own or inherited)
 
     @property
     def upstream_hashes(self) -> dict[str, str | None]:
@@ -165,6 +170,8 @@ _FULL_COLUMNS = (
     CELLS.c.error,
     CELLS.c.run_id,
     CELLS.c.lease_expires_at,
+    CELLS.c.attempted_digest,
+    CELLS.c.users_failed,
 )
 
 
@@ -175,7 +182,15 @@ Snapshot = dict[str, dict[dt.date, LedgerCell | SlimCell]]
 
 @dataclass(frozen=True, slots=True)
 class CellWrite:
-    """Everything written when a cell is published (status COMPLETED) or fails (FAILED)."""
+    """Everything written when a cell's attempt ends.
+
+    ``generation`` set: the attempt's result is published — COMPLETED (clean, or with users
+    whose failure was inherited from upstream), PARTIAL (some users failed with an error of
+    their own: retried by later runs) or DEAD_LETTER (PARTIAL for the last allowed time).
+    ``generation`` None: nothing is published (FAILED, or DEAD_LETTER); the previous result
+    stays. ``failures`` are the stored failed users (user, kind, error), at most
+    ``STORED_FAILURES``; ``users_failed`` counts them all.
+    """
 
     calculation: str
     date: dt.date
@@ -196,6 +211,8 @@ class CellWrite:
     run_id: str
     error: str | None
     attempt: Mapping[str, Any]
+    users_failed: int = 0
+    failures: Sequence[Mapping[str, str]] = ()
 
 
 def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
@@ -448,11 +465,17 @@ class Ledger:
             )
         }
         inserts: list[dict[str, Any]] = []
+        failures: list[dict[str, Any]] = []
         for w in writes:
             old = existing.get((w.calculation, w.date))
-            failed = w.status in ("FAILED", "DEAD_LETTER")
-            attempts = (old.attempts if old else 0) + 1 if failed else 0
-            if failed and old is not None:
+            # Every attempt that is not clean counts towards the dead letter; a clean one (or
+            # one whose failed users all inherited their failure) resets the count.
+            attempts = (old.attempts if old else 0) + 1 if w.status != "COMPLETED" else 0
+            failures += [
+                {"run_id": w.run_id, "calculation": w.calculation, "date": w.date, **f}
+                for f in w.failures
+            ]
+            if w.generation is None and old is not None:  # nothing published: keep the old
                 conn.execute(
                     update(CELLS)
                     .where(CELLS.c.id == old.id)
@@ -461,6 +484,8 @@ class Ledger:
                         attempts=attempts,
                         error=w.error,
                         run_id=w.run_id,
+                        users_failed=w.users_failed,
+                        attempted_digest=w.inputs_digest,
                         updated_at=now,
                     )
                 )
@@ -488,6 +513,8 @@ class Ledger:
                 "error": w.error,
                 "hash_format": 1,
                 "updated_at": now,
+                "users_failed": w.users_failed,
+                "attempted_digest": w.inputs_digest,
             }
             if old is None:
                 inserts.append(values)
@@ -506,6 +533,12 @@ class Ledger:
         attempts_rows = [dict(w.attempt) for w in writes if w.attempt]
         if attempts_rows:
             conn.execute(insert(ATTEMPTS), attempts_rows)
+        retried = [(w.calculation, w.date) for w in writes]
+        # A cell retried within one run (reconciliation) keeps only its last attempt's users.
+        for run_id in sorted({w.run_id for w in writes}):
+            conn.execute(delete(FAILURES).where(FAILURES.c.run_id == run_id, _cells_in(FAILURES, retried)))
+        if failures:
+            conn.execute(insert(FAILURES), failures)
 
     def lease(
         self, cells: Sequence[tuple[str, dt.date]], run_id: str, expires: dt.datetime
@@ -888,8 +921,17 @@ class Ledger:
             )
 
     def finish_run(
-        self, run_id: str, status: str, completed: int, failed: int, skipped: int, now: dt.datetime
+        self,
+        run_id: str,
+        status: str,
+        completed: int,
+        failed: int,
+        skipped: int,
+        now: dt.datetime,
+        exit_code: int | None = None,
+        summary: Sequence[str] = (),
     ) -> None:
+        """Close a run's record: its status, counts, exit code and summary lines."""
         with self.engine.begin() as conn:
             conn.execute(
                 update(RUNS)
@@ -900,8 +942,97 @@ class Ledger:
                     cells_completed=completed,
                     cells_failed=failed,
                     cells_skipped=skipped,
+                    exit_code=exit_code,
+                    summary="\n".join(summary) if summary else None,
                 )
             )
+
+    def run(self, run_id: str) -> Any:
+        """The run whose id starts with ``run_id`` (the newest of several), or None."""
+        with self.engine.connect() as conn:
+            return conn.execute(
+                select(RUNS)
+                .where(RUNS.c.run_id.startswith(run_id))
+                .order_by(RUNS.c.started_at.desc())
+                .limit(1)
+            ).first()
+
+    def unclean_cells(
+        self, calculations: Iterable[str], low: dt.date, high: dt.date
+    ) -> list[Any]:
+        """Cells of ``calculations`` dated ``low <= date <= high`` (inclusive) that are not
+        complete and clean — status other than COMPLETED, or failed users — as rows
+        (calculation, date, status, users_failed, error), in order. Reads the partial index
+        ``ix_cells_unclean``: the cost is the number of unclean cells, not of cells."""
+        wanted = set(calculations)
+        with self.engine.connect() as conn:
+            rows = conn.execute(
+                select(
+                    CELLS.c.calculation,
+                    CELLS.c.date,
+                    CELLS.c.status,
+                    CELLS.c.users_failed,
+                    CELLS.c.error,
+                )
+                .where(text(UNCLEAN_EXPRESSION), CELLS.c.date >= low, CELLS.c.date <= high)
+                .order_by(CELLS.c.date, CELLS.c.calculation)
+            ).all()
+        return [r for r in rows if r.calculation in wanted]
+
+    def user_failures(
+        self,
+        calculation: str | None = None,
+        date: dt.date | None = None,
+        run_id: str | None = None,
+    ) -> list[Any]:
+        """Stored failed users (run_id, calculation, date, user, kind, error), in order.
+
+        With ``run_id`` (an id prefix): those of that run's attempts. Without: the current
+        ones — of each cell's last attempt, for cells whose last attempt had failed users —
+        optionally of one calculation and/or date.
+        """
+        columns = (
+            FAILURES.c.run_id,
+            FAILURES.c.calculation,
+            FAILURES.c.date,
+            FAILURES.c.user,
+            FAILURES.c.kind,
+            FAILURES.c.error,
+        )
+        query = select(*columns)
+        if run_id is not None:
+            query = query.where(FAILURES.c.run_id.startswith(run_id))
+        else:
+            query = query.join(
+                CELLS,
+                and_(
+                    CELLS.c.calculation == FAILURES.c.calculation,
+                    CELLS.c.date == FAILURES.c.date,
+                    CELLS.c.run_id == FAILURES.c.run_id,
+                ),
+            ).where(CELLS.c.users_failed > 0)
+        if calculation is not None:
+            query = query.where(FAILURES.c.calculation == calculation)
+        if date is not None:
+            query = query.where(FAILURES.c.date == date)
+        query = query.order_by(FAILURES.c.date, FAILURES.c.calculation, FAILURES.c.id)
+        with self.engine.connect() as conn:
+            return list(conn.execute(query).all())
+
+    def failure_counts(
+        self, calculation: str | None = None, date: dt.date | None = None
+    ) -> list[Any]:
+        """Cells whose last attempt had failed users: (calculation, date, status,
+        users_failed), in order; optionally of one calculation and/or date."""
+        query = select(
+            CELLS.c.calculation, CELLS.c.date, CELLS.c.status, CELLS.c.users_failed
+        ).where(CELLS.c.users_failed > 0)
+        if calculation is not None:
+            query = query.where(CELLS.c.calculation == calculation)
+        if date is not None:
+            query = query.where(CELLS.c.date == date)
+        with self.engine.connect() as conn:
+            return list(conn.execute(query.order_by(CELLS.c.date, CELLS.c.calculation)).all())
 
     def recent_runs(self, limit: int = 20) -> list[Any]:
         with self.engine.connect() as conn:
