@@ -75,9 +75,9 @@ class RunSummary:
     run (unreadable files, malformed rows), each with its location.
 
     The verdict covers the whole range after the run, not only what ran: ``users_failed``
-    lists (calculation, date, status, failed users) of the cells whose last attempt had
-    failed users (status PARTIAL or DEAD_LETTER: errors of their own; COMPLETED: failures
-    inherited from upstream or from the previous date); ``dead_letters`` the dead-lettered
+    lists (calculation, date, status, failed users) of the published cells whose last attempt
+    had failed users (status PARTIAL: errors of their own; COMPLETED: failures inherited from
+    upstream or from the previous date); ``dead_letters`` the dead-lettered
     cells; ``blocked_by_failure`` the cells blocked by a failure, each with the failed or dead-lettered
     cell at the top of its chain. ``ok`` (exit code 0) only when all of these are empty.
     """
@@ -448,7 +448,8 @@ class Executor:
             if row.status == "DEAD_LETTER":
                 s.dead_letters.append(key)
                 dead.add(key)
-            if row.users_failed:
+            if row.users_failed and row.status in ("PARTIAL", "COMPLETED"):
+                # (FAILED and DEAD_LETTER cells have their own lines)
                 s.users_failed.append((*key, row.status, row.users_failed))
         blocking = (Reason.UPSTREAM_FAILED, Reason.UPSTREAM_DEAD_LETTER)
         for key in self.plan.order:
@@ -868,7 +869,9 @@ class Executor:
                 f"({run.failures / run.processed:.0%} > {spec.max_failure_rate:.0%})"
             )
         if error is not None:
-            own = [f"user {f['user']}: {f['error']}" for f in run.failed_users if f["kind"] == "own"]
+            own = [
+                f"user {f['user']}: {f['error']}" for f in run.failed_users if f["kind"] == "own"
+            ]
             error = error + "\n" + "\n".join(own[:5])
             return self._failure(spec, date, run.decision, error, run), []
         if run.stats is None:

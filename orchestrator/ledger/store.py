@@ -536,7 +536,9 @@ class Ledger:
         retried = [(w.calculation, w.date) for w in writes]
         # A cell retried within one run (reconciliation) keeps only its last attempt's users.
         for run_id in sorted({w.run_id for w in writes}):
-            conn.execute(delete(FAILURES).where(FAILURES.c.run_id == run_id, _cells_in(FAILURES, retried)))
+            conn.execute(
+                delete(FAILURES).where(FAILURES.c.run_id == run_id, _cells_in(FAILURES, retried))
+            )
         if failures:
             conn.execute(insert(FAILURES), failures)
 
@@ -957,9 +959,7 @@ class Ledger:
                 .limit(1)
             ).first()
 
-    def unclean_cells(
-        self, calculations: Iterable[str], low: dt.date, high: dt.date
-    ) -> list[Any]:
+    def unclean_cells(self, calculations: Iterable[str], low: dt.date, high: dt.date) -> list[Any]:
         """Cells of ``calculations`` dated ``low <= date <= high`` (inclusive) that are not
         complete and clean — status other than COMPLETED, or failed users — as rows
         (calculation, date, status, users_failed, error), in order. Reads the partial index

@@ -1,0 +1,141 @@
+"""A failure never turns into a silently different result (issue 8, item 3, propagation;
+SQLite and PostgreSQL, one and two workers).
+
+A malformed close (``1.2.3``) fails its user on that date in the calculation reading it; the
+user's dependents that date, and its historical successors on every later date, fail for
+that user too — never computed from "no upstream result" or restarted from an empty state —
+and a meta calculation over them fails naming the user. Once the row is fixed everything
+heals (the fixed date is ROOT_DATA_CHANGED, dead letters included) to exactly the result
+hashes of a from-scratch build of the fixed data.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from pathlib import Path
+
+import pytest
+
+from orchestrator.planning import Reason
+from tests.conftest import Project, price_rows
+from tests.test_scenarios import BASE, DATES, TARGET
+
+BAD_DAY = DATES[3]
+# 20 users: one failed user (5 %) stays under the cell's failure rate (10 %).
+SYMBOLS = ["AAA", "BBB", "CCC", *(f"S{i:02d}" for i in range(17))]
+
+
+def rows(bad: bool) -> list[dict[str, object]]:
+    out = price_rows(SYMBOLS, DATES)
+    if bad:
+        row = next(r for r in out if r["Name"] == "BBB" and r["date"] == BAD_DAY.isoformat())
+        row["close"] = "1.2.3"
+    return out
+
+
+def run(project: Project, workers: int):
+    orch = project.orchestrator()
+    try:
+        return orch.run(TARGET, workers=workers)
+    finally:
+        orch.close()
+
+
+def hashes(project: Project) -> dict[tuple[str, dt.date], str | None]:
+    orch = project.orchestrator()
+    try:
+        cells = orch.ledger.load_cells()
+    finally:
+        orch.close()
+    return {(c, d): cell.result_hash for c, per in cells.items() for d, cell in per.items()}
+
+
+def from_scratch(tmp_path: Path) -> dict[tuple[str, dt.date], str | None]:
+    scratch = Project(tmp_path / "scratch", f"sqlite:///{tmp_path / 'scratch.db'}")
+    scratch.root.mkdir()
+    scratch.write_prices(rows(bad=False))
+    scratch.write_calcs(BASE)
+    assert run(scratch, 1).ok
+    return hashes(scratch)
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_a_malformed_row_fails_its_user_downstream_and_later_then_heals(
+    project: Project, tmp_path: Path, workers: int
+) -> None:
+    project.write_prices(rows(bad=True))
+    project.write_calcs(BASE)
+    first = run(project, workers)
+    assert not first.ok and first.exit_code == 1
+    orch = project.orchestrator()
+    extracted = orch.load_result("price_extractor", BAD_DAY)
+    rsi = {d: orch.load_result("rsi", d) for d in DATES}
+    signal = orch.load_result("signal", BAD_DAY)
+    market = orch.ledger.cell("market", BAD_DAY)
+    before = orch.ledger.cell("market", DATES[2])
+    orch.close()
+    origin = extracted["BBB"]["__failed__"]
+    assert origin["calculation"] == "price_extractor" and origin["date"] == BAD_DAY.isoformat()
+    assert "prices.csv" in origin["error"] and "close='1.2.3' is not a number" in origin["error"]
+    # The dependent that date, and the historical successors on every later date, fail for
+    # BBB with the same origin: no result computed from a missing upstream or an empty state.
+    assert signal["BBB"] == {"__failed__": origin}
+    for day in DATES[3:]:
+        assert rsi[day]["BBB"] == {"__failed__": origin}, day
+        assert set(rsi[day]["AAA"]) == {"closes", "rsi"}  # the other users are published
+    assert "__failed__" not in rsi[DATES[2]]["BBB"]
+    # The meta calculation never aggregates without BBB: it fails, naming the user.
+    assert market.status == "FAILED" and "upstream rsi failed for 1 user(s)" in market.error
+    assert "BBB" in market.error and before.status == "COMPLETED"
+    lines = first.lines()
+    assert lines == [
+        (
+            "9 cells failed: market 2024-01-04, market 2024-01-05, market 2024-01-08 and 6 more "
+            "(orchestrator runs --run ID)"
+        ),
+        "1 user failed in 1 cell: price_extractor 2024-01-04 (orchestrator failures)",
+        (
+            "18 users failed upstream or on an earlier date in 18 more cells: rsi 2024-01-04, "
+            "signal 2024-01-04, rsi 2024-01-05 and 15 more (orchestrator failures)"
+        ),
+    ]
+
+    for _ in range(2):  # retried until it is a dead letter (max_attempts = 3)
+        assert not run(project, workers).ok
+    orch = project.orchestrator()
+    assert orch.ledger.cell("price_extractor", BAD_DAY).status == "DEAD_LETTER"
+    orch.close()
+
+    project.write_prices(rows(bad=False))  # the fix
+    orch = project.orchestrator()
+    planned = orch.plan(TARGET).decisions
+    orch.close()
+    fixed = planned[("price_extractor", BAD_DAY)]
+    assert fixed.reason is Reason.ROOT_DATA_CHANGED and "prices on 2024-01-04" in fixed.detail
+    healed = run(project, workers)
+    assert healed.ok and healed.exit_code == 0, healed.lines()
+    assert healed.executed[("rsi", DATES[-1])] == "UPSTREAM_CHANGED"  # the heal flowed forward
+    assert hashes(project) == from_scratch(tmp_path)
+
+
+def test_a_raising_user_propagates_to_its_successors_and_heals_with_the_code(
+    project: Project, tmp_path: Path
+) -> None:
+    broken = BASE.replace(
+        '        close = ctx.upstream["price_extractor"]["close"]\n',
+        '        close = ctx.upstream["price_extractor"]["close"]\n'
+        f"        if ctx.user == 'CCC' and ctx.date.isoformat() == '{BAD_DAY.isoformat()}':\n"
+        "            raise ZeroDivisionError('bad tick')\n",
+    )
+    project.write_prices(rows(bad=False))
+    project.write_calcs(broken)
+    first = run(project, 1)
+    assert not first.ok
+    orch = project.orchestrator()
+    later = orch.load_result("rsi", DATES[-1])
+    orch.close()
+    assert later["CCC"]["__failed__"]["error"] == "ZeroDivisionError: bad tick"
+    assert later["CCC"]["__failed__"]["date"] == BAD_DAY.isoformat()
+    project.write_calcs(BASE)  # the fix: CODE_CHANGED re-runs rsi and it heals forward
+    assert run(project, 1).ok
+    assert hashes(project) == from_scratch(tmp_path)
