@@ -267,7 +267,7 @@ def show(ctx: click.Context, calc: str, date: dt.date, user: str | None) -> None
             result = orch.load_result(calc, date)
     finally:
         orch.close()
-    origin = failure_of(result)
+    origin = failure_of(result) if user is not None else None
     if user is not None and origin is not None:
         click.echo(f"Error: {calc} on {date}: {describe_failure(user, origin)}", err=True)
         ctx.exit(1)

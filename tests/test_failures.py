@@ -101,6 +101,13 @@ def test_three_of_sixty_failing_users_are_seen_retried_and_dead_lettered(
     assert "rank 2024-03-04 user U023 (upstream," in downstream.output
     assert "upstream score failed for user U023 on 2024-03-04" in downstream.output
 
+    shown = cli(project, "show", "score", DAY.isoformat())
+    assert shown.exit_code == 0 and '"__failed__"' in shown.stdout
+    assert "note: 3 user(s) failed in score on 2024-03-04" in shown.stderr
+    one = cli(project, "show", "score", DAY.isoformat(), "--user", "U023")
+    assert one.exit_code == 1
+    assert "score failed for user U023 on 2024-03-04: ValueError: no quote for U023" in one.stderr
+
     runs = cli(project, "runs", "--run", run_id_of(first))
     assert f"run {run_id_of(first)} FAILED exit 1" in runs.output
     assert "3 users failed in 1 cell: score 2024-03-04 (orchestrator failures)" in runs.output
