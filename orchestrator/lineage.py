@@ -286,13 +286,20 @@ def trace(cls: type, local_prefix: str | None = None) -> Lineage:
         stmt = defs.get(head)
         if stmt is None:
             continue
+        key = head if module == home else f"{_relative(module, prefix)}:{head}"
         if isinstance(stmt, (ast.Import, ast.ImportFrom)):
-            _follow_import(stmt, module, head, attribute, local, lineage, pending)
+            binding = _follow_import(stmt, module, head, attribute, local, lineage, pending)
+            if binding is not None:
+                # What a name imported from outside the project is bound to is part of the
+                # code: ``from math import floor as rnd`` -> ``ceil as rnd`` changes behaviour
+                # with every use of ``rnd`` unchanged.
+                if module == home:
+                    lineage.proof[key] = proof_form(binding)
+                (lineage.code if module == home else lineage.layers)[key] = normalise(binding)
             continue
         if attribute:  # an attribute of a local object: the object itself is the part
             pending.append((module, head))
             continue
-        key = head if module == home else f"{_relative(module, prefix)}:{head}"
         if module == home:
             if isinstance(stmt, (ast.FunctionDef, ast.AsyncFunctionDef)):
                 lineage.statements[key] = [d for d, _ in statement_digests(stmt)]
@@ -310,9 +317,16 @@ def _follow_import(
     local: object,
     lineage: Lineage,
     pending: list[tuple[str, str]],
-) -> None:
-    """Resolve ``name`` (optionally ``name.attribute``) bound by an import statement."""
+) -> ast.stmt | None:
+    """Resolve ``name`` (optionally ``name.attribute``) bound by an import statement.
+
+    Returns:
+        For a name bound to something outside the project (a package, the standard
+        library, the engine), the import of that one name with its module made absolute —
+        ``from math import floor as rnd`` — else None (project-local names are followed).
+    """
     assert callable(local)
+    external: list[ast.alias] = []
     for alias in stmt.names:
         bound = (alias.asname or alias.name).split(".")[0]
         if bound != name:
@@ -334,6 +348,7 @@ def _follow_import(
                 tree = _module_source(target)
                 pending.extend((target, n) for n in (_definitions(tree) if tree else {}))
         else:
+            external.append(ast.alias(alias.name, alias.asname))
             top = target.split(".")[0]
             # The engine's own version is not the calculation's infrastructure: our result
             # and hash formats (in every infra hash) are what a new engine may change.
@@ -341,3 +356,8 @@ def _follow_import(
                 found = _distribution_of(top)
                 if found:
                     lineage.packages[found[0]] = found[1]
+    if not external:
+        return None
+    if isinstance(stmt, ast.ImportFrom):
+        return ast.ImportFrom(module=_absolute(stmt, module), names=external, level=0)
+    return ast.Import(names=external)

@@ -433,33 +433,60 @@ def test_why_explains_a_cell_from_its_fingerprint_parts(built: Project) -> None:
     assert bad.exit_code == 2
 
 
+def probe_lineage(source: str):
+    """The lineage of class ``Probe`` defined by ``source`` in a throwaway module."""
+    import importlib.util
+    import sys
+
+    path = Path(__file__).parent / f"_lineage_probe_{next(_versions)}.py"
+    path.write_text(source)
+    try:
+        spec = importlib.util.spec_from_file_location(path.stem, path)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[path.stem] = module
+        spec.loader.exec_module(module)
+        return trace(module.Probe)
+    finally:
+        path.unlink()
+        sys.modules.pop(path.stem, None)
+
+
 def test_lineage_records_imported_packages_and_ignores_the_stdlib() -> None:
     import importlib.metadata
-    import types
 
-    module = types.ModuleType("lineage_probe")
-    source = (
+    lineage = probe_lineage(
         "import json\nimport zstandard\nfrom orchestrator import StandardCalculation\n"
         "class Probe(StandardCalculation):\n"
         "    def process(self, ctx):\n        return {'v': json.dumps(zstandard.__name__)}\n"
     )
-    path = Path(__file__).parent / "_lineage_probe_tmp.py"
-    path.write_text(source)
-    try:
-        import importlib.util
-
-        spec = importlib.util.spec_from_file_location("lineage_probe", path)
-        module = importlib.util.module_from_spec(spec)
-        import sys
-
-        sys.modules["lineage_probe"] = module
-        spec.loader.exec_module(module)
-        lineage = trace(module.Probe)
-    finally:
-        path.unlink()
-        sys.modules.pop("lineage_probe", None)
     assert lineage.packages == {"zstandard": importlib.metadata.version("zstandard")}
-    assert set(lineage.code) == {"Probe", "Probe.process"}
+    # What each imported name is bound to is code too.
+    assert set(lineage.code) == {
+        "Probe",
+        "Probe.process",
+        "json",
+        "zstandard",
+        "StandardCalculation",
+    }
+
+
+def test_rebinding_an_imported_name_changes_the_code_hash() -> None:
+    # Every use of ``rnd`` is unchanged, yet ceil is not floor: never the same code.
+    source = (
+        "from math import floor as rnd\nfrom orchestrator import StandardCalculation\n"
+        "class Probe(StandardCalculation):\n"
+        "    def process(self, ctx):\n        return {'v': rnd(2.5)}\n"
+    )
+    floor = probe_lineage(source)
+    ceil = probe_lineage(source.replace("floor as rnd", "ceil as rnd"))
+    assert floor.code_hash != ceil.code_hash
+    assert floor.proof_hash != ceil.proof_hash
+    assert floor.code["rnd"] != ceil.code["rnd"]
+    # Formatting of the import does not count.
+    spaced = probe_lineage(
+        source.replace("from math import floor as rnd", "from math import (floor as rnd)")
+    )
+    assert spaced.code_hash == floor.code_hash
 
 
 def test_infrastructure_change_names_the_package(project: Project, exec_log) -> None:
