@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Cron entry point of the nightly job. Runs the plan up to yesterday (UTC) for one config and
-# keeps a log per day. Exit code: 0 all good, 1 some cells failed, 2 configuration/lock error.
+# keeps a log per day. Exit code: 0 only when every cell is complete and clean; 1 when not
+# (failed cells or users, dead letters, cells blocked by a failure: one summary line each in
+# the log); 2 configuration/lock error.
 #
 #   crontab:  30 2 * * *  /path/to/orchestrator/scripts/nightly.sh /path/to/orchestrator.toml
 set -euo pipefail
