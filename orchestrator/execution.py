@@ -14,6 +14,16 @@ flushed as compressed shards every ``flush_users`` users or ``shard_bytes`` byte
 written under a fresh generation no reader looks at, and the cell is published (its generation
 switched) in one transaction only after every user succeeded or the failure rate stayed under
 the cell's ``max_failure_rate``. A failure records the traceback; dependents are BLOCKED.
+
+Failed users: a user whose calculation raised, or whose root rows were malformed, gets a
+failure marker as its result (``results.failure_marker``: part of the result hash) and its
+traceback stored (``STORED_FAILURES`` per cell); the cell is published PARTIAL, retried by
+later runs until clean or dead-lettered. A user whose upstream or previous result is a marker
+fails the same way in the dependent (the marker names where it failed first) without user
+code seeing it, and a meta calculation over markers fails naming the users. So a failure is
+never read as "no result" or "empty state", and fixing it changes hashes that re-run whatever
+consumed it. After the run, ``_verdict`` reads the ledger for the range: failed users, dead
+letters and cells blocked by a failure make the run not clean (exit code 1).
 """
 
 from __future__ import annotations
