@@ -409,8 +409,18 @@ class Executor:
         standard = {k[0] for k in work if self.manifest.calcs[k[0]].is_standard}
         if self.workers <= 1 or not standard:
             return self._execute()
+        # The users a cell walks come from its root data or, for a cell without root data,
+        # from its standard upstream results, whose users came from root data further up:
+        # sample the root data of the whole standard upstream closure, so a run that
+        # re-runs only upstream-driven cells still splits its users evenly.
+        calcs, sources, stack = self.manifest.calcs, set(), list(standard)
+        while stack:
+            name = stack.pop()
+            if name not in sources:
+                sources.add(name)
+                stack.extend(d for d in calcs[name].dependencies if calcs[d].is_standard)
         users: set[str] = set()
-        for ds in {ds for name in standard for ds in self.manifest.calcs[name].root_data}:
+        for ds in {ds for name in sources for ds in calcs[name].root_data}:
             # opened before the fork: held in memory it is shared copy-on-write
             users.update(self.dataset(ds).user_sample())
         with WorkerPool(self, self.workers, users) as pool:

@@ -37,19 +37,49 @@ if TYPE_CHECKING:
 class Partition(NamedTuple):
     """Contiguous ranges of user ids, one per worker: ``boundaries[k-1] <= user <
     boundaries[k]`` belongs to worker k. Ranges, not hashes, so the workers' outputs
-    concatenate in user order (no merge) and each worker cuts and compresses its own shards."""
+    concatenate in user order (no merge) and each worker cuts and compresses its own shards.
+
+    There are always ``count - 1`` boundaries, however few users were sampled: every worker
+    has a span (possibly empty) and every user id belongs to exactly one of them."""
 
     boundaries: tuple[str, ...]
 
     @classmethod
     def balanced(cls, users: set[str], count: int) -> Partition:
+        """Ranges holding about as many of ``users`` each.
+
+        Args:
+            users: a sample of the user ids (any sample gives correct results; a
+                representative one balances the work). May be empty: then the last worker
+                takes every user (boundaries ``""`` sort before every id).
+            count: number of workers, >= 1.
+
+        Returns:
+            A partition with ``count`` spans.
+
+        Raises:
+            ValueError: ``count`` < 1.
+        """
+        if count < 1:
+            raise ValueError(f"a partition needs at least one worker, not {count}")
         ordered = sorted(users)
-        return cls(
-            tuple(ordered[len(ordered) * k // count] for k in range(1, count)) if ordered else ()
-        )
+        if not ordered:
+            return cls(("",) * (count - 1))
+        return cls(tuple(ordered[len(ordered) * k // count] for k in range(1, count)))
+
+    @property
+    def size(self) -> int:
+        """Number of spans (workers)."""
+        return len(self.boundaries) + 1
 
     def span(self, index: int) -> tuple[str | None, str | None]:
-        """Worker ``index``'s users: ``lo <= user < hi`` (None: unbounded)."""
+        """Worker ``index``'s users: ``lo <= user < hi`` (None: unbounded).
+
+        Raises:
+            IndexError: ``index`` is not in ``0 .. size - 1``.
+        """
+        if not 0 <= index < self.size:
+            raise IndexError(f"worker {index} is outside a partition of {self.size}")
         b = self.boundaries
         return (b[index - 1] if index > 0 else None, b[index] if index < len(b) else None)
 
