@@ -18,13 +18,40 @@ import jinja2
 
 from orchestrator.planning import Decision, Plan, RootSummary, Status, decision_json
 
+# Everything a report shows may come from users or data (epoch reasons, error messages, user
+# ids, column names). HTML templates are escaped by name: they end in ``.html.j2``, which
+# ``select_autoescape(["html"])`` does not match (it tests the last suffix), so the list names
+# the full suffix — and every template not named as text is escaped too (fail safe).
+_TEXT_TEMPLATES = ("txt.j2", "md.j2")
+_LOADER = jinja2.PackageLoader("orchestrator.reporting", "templates")
+_OPTIONS: dict[str, Any] = {
+    "loader": _LOADER,
+    "trim_blocks": True,
+    "lstrip_blocks": True,
+    "keep_trailing_newline": True,
+}
 _env = jinja2.Environment(
-    loader=jinja2.PackageLoader("orchestrator.reporting", "templates"),
-    autoescape=jinja2.select_autoescape(["html"]),
-    trim_blocks=True,
-    lstrip_blocks=True,
-    keep_trailing_newline=True,
+    autoescape=jinja2.select_autoescape(
+        enabled_extensions=("html.j2", "html", "htm", "xml"),
+        disabled_extensions=_TEXT_TEMPLATES,
+        default_for_string=True,
+        default=True,
+    ),
+    **_OPTIONS,
 )
+
+
+def _markdown_cell(value: object) -> object:
+    """Every ``{{ value }}`` of a Markdown template: Markdown viewers render raw HTML, and a
+    ``|`` or a newline would break the table row, so ``&``, ``<`` (no tag can start) and
+    ``|`` are escaped and newlines become spaces; ``>`` stays readable (``a -> b``)."""
+    if value is None or isinstance(value, (int, float, dt.date)):
+        return value
+    text = str(value).replace("&", "&amp;").replace("<", "&lt;")
+    return text.replace("|", "\\|").replace("\r", " ").replace("\n", " ")
+
+
+_markdown_env = jinja2.Environment(autoescape=False, finalize=_markdown_cell, **_OPTIONS)
 
 
 @dataclass(frozen=True, slots=True)
@@ -134,5 +161,7 @@ def render(plan: Plan, fmt: str) -> str:
             },
             indent=None,
         )
-    template = {"text": "plan.txt.j2", "markdown": "plan.md.j2", "html": "plan.html.j2"}[fmt]
+    if fmt == "markdown":
+        return _markdown_env.get_template("plan.md.j2").render(**_context(plan))
+    template = {"text": "plan.txt.j2", "html": "plan.html.j2"}[fmt]
     return _env.get_template(template).render(**_context(plan))
