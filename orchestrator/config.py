@@ -8,6 +8,7 @@ so a cron job and a developer see the same files.
 
 from __future__ import annotations
 
+import difflib
 import os
 import tomllib
 from dataclasses import dataclass, field
@@ -106,6 +107,90 @@ def _has_tool_table(path: Path) -> bool:
         return False
 
 
+# Every key the file may hold: anything else is a typo (``workres``) to refuse, never to
+# ignore silently (the default would then be used without a word).
+TOP_KEYS = (
+    "database_url",
+    "calculations",
+    "system_epoch",
+    "root_data",
+    "calendar",
+    "flush_users",
+    "shard_bytes",
+    "workers",
+    "max_attempts",
+    "lease_seconds",
+    "memory_budget_mb",
+    "memory_fraction",
+    "packages",
+    "work_dir",
+    "root_memory_mb",
+    "cosmetic_verdict",
+)
+ROOT_DATA_KEYS = ("path", "date_column", "user_column", "format", "complete_marker")
+
+# TOML's names for the types a key may hold (the messages speak TOML, not Python).
+_TOML_TYPES = {
+    bool: "boolean",
+    int: "integer",
+    float: "number",
+    str: "string",
+    list: "array",
+    dict: "table",
+}
+
+
+def _toml_type(value: object) -> str:
+    return next((n for t, n in _TOML_TYPES.items() if type(value) is t), type(value).__name__)
+
+
+class _Checker:
+    """Typed access to one table of the file; each error names the file and the dotted key."""
+
+    def __init__(self, where: str):
+        self.where = where
+
+    def fail(self, message: str) -> ConfigError:
+        return ConfigError(f"{self.where}: {message}")
+
+    def known(self, table: dict[str, Any], keys: tuple[str, ...], prefix: str = "") -> None:
+        """Refuse a key not in ``keys``, with the closest known key as a hint.
+
+        Raises:
+            ConfigError: an unknown key.
+        """
+        for key in sorted(set(table) - set(keys)):
+            close = difflib.get_close_matches(key, keys, n=1)
+            hint = (
+                f"did you mean '{prefix}{close[0]}'?" if close else "known keys: " + ", ".join(keys)
+            )
+            raise self.fail(f"unknown key '{prefix}{key}'; {hint}")
+
+    def get(self, table: dict[str, Any], key: str, kind: type, default: Any, name: str = "") -> Any:
+        """``table[key]`` (or ``default`` when absent) checked to be exactly of TOML type
+        ``kind``: a boolean is not an integer (``workers = true`` is refused); an integer is
+        a number.
+
+        Raises:
+            ConfigError: the value has another type.
+        """
+        if key not in table:
+            return default
+        value = table[key]
+        ok = (
+            isinstance(value, (int, float)) and not isinstance(value, bool)
+            if kind is float
+            else isinstance(value, kind) and (kind is bool or not isinstance(value, bool))
+        )
+        if not ok:
+            wanted = _TOML_TYPES.get(kind, kind.__name__)
+            article = "an" if wanted[0] in "aeiou" else "a"
+            raise self.fail(
+                f"'{name or key}' must be {article} {wanted}, found {_toml_type(value)} {value!r}"
+            )
+        return value
+
+
 def load_config(path: str | os.PathLike[str] | None = None, db_url: str | None = None) -> Config:
     """Read and validate a TOML config file.
 
@@ -116,7 +201,9 @@ def load_config(path: str | os.PathLike[str] | None = None, db_url: str | None =
         db_url: a ``--db`` override (wins over the environment and the file).
 
     Raises:
-        ConfigError: the file is missing, is not valid TOML, or a key has a wrong type.
+        ConfigError: the file is missing or is not valid TOML; a key is unknown (the message
+            suggests the closest known key), has a wrong type or an invalid value (the message
+            names the key).
     """
     cfg_path = Path(path or "orchestrator.toml").resolve()
     if path is None and not cfg_path.is_file() and _has_tool_table(Path("pyproject.toml")):
@@ -128,87 +215,102 @@ def load_config(path: str | os.PathLike[str] | None = None, db_url: str | None =
         )
     try:
         raw: dict[str, Any] = tomllib.loads(cfg_path.read_text())
+    except OSError as e:
+        raise ConfigError(f"cannot read config file {cfg_path}: {e.strerror or e}") from e
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{cfg_path} is not UTF-8 text: {e}") from e
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{cfg_path} is not valid TOML: {e}") from e
+    where = str(cfg_path)
     if cfg_path.name == "pyproject.toml":
         raw = raw.get("tool", {}).get("orchestrator")
         if not isinstance(raw, dict):
             raise ConfigError(f"{cfg_path} has no [tool.orchestrator] table")
+        where = f"{cfg_path} [tool.orchestrator]"
     base = cfg_path.parent
+    check = _Checker(where)
+    check.known(raw, TOP_KEYS)
 
-    def need(key: str, value: Any, kind: type) -> Any:
-        if not isinstance(value, kind):
-            raise ConfigError(
-                f"{cfg_path}: '{key}' must be a {kind.__name__}, found {type(value).__name__}"
-            )
-        return value
+    def get(key: str, kind: type, default: Any) -> Any:
+        return check.get(raw, key, kind, default)
 
-    url = db_url or os.environ.get(DB_ENV) or raw.get("database_url") or "sqlite:///orchestrator.db"
-    url = _resolve_db_url(need("database_url", url, str), base)
+    # The file's value is checked even when the environment or --db wins over it.
+    file_url = get("database_url", str, None)
+    url = db_url or os.environ.get(DB_ENV) or file_url or "sqlite:///orchestrator.db"
+    url = _resolve_db_url(url, base)
 
-    calcs = need("calculations", raw.get("calculations", "calculations"), str)
+    calcs = get("calculations", str, "calculations")
     if "/" in calcs or calcs.startswith("."):  # a folder path, not a dotted package name
         calcs = str((base / calcs).resolve())
 
-    epoch_file = base / need("system_epoch", raw.get("system_epoch", "system_epoch.py"), str)
+    epoch_file = base / get("system_epoch", str, "system_epoch.py")
 
     roots: dict[str, RootDataConfig] = {}
-    for name, table in need("root_data", raw.get("root_data", {}), dict).items():
-        need(f"root_data.{name}", table, dict)
+    for name, table in get("root_data", dict, {}).items():
+        key = f"root_data.{name}"
+        if not isinstance(table, dict):
+            raise check.fail(
+                f"'{key}' must be a table ([root_data.{name}] with a 'path'), "
+                f"found {_toml_type(table)} {table!r}"
+            )
+        check.known(table, ROOT_DATA_KEYS, f"{key}.")
+
+        def field_(option: str, default: Any, table: dict[str, Any] = table, key: str = key) -> Any:
+            return check.get(table, option, str, default, f"{key}.{option}")
+
         if "path" not in table:
-            raise ConfigError(f"{cfg_path}: [root_data.{name}] needs a 'path'")
-        fmt = table.get("format")
+            raise check.fail(f"[root_data.{name}] needs a 'path'")
+        fmt = field_("format", None)
         if fmt not in (None, "csv", "parquet"):
-            raise ConfigError(f"{cfg_path}: [root_data.{name}] format must be 'csv' or 'parquet'")
+            raise check.fail(f"'{key}.format' must be 'csv' or 'parquet', found {fmt!r}")
+        marker = field_("complete_marker", None)
         roots[name] = RootDataConfig(
             name=name,
-            path=(base / need(f"root_data.{name}.path", table["path"], str)).resolve(),
-            date_column=need("date_column", table.get("date_column", "date"), str),
-            user_column=need("user_column", table.get("user_column", "user"), str),
+            path=(base / field_("path", None)).resolve(),
+            date_column=field_("date_column", "date"),
+            user_column=field_("user_column", "user"),
             format=fmt,
-            complete_marker=(
-                (base / need(f"root_data.{name}.complete_marker", marker, str)).resolve()
-                if (marker := table.get("complete_marker")) is not None
-                else None
-            ),
+            complete_marker=(base / marker).resolve() if marker is not None else None,
         )
 
-    calendar = need("calendar", raw.get("calendar", "data"), str)
+    calendar = get("calendar", str, "data")
     if calendar not in ("data", "daily"):
-        raise ConfigError(f"{cfg_path}: calendar must be 'data' or 'daily', found {calendar!r}")
-    flush_users = need("flush_users", raw.get("flush_users", 5000), int)
-    shard_bytes = need("shard_bytes", raw.get("shard_bytes", 4 * 1024 * 1024), int)
-    if flush_users < 1 or shard_bytes < 1024:
-        raise ConfigError(f"{cfg_path}: flush_users must be >= 1 and shard_bytes >= 1024")
-    packages = raw.get("packages")
-    if packages is not None and (
-        not isinstance(packages, list) or not all(isinstance(p, str) for p in packages)
-    ):
-        raise ConfigError(f"{cfg_path}: packages must be a list of distribution names")
-    workers = need("workers", raw.get("workers", 1), int)
-    max_attempts = need("max_attempts", raw.get("max_attempts", 3), int)
-    lease_seconds = need("lease_seconds", raw.get("lease_seconds", 600), int)
-    budget = raw.get("memory_budget_mb")
-    if budget is not None and (not isinstance(budget, int) or budget < 1):
-        raise ConfigError(f"{cfg_path}: memory_budget_mb must be a positive int, found {budget!r}")
-    fraction = raw.get("memory_fraction", 0.7)
-    if not isinstance(fraction, (int, float)) or not 0 < fraction <= 1:
-        raise ConfigError(f"{cfg_path}: memory_fraction must be in (0, 1], found {fraction!r}")
-    if lease_seconds < 10:
-        raise ConfigError(f"{cfg_path}: lease_seconds must be >= 10, found {lease_seconds}")
-    if max_attempts < 1:
-        raise ConfigError(f"{cfg_path}: max_attempts must be >= 1, found {max_attempts}")
+        raise check.fail(f"'calendar' must be 'data' or 'daily', found {calendar!r}")
+    flush_users = get("flush_users", int, 5000)
+    if flush_users < 1:
+        raise check.fail(f"'flush_users' must be >= 1, found {flush_users}")
+    shard_bytes = get("shard_bytes", int, 4 * 1024 * 1024)
+    if shard_bytes < 1024:
+        raise check.fail(f"'shard_bytes' must be >= 1024, found {shard_bytes}")
+    packages = get("packages", list, None)
+    for i, package in enumerate(packages or ()):
+        if not isinstance(package, str):
+            raise check.fail(
+                f"'packages' must be an array of distribution names, found {_toml_type(package)} "
+                f"{package!r} at position {i}"
+            )
+    workers = get("workers", int, 1)
     if workers < 1:
-        raise ConfigError(f"{cfg_path}: workers must be >= 1, found {workers}")
-    root_memory_mb = need("root_memory_mb", raw.get("root_memory_mb", 64), int)
+        raise check.fail(f"'workers' must be >= 1, found {workers}")
+    max_attempts = get("max_attempts", int, 3)
+    if max_attempts < 1:
+        raise check.fail(f"'max_attempts' must be >= 1, found {max_attempts}")
+    lease_seconds = get("lease_seconds", int, 600)
+    if lease_seconds < 10:
+        raise check.fail(f"'lease_seconds' must be >= 10, found {lease_seconds}")
+    budget = get("memory_budget_mb", int, None)
+    if budget is not None and budget < 1:
+        raise check.fail(f"'memory_budget_mb' must be a positive integer, found {budget}")
+    fraction = get("memory_fraction", float, 0.7)
+    if not 0 < fraction <= 1:
+        raise check.fail(f"'memory_fraction' must be in (0, 1], found {fraction!r}")
+    root_memory_mb = get("root_memory_mb", int, 64)
     if root_memory_mb < 0:
-        raise ConfigError(f"{cfg_path}: root_memory_mb must be >= 0, found {root_memory_mb}")
-    work_dir = base / need("work_dir", raw.get("work_dir", ".orchestrator"), str)
-    verdict = need("cosmetic_verdict", raw.get("cosmetic_verdict", "proof"), str)
+        raise check.fail(f"'root_memory_mb' must be >= 0, found {root_memory_mb}")
+    work_dir = base / get("work_dir", str, ".orchestrator")
+    verdict = get("cosmetic_verdict", str, "proof")
     if verdict not in COSMETIC_VERDICTS:
-        raise ConfigError(
-            f"{cfg_path}: cosmetic_verdict must be 'proof' or 'simulation', found {verdict!r}"
-        )
+        raise check.fail(f"'cosmetic_verdict' must be 'proof' or 'simulation', found {verdict!r}")
     return Config(
         path=cfg_path,
         database_url=url,
