@@ -27,7 +27,7 @@ from typing import Any
 import click
 
 from orchestrator.app import Orchestrator
-from orchestrator.errors import OrchestratorError
+from orchestrator.errors import ConfigError, OrchestratorError
 from orchestrator.planning import decision_json
 from orchestrator.results import describe_failure, failure_of
 
@@ -50,18 +50,45 @@ DATE = DateType()
 
 
 def _handle_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """The single error handler: an ``OrchestratorError`` is printed as one ``Error: ...``
+    line with its family's exit code; any other exception (a bug) as one line too, exit 1,
+    pointing at ``--debug``; ``--debug`` re-raises with the traceback. click's own exits and
+    usage errors pass through."""
+
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         ctx = click.get_current_context()
         try:
             return fn(*args, **kwargs)
+        except (click.exceptions.Exit, click.ClickException, click.Abort):
+            raise
         except OrchestratorError as e:
             if ctx.obj.get("debug"):
                 raise
-            click.echo(f"Error: {e}", err=True)
+            click.echo(f"Error: {_one_line(e)}", err=True)
             ctx.exit(e.exit_code)
+        except Exception as e:  # an unexpected error (a bug): still one line for cron
+            if ctx.obj.get("debug"):
+                raise
+            click.echo(
+                f"Error: unexpected {type(e).__name__}: {_one_line(e)} (run again with --debug "
+                "for the traceback)",
+                err=True,
+            )
+            ctx.exit(1)
 
     return wrapper
+
+
+def _one_line(error: BaseException) -> str:
+    """The error's message as one line (a worker's traceback, an SQL statement, ... are
+    cut to their first line, the last of a traceback)."""
+    lines = [line for line in str(error).strip().splitlines() if line.strip()]
+    if not lines:
+        return type(error).__name__
+    if len(lines) > 1 and lines[1].startswith("Traceback"):
+        return f"{lines[0]} {lines[-1].strip()}"
+    return lines[0]
 
 
 def _orch(ctx: click.Context, progress: bool = False) -> Orchestrator:
@@ -160,13 +187,21 @@ def plan(ctx: click.Context, date: dt.date | None, fmt: str, output: Path | None
     """The dry-run analysis report: what would run and why. Executes nothing."""
     from orchestrator.reporting import render
 
+    if output is not None and not output.parent.is_dir():  # before the work of planning
+        raise ConfigError(
+            f"cannot write the report to {output}: folder {output.parent} does not exist; "
+            "create it or pass another --output"
+        )
     orch = _orch(ctx)
     try:
         text = render(orch.plan(date), fmt)
     finally:
         orch.close()
     if output:
-        output.write_text(text)
+        try:
+            output.write_text(text)
+        except OSError as e:
+            raise ConfigError(f"cannot write the report to {output}: {e.strerror or e}") from e
         click.echo(f"wrote {output}", err=True)
     else:
         click.echo(text, nl=not text.endswith("\n"))
@@ -368,15 +403,19 @@ def runs(ctx: click.Context, limit: int, run_id: str | None) -> None:
     try:
         if run_id is not None:
             record = orch.ledger.run(run_id)
-            if record is not None:
-                code = "-" if record.exit_code is None else record.exit_code
-                click.echo(
-                    f"run {record.run_id[:8]} {record.status} exit {code}: "
-                    f"{record.cells_completed} completed, {record.cells_failed} failed, "
-                    f"{record.cells_skipped} skipped"
+            if record is None:
+                raise ConfigError(
+                    f"no run with id {run_id!r}; `orchestrator runs` lists the recent runs"
                 )
-                for line in (record.summary or "").splitlines():
-                    click.echo(f"  {line}")
+            run_id = record.run_id  # the whole id: a prefix may match older runs too
+            code = "-" if record.exit_code is None else record.exit_code
+            click.echo(
+                f"run {record.run_id[:8]} {record.status} exit {code}: "
+                f"{record.cells_completed} completed, {record.cells_failed} failed, "
+                f"{record.cells_skipped} skipped"
+            )
+            for line in (record.summary or "").splitlines():
+                click.echo(f"  {line}")
             for a in orch.ledger.attempts_of_run(run_id):
                 took = (a.finished_at - a.started_at).total_seconds()
                 reasons = ", ".join(f"{k} {v}" for k, v in sorted((a.flush_reasons or {}).items()))

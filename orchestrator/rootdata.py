@@ -210,7 +210,8 @@ class FileSource:
         """Digest of the raw bytes of every file plus the parsing settings (no parsing).
 
         Raises:
-            RootDataError: the path does not exist or holds no readable file.
+            RootDataError: the path does not exist or holds no readable file, or a
+                single-file source cannot be read.
         """
         files = files_of(self.config.path)
         if not files:
@@ -221,9 +222,18 @@ class FileSource:
         h.update(encode(["source", 1, self.config.date_column, self.config.user_column]))
         for path in files:
             h.update(encode(path.name))
-            with path.open("rb") as f:
-                while chunk := f.read(1 << 20):
-                    h.update(chunk)
+            try:
+                with path.open("rb") as f:
+                    while chunk := f.read(1 << 20):
+                        h.update(chunk)
+            except OSError as e:
+                if len(files) == 1:
+                    raise RootDataError(
+                        f"cannot read root data file {path}: {e.strerror or e}"
+                    ) from e
+                # A folder's unreadable file is skipped by the reader and reported; its
+                # becoming readable later must change the digest.
+                h.update(encode(["unreadable", path.name]))
         return h.hexdigest()
 
     def complete_through(self) -> dt.date | None:

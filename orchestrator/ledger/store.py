@@ -12,10 +12,13 @@ The schema is created and upgraded only by the Alembic migrations in ``migration
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import json
 import socket
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+import sqlite3
+import time
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -41,6 +44,7 @@ from sqlalchemy import (
     tuple_,
     update,
 )
+from sqlalchemy.engine import ExceptionContext, make_url
 from sqlalchemy.exc import IntegrityError, OperationalError, SQLAlchemyError
 
 from orchestrator import faults
@@ -215,30 +219,82 @@ class CellWrite:
     failures: Sequence[Mapping[str, str]] = ()
 
 
+# How long a command waits for a database held by another process (an SQLite write lock, the
+# schema migration lock) before it gives up with a one-line error (exit 2). Long enough for a
+# run's publish transaction or another process's migration; short enough that a stuck or
+# forgotten process is reported to cron instead of hanging it.
+LOCK_WAIT_SECONDS = 30.0
+
+# Key of the PostgreSQL advisory lock that serialises schema migrations (any fixed 64-bit
+# number; this one spells "orch" "migr" in ASCII).
+MIGRATION_LOCK_KEY = 0x6F726368_6D696772
+
+
 def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
     cur = dbapi_conn.cursor()
+    # First, so that the pragmas below wait for a lock too (switching a fresh file to WAL
+    # needs one).
+    cur.execute(f"PRAGMA busy_timeout={int(LOCK_WAIT_SECONDS * 1000)}")
     # WAL lets readers (show, plan) work during a run; NORMAL keeps commits cheap and is still
     # durable across process crashes (only an OS crash can lose the last transactions).
     cur.execute("PRAGMA journal_mode=WAL")
     cur.execute("PRAGMA synchronous=NORMAL")
     cur.execute("PRAGMA foreign_keys=ON")
-    cur.execute("PRAGMA busy_timeout=30000")
     cur.close()
+
+
+def _sqlite_path(url: str) -> Path | None:
+    """The database file of an SQLite URL; None for an in-memory database."""
+    database = make_url(url).database
+    if not database or database == ":memory:" or database.startswith("file:"):
+        return None
+    return Path(database)
+
+
+def _sqlite_errors(path: Path | None) -> Callable[[ExceptionContext], None]:
+    """A ``handle_error`` hook turning SQLite's "database is locked" (a write lock held by
+    another process past the busy timeout) and "unable to open database file" into one-line
+    ``StorageError``s naming the file."""
+
+    def handle(context: ExceptionContext) -> None:
+        error = context.original_exception
+        if not isinstance(error, sqlite3.OperationalError):
+            return
+        where = path or "(in memory)"
+        if "locked" in str(error):
+            raise StorageError(
+                f"the ledger database {where} is locked by another process (waited "
+                f"{LOCK_WAIT_SECONDS:g} s); is another orchestrator command running? "
+                "Try again when it has finished"
+            ) from error
+        if "unable to open" in str(error):
+            raise StorageError(
+                f"cannot open or create the SQLite ledger {where}: {error}; check that its "
+                "folder is writable and that the path is not a folder"
+            ) from error
+
+    return handle
 
 
 def make_engine(url: str) -> Engine:
     """An engine for ``url`` with our SQLite settings.
 
     Raises:
-        StorageError: the URL is malformed or its driver is missing.
+        StorageError: the URL is malformed or its driver is missing; an SQLite file's folder
+            does not exist (a typo would otherwise start an empty ledger silently).
     """
     try:
         if url.startswith("sqlite"):
-            path = url.split("///", 1)[-1]
-            if path and path != ":memory:":
-                Path(path).parent.mkdir(parents=True, exist_ok=True)
+            path = _sqlite_path(url)
+            if path is not None and not path.parent.is_dir():
+                raise StorageError(
+                    f"cannot create the SQLite ledger {path}: its folder {path.parent} does not "
+                    "exist (or is not a folder); create it, or fix database_url "
+                    "(or --db / ORCHESTRATOR_DB_URL)"
+                )
             engine = create_engine(url)
             event.listen(engine, "connect", _sqlite_pragmas)
+            event.listen(engine, "handle_error", _sqlite_errors(path))
             return engine
         if url.startswith("postgresql://"):
             url = "postgresql+psycopg://" + url[len("postgresql://") :]
@@ -269,19 +325,57 @@ def current_revision(engine: Engine) -> str | None:
         return MigrationContext.configure(conn).get_current_revision()
 
 
+@contextlib.contextmanager
+def _migrating(engine: Engine) -> Iterator[Connection]:
+    """One transaction holding the schema migration lock, so that two processes opening an
+    empty database at once do not both create the schema: the second waits (at most
+    ``LOCK_WAIT_SECONDS``) and then finds the schema at head, a no-op for Alembic.
+
+    PostgreSQL: a transaction-level advisory lock on ``MIGRATION_LOCK_KEY`` (released by the
+    commit, with the migration's transactional DDL). SQLite: ``BEGIN EXCLUSIVE`` — the
+    database's own write lock, waited for through the busy timeout — which also makes the
+    whole migration one atomic transaction.
+
+    Raises:
+        StorageError: another process held the lock past ``LOCK_WAIT_SECONDS``.
+    """
+    with engine.begin() as conn:
+        if engine.dialect.name == "postgresql":
+            deadline = time.monotonic() + LOCK_WAIT_SECONDS
+            while not conn.execute(
+                text("SELECT pg_try_advisory_xact_lock(:key)"), {"key": MIGRATION_LOCK_KEY}
+            ).scalar():
+                if time.monotonic() > deadline:
+                    raise StorageError(
+                        "another process is migrating the ledger schema (PostgreSQL advisory "
+                        f"lock {MIGRATION_LOCK_KEY}; waited {LOCK_WAIT_SECONDS:g} s); try "
+                        "again when it has finished"
+                    )
+                time.sleep(0.05)
+        elif engine.dialect.name == "sqlite":
+            conn.exec_driver_sql("BEGIN EXCLUSIVE")
+        yield conn
+
+
 def upgrade(engine: Engine, revision: str = "head") -> None:
-    """Apply Alembic migrations up to ``revision``."""
+    """Apply Alembic migrations up to ``revision``, under the migration lock (``_migrating``):
+    at most one process migrates at a time, the others then find nothing to do.
+
+    Raises:
+        StorageError: another process held the migration lock past ``LOCK_WAIT_SECONDS``.
+    """
     from alembic import command
 
-    with engine.begin() as conn:
+    with _migrating(engine) as conn:
         command.upgrade(_alembic_config(conn), revision)
 
 
 def downgrade(engine: Engine, revision: str) -> None:
-    """Revert Alembic migrations down to ``revision`` (``"base"`` drops every table)."""
+    """Revert Alembic migrations down to ``revision`` (``"base"`` drops every table), under
+    the migration lock."""
     from alembic import command
 
-    with engine.begin() as conn:
+    with _migrating(engine) as conn:
         command.downgrade(_alembic_config(conn), revision)
 
 
@@ -324,6 +418,18 @@ def _cells_in(table: Table, cells: Iterable[tuple[str, dt.date]]) -> ColumnEleme
     )
 
 
+def _safe(url: str) -> str:
+    """``url`` without its password, for messages."""
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except (SQLAlchemyError, ValueError):
+        return "(unparsable URL)"
+
+
+def _first(error: object) -> str:
+    return (str(error).strip().splitlines() or [""])[0]
+
+
 def _chunks(items: Sequence[Any], size: int) -> Iterator[Sequence[Any]]:
     for start in range(0, len(items), size):
         yield items[start : start + size]
@@ -347,7 +453,9 @@ class Ledger:
         try:
             revision = current_revision(engine)
         except OperationalError as e:
-            raise StorageError(f"cannot connect to the ledger database {url!r}: {e.orig}") from e
+            raise StorageError(
+                f"cannot connect to the ledger database {_safe(url)}: {_first(e.orig)}"
+            ) from e
         from alembic.script import ScriptDirectory
 
         known = {s.revision for s in ScriptDirectory(str(MIGRATIONS)).walk_revisions()}
@@ -362,6 +470,8 @@ class Ledger:
                     f"the ledger schema is at {revision or 'nothing'}, expected {heads[0]}; "
                     "run `orchestrator db upgrade`"
                 )
+            # (another process may be migrating right now: upgrade waits for its lock, then
+            # finds the schema at head)
             upgrade(engine)
         return cls(engine)
 
