@@ -16,14 +16,16 @@ import os
 import re
 import sqlite3
 import uuid
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 from typing import Any
 
+from sqlalchemy.exc import SQLAlchemyError
+
 from orchestrator.config import Config, load_config
-from orchestrator.errors import ConfigError, DefinitionError
+from orchestrator.errors import ConfigError, DefinitionError, StorageError
 from orchestrator.execution import Executor, RunSummary
 from orchestrator.fingerprint import infra_hash
 from orchestrator.ledger.store import Ledger, LedgerCell, Snapshot, lock_holder
@@ -70,24 +72,75 @@ def read_epoch(path: Path) -> int:
     raise ConfigError(f"{path} has no 'SYSTEM_EPOCH = <int>' line; add one (e.g. SYSTEM_EPOCH = 1)")
 
 
-def bump_epoch(path: Path) -> tuple[int, int]:
-    """Increment ``SYSTEM_EPOCH`` in ``path`` (creating the file if needed); (old, new)."""
+def bump_epoch(
+    path: Path, record: Callable[[int, Callable[[], None]], None] | None = None
+) -> tuple[int, int]:
+    """Increment ``SYSTEM_EPOCH`` in ``path`` (creating the file if needed).
+
+    With ``record``, file and ledger agree: ``record(new, write)`` records the bump in one
+    transaction and calls ``write()`` (which replaces the file) before committing. If
+    ``record`` fails — before the write (the insert failed: nothing was written) or after it
+    (the commit failed) — the file is put back as it was, and the error propagates.
+
+    Args:
+        path: the epoch file.
+        record: records the new epoch; None: only the file changes.
+
+    Returns:
+        (old, new) epoch.
+
+    Raises:
+        ConfigError: the file has no ``SYSTEM_EPOCH = <int>`` or cannot be written.
+    """
     old = read_epoch(path)
     new = old + 1
-    if path.exists():
+    previous = path.read_text() if path.exists() else None
+    if previous is not None:
         text = re.sub(
             r"^SYSTEM_EPOCH\s*=\s*\d+",
             f"SYSTEM_EPOCH = {new}",
-            path.read_text(),
+            previous,
             count=1,
             flags=re.MULTILINE,
         )
     else:
         text = f'"""Global salt of every cell fingerprint; bump to re-run everything."""\n\nSYSTEM_EPOCH = {new}\n'
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)  # atomic: a crash leaves the old or the new file, never half of one
+    written = False
+
+    def write() -> None:
+        nonlocal written
+        _replace_file(path, text)
+        written = True
+
+    try:
+        if record is None:
+            write()
+        else:
+            record(new, write)
+    except BaseException:
+        if written:  # recorded nowhere: the file goes back to the old epoch
+            if previous is None:
+                path.unlink(missing_ok=True)
+            else:
+                _replace_file(path, previous)
+        raise
     return old, new
+
+
+def _replace_file(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` atomically: a crash leaves the old or the new file, never
+    half of one.
+
+    Raises:
+        ConfigError: the file cannot be written.
+    """
+    tmp = path.with_suffix(".tmp")
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise ConfigError(f"cannot write the epoch file {path}: {e.strerror or e}") from e
 
 
 @dataclass(frozen=True, slots=True)
@@ -548,28 +601,47 @@ class Orchestrator:
         """Bump the global epoch (``system_epoch.py``) or one calculation's scoped epoch;
         the reason is stored and shown in the plan's EPOCH_CHANGED details.
 
+        All or nothing: a global bump is recorded in the ledger in the same transaction that
+        rewrites the file (see ``bump_epoch``), so if the ledger cannot record it the file
+        keeps the old epoch.
+
         Returns:
             (old, new) epoch.
 
         Raises:
             DefinitionError: unknown calculation.
+            StorageError: the ledger cannot be opened or cannot record the bump (nothing
+                changed).
+            ConfigError: the epoch file cannot be read or written (nothing changed).
         """
         now = dt.datetime.now(dt.UTC)
-        if calculation is None:
-            old, new = bump_epoch(self.config.epoch_file)
-        else:
-            if calculation not in self.manifest.calcs:
-                raise DefinitionError(
-                    f"unknown calculation '{calculation}'; "
-                    f"known: {', '.join(sorted(self.manifest.calcs))}"
+        if calculation is not None and calculation not in self.manifest.calcs:
+            raise DefinitionError(
+                f"unknown calculation '{calculation}'; "
+                f"known: {', '.join(sorted(self.manifest.calcs))}"
+            )
+        ledger = self.ledger  # opened (and migrated) before anything changes
+        where = f"{self.config.epoch_file} is unchanged" if calculation is None else "no change"
+        try:
+            if calculation is None:
+                return bump_epoch(
+                    self.config.epoch_file,
+                    lambda new, write: ledger.record_epoch_bump(
+                        None, new, reason, now, before_commit=write
+                    ),
                 )
             old = max(
-                (b.epoch for b in self.ledger.epoch_bumps() if b.calculation == calculation),
+                (b.epoch for b in ledger.epoch_bumps() if b.calculation == calculation),
                 default=0,
             )
-            new = old + 1
-        self.ledger.record_epoch_bump(calculation, new, reason, now)
-        return old, new
+            ledger.record_epoch_bump(calculation, old + 1, reason, now)
+            return old, old + 1
+        except SQLAlchemyError as e:
+            first = (str(getattr(e, "orig", None) or e).strip().splitlines() or [""])[0]
+            raise StorageError(
+                f"cannot record the epoch bump in the ledger ({type(e).__name__}: {first}); "
+                f"{where}; fix the database (`orchestrator db upgrade`?) and bump again"
+            ) from e
 
 
 def _verdict(

@@ -888,14 +888,23 @@ class Ledger:
         return out
 
     def record_epoch_bump(
-        self, calculation: str | None, epoch: int, reason: str, now: dt.datetime
+        self,
+        calculation: str | None,
+        epoch: int,
+        reason: str,
+        now: dt.datetime,
+        before_commit: Callable[[], None] | None = None,
     ) -> None:
+        """Record an epoch bump; ``before_commit`` (the epoch file's rewrite) runs inside the
+        transaction, after the insert: if it raises, nothing is recorded."""
         with self.engine.begin() as conn:
             conn.execute(
                 insert(BUMPS).values(
                     calculation=calculation, epoch=epoch, reason=reason, bumped_at=now
                 )
             )
+            if before_commit is not None:
+                before_commit()
 
     def restamp_code(self, calculation: str, old: str, new: str) -> int:
         """Record a proven-cosmetic code change: cells built by ``old`` now carry ``new``."""
