@@ -826,6 +826,20 @@ class Executor:
                         root = shared[root_names] = {ds: today[ds] for ds in root_names}
                     if not any(root.values()):
                         continue
+                    if lookback > 1:
+                        # A malformed row earlier in the window: the window is not the
+                        # user's history, so the user fails this date too (until fixed).
+                        bad = [
+                            where
+                            for ds in root_names
+                            for where in datasets[ds].window_problems(user, date, lookback)
+                        ]
+                        if bad:
+                            run.processed += 1
+                            error = f"malformed root data in its history window: {'; '.join(bad)}"
+                            _user_failed(run, user, date, error, error)
+                            self._flush_if_full(run)
+                            continue
                     history: Mapping[str, list[Any]] = (
                         _LazyHistory(datasets, root_names, user, date, lookback)
                         if lookback > 1

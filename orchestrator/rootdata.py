@@ -83,6 +83,7 @@ class Dataset:
     _span: tuple[str | None, str | None] = (None, None)
 
     _bad_users: dict[dt.date, dict[str, list[str]]] | None = None
+    _bad_by_user: dict[str, list[tuple[dt.date, list[str]]]] | None = None
 
     @property
     def bad_count(self) -> int:
@@ -137,6 +138,26 @@ class Dataset:
         hi = bisect.bisect_left(positions, end)
         return rows[starts[lo] : starts[hi]]
 
+    def window_problems(self, user: str, date: dt.date, lookback: int) -> list[str]:
+        """Locations of the user's malformed rows in its history window (the last
+        ``lookback`` available dates up to ``date``, as ``history``) before ``date`` itself,
+        whose problems ``stream`` reports: a window missing a malformed row is not the user's history, so
+        the user fails that date too. Same contract as ``StoredDataset.window_problems``."""
+        if not self.bad_rows or lookback < 2:
+            return []
+        if self._bad_by_user is None:
+            self._bad_by_user = {}
+            for (d, u), where in sorted(self.bad_rows.items()):
+                self._bad_by_user.setdefault(u, []).append((d, where))
+        bad = self._bad_by_user.get(user)
+        if not bad:
+            return []
+        end = bisect.bisect_right(self.dates, date)  # dates[:end] are <= date
+        if not end:
+            return []
+        first = self.dates[max(0, end - lookback)]
+        return [w for d, where in bad if first <= d < date for w in where]
+
     def focus(self, lo: str | None, hi: str | None) -> None:
         """Declare that this process reads the history of users ``lo <= user < hi`` only (a
         worker's span), so the history index covers just them."""
@@ -188,6 +209,8 @@ class RootData(Protocol):
     def rows_on(self, date: dt.date) -> list[Row]: ...
 
     def history(self, user: str, date: dt.date, lookback: int) -> list[Row]: ...
+
+    def window_problems(self, user: str, date: dt.date, lookback: int) -> list[str]: ...
 
     def user_sample(self, limit: int = 10_000) -> list[str]: ...
 

@@ -440,6 +440,7 @@ class StoredDataset:
         self.path = path
         self._conn: sqlite3.Connection | None = None
         self._pid = -1
+        self._bad_users: frozenset[str] | None = None
         conn = self._db()
         meta = {k: json.loads(v) for k, v in conn.execute("SELECT key, value FROM meta")}
         self.name: str = meta["name"]
@@ -557,6 +558,32 @@ class StoredDataset:
                 f"SELECT file, text FROM rows WHERE date IN ({marks}) AND user = ? AND bad = 0"
                 " ORDER BY date, file, line",
                 (*window, user),
+            )
+        ]
+
+    def window_problems(self, user: str, date: dt.date, lookback: int) -> list[str]:
+        """Locations of the user's malformed rows in its history window (the last
+        ``lookback`` available dates up to ``date``, as ``history``) before ``date`` itself,
+        whose problems ``stream`` reports. Users without any malformed row (nearly all)
+        cost a set lookup: their ids are read once."""
+        if lookback < 2:
+            return []
+        if self._bad_users is None:
+            self._bad_users = frozenset(
+                u for (u,) in self._db().execute("SELECT DISTINCT user FROM bad_rows")
+            )
+        if user not in self._bad_users:
+            return []
+        end = bisect.bisect_right(self.dates, date)
+        if not end:
+            return []
+        first = self.dates[max(0, end - lookback)]
+        return [
+            where
+            for (where,) in self._db().execute(
+                "SELECT location FROM bad_rows WHERE user = ? AND date >= ? AND date < ?"
+                " ORDER BY date, file, line",
+                (user, first.toordinal(), date.toordinal()),
             )
         ]
 

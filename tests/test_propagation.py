@@ -139,3 +139,50 @@ def test_a_raising_user_propagates_to_its_successors_and_heals_with_the_code(
     project.write_calcs(BASE)  # the fix: CODE_CHANGED re-runs rsi and it heals forward
     assert run(project, 1).ok
     assert hashes(project) == from_scratch(tmp_path)
+
+
+WINDOWED = """
+from orchestrator import StandardCalculation
+
+
+class Range3(StandardCalculation):
+    name = "range3"
+    root_data = ["prices"]
+    lookback = 3
+
+    def process(self, ctx):
+        closes = [r["close"] for r in ctx.history["prices"]]
+        return {"range": max(closes) - min(closes), "n": len(closes)}
+"""
+
+
+@pytest.mark.parametrize("in_memory", [True, False])
+def test_a_malformed_row_fails_every_window_that_holds_it_then_heals(
+    project: Project, tmp_path: Path, in_memory: bool
+) -> None:
+    # A window read without its malformed row would be a silently different result: the user
+    # fails on the bad date and on every later date whose window still holds it.
+    if not in_memory:
+        project.extra_config = "root_memory_mb = 0\n"  # the root store's path
+    project.write_prices(rows(bad=True))
+    project.write_calcs(WINDOWED)
+    assert not run(project, 1).ok
+    orch = project.orchestrator()
+    results = {d: orch.load_result("range3", d) for d in DATES}
+    orch.close()
+    bad_at = DATES.index(BAD_DAY)
+    for i, day in enumerate(DATES):
+        failed = "__failed__" in (results[day] or {}).get("BBB", {})
+        assert failed == (bad_at <= i < bad_at + 3), (day, results[day].get("BBB"))
+        assert "__failed__" not in results[day]["AAA"]
+    later = results[DATES[bad_at + 1]]["BBB"]["__failed__"]
+    assert "history window" in later["error"] and "close='1.2.3'" in later["error"]
+    # Fixed: the windows that held the row re-run and equal a from-scratch build.
+    project.write_prices(rows(bad=False))
+    assert run(project, 1).ok
+    scratch = Project(tmp_path / "scratch", f"sqlite:///{tmp_path / 'scratch.db'}")
+    scratch.root.mkdir()
+    scratch.write_prices(rows(bad=False))
+    scratch.write_calcs(WINDOWED)
+    assert run(scratch, 1).ok
+    assert hashes(project) == hashes(scratch)
