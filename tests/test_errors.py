@@ -167,7 +167,10 @@ def test_a_migration_held_by_another_process_past_the_wait(
             conn.exec_driver_sql("BEGIN EXCLUSIVE")
             expected = "is locked by another process (waited 0.3 s)"
         else:
-            conn.execute(text("SELECT pg_advisory_lock(:k)"), {"k": store.MIGRATION_LOCK_KEY})
+            conn.execute(
+                text(f"SELECT pg_advisory_lock(:k, {store.MIGRATION_LOCK_SCOPE})"),
+                {"k": store.MIGRATION_LOCK_KEY},
+            )
             expected = "another process is migrating the ledger schema"
         try:
             line = one_line_error(cli(project, "db", "upgrade"), 2)

@@ -225,9 +225,11 @@ class CellWrite:
 # forgotten process is reported to cron instead of hanging it.
 LOCK_WAIT_SECONDS = 30.0
 
-# Key of the PostgreSQL advisory lock that serialises schema migrations (any fixed 64-bit
-# number; this one spells "orch" "migr" in ASCII).
-MIGRATION_LOCK_KEY = 0x6F726368_6D696772
+# The PostgreSQL advisory lock that serialises schema migrations: two keys, this fixed one
+# ("orch" in ASCII) and a hash of the schema being migrated, so that ledgers in different
+# schemas of one database (projects, tests) never wait for each other.
+MIGRATION_LOCK_KEY = 0x6F726368
+MIGRATION_LOCK_SCOPE = "hashtext(current_schema())"
 
 
 def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
@@ -331,8 +333,8 @@ def _migrating(engine: Engine) -> Iterator[Connection]:
     empty database at once do not both create the schema: the second waits (at most
     ``LOCK_WAIT_SECONDS``) and then finds the schema at head, a no-op for Alembic.
 
-    PostgreSQL: a transaction-level advisory lock on ``MIGRATION_LOCK_KEY`` (released by the
-    commit, with the migration's transactional DDL). SQLite: ``BEGIN EXCLUSIVE`` — the
+    PostgreSQL: a transaction-level advisory lock on ``MIGRATION_LOCK_KEY`` and the schema
+    (released by the commit, with the migration's transactional DDL). SQLite: ``BEGIN EXCLUSIVE`` — the
     database's own write lock, waited for through the busy timeout — which also makes the
     whole migration one atomic transaction.
 
@@ -343,12 +345,14 @@ def _migrating(engine: Engine) -> Iterator[Connection]:
         if engine.dialect.name == "postgresql":
             deadline = time.monotonic() + LOCK_WAIT_SECONDS
             while not conn.execute(
-                text("SELECT pg_try_advisory_xact_lock(:key)"), {"key": MIGRATION_LOCK_KEY}
+                text(f"SELECT pg_try_advisory_xact_lock(:key, {MIGRATION_LOCK_SCOPE})"),
+                {"key": MIGRATION_LOCK_KEY},
             ).scalar():
                 if time.monotonic() > deadline:
                     raise StorageError(
                         "another process is migrating the ledger schema (PostgreSQL advisory "
-                        f"lock {MIGRATION_LOCK_KEY}; waited {LOCK_WAIT_SECONDS:g} s); try "
+                        f"lock {MIGRATION_LOCK_KEY} of this schema; waited "
+                        f"{LOCK_WAIT_SECONDS:g} s); try "
                         "again when it has finished"
                     )
                 time.sleep(0.05)
