@@ -168,6 +168,7 @@ class Orchestrator:
         self.progress = progress
         self._datasets: dict[str, RootData] = {}
         self._digests: dict[str, str] = {}
+        self._root_index: dict[str, dict[dt.date, str]] = {}  # as last indexed (observe_more)
         self._sims: dict[str, Simulation] = {}
 
     @classmethod
@@ -266,6 +267,20 @@ class Orchestrator:
                 out[name] = {d: h for d, (n, h) in self.ledger.load_root_index(name).items() if n}
                 continue
             dataset = self.dataset(name)
+            # What each date's hash was made from (its schemas, a digest of its rows), so a
+            # later plan can name a schema change (planning.Decider._root_change). Registered
+            # before the index: a crash in between leaves an unused entry, never a hash
+            # without one. Known hashes are skipped by the registry.
+            schemas = {
+                ("rootdate", e.content_hash): (
+                    name,
+                    {"schemas": [[list(c) for c in s] for s in e.schemas], "rows": e.rows_digest},
+                )
+                for e in dataset.index.values()
+            }
+            keys = sorted(schemas)
+            for i in range(0, len(keys), 500):
+                self.ledger.register_versions({k: schemas[k] for k in keys[i : i + 500]}, now)
             self.ledger.replace_root_index(
                 name,
                 digest,
@@ -275,6 +290,7 @@ class Orchestrator:
                 dataset.schema,
             )
             out[name] = {d: e.content_hash for d, e in dataset.index.items()}
+        self._root_index = out
         return out
 
     def simulations(self, names: set[str]) -> dict[str, Simulation]:
@@ -365,6 +381,21 @@ class Orchestrator:
                 ("infra", cell.infra_hash),
             )
         }
+        # The schemas of the root data hashes that changed under these cells, then and now,
+        # so the plan can say what changed (``planning.Decider._root_change``).
+        now_iso = {
+            ds: {d.isoformat(): h for d, h in index.items()}
+            for ds, index in self._root_index.items()
+        }
+        for cell in full:
+            for ds, window in cell.root_hashes.items():
+                current = now_iso.get(ds, {})
+                for day, old in window.items():
+                    new = current.get(day)
+                    if new != old:
+                        wanted.add(("rootdate", old))
+                        if new is not None:
+                            wanted.add(("rootdate", new))
         registry = self.ledger.load_versions(wanted)
         stale = {
             name: {c.code_hash for c in per_date.values() if isinstance(c, LedgerCell)}

@@ -39,6 +39,7 @@ from orchestrator.fingerprint import ABSENT_HASH, digest, encode, inputs_digest
 from orchestrator.ledger.store import LedgerCell, SlimCell, Snapshot, build_key
 from orchestrator.manifest import CalcSpec, Manifest
 from orchestrator.memory import paused_gc
+from orchestrator.rootdata import schema_change
 
 
 class Status(enum.Enum):
@@ -713,19 +714,37 @@ class Decider:
         return None
 
     def _root_change(self, spec: CalcSpec, date: dt.date, stored: LedgerCell) -> str:
+        """Which root data of the cell's window changed, on which dates: "prices on
+        2024-01-02 changed" (rows), or what changed in the schema, "prices: columns open,
+        close swapped on 2024-01-02, 2024-01-03 ...", when the registry holds the schemas
+        both hashes were made from (``("rootdate", hash)`` entries, registered when a
+        source is indexed; a hash of an older format has none and reads as rows)."""
         if not spec.root_data:
             return ""
         old = stored.root_hashes
+        registry = self.request.registry
         changes = []
         for ds in spec.root_data:
             window = self.window(ds, spec.lookback, date)
             before = old.get(ds, {})
-            if window != before:
-                days = sorted(
-                    d for d in set(window) | set(before) if window.get(d) != before.get(d)
-                )
-                changes.append(f"{ds} on {', '.join(days[:3])}{' ...' if len(days) > 3 else ''}")
-        return "; ".join(f"{c} changed" for c in changes)
+            if window == before:
+                continue
+            by_change: dict[str, list[str]] = {}  # what changed -> on which days
+            for day in sorted(set(window) | set(before)):
+                if window.get(day) == before.get(day):
+                    continue
+                was = registry.get(("rootdate", before.get(day) or ""))
+                now = registry.get(("rootdate", window.get(day) or ""))
+                what = ""
+                if was is not None and now is not None:
+                    what = schema_change(was["schemas"], now["schemas"])
+                    if what and was["rows"] != now["rows"]:
+                        what += ", rows changed"
+                by_change.setdefault(what, []).append(day)
+            for what, days in by_change.items():
+                on = f"{', '.join(days[:3])}{' ...' if len(days) > 3 else ''}"
+                changes.append(f"{ds}: {what} on {on}" if what else f"{ds} on {on} changed")
+        return "; ".join(changes)
 
 
 def _definitions_change(before: Mapping[str, str] | None, spec: CalcSpec, kind: str) -> str:

@@ -4,18 +4,40 @@ A source is a file or a folder of CSV, gzipped CSV or Parquet files with a date 
 user column. ``FileSource.digest()`` hashes the raw bytes (cheap: no parsing), so an unchanged
 source reuses the stored root index and is never parsed by a run that executes nothing.
 ``FileSource.load()`` parses everything once into a ``Dataset``: rows grouped by date and user,
-and per date a row count and a content hash (xxh3-128 over the date's rows, each as the JSON of
-its raw field values, sorted — so the file's row order does not matter). A source too big to
-hold, or read without history windows, is streamed from its root store instead
-(``rootstore.py``: the same rows and hashes); both serve ``RootData``.
+and per date a row count and a content hash (below). A source too big to hold, or read without
+history windows, is streamed from its root store instead (``rootstore.py``: the same rows and
+hashes); both serve ``RootData``.
+
+The content hash of a date (``DateHasher``, format ``ROOT_HASH_FORMAT``) covers everything a
+calculation can see of that date, so that two sources with equal hashes parse to equal rows:
+
+* the date's *rows*: every row whose date and user are readable, malformed ones included (a
+  corrected row changes the hash), each as its canonical text — the raw line of an unquoted
+  CSV file, else the JSON array of its raw fields — grouped by the *schema* of the file it
+  came from; within a group the texts are sorted, so row order and the split into files do
+  not matter;
+* each group's schema: the file's column names in header order, each with its parsed type
+  (``int``, ``float``, ``str``; ``date`` and ``user`` for those two columns). Renaming or
+  swapping header columns, or a column turning from ``int`` to ``float``, changes the hash;
+* the locations (``file:line: what``) of its malformed rows, which the failed users' stored
+  results name: a malformed row moving to another line re-runs the date.
+
+``DateEntry`` also keeps the schemas and a digest of the rows alone, so a plan can say what
+changed ("columns open, close swapped" or only rows; ``planning.Decider._root_change``).
 
 Parsing rules (documented for calculation authors):
-* numeric columns become ``int`` (all values integral) or ``float``; empty fields become ``None``;
-  other columns stay strings; the date and user columns keep their text.
-* a column is numeric when at least 90 % of its non-empty values parse; a row holding one of
-  the others is malformed: its user counts as a failed user, with the row's file and line, in
-  every cell that reads the dataset that date (``Dataset.bad_rows``).
-* a row without a user or with a date that is not ``YYYY-MM-DD`` is skipped and counted.
+* a column is numeric when at least 90 % of its non-empty values parse as numbers (Python's
+  ``float``); it is ``int`` when every such value is an integer as Python's ``int`` reads it
+  (``-1``, ``+3`` and ``007`` included), else ``float`` (a column mixing ``1`` and ``1.5`` is
+  ``float``); empty fields become ``None``; other columns stay strings; the date and user
+  columns keep their text. Types are decided per file.
+* a row holding a non-number in a numeric column, or with more or fewer fields than the
+  header (a short or long row: never padded nor truncated), is malformed: its user counts as
+  a failed user, with the row's file and line, in every cell that reads the dataset that
+  date (``Dataset.bad_rows``), and on the later dates whose history window holds the row.
+* a row whose date is not a date or whose user field is empty or missing cannot be given to
+  a user: it is skipped, counted in ``malformed`` and listed (the first 20, ``file:line:
+  what``) in ``problems``, which the run prints among its notes.
 """
 
 from __future__ import annotations
@@ -26,7 +48,7 @@ import datetime as dt
 import gzip
 import io
 import json
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -35,21 +57,185 @@ import xxhash
 
 from orchestrator.config import RootDataConfig
 from orchestrator.errors import RootDataError
-from orchestrator.fingerprint import encode
+from orchestrator.fingerprint import digest, encode
 from orchestrator.memory import paused_gc
 
 Row = dict[str, Any]
+# A file's columns in header order, each with its parsed type ("int", "float", "str", "date"
+# or "user"): part of the content hash of every date with rows from that file.
+Schema = tuple[tuple[str, str], ...]
 SUFFIXES = (".csv", ".csv.gz", ".parquet")
 # What reading a damaged or misencoded file raises (the file is then unreadable, not a crash).
 read_error_types = (OSError, UnicodeDecodeError, csv.Error, EOFError, gzip.BadGzipFile)
+# The rules of the per-date content hash (``DateHasher``). It is folded into
+# ``FileSource.digest()``, so a root index stored by other rules is re-read, never reused:
+# after an upgrade every cell reading root data re-runs once (ROOT_DATA_CHANGED), which is
+# the price of never keeping a hash made by other rules. 2: the hash covers the schema and
+# the malformed rows' locations.
+ROOT_HASH_FORMAT = 2
 
 
 @dataclass(frozen=True, slots=True)
 class DateEntry:
-    """The root index of one dataset on one date (available iff ``row_count > 0``)."""
+    """The root index of one dataset on one date (available iff ``row_count > 0``).
+
+    Attributes:
+        row_count: rows of the date whose date and user are readable (malformed ones too).
+        content_hash: the date's content hash (module docstring).
+        schemas: the distinct schemas of the files the date's rows came from, in the order
+            the hash takes them.
+        rows_digest: a digest of the rows alone (the hash without schemas and locations):
+            tells a schema change with unchanged rows from one that changed rows too.
+    """
 
     row_count: int
     content_hash: str
+    schemas: tuple[Schema, ...] = ()
+    rows_digest: str = ""
+
+
+class DateHasher:
+    """Computes one date's ``DateEntry``: fed row texts per schema, then ``finish``ed.
+
+    The texts of one schema must come in ascending order (code point order, which is also
+    SQLite's BINARY order on UTF-8: the root store sorts them in SQL). Each schema's texts are
+    hashed into a group digest (texts hold no newline, so "text\n" per row is unambiguous);
+    the content hash is ``digest("rootdate", [ROOT_HASH_FORMAT, [[schema, count, group
+    digest] ... in the order of the schemas' canonical encodings], sorted locations])``.
+    """
+
+    __slots__ = ("_groups",)
+
+    def __init__(self) -> None:
+        self._groups: dict[Schema, list[Any]] = {}
+
+    def add(self, schema: Schema, text: str) -> None:
+        """Feed one row text of a file with ``schema``."""
+        group = self._groups.get(schema)
+        if group is None:
+            group = self._groups[schema] = [0, xxhash.xxh3_128()]
+        group[0] += 1
+        group[1].update(text.encode() + b"\n")
+
+    def extend(self, schema: Schema, texts: list[str]) -> None:
+        """Feed row texts of a file with ``schema`` (ascending, as for ``add``)."""
+        group = self._groups.get(schema)
+        if group is None:
+            group = self._groups[schema] = [0, xxhash.xxh3_128()]
+        group[0] += len(texts)
+        update = group[1].update
+        for text in texts:
+            update(text.encode() + b"\n")
+
+    def finish(self, locations: Iterable[str]) -> DateEntry:
+        """The date's entry, given the locations of its malformed rows (any order)."""
+        groups = sorted(
+            (encode(_schema_value(schema)), schema, count, h.hexdigest())
+            for schema, (count, h) in self._groups.items()
+        )
+        content = digest(
+            "rootdate",
+            [
+                ROOT_HASH_FORMAT,
+                [[_schema_value(s), n, g] for _, s, n, g in groups],
+                sorted(locations),
+            ],
+        )
+        rows = digest("rootrows", sorted([n, g] for _, _, n, g in groups))
+        return DateEntry(
+            sum(n for _, _, n, _ in groups), content, tuple(s for _, s, _, _ in groups), rows
+        )
+
+
+def _schema_value(schema: Schema) -> list[list[str]]:
+    return [list(column) for column in schema]
+
+
+def schema_change(
+    old: Sequence[Sequence[Sequence[str]]], new: Sequence[Sequence[Sequence[str]]]
+) -> str:
+    """What changed between two dates' schemas (``DateEntry.schemas``, or their JSON form),
+    in words: "columns open, close swapped", "column close renamed to Close", "column volume
+    int -> float", "column x added" ...; "" when they are equal."""
+    before = [tuple((name, kind) for name, kind in s) for s in old]
+    after = [tuple((name, kind) for name, kind in s) for s in new]
+    if before == after:
+        return ""
+    gone = [s for s in before if s not in after]
+    came = [s for s in after if s not in before]
+    if len(gone) == len(came) == 1:
+        return _columns_change(gone[0], came[0])
+    return f"file schemas {_show(gone)} -> {_show(came)}"
+
+
+def _show(schemas: list[Schema]) -> str:
+    return "; ".join(", ".join(f"{n}:{k}" for n, k in s) for s in schemas) or "none"
+
+
+def _columns_change(old: Schema, new: Schema) -> str:
+    old_names = [n for n, _ in old]
+    new_names = [n for n, _ in new]
+    old_kinds, new_kinds = dict(old), dict(new)
+    removed = [n for n in old_names if n not in new_kinds]
+    added = [n for n in new_names if n not in old_kinds]
+    renamed: dict[str, str] = {}
+    if len(old_names) == len(new_names):  # a new name where an old one was: a rename
+        renamed = {o: n for o, n in zip(old_names, new_names) if o in removed and n in added}
+        removed = [n for n in removed if n not in renamed]
+        added = [n for n in added if n not in renamed.values()]
+    words = []
+    for o, n in renamed.items():
+        kinds = f" ({old_kinds[o]} -> {new_kinds[n]})" if old_kinds[o] != new_kinds[n] else ""
+        words.append(f"column {o} renamed to {n}{kinds}")
+    before = [renamed.get(n, n) for n in old_names if n not in removed]
+    after = [n for n in new_names if n not in added]
+    if before != after:
+        moved = [i for i, (a, b) in enumerate(zip(before, after)) if a != b]
+        i, j = (moved + [0, 0])[:2]
+        if len(moved) == 2 and (before[i], before[j]) == (after[j], after[i]):
+            words.append(f"columns {before[i]}, {before[j]} swapped")
+        else:
+            words.append(f"columns reordered: {', '.join(before)} -> {', '.join(after)}")
+    words += [f"column {n} removed" for n in removed]
+    words += [f"column {n} added" for n in added]
+    words += [
+        f"column {n} {old_kinds[n]} -> {new_kinds[n]}"
+        for n in after
+        if n in old_kinds and old_kinds[n] != new_kinds[n]
+    ]
+    return ", ".join(words)
+
+
+def width_problem(name: str, line: int, fields: int, width: int) -> str:
+    """The location of a row with the wrong number of fields: "p.csv:7: 3 fields, the
+    header has 5"."""
+    return f"{name}:{line}: {_fields(fields, width)}"
+
+
+def _fields(fields: int, width: int) -> str:
+    return f"{fields} field{'' if fields == 1 else 's'}, the header has {width}"
+
+
+def skip_problem(
+    name: str, line: int, fields: int, width: int, text_date: str | None, has_date: bool
+) -> str:
+    """Why a row that cannot be given to a user is skipped (its date or user is unreadable
+    or missing), with its location; ``has_date``: its date field parsed."""
+    what = [_fields(fields, width)] if fields != width else []
+    if not has_date:
+        what.append("no date" if text_date is None else f"bad date {text_date!r}")
+    else:
+        what.append("missing user")
+    return f"{name}:{line}: {', '.join(what)}; row skipped"
+
+
+def parse_int(text: str) -> int | None:
+    """``text`` as an integer by Python's ``int`` (signs, surrounding blanks, ``_``
+    separators), else None."""
+    try:
+        return int(text)
+    except ValueError:
+        return None
 
 
 @dataclass(slots=True)
@@ -242,7 +428,19 @@ class FileSource:
                 f"root data folder {self.config.path} holds no .csv, .csv.gz or .parquet file"
             )
         h = xxhash.xxh3_128()
-        h.update(encode(["source", 1, self.config.date_column, self.config.user_column]))
+        # ROOT_HASH_FORMAT: a stored root index made by other hashing rules must not be
+        # reused (app.Orchestrator._index_root_data re-reads a source whose digest changed).
+        h.update(
+            encode(
+                [
+                    "source",
+                    1,
+                    ROOT_HASH_FORMAT,
+                    self.config.date_column,
+                    self.config.user_column,
+                ]
+            )
+        )
         for path in files:
             h.update(encode(path.name))
             try:
@@ -308,15 +506,17 @@ class FileSource:
 
     def _load(self) -> Dataset:
         by_date: dict[dt.date, dict[str, list[Row]]] = {}
-        lines_by_date: dict[dt.date, list[str]] = {}
+        texts: dict[dt.date, dict[Schema, list[str]]] = {}  # row texts to hash, per schema
+        locations: dict[dt.date, list[str]] = {}
         malformed = 0
         problems: list[str] = []
         schema: dict[str, str] = {}
         bad_rows: dict[tuple[dt.date, str], list[str]] = {}
+        parsed_dates: dict[str, dt.date | None] = {}
         files = files_of(self.config.path)
         for path in files:
             try:
-                header, raw_rows, row_texts = self._read(path)
+                header, raw_rows, row_texts, numbers = self._read(path)
             except RootDataError as e:
                 if len(files) == 1:
                     raise
@@ -330,52 +530,84 @@ class FileSource:
                         f"{path}: column '{column}' not found (columns: {', '.join(header)}); "
                         f"fix date_column / user_column of [root_data.{self.config.name}]"
                     )
-            columns = [list(c) for c in zip(*raw_rows)] if raw_rows else [[] for _ in header]
-            del raw_rows
+            width = len(header)
             di = header.index(self.config.date_column)
             ui = header.index(self.config.user_column)
-            dates_raw, users = columns[di], columns[ui]
-            bad_cells = _type_columns(header, columns, (di, ui), path)
-            for c, name in enumerate(header):
-                kind = "date" if c == di else "user" if c == ui else _kind(columns[c])
+            # Rows with the wrong number of fields are malformed, never padded or cut: they
+            # take no part in typing the columns (their fields may be shifted).
+            fitting = [i for i, r in enumerate(raw_rows) if len(r) == width]
+            good = raw_rows if len(fitting) == len(raw_rows) else [raw_rows[i] for i in fitting]
+            columns = [list(c) for c in zip(*good)] if good else [[] for _ in header]
+            del good
+            bad_cells = _type_columns(header, columns, (di, ui), path, numbers, fitting)
+            kinds = [
+                "date" if c == di else "user" if c == ui else _kind(columns[c])
+                for c in range(width)
+            ]
+            for name, kind in zip(header, kinds):
                 if schema.get(name) in (None, "int") or kind == "str":
                     schema[name] = kind  # across files, the widest type wins
-            parsed_dates: dict[str, dt.date | None] = {}
-            for text in set(dates_raw):
-                try:
-                    parsed_dates[text] = dt.date.fromisoformat(text)
-                except (TypeError, ValueError):
-                    parsed_dates[text] = None
-            for i, row_values in enumerate(zip(*columns)):
-                date = parsed_dates[dates_raw[i]]
-                user = users[i]
+            file_schema: Schema = tuple(zip(header, kinds))
+            typed = zip(*columns)
+            for i, fields in enumerate(raw_rows):
+                fits = len(fields) == width
+                values = next(typed) if fits else None
+                text_date = fields[di] if di < len(fields) else None
+                user = fields[ui] if ui < len(fields) else ""
+                if text_date is None:
+                    date = None
+                elif text_date in parsed_dates:
+                    date = parsed_dates[text_date]
+                else:
+                    try:
+                        date = parsed_dates[text_date] = dt.date.fromisoformat(text_date)
+                    except ValueError:
+                        date = parsed_dates[text_date] = None
                 if date is None or not user:
                     malformed += 1
                     if len(problems) < 20:
-                        what = f"bad date {dates_raw[i]!r}" if date is None else "missing user"
-                        problems.append(f"{path.name}:{i + 2}: {what}; row skipped")
+                        problems.append(
+                            skip_problem(
+                                path.name,
+                                numbers[i],
+                                len(fields),
+                                width,
+                                text_date,
+                                date is not None,
+                            )
+                        )
                     continue
-                per_user = by_date.get(date)
-                if per_user is None:
-                    per_user = by_date[date] = {}
-                    lines_by_date[date] = []
-                lines_by_date[date].append(row_texts[i])  # a corrected row changes the hash
-                if i in bad_cells:  # the user fails that date, with the row's location
+                per_schema = texts.get(date)
+                if per_schema is None:
+                    per_schema = texts[date] = {}
+                    by_date[date] = {}
+                group = per_schema.get(file_schema)
+                if group is None:
+                    group = per_schema[file_schema] = []
+                group.append(row_texts[i])  # every row counts: a corrected row changes the hash
+                where = (
+                    bad_cells.get(i)
+                    if fits
+                    else width_problem(path.name, numbers[i], len(fields), width)
+                )
+                if where is not None:  # the user fails that date, with the row's location
                     malformed += 1
-                    bad_rows.setdefault((date, user), []).append(bad_cells[i])
+                    bad_rows.setdefault((date, user), []).append(where)
+                    locations.setdefault(date, []).append(where)
                     continue
+                assert values is not None
+                per_user = by_date[date]
                 rows = per_user.get(user)
                 if rows is None:
                     rows = per_user[user] = []
-                rows.append(dict(zip(header, row_values)))
+                rows.append(dict(zip(header, values)))
         index = {}
-        for date, texts in lines_by_date.items():
-            texts.sort()
-            h = xxhash.xxh3_128()
-            h.update(encode("rootdate"))
-            for text in texts:
-                h.update(text.encode() + b"\n")
-            index[date] = DateEntry(len(texts), h.hexdigest())
+        for date, per_schema in texts.items():
+            hasher = DateHasher()
+            for group_schema, group in per_schema.items():
+                group.sort()
+                hasher.extend(group_schema, group)
+            index[date] = hasher.finish(locations.get(date, ()))
         dates = sorted(by_date)
         return Dataset(
             name=self.config.name,
@@ -388,8 +620,9 @@ class FileSource:
             bad_rows=bad_rows,
         )
 
-    def _read(self, path: Path) -> tuple[list[str], list[list[str]], list[str]]:
-        """Header, rows of raw field text, and one canonical text per row for hashing."""
+    def _read(self, path: Path) -> tuple[list[str], list[list[str]], list[str], list[int]]:
+        """Header, rows of raw field text (as many fields as the row has), one canonical text
+        per row for hashing, and each row's line number in the file."""
         fmt = self.config.format or ("parquet" if path.name.endswith(".parquet") else "csv")
         try:
             if fmt == "parquet":
@@ -399,31 +632,38 @@ class FileSource:
             raise RootDataError(f"cannot read root data file {path}: {e}") from e
 
 
-def _read_csv(path: Path) -> tuple[list[str], list[list[str]], list[str]]:
+def _read_csv(path: Path) -> tuple[list[str], list[list[str]], list[str], list[int]]:
     opener = gzip.open if path.name.endswith(".gz") else open
     with opener(path, "rt", newline="", encoding="utf-8") as f:  # type: ignore[operator]
         text = f.read()
     if not text.strip():
-        return [], [], []
+        return [], [], [], []
+    rows: list[list[str]] = []
+    texts: list[str]
+    numbers: list[int] = []
     if '"' not in text and "\r" not in text:
         # Fast path: no quoting, so a line is a row and its text is its canonical form.
         lines = text.split("\n")
         header = lines[0].split(",")
-        body = [line for line in lines[1:] if line]
-        rows = [line.split(",") for line in body]
-        texts = body
-    else:
-        reader = csv.reader(io.StringIO(text, newline=""))
-        header = next(reader)
-        rows = [r for r in reader if r]
-        texts = [json.dumps(r) for r in rows]
-    width = len(header)
-    if any(len(r) != width for r in rows):
-        rows = [r if len(r) == width else (r + [""] * width)[:width] for r in rows]
-    return header, rows, texts
+        texts = []
+        for number, line in enumerate(lines[1:], 2):
+            if line:  # blank lines are no rows (but count as lines)
+                rows.append(line.split(","))
+                texts.append(line)
+                numbers.append(number)
+        return header, rows, texts, numbers
+    reader = csv.reader(io.StringIO(text, newline=""))
+    header = next(reader)
+    start = reader.line_num + 1  # a quoted field may span lines: a row starts after the last
+    for fields in reader:
+        if fields:
+            rows.append(fields)
+            numbers.append(start)
+        start = reader.line_num + 1
+    return header, rows, [json.dumps(r) for r in rows], numbers
 
 
-def _read_parquet(path: Path) -> tuple[list[str], list[list[str]], list[str]]:
+def _read_parquet(path: Path) -> tuple[list[str], list[list[str]], list[str], list[int]]:
     try:
         import pyarrow.parquet as pq
     except ImportError as e:
@@ -441,7 +681,13 @@ def _read_parquet(path: Path) -> tuple[list[str], list[list[str]], list[str]]:
             ]
         )
     rows = [list(r) for r in zip(*columns)]
-    return list(table.column_names), rows, [json.dumps(r) for r in rows]
+    # A Parquet "line" is the row's position, counted as in a CSV file (the header is line 1).
+    return (
+        list(table.column_names),
+        rows,
+        [json.dumps(r) for r in rows],
+        list(range(2, len(rows) + 2)),
+    )
 
 
 def _kind(values: list[Any]) -> str:
@@ -460,24 +706,32 @@ def _to_float(text: str) -> float | None:
 
 
 def _type_columns(
-    header: list[str], columns: list[list[Any]], keep: tuple[int, ...], path: Path
+    header: list[str],
+    columns: list[list[Any]],
+    keep: tuple[int, ...],
+    path: Path,
+    numbers: list[int],
+    rows: list[int],
 ) -> dict[int, str]:
-    """Type the columns in place (except ``keep``).
+    """Type the columns in place (except ``keep``), by the module docstring's rules.
 
+    ``columns`` hold the rows numbered ``rows`` (indexes into ``numbers``, the line numbers).
     A column is numeric when at least 90 % of its non-empty values parse as numbers (a text
-    column parses almost never); the others are malformed values. Returns row index -> "file:line: column='value' is not a
-    number" for each row holding one.
+    column parses almost never); the others are malformed values. Returns row index ->
+    "file:line: column='value' is not a number" for each row holding one.
     """
     bad: dict[int, str] = {}
     for c, name in enumerate(header):
         if c in keep:
             continue
         values = columns[c]
+        try:  # fast paths: every value an integer, or every value a number
+            columns[c] = list(map(int, values))
+            continue
+        except ValueError:
+            pass
         try:
-            if all(map(str.isdigit, values)):
-                columns[c] = list(map(int, values))
-            else:
-                columns[c] = list(map(float, values))
+            columns[c] = list(map(float, values))
             continue
         except ValueError:
             pass  # empty fields or text: the careful path below
@@ -487,12 +741,22 @@ def _type_columns(
         if filled == 0 or len(failures) > 0.1 * filled:
             columns[c] = [v if v else None for v in values]  # a text column
             continue
-        if all(v.lstrip("+-").isdigit() for v, p in zip(values, parsed) if p is not None):
+        if all(parse_int(v) is not None for v, p in zip(values, parsed) if p is not None):
             parsed = [None if p is None else int(v) for v, p in zip(values, parsed)]
         columns[c] = parsed
         for i in failures:
-            bad.setdefault(i, f"{path.name}:{i + 2}: {name}={values[i]!r} is not a number")
+            row = rows[i]
+            bad.setdefault(row, f"{path.name}:{numbers[row]}: {name}={values[i]!r} is not a number")
     return bad
 
 
-__all__ = ["Dataset", "DateEntry", "FileSource", "RootData", "files_of"]
+__all__ = [
+    "ROOT_HASH_FORMAT",
+    "Dataset",
+    "DateEntry",
+    "DateHasher",
+    "FileSource",
+    "RootData",
+    "Schema",
+    "files_of",
+]

@@ -29,15 +29,23 @@ from pathlib import Path
 from typing import Any
 
 import psutil
-import xxhash
 
 from orchestrator import faults
 from orchestrator.config import RootDataConfig
 from orchestrator.errors import RootDataError
-from orchestrator.fingerprint import encode
-from orchestrator.rootdata import DateEntry, Row, files_of, read_error_types
+from orchestrator.rootdata import (
+    DateEntry,
+    DateHasher,
+    Row,
+    Schema,
+    files_of,
+    parse_int,
+    read_error_types,
+    skip_problem,
+    width_problem,
+)
 
-STORE_FORMAT = 1
+STORE_FORMAT = 2  # 2: per-date schemas and rows digests; rows of the wrong width are bad
 CHUNK_ROWS = 50_000  # rows parsed and typed at a time while importing
 STREAM_BATCH = 2_000  # rows fetched (and their JSON texts decoded) at a time while streaming
 
@@ -51,29 +59,30 @@ class _ColumnStats:
     """What decides a column's type over a whole file, gathered chunk by chunk (the same rules
     as ``rootdata._type_columns``, which sees the whole column at once)."""
 
-    __slots__ = ("all_digit", "all_float", "failures", "filled", "signed_digit")
+    __slots__ = ("all_float", "all_int", "failures", "filled", "integral")
 
     def __init__(self) -> None:
-        self.all_digit = True  # every value non-empty and all digits
-        self.all_float = True  # every value non-empty and a float
+        self.all_int = True  # every value non-empty and an integer (Python's int reads it)
+        self.all_float = True  # every value non-empty and a number
         self.filled = 0
         self.failures = 0
-        self.signed_digit = True  # every value that parses is an optionally signed integer
+        self.integral = True  # every value that is a number is an integer
 
     def add(self, values: list[str]) -> list[int]:
         """Fold one chunk's values in; returns the positions of non-empty values that are not
         numbers."""
-        if self.all_digit and all(map(str.isdigit, values)):
-            self.filled += len(values)
-            return []
-        self.all_digit = False
+        if self.all_int:
+            try:
+                list(map(int, values))
+                self.filled += len(values)
+                return []
+            except ValueError:
+                self.all_int = False
         if self.all_float:
             try:
                 list(map(float, values))
                 self.filled += len(values)
-                self.signed_digit = self.signed_digit and all(
-                    v.lstrip("+-").isdigit() for v in values
-                )
+                self.integral = self.integral and all(parse_int(v) is not None for v in values)
                 return []
             except ValueError:
                 self.all_float = False
@@ -87,20 +96,20 @@ class _ColumnStats:
             except ValueError:
                 failed.append(i)
                 continue
-            if self.signed_digit and not v.lstrip("+-").isdigit():
-                self.signed_digit = False
+            if self.integral and parse_int(v) is None:
+                self.integral = False
         self.failures += len(failed)
         return failed
 
     def kind(self) -> str:
-        """ "int", "float" or "str" (a text column)."""
-        if self.all_digit:
+        """ "int", "float" or "str" (a text column, or no value at all)."""
+        if self.filled == 0 or (not self.all_float and self.failures > 0.1 * self.filled):
+            return "str"
+        if self.all_int:
             return "int"
         if self.all_float:
             return "float"
-        if self.filled == 0 or self.failures > 0.1 * self.filled:
-            return "str"
-        return "int" if self.signed_digit else "float"
+        return "int" if self.integral else "float"
 
 
 _SCHEMA = """
@@ -110,7 +119,8 @@ CREATE TABLE files (id INTEGER PRIMARY KEY, name TEXT NOT NULL, fast INTEGER NOT
 CREATE TABLE staging (date INTEGER, user TEXT, file INTEGER, line INTEGER, text TEXT,
                       fails INTEGER);
 CREATE TABLE dates (date INTEGER PRIMARY KEY, row_count INTEGER NOT NULL,
-                    content_hash TEXT NOT NULL);
+                    content_hash TEXT NOT NULL, schemas TEXT NOT NULL,
+                    rows_digest TEXT NOT NULL);
 CREATE TABLE bad_rows (date INTEGER, user TEXT, file INTEGER, line INTEGER, location TEXT);
 """
 
@@ -202,22 +212,17 @@ class _Importer:
             di = header.index(self.config.date_column)
             ui = header.index(self.config.user_column)
             stats = {c: _ColumnStats() for c in range(len(header)) if c not in (di, ui)}
-            seen = 0
             for chunk in chunks:
                 assert isinstance(chunk, tuple)
-                rows, texts = chunk
-                self._add_chunk(file_id, path, rows, texts, seen, di, ui, stats)
-                seen += len(rows)
+                rows, texts, numbers = chunk
+                self._add_chunk(file_id, path, rows, texts, numbers, len(header), di, ui, stats)
         except read_error_types as e:
             raise RootDataError(f"cannot read root data file {path}: {e}") from e
         kinds = [
             "date" if c == di else "user" if c == ui else stats[c].kind()
             for c in range(len(header))
         ]
-        for c, name in enumerate(header):
-            kind = kinds[c]
-            if c in stats and stats[c].filled == 0:
-                kind = "str"
+        for name, kind in zip(header, kinds):
             if self.schema.get(name) in (None, "int") or kind == "str":
                 self.schema[name] = kind  # across files, the widest type wins
         self.conn.execute(
@@ -230,12 +235,13 @@ class _Importer:
         mask = sum(1 << c for c in numeric)
         bad = []
         for rowid, line, text, fails in self.conn.execute(
-            "SELECT rowid, line, text, fails FROM staging WHERE file = ? AND fails & ? != 0",
+            "SELECT rowid, line, text, fails FROM staging"
+            " WHERE file = ? AND fails > 0 AND fails & ? != 0",  # -1: already bad (width)
             (file_id, mask),
         ):
             fields = _split(text, fast)
             c = next(c for c in numeric if fails & (1 << c))
-            value = fields[c] if c < len(fields) else ""
+            value = fields[c]
             bad.append((f"{path.name}:{line}: {header[c]}={value!r} is not a number", rowid))
         self.malformed += len(bad)
         self.conn.executemany(
@@ -252,36 +258,54 @@ class _Importer:
         path: Path,
         rows: list[list[str]],
         texts: list[str],
-        seen: int,
+        numbers: list[int],
+        width: int,
         di: int,
         ui: int,
         stats: dict[int, _ColumnStats],
     ) -> None:
-        columns = list(zip(*rows)) if rows else []
+        # Rows with the wrong number of fields are malformed and take no part in typing the
+        # columns (as in ``load``): only the fitting ones are folded into the stats.
+        fitting = [i for i, r in enumerate(rows) if len(r) == width]
+        good = rows if len(fitting) == len(rows) else [rows[i] for i in fitting]
+        columns = list(zip(*good)) if good else []
         fails = [0] * len(rows)
-        for c, column_stats in stats.items():
-            for i in column_stats.add(list(columns[c])):
-                fails[i] |= 1 << c
+        if columns:
+            for c, column_stats in stats.items():
+                for k in column_stats.add(list(columns[c])):
+                    fails[fitting[k]] |= 1 << c
         dates = self._dates
         out = []
+        bad = []
         for i, row in enumerate(rows):
-            text_date = row[di]
-            if text_date not in dates:
-                try:
-                    dates[text_date] = dt.date.fromisoformat(text_date).toordinal()
-                except (TypeError, ValueError):
-                    dates[text_date] = None
-            date = dates[text_date]
-            user = row[ui]
-            line = seen + i + 2
+            text_date = row[di] if di < len(row) else None
+            date: int | None = None
+            if text_date is not None:
+                if text_date not in dates:
+                    try:
+                        dates[text_date] = dt.date.fromisoformat(text_date).toordinal()
+                    except ValueError:
+                        dates[text_date] = None
+                date = dates[text_date]
+            user = row[ui] if ui < len(row) else ""
+            line = numbers[i]
             if date is None or not user:
                 self.malformed += 1
                 if len(self.problems) < 20:
-                    what = f"bad date {text_date!r}" if date is None else "missing user"
-                    self.problems.append(f"{path.name}:{line}: {what}; row skipped")
+                    self.problems.append(
+                        skip_problem(path.name, line, len(row), width, text_date, date is not None)
+                    )
+                continue
+            if len(row) != width:  # the user fails that date, with the row's location
+                self.malformed += 1
+                bad.append(
+                    (date, user, file_id, line, width_problem(path.name, line, len(row), width))
+                )
+                out.append((date, user, file_id, line, texts[i], -1))
                 continue
             out.append((date, user, file_id, line, texts[i], fails[i]))
         self.conn.executemany("INSERT INTO staging VALUES (?, ?, ?, ?, ?, ?)", out)
+        self.conn.executemany("INSERT INTO bad_rows VALUES (?, ?, ?, ?, ?)", bad)
         if self.bar is not None:
             self.bar.update(len(rows))
         faults.reached("import")
@@ -298,24 +322,41 @@ class _Importer:
             CREATE INDEX bad_by_user ON bad_rows (date, user);
             """
         )
-        # The per-date content hash over the date's sorted row texts, as ``load`` computes it
-        # (SQLite's BINARY order on UTF-8 is Python's code point order).
-        current: int | None = None
-        count = 0
-        h = xxhash.xxh3_128()
+        # The per-date content hash as ``load`` computes it (``rootdata.DateHasher``): each
+        # row text goes to its file's schema; the texts come sorted (SQLite's BINARY order on
+        # UTF-8 is Python's code point order), so every schema's texts do too.
+        file_schemas: dict[int, Schema] = {
+            file_id: tuple(zip(json.loads(header), json.loads(kinds)))
+            for file_id, header, kinds in conn.execute("SELECT id, header, kinds FROM files")
+        }
+        locations: dict[int, list[str]] = {}
+        for date, where in conn.execute("SELECT date, location FROM bad_rows"):
+            locations.setdefault(date, []).append(where)
+        schema_ids: dict[Schema, int] = {}
         entries = []
-        for date, text in conn.execute("SELECT date, text FROM rows ORDER BY date, text"):
+
+        def close(date: int, hasher: DateHasher) -> None:
+            entry = hasher.finish(locations.get(date, ()))
+            ids = [schema_ids.setdefault(s, len(schema_ids)) for s in entry.schemas]
+            entries.append(
+                (date, entry.row_count, entry.content_hash, json.dumps(ids), entry.rows_digest)
+            )
+
+        current: int | None = None
+        hasher = DateHasher()
+        for date, file_id, text in conn.execute(
+            "SELECT date, file, text FROM rows ORDER BY date, text"
+        ):
             if date != current:
                 if current is not None:
-                    entries.append((current, count, h.hexdigest()))
-                current, count, h = date, 0, xxhash.xxh3_128()
-                h.update(encode("rootdate"))
-            h.update(text.encode() + b"\n")
-            count += 1
+                    close(current, hasher)
+                current, hasher = date, DateHasher()
+            hasher.add(file_schemas[file_id], text)
         if current is not None:
-            entries.append((current, count, h.hexdigest()))
-        conn.executemany("INSERT INTO dates VALUES (?, ?, ?)", entries)
+            close(current, hasher)
+        conn.executemany("INSERT INTO dates VALUES (?, ?, ?, ?, ?)", entries)
         meta = {
+            "schemas": [[list(c) for c in s] for s in schema_ids],
             "name": self.config.name,
             "digest": digest,
             "malformed": self.malformed,
@@ -342,54 +383,55 @@ def _split(text: str, fast: bool) -> list[str]:
     return text.split(",") if fast else json.loads(text)
 
 
-def _csv_chunks(path: Path, fast: bool) -> Iterator[list[str] | tuple[list[list[str]], list[str]]]:
-    """The header, then chunks of (padded rows of raw fields, canonical row texts)."""
+Chunk = tuple[list[list[str]], list[str], list[int]]
+
+
+def _csv_chunks(path: Path, fast: bool) -> Iterator[list[str] | Chunk]:
+    """The header, then chunks of (rows of raw fields — as many as each row has —, canonical
+    row texts, line numbers), as ``rootdata._read_csv`` reads them."""
     opener: Callable[..., Any] = gzip.open if path.name.endswith(".gz") else open
+    rows: list[list[str]] = []
+    texts: list[str] = []
+    numbers: list[int] = []
     with opener(path, "rt", newline="", encoding="utf-8") as f:
         if fast:
             first = f.readline()
             if not first.strip():
                 return
-            header = first.rstrip("\n").split(",")
-            yield header
-            width = len(header)
-            rows: list[list[str]] = []
-            texts: list[str] = []
-            for line in f:
+            yield first.rstrip("\n").split(",")
+            for number, line in enumerate(f, 2):
                 text = line.removesuffix("\n")
-                if not text:
+                if not text:  # a blank line is no row (but counts as a line)
                     continue
-                fields = text.split(",")
-                if len(fields) != width:
-                    fields = (fields + [""] * width)[:width]
-                rows.append(fields)
+                rows.append(text.split(","))
                 texts.append(text)
+                numbers.append(number)
                 if len(rows) >= CHUNK_ROWS:
-                    yield rows, texts
-                    rows, texts = [], []
+                    yield rows, texts, numbers
+                    rows, texts, numbers = [], [], []
             if rows:
-                yield rows, texts
+                yield rows, texts, numbers
             return
         reader = csv.reader(f)
         header = next(reader, None)
         if header is None:
             return
         yield header
-        width = len(header)
-        rows, texts = [], []
+        start = reader.line_num + 1  # a quoted field may span lines: a row starts after the last
         for fields in reader:
-            if not fields:
-                continue
-            texts.append(json.dumps(fields))
-            rows.append(fields if len(fields) == width else (fields + [""] * width)[:width])
+            if fields:
+                texts.append(json.dumps(fields))
+                rows.append(fields)
+                numbers.append(start)
+            start = reader.line_num + 1
             if len(rows) >= CHUNK_ROWS:
-                yield rows, texts
-                rows, texts = [], []
+                yield rows, texts, numbers
+                rows, texts, numbers = [], [], []
         if rows:
-            yield rows, texts
+            yield rows, texts, numbers
 
 
-def _parquet_chunks(path: Path) -> Iterator[list[str] | tuple[list[list[str]], list[str]]]:
+def _parquet_chunks(path: Path) -> Iterator[list[str] | Chunk]:
     try:
         import pyarrow.parquet as pq
     except ImportError as e:
@@ -398,6 +440,7 @@ def _parquet_chunks(path: Path) -> Iterator[list[str] | tuple[list[list[str]], l
         ) from e
     parquet = pq.ParquetFile(path)
     yield list(parquet.schema_arrow.names)
+    seen = 0
     for batch in parquet.iter_batches(batch_size=CHUNK_ROWS):
         columns = [
             [
@@ -407,7 +450,9 @@ def _parquet_chunks(path: Path) -> Iterator[list[str] | tuple[list[list[str]], l
             for i in range(batch.num_columns)
         ]
         rows = [list(r) for r in zip(*columns)]
-        yield rows, [json.dumps(r) for r in rows]
+        # A Parquet "line" is the row's position counted as in a CSV file (header: line 1).
+        yield rows, [json.dumps(r) for r in rows], list(range(seen + 2, seen + 2 + len(rows)))
+        seen += len(rows)
 
 
 _CONVERT: dict[str, Callable[[str], Any]] = {
@@ -447,9 +492,12 @@ class StoredDataset:
         self.malformed: int = meta["malformed"]
         self.problems: list[str] = meta["problems"]
         self.schema: dict[str, str] = meta["schema"]
+        schemas: list[Schema] = [tuple((name, kind) for name, kind in s) for s in meta["schemas"]]
         self.index = {
-            dt.date.fromordinal(d): DateEntry(n, h)
-            for d, n, h in conn.execute("SELECT date, row_count, content_hash FROM dates")
+            dt.date.fromordinal(d): DateEntry(n, h, tuple(schemas[i] for i in json.loads(ids)), r)
+            for d, n, h, ids, r in conn.execute(
+                "SELECT date, row_count, content_hash, schemas, rows_digest FROM dates"
+            )
         }
         self.dates = sorted(self.index)
         self.bad_count: int = conn.execute(
@@ -478,9 +526,7 @@ class StoredDataset:
         return self._typed(file_id, _split(text, self._files[file_id][0]))
 
     def _typed(self, file_id: int, fields: list[str]) -> Row:
-        _, header, converters = self._files[file_id]
-        if len(fields) != len(header):
-            fields = (fields + [""] * len(header))[: len(header)]
+        _, header, converters = self._files[file_id]  # bad rows (wrong widths) never come here
         return {h: conv(v) for h, conv, v in zip(header, converters, fields)}
 
     def _batches(self, cursor: sqlite3.Cursor) -> Iterator[list[tuple[str, int, list[str], int]]]:

@@ -67,14 +67,16 @@ def test_plain_csv_with_gaps_and_malformed_values(tmp_path: Path) -> None:
         "2024-01-04,,1,1,\n"
         "\n"
         "2024-01-04,C,11,+5,w\n"
-        "2024-01-04,A,12,7\n"  # a short row: padded
+        "2024-01-04,A,12,7\n"  # a short row: A fails on 2024-01-04 (line 11: blanks count)
         + "".join(f"2024-01-05,U{i:02d},{i}.5,{i},\n" for i in range(30))
     )
     memory, stored = both(tmp_path, path)
-    assert memory.malformed == 3 and memory.bad_count == 1
+    assert memory.malformed == 4 and memory.bad_count == 2
     assert_same(memory, stored)
     a_on_3 = [entry for entry in stored.stream(dt.date(2024, 1, 3)) if entry[0] == "A"]
     assert a_on_3 and a_on_3[0][1][1] == ["prices.csv:5: close='abc' is not a number"]
+    a_on_4 = [entry for entry in stored.stream(dt.date(2024, 1, 4)) if entry[0] == "A"]
+    assert a_on_4 == [("A", ([], ["prices.csv:11: 4 fields, the header has 5"]))]
 
 
 def test_quoted_gzip_folder_with_an_unreadable_file(tmp_path: Path) -> None:
