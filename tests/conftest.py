@@ -24,7 +24,7 @@ from hypothesis import settings
 from sqlalchemy import create_engine, text
 
 # `pytest --hypothesis-profile=long`: a longer search, by hand (tests/test_soundness.py).
-settings.register_profile("long", max_examples=300, stateful_step_count=15, deadline=None)
+settings.register_profile("long", max_examples=150, stateful_step_count=12, deadline=None)
 
 PG_ENV = "ORCHESTRATOR_TEST_POSTGRES_URL"
 _BACKENDS = ["sqlite"] + (["postgresql"] if os.environ.get(PG_ENV) else [])
