@@ -207,8 +207,8 @@ def _columns_change(old: Schema, new: Schema) -> str:
 
 
 def width_problem(name: str, line: int, fields: int, width: int) -> str:
-    """The location of a row with the wrong number of fields: "p.csv:7: 3 fields, the
-    header has 5"."""
+    """The location of a row with the wrong number of fields: "p.csv:7: 6 fields, the
+    header has 7"."""
     return f"{name}:{line}: {_fields(fields, width)}"
 
 
@@ -216,17 +216,38 @@ def _fields(fields: int, width: int) -> str:
     return f"{fields} field{'' if fields == 1 else 's'}, the header has {width}"
 
 
-def skip_problem(
-    name: str, line: int, fields: int, width: int, text_date: str | None, has_date: bool
-) -> str:
-    """Why a row that cannot be given to a user is skipped (its date or user is unreadable
-    or missing), with its location; ``has_date``: its date field parsed."""
-    what = [_fields(fields, width)] if fields != width else []
-    if not has_date:
-        what.append("no date" if text_date is None else f"bad date {text_date!r}")
-    else:
-        what.append("missing user")
-    return f"{name}:{line}: {', '.join(what)}; row skipped"
+def skip_problem(name: str, line: int, text_date: str, has_date: bool) -> str:
+    """Why a row of the right width that cannot be given to a user (its date is not a date,
+    or its user is empty) is skipped, with its location."""
+    what = "missing user" if has_date else f"bad date {text_date!r}"
+    return f"{name}:{line}: {what}; row skipped"
+
+
+def unowned_problem(name: str, line: int, fields: int, width: int) -> str:
+    """Why a row of the wrong width that cannot be given to one user is skipped."""
+    return (
+        f"{name}:{line}: {_fields(fields, width)}, and no single known user and date can be "
+        "read from it; row skipped"
+    )
+
+
+def readings(fields: list[str], di: int, ui: int, width: int) -> list[tuple[str, str]]:
+    """The (date text, user) a row of the wrong width may hold: its fields read from the
+    left, from the right, or the lower-indexed of the two columns from the left and the
+    other from the right (the missing or extra fields lie between them). Only readings with
+    both fields present and a non-empty user; the caller keeps those with a valid date and
+    a known user and gives the row to the user when exactly one (date, user) remains."""
+    shift = len(fields) - width
+    lo = min(di, ui)
+    out = []
+    for d, u in (
+        (di, ui),
+        (di + shift, ui + shift),
+        (di if di == lo else di + shift, ui if ui == lo else ui + shift),
+    ):
+        if 0 <= d < len(fields) and 0 <= u < len(fields) and fields[u]:
+            out.append((fields[d], fields[u]))
+    return out
 
 
 def parse_int(text: str) -> int | None:
@@ -511,10 +532,37 @@ class FileSource:
         malformed = 0
         problems: list[str] = []
         schema: dict[str, str] = {}
-        bad_rows: dict[tuple[dt.date, str], list[str]] = {}
+        # (date, user) -> (file number, line, location) of that user's malformed rows
+        bad: dict[tuple[dt.date, str], list[tuple[int, int, str]]] = {}
+        known: set[str] = set()  # users of the rows of the right width
+        # Rows of the wrong width, given to a user once every file is read (``readings``).
+        pending: list[tuple[int, Schema, str, str, int, int, int, list[tuple[str, str]]]] = []
         parsed_dates: dict[str, dt.date | None] = {}
+
+        def parse_date(text: str) -> dt.date | None:
+            if text not in parsed_dates:
+                try:
+                    parsed_dates[text] = dt.date.fromisoformat(text)
+                except ValueError:
+                    parsed_dates[text] = None
+            return parsed_dates[text]
+
+        def add_text(date: dt.date, file_schema: Schema, text: str) -> None:
+            per_schema = texts.get(date)
+            if per_schema is None:
+                per_schema = texts[date] = {}
+                by_date[date] = {}
+            group = per_schema.get(file_schema)
+            if group is None:
+                group = per_schema[file_schema] = []
+            group.append(text)  # every row counts: a corrected row changes the hash
+
+        def add_bad(date: dt.date, user: str, f: int, line: int, where: str) -> None:
+            bad.setdefault((date, user), []).append((f, line, where))
+            locations.setdefault(date, []).append(where)
+
         files = files_of(self.config.path)
-        for path in files:
+        for f, path in enumerate(files):
             try:
                 header, raw_rows, row_texts, numbers = self._read(path)
             except RootDataError as e:
@@ -550,57 +598,56 @@ class FileSource:
             file_schema: Schema = tuple(zip(header, kinds))
             typed = zip(*columns)
             for i, fields in enumerate(raw_rows):
-                fits = len(fields) == width
-                values = next(typed) if fits else None
-                text_date = fields[di] if di < len(fields) else None
-                user = fields[ui] if ui < len(fields) else ""
-                if text_date is None:
-                    date = None
-                elif text_date in parsed_dates:
-                    date = parsed_dates[text_date]
-                else:
-                    try:
-                        date = parsed_dates[text_date] = dt.date.fromisoformat(text_date)
-                    except ValueError:
-                        date = parsed_dates[text_date] = None
+                if len(fields) != width:
+                    pending.append(
+                        (
+                            f,
+                            file_schema,
+                            row_texts[i],
+                            path.name,
+                            numbers[i],
+                            len(fields),
+                            width,
+                            readings(fields, di, ui, width),
+                        )
+                    )
+                    continue
+                values = next(typed)
+                text_date, user = fields[di], fields[ui]
+                date = parse_date(text_date)
                 if date is None or not user:
                     malformed += 1
                     if len(problems) < 20:
                         problems.append(
-                            skip_problem(
-                                path.name,
-                                numbers[i],
-                                len(fields),
-                                width,
-                                text_date,
-                                date is not None,
-                            )
+                            skip_problem(path.name, numbers[i], text_date, date is not None)
                         )
                     continue
-                per_schema = texts.get(date)
-                if per_schema is None:
-                    per_schema = texts[date] = {}
-                    by_date[date] = {}
-                group = per_schema.get(file_schema)
-                if group is None:
-                    group = per_schema[file_schema] = []
-                group.append(row_texts[i])  # every row counts: a corrected row changes the hash
-                where = (
-                    bad_cells.get(i)
-                    if fits
-                    else width_problem(path.name, numbers[i], len(fields), width)
-                )
+                known.add(user)
+                add_text(date, file_schema, row_texts[i])
+                where = bad_cells.get(i)
                 if where is not None:  # the user fails that date, with the row's location
                     malformed += 1
-                    bad_rows.setdefault((date, user), []).append(where)
-                    locations.setdefault(date, []).append(where)
+                    add_bad(date, user, f, numbers[i], where)
                     continue
-                assert values is not None
                 per_user = by_date[date]
                 rows = per_user.get(user)
                 if rows is None:
                     rows = per_user[user] = []
                 rows.append(dict(zip(header, values)))
+        for f, file_schema, text, name, line, n, width, options in pending:
+            malformed += 1
+            owners = {
+                (date, user)
+                for text_date, user in options
+                if user in known and (date := parse_date(text_date)) is not None
+            }
+            if len(owners) != 1:
+                if len(problems) < 20:
+                    problems.append(unowned_problem(name, line, n, width))
+                continue
+            ((date, user),) = owners
+            add_text(date, file_schema, text)
+            add_bad(date, user, f, line, width_problem(name, line, n, width))
         index = {}
         for date, per_schema in texts.items():
             hasher = DateHasher()
@@ -617,7 +664,7 @@ class FileSource:
             malformed=malformed,
             problems=problems[:20],
             schema=schema,
-            bad_rows=bad_rows,
+            bad_rows={key: [w for *_, w in sorted(found)] for key, found in bad.items()},
         )
 
     def _read(self, path: Path) -> tuple[list[str], list[list[str]], list[str], list[int]]:

@@ -41,7 +41,9 @@ from orchestrator.rootdata import (
     files_of,
     parse_int,
     read_error_types,
+    readings,
     skip_problem,
+    unowned_problem,
     width_problem,
 )
 
@@ -122,6 +124,9 @@ CREATE TABLE dates (date INTEGER PRIMARY KEY, row_count INTEGER NOT NULL,
                     content_hash TEXT NOT NULL, schemas TEXT NOT NULL,
                     rows_digest TEXT NOT NULL);
 CREATE TABLE bad_rows (date INTEGER, user TEXT, file INTEGER, line INTEGER, location TEXT);
+CREATE TABLE pending (file INTEGER, line INTEGER, text TEXT, fields INTEGER, width INTEGER,
+                      readings TEXT);
+CREATE TABLE resolved (date INTEGER, user TEXT, file INTEGER, line INTEGER, text TEXT);
 """
 
 
@@ -162,6 +167,7 @@ def build_store(config: RootDataConfig, digest: str, folder: Path, progress: boo
                     raise
                 importer.problems.append(f"{path.name}: unreadable, skipped ({e})")
                 conn.execute("DELETE FROM staging WHERE file = ?", (file_id,))
+                conn.execute("DELETE FROM pending WHERE file = ?", (file_id,))
                 conn.execute("DELETE FROM files WHERE id = ?", (file_id,))
         importer.finish(digest)
         if importer.bar is not None:
@@ -276,39 +282,87 @@ class _Importer:
                     fails[fitting[k]] |= 1 << c
         dates = self._dates
         out = []
-        bad = []
+        pending = []
         for i, row in enumerate(rows):
-            text_date = row[di] if di < len(row) else None
-            date: int | None = None
-            if text_date is not None:
-                if text_date not in dates:
-                    try:
-                        dates[text_date] = dt.date.fromisoformat(text_date).toordinal()
-                    except ValueError:
-                        dates[text_date] = None
-                date = dates[text_date]
-            user = row[ui] if ui < len(row) else ""
             line = numbers[i]
+            if len(row) != width:  # given to a user once every file is read (``finish``)
+                options = readings(row, di, ui, width)
+                pending.append((file_id, line, texts[i], len(row), width, json.dumps(options)))
+                continue
+            text_date, user = row[di], row[ui]
+            if text_date not in dates:
+                try:
+                    dates[text_date] = dt.date.fromisoformat(text_date).toordinal()
+                except ValueError:
+                    dates[text_date] = None
+            date = dates[text_date]
             if date is None or not user:
                 self.malformed += 1
                 if len(self.problems) < 20:
-                    self.problems.append(
-                        skip_problem(path.name, line, len(row), width, text_date, date is not None)
-                    )
-                continue
-            if len(row) != width:  # the user fails that date, with the row's location
-                self.malformed += 1
-                bad.append(
-                    (date, user, file_id, line, width_problem(path.name, line, len(row), width))
-                )
-                out.append((date, user, file_id, line, texts[i], -1))
+                    self.problems.append(skip_problem(path.name, line, text_date, date is not None))
                 continue
             out.append((date, user, file_id, line, texts[i], fails[i]))
+        self.conn.executemany("INSERT INTO pending VALUES (?, ?, ?, ?, ?, ?)", pending)
         self.conn.executemany("INSERT INTO staging VALUES (?, ?, ?, ?, ?, ?)", out)
-        self.conn.executemany("INSERT INTO bad_rows VALUES (?, ?, ?, ?, ?)", bad)
         if self.bar is not None:
             self.bar.update(len(rows))
         faults.reached("import")
+
+    def _resolve_pending(self) -> None:
+        """Give each row of the wrong width to the one user its readings allow, among the
+        users of the rows of the right width (``rootdata.readings``, as ``load``): it is
+        then a bad row of that user and date; else it is skipped and reported."""
+        conn = self.conn
+        if conn.execute("SELECT 1 FROM pending LIMIT 1").fetchone() is None:
+            return
+        conn.execute("CREATE INDEX rows_by_user ON rows (user)")  # dropped below
+        dates = self._dates
+        cursor = conn.execute(
+            "SELECT p.file, f.name, p.line, p.text, p.fields, p.width, p.readings"
+            " FROM pending p JOIN files f ON f.id = p.file ORDER BY p.file, p.line"
+        )
+        while batch := cursor.fetchmany(500):
+            options = [json.loads(r[6]) for r in batch]
+            users = sorted({u for found in options for _, u in found})
+            known: set[str] = set()
+            for k in range(0, len(users), 500):
+                part = users[k : k + 500]
+                marks = ",".join("?" * len(part))
+                known.update(
+                    u
+                    for (u,) in self.conn.execute(
+                        f"SELECT DISTINCT user FROM rows WHERE user IN ({marks})", part
+                    )
+                )
+            resolved, bad = [], []
+            for (file_id, name, line, text, n, width, _), found in zip(batch, options):
+                self.malformed += 1
+                owners = set()
+                for text_date, user in found:
+                    if user not in known:
+                        continue
+                    if text_date not in dates:
+                        try:
+                            dates[text_date] = dt.date.fromisoformat(text_date).toordinal()
+                        except ValueError:
+                            dates[text_date] = None
+                    if dates[text_date] is not None:
+                        owners.add((dates[text_date], user))
+                if len(owners) != 1:
+                    if len(self.problems) < 20:
+                        self.problems.append(unowned_problem(name, line, n, width))
+                    continue
+                ((date, user),) = owners
+                resolved.append((date, user, file_id, line, text))
+                bad.append((date, user, file_id, line, width_problem(name, line, n, width)))
+            self.conn.executemany("INSERT INTO resolved VALUES (?, ?, ?, ?, ?)", resolved)
+            self.conn.executemany("INSERT INTO bad_rows VALUES (?, ?, ?, ?, ?)", bad)
+        conn.executescript(
+            """
+            DROP INDEX rows_by_user;
+            INSERT INTO rows SELECT date, user, file, line, text, 1 FROM resolved;
+            """
+        )
 
     def finish(self, digest: str) -> None:
         conn = self.conn
@@ -319,9 +373,10 @@ class _Importer:
             INSERT INTO rows SELECT date, user, file, line, text, fails = -1 FROM staging
                 ORDER BY date, user, file, line;
             DROP TABLE staging;
-            CREATE INDEX bad_by_user ON bad_rows (date, user);
             """
         )
+        self._resolve_pending()
+        conn.execute("CREATE INDEX bad_by_user ON bad_rows (date, user)")
         # The per-date content hash as ``load`` computes it (``rootdata.DateHasher``): each
         # row text goes to its file's schema; the texts come sorted (SQLite's BINARY order on
         # UTF-8 is Python's code point order), so every schema's texts do too.
@@ -355,6 +410,7 @@ class _Importer:
         if current is not None:
             close(current, hasher)
         conn.executemany("INSERT INTO dates VALUES (?, ?, ?, ?, ?)", entries)
+        conn.executescript("DROP TABLE pending; DROP TABLE resolved;")
         meta = {
             "schemas": [[list(c) for c in s] for s in schema_ids],
             "name": self.config.name,

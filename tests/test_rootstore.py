@@ -1,9 +1,10 @@
 """The root store streams exactly what the in-memory parse holds.
 
 For tricky sources (quoting, gzip, empty fields, malformed values, bad dates, missing users,
-signed integers, several files with different types, an unreadable file of a folder, Parquet)
-the store's rows, per-date index, schema, malformed counts and locations equal
-``FileSource.load``'s; its stream comes in user order with worker ranges, and its history
+signed integers, several files with different types, an unreadable file of a folder, Parquet,
+short and long rows, blank and multi-line rows) the store's rows, per-date index (content
+hashes and schemas), schema, malformed counts and locations equal ``FileSource.load``'s — and
+so they do for random small CSV files (a Hypothesis property test); its stream comes in user order with worker ranges, and its history
 window equals the in-memory one. Memory flatness itself is measured by
 ``scripts/bench_stream.py``, not here.
 """
@@ -15,6 +16,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from orchestrator import rootstore
 from orchestrator.config import RootDataConfig
@@ -51,6 +54,9 @@ def assert_same(memory: Dataset, stored: StoredDataset) -> None:
             for lookback in (1, 2, 5):
                 window = stored.history(user, d, lookback)
                 assert repr(window) == repr(memory.history(user, d, lookback))
+                assert stored.window_problems(user, d, lookback) == memory.window_problems(
+                    user, d, lookback
+                )
     assert stored.user_sample() == memory.user_sample()
 
 
@@ -201,3 +207,130 @@ def test_a_damaged_store_is_rebuilt(tmp_path: Path) -> None:
     assert orch.dataset("prices").rows_on(DATES[0])[0]["Name"] == "AAA"
     orch.close()
     assert StoredDataset(store).dates == DATES
+
+
+def test_lines_count_blank_and_multiline_rows_and_wrong_widths_are_bad(tmp_path: Path) -> None:
+    path = tmp_path / "q.csv"
+    path.write_text(
+        "date,user,v,memo\n"
+        '2024-06-03,A,1,"two\nlines"\n'  # lines 2-3
+        "\n"  # line 4: blank
+        "2024-06-03,B,-1\n"  # line 5: short
+        "2024-06-03,C,+3,x,y\n"  # line 6: long
+        "2024-06-04,A,2,\n"
+        "2024-06-04,D,3\n"  # line 8: short, D has no row of the right width: skipped
+        "2024-06-04,B,4,\n"
+        "2024-06-04,C,5,\n"
+    )
+    memory, stored = both(tmp_path, path)
+    assert_same(memory, stored)
+    assert memory.schema["v"] == "int"  # -1 and +3 would be; the short/long rows are not read
+    assert memory.bad_rows == {
+        (dt.date(2024, 6, 3), "B"): ["q.csv:5: 3 fields, the header has 4"],
+        (dt.date(2024, 6, 3), "C"): ["q.csv:6: 5 fields, the header has 4"],
+    }
+    assert memory.problems == [
+        (
+            "q.csv:8: 3 fields, the header has 4, and no single known user and date can be "
+            "read from it; row skipped"
+        )
+    ]
+    assert [u for u, _ in stored.stream(dt.date(2024, 6, 3))] == ["A", "B", "C"]
+
+
+def test_integers_parse_as_integers(tmp_path: Path) -> None:
+    path = tmp_path / "n.csv"
+    path.write_text(
+        "date,user,neg,signed,mixed,empty_int,floaty\n"
+        "2024-07-01,A,-1,+3,1,,1e3\n"
+        "2024-07-01,B,-20,-0,1.5,7,2\n"
+    )
+    memory, stored = both(tmp_path, path)
+    assert_same(memory, stored)
+    assert memory.schema == {
+        "date": "date",
+        "user": "user",
+        "neg": "int",
+        "signed": "int",
+        "mixed": "float",
+        "empty_int": "int",
+        "floaty": "float",
+    }
+    a, b = (rows[0] for rows in memory.by_date[dt.date(2024, 7, 1)].values())
+    assert repr(a) == (
+        "{'date': '2024-07-01', 'user': 'A', 'neg': -1, 'signed': 3, 'mixed': 1.0, "
+        "'empty_int': None, 'floaty': 1000.0}"
+    )
+    assert (b["signed"], b["mixed"], b["empty_int"]) == (0, 1.5, 7)
+
+
+# --- the property: both parsers agree on any small CSV ------------------------------------
+
+VALUES = st.one_of(
+    st.sampled_from(["1", "-1", "+3", "007", "1.5", "-0.25", "1e3", "", "abc", "1.2.3", "nan"]),
+    st.integers(-1000, 1000).map(str),
+    st.floats(-1e6, 1e6, allow_nan=False).map(repr),
+)
+DATE_TEXTS = st.sampled_from(["2024-01-01", "2024-01-02", "2024-01-03", "2024-13-01", ""])
+USERS = st.sampled_from(["A", "B", "C", "", "-1"])
+
+
+@st.composite
+def csv_files(draw: st.DrawFn) -> list[tuple[str, str]]:
+    """One or two files: a header (the date and user columns anywhere among 0-3 others),
+    rows of mostly the right width, some short or long, blank lines, quoted fields (some
+    spanning lines), LF or CRLF line ends."""
+    files = []
+    for name in draw(st.sampled_from([["a.csv"], ["a.csv", "b.csv"]])):
+        others = draw(st.lists(st.sampled_from(["x", "y", "z", "w"]), max_size=3, unique=True))
+        header = draw(st.permutations(["date", "user", *others]))
+        quoted = draw(st.booleans())
+        end = draw(st.sampled_from(["\n", "\r\n"])) if quoted else "\n"
+        lines = [",".join(header)]
+        for _ in range(draw(st.integers(0, 12))):
+            fields = []
+            for column in header:
+                value = draw(
+                    DATE_TEXTS if column == "date" else USERS if column == "user" else VALUES
+                )
+                if quoted and draw(st.integers(0, 5)) == 0:
+                    value = '"' + value + draw(st.sampled_from(["", ",", '""', "\n"])) + '"'
+                fields.append(value)
+            width = draw(st.sampled_from([0, 0, 0, 0, -1, 1, -2]))
+            if width < 0:
+                fields = fields[:width]
+            else:
+                fields += ["9"] * width
+            lines.append(",".join(fields))
+            if draw(st.integers(0, 8)) == 0:
+                lines.append("")
+        files.append((name, end.join(lines) + end))
+    return files
+
+
+@settings(
+    max_examples=60,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+@given(files=csv_files(), chunk=st.sampled_from([2, 5, 50_000]))
+def test_memory_and_store_agree_on_random_csv_files(
+    tmp_path_factory: pytest.TempPathFactory, files: list[tuple[str, str]], chunk: int
+) -> None:
+    root = tmp_path_factory.mktemp("random")
+    folder = root / "src"
+    folder.mkdir()
+    for name, text in files:
+        (folder / name).write_bytes(text.encode())
+    saved = rootstore.CHUNK_ROWS
+    rootstore.CHUNK_ROWS = chunk  # typing over several chunks must equal typing at once
+    try:
+        memory, stored = both(root, folder)
+    finally:
+        rootstore.CHUNK_ROWS = saved
+    assert_same(memory, stored)
+    # Every row is typed or malformed, never padded: a date's rows plus its malformed rows
+    # are its row count.
+    for d, entry in memory.index.items():
+        bad = sum(len(w) for (day, _), w in memory.bad_rows.items() if day == d)
+        assert len(memory.rows_on(d)) + bad == entry.row_count
