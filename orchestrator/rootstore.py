@@ -9,8 +9,10 @@ name then renamed, so a crash never leaves a half-built store and an unchanged s
 never imported twice (a re-run after a crash reuses it).
 
 The rows and the per-date index are exactly those of ``FileSource.load`` (the in-memory path):
-same typing rules per file, same canonical row texts, same content hash per date, same
-malformed-row locations. ``tests/test_rootstore.py`` checks this parity.
+same typing rules per file, same canonical row texts, same content hash and schemas per date
+(``rootdata.DateHasher``), same malformed-row locations; rows of the wrong width wait in a
+``pending`` table until every file is read, then go to the one known user their readings
+allow, as in ``load``. ``tests/test_rootstore.py`` checks this parity, also on random files.
 """
 
 from __future__ import annotations
