@@ -139,6 +139,56 @@ class Project:
 
         return Orchestrator.from_config(self.config)
 
+    def run(self, target: dt.date, workers: int | None = None, **options: Any) -> Any:
+        """Run up to ``target`` (inclusive) with a fresh orchestrator, closed afterwards.
+
+        Args:
+            target: the last date to run.
+            workers: processes for standard cells; None keeps the config's ``workers``.
+            **options: passed on to ``Orchestrator.run`` (``calculations``, ``force``, ...).
+
+        Returns:
+            The run's ``RunSummary``.
+        """
+        orch = self.orchestrator()
+        try:
+            return orch.run(target, workers=workers, **options)
+        finally:
+            orch.close()
+
+    def plan(self, target: dt.date) -> Any:
+        """The dry-run ``Plan`` up to ``target`` (inclusive), from a fresh orchestrator."""
+        orch = self.orchestrator()
+        try:
+            return orch.plan(target)
+        finally:
+            orch.close()
+
+    def result_hashes(self) -> dict[tuple[str, dt.date], str | None]:
+        """Every ledger cell's result hash, whatever its status (None: nothing published).
+
+        Returns:
+            ``{(calculation, date): result_hash}`` over every cell in the ledger.
+        """
+        orch = self.orchestrator()
+        try:
+            cells = orch.ledger.load_cells()
+        finally:
+            orch.close()
+        return {(c, d): cell.result_hash for c, per in cells.items() for d, cell in per.items()}
+
+    def cli(self, *args: str) -> Any:
+        """Invoke the click CLI in-process with ``--config`` this project's config.
+
+        Returns:
+            click's ``Result`` (exit code, output).
+        """
+        from click.testing import CliRunner
+
+        from orchestrator.cli import main
+
+        return CliRunner().invoke(main, ["--config", str(self.config), *args])
+
 
 def price_rows(
     symbols: list[str], dates: list[dt.date], skip: set[tuple[str, dt.date]] = frozenset()
@@ -167,6 +217,47 @@ def price_rows(
 @pytest.fixture
 def project(tmp_path: Path, db_url: str) -> Project:
     return Project(tmp_path, db_url)
+
+
+def scratch_project(tmp_path: Path, name: str = "scratch") -> Project:
+    """An empty project in ``tmp_path / name`` with its own fresh SQLite ledger ``name.db``:
+    the from-scratch twin of a test's project, whatever database that one uses."""
+    scratch = Project(tmp_path / name, f"sqlite:///{tmp_path / f'{name}.db'}")
+    scratch.root.mkdir(parents=True, exist_ok=True)
+    return scratch
+
+
+def scratch_hashes(
+    tmp_path: Path,
+    rows: list[dict[str, Any]],
+    calcs: str,
+    target: dt.date,
+    *,
+    name: str = "scratch",
+    extra_config: str = "",
+    workers: int | None = 1,
+) -> dict[tuple[str, dt.date], str | None]:
+    """Result hashes of a from-scratch build of ``rows`` and ``calcs`` (see
+    ``scratch_project``), asserting that the build is clean.
+
+    Args:
+        tmp_path: where the twin project and its ledger go.
+        rows: the price rows (``price_rows`` shape).
+        calcs: the calculation package source (``Project.write_calcs``).
+        target: the last date built (inclusive).
+        name: the twin's folder and ledger file name.
+        extra_config: top-level config keys of the twin.
+        workers: processes for the build (None: the config's).
+
+    Returns:
+        ``Project.result_hashes()`` of the twin.
+    """
+    scratch = scratch_project(tmp_path, name)
+    scratch.write_prices(rows)
+    scratch.extra_config = extra_config
+    scratch.write_calcs(calcs)
+    assert scratch.run(target, workers=workers).ok
+    return scratch.result_hashes()
 
 
 def gzip_csv(path: Path, header: list[str], rows: list[list[Any]]) -> None:

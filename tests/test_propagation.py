@@ -11,13 +11,12 @@ hashes of a from-scratch build of the fixed data.
 
 from __future__ import annotations
 
-import datetime as dt
 from pathlib import Path
 
 import pytest
 
 from orchestrator.planning import Reason
-from tests.conftest import Project, price_rows
+from tests.conftest import Project, price_rows, scratch_hashes
 from tests.test_scenarios import BASE, DATES, TARGET
 
 BAD_DAY = DATES[3]
@@ -33,39 +32,13 @@ def rows(bad: bool) -> list[dict[str, object]]:
     return out
 
 
-def run(project: Project, workers: int):
-    orch = project.orchestrator()
-    try:
-        return orch.run(TARGET, workers=workers)
-    finally:
-        orch.close()
-
-
-def hashes(project: Project) -> dict[tuple[str, dt.date], str | None]:
-    orch = project.orchestrator()
-    try:
-        cells = orch.ledger.load_cells()
-    finally:
-        orch.close()
-    return {(c, d): cell.result_hash for c, per in cells.items() for d, cell in per.items()}
-
-
-def from_scratch(tmp_path: Path) -> dict[tuple[str, dt.date], str | None]:
-    scratch = Project(tmp_path / "scratch", f"sqlite:///{tmp_path / 'scratch.db'}")
-    scratch.root.mkdir()
-    scratch.write_prices(rows(bad=False))
-    scratch.write_calcs(BASE)
-    assert run(scratch, 1).ok
-    return hashes(scratch)
-
-
 @pytest.mark.parametrize("workers", [1, 2])
 def test_a_malformed_row_fails_its_user_downstream_and_later_then_heals(
     project: Project, tmp_path: Path, workers: int
 ) -> None:
     project.write_prices(rows(bad=True))
     project.write_calcs(BASE)
-    first = run(project, workers)
+    first = project.run(TARGET, workers=workers)
     assert not first.ok and first.exit_code == 1
     orch = project.orchestrator()
     extracted = orch.load_result("price_extractor", BAD_DAY)
@@ -101,21 +74,19 @@ def test_a_malformed_row_fails_its_user_downstream_and_later_then_heals(
     ]
 
     for _ in range(2):  # retried until it is a dead letter (max_attempts = 3)
-        assert not run(project, workers).ok
+        assert not project.run(TARGET, workers=workers).ok
     orch = project.orchestrator()
     assert orch.ledger.cell("price_extractor", BAD_DAY).status == "DEAD_LETTER"
     orch.close()
 
     project.write_prices(rows(bad=False))  # the fix
-    orch = project.orchestrator()
-    planned = orch.plan(TARGET).decisions
-    orch.close()
+    planned = project.plan(TARGET).decisions
     fixed = planned[("price_extractor", BAD_DAY)]
     assert fixed.reason is Reason.ROOT_DATA_CHANGED and "prices on 2024-01-04" in fixed.detail
-    healed = run(project, workers)
+    healed = project.run(TARGET, workers=workers)
     assert healed.ok and healed.exit_code == 0, healed.lines()
     assert healed.executed[("rsi", DATES[-1])] == "UPSTREAM_CHANGED"  # the heal flowed forward
-    assert hashes(project) == from_scratch(tmp_path)
+    assert project.result_hashes() == scratch_hashes(tmp_path, rows(bad=False), BASE, TARGET)
 
 
 def test_a_raising_user_propagates_to_its_successors_and_heals_with_the_code(
@@ -129,7 +100,7 @@ def test_a_raising_user_propagates_to_its_successors_and_heals_with_the_code(
     )
     project.write_prices(rows(bad=False))
     project.write_calcs(broken)
-    first = run(project, 1)
+    first = project.run(TARGET, workers=1)
     assert not first.ok
     orch = project.orchestrator()
     later = orch.load_result("rsi", DATES[-1])
@@ -137,8 +108,8 @@ def test_a_raising_user_propagates_to_its_successors_and_heals_with_the_code(
     assert later["CCC"]["__failed__"]["error"] == "ZeroDivisionError: bad tick"
     assert later["CCC"]["__failed__"]["date"] == BAD_DAY.isoformat()
     project.write_calcs(BASE)  # the fix: CODE_CHANGED re-runs rsi and it heals forward
-    assert run(project, 1).ok
-    assert hashes(project) == from_scratch(tmp_path)
+    assert project.run(TARGET, workers=1).ok
+    assert project.result_hashes() == scratch_hashes(tmp_path, rows(bad=False), BASE, TARGET)
 
 
 WINDOWED = """
@@ -166,7 +137,7 @@ def test_a_malformed_row_fails_every_window_that_holds_it_then_heals(
         project.extra_config = "root_memory_mb = 0\n"  # the root store's path
     project.write_prices(rows(bad=True))
     project.write_calcs(WINDOWED)
-    assert not run(project, 1).ok
+    assert not project.run(TARGET, workers=1).ok
     orch = project.orchestrator()
     results = {d: orch.load_result("range3", d) for d in DATES}
     orch.close()
@@ -179,10 +150,5 @@ def test_a_malformed_row_fails_every_window_that_holds_it_then_heals(
     assert "history window" in later["error"] and "close='1.2.3'" in later["error"]
     # Fixed: the windows that held the row re-run and equal a from-scratch build.
     project.write_prices(rows(bad=False))
-    assert run(project, 1).ok
-    scratch = Project(tmp_path / "scratch", f"sqlite:///{tmp_path / 'scratch.db'}")
-    scratch.root.mkdir()
-    scratch.write_prices(rows(bad=False))
-    scratch.write_calcs(WINDOWED)
-    assert run(scratch, 1).ok
-    assert hashes(project) == hashes(scratch)
+    assert project.run(TARGET, workers=1).ok
+    assert project.result_hashes() == scratch_hashes(tmp_path, rows(bad=False), WINDOWED, TARGET)
