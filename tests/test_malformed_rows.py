@@ -11,16 +11,13 @@ run's notes. Integers parse as integers, negative and signed ones included.
 
 from __future__ import annotations
 
-import datetime as dt
 from pathlib import Path
 
 import pytest
-from click.testing import CliRunner
 
-from orchestrator.cli import main
 from orchestrator.rootdata import Dataset
 from orchestrator.rootstore import StoredDataset
-from tests.conftest import PRICES_HEADER, Project, price_rows
+from tests.conftest import PRICES_HEADER, Project, price_rows, scratch_project
 from tests.test_propagation import SYMBOLS
 from tests.test_scenarios import BASE, DATES, TARGET
 
@@ -52,23 +49,6 @@ def bbb_line(lines: list[str]) -> int:
     )
 
 
-def run(project: Project):
-    orch = project.orchestrator()
-    try:
-        return orch.run(TARGET)
-    finally:
-        orch.close()
-
-
-def hashes(project: Project) -> dict[tuple[str, dt.date], str | None]:
-    orch = project.orchestrator()
-    try:
-        cells = orch.ledger.load_cells()
-    finally:
-        orch.close()
-    return {(c, d): cell.result_hash for c, per in cells.items() for d, cell in per.items()}
-
-
 @pytest.mark.parametrize("parser", sorted(PARSERS))
 @pytest.mark.parametrize(
     ("shape", "edit", "fields"),
@@ -87,7 +67,7 @@ def test_a_short_or_long_row_fails_its_user_with_file_and_line(
     assert len(lines[i].split(",")) == fields, shape
     write(project, lines)
     project.write_calcs(PARSERS[parser])
-    summary = run(project)
+    summary = project.run(TARGET)
     where = f"prices.csv:{i + 1}: {fields} fields, the header has 7"
 
     assert not summary.ok and summary.exit_code == 1
@@ -111,18 +91,17 @@ def test_a_short_or_long_row_fails_its_user_with_file_and_line(
     assert [(f.user, f.kind) for f in failures] == [("BBB", "own")]
     assert where in failures[0].error
     assert all("__failed__" not in extracted[s] for s in SYMBOLS if s != "BBB")
-    shown = CliRunner().invoke(main, ["--config", str(project.config), "failures"])
+    shown = project.cli("failures")
     assert where in shown.output, shown.output
 
     lines[i] = text_lines()[i]  # the fix heals to a from-scratch build
     write(project, lines)
-    assert run(project).ok
-    scratch = Project(tmp_path / "scratch", f"sqlite:///{tmp_path / 'scratch.db'}")
-    scratch.root.mkdir()
+    assert project.run(TARGET).ok
+    scratch = scratch_project(tmp_path)
     write(scratch, lines)
     scratch.write_calcs(PARSERS[parser])
-    assert run(scratch).ok
-    assert hashes(project) == hashes(scratch)
+    assert scratch.run(TARGET).ok
+    assert project.result_hashes() == scratch.result_hashes()
 
 
 def test_rows_without_a_readable_date_or_user_are_listed_in_the_notes(
@@ -133,7 +112,7 @@ def test_rows_without_a_readable_date_or_user_are_listed_in_the_notes(
     lines.insert(8, "2024-01-03")  # line 9: one field, no user
     write(project, lines)
     project.write_calcs(BASE)
-    summary = run(project)
+    summary = project.run(TARGET)
     assert summary.ok  # no user to fail: skipped, counted and reported
     assert "prices: prices.csv:6: bad date '2024-13-01'; row skipped" in summary.notes
     assert (
@@ -168,7 +147,7 @@ def test_negative_and_signed_integers_are_ints(project: Project, lookback: int) 
     rows[1]["volume"] = "+3"
     project.write_prices(rows)
     project.write_calcs(INT_CALC.replace("LOOKBACK", str(lookback)))
-    assert run(project).ok
+    assert project.run(TARGET).ok
     orch = project.orchestrator()
     result = orch.load_result("volume_type", DATES[0])
     orch.close()
