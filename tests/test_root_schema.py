@@ -20,7 +20,7 @@ from orchestrator import rootdata
 from orchestrator.planning import Reason, Status
 from orchestrator.rootdata import Dataset
 from orchestrator.rootstore import StoredDataset
-from tests.conftest import PRICES_HEADER, Project, price_rows
+from tests.conftest import PRICES_HEADER, Project, price_rows, scratch_project
 from tests.test_scenarios import DATES, SYMBOLS, TARGET
 
 CALCS = '''
@@ -68,11 +68,10 @@ def write(folder: Path, name: str, text_lines: list[str]) -> None:
     (folder / name).write_text("\n".join(text_lines) + "\n")
 
 
-def make(root: Path, db_url: str, lookback: int) -> Project:
-    project = Project(root, db_url)
+def make(project: Project, lookback: int) -> Project:
     project.root.mkdir(parents=True, exist_ok=True)
-    write(root / "data" / "prices", "a.csv", lines(FIRST))
-    write(root / "data" / "prices", "b.csv", lines(SECOND))
+    write(project.root / "data" / "prices", "a.csv", lines(FIRST))
+    write(project.root / "data" / "prices", "b.csv", lines(SECOND))
     project.write_calcs(CALCS.replace("LOOKBACK", str(lookback)))
     # A folder source of two files (the Project default is one file).
     project.config.write_text(
@@ -81,31 +80,14 @@ def make(root: Path, db_url: str, lookback: int) -> Project:
     return project
 
 
-def run(project: Project):
-    orch = project.orchestrator()
-    try:
-        return orch.run(TARGET)
-    finally:
-        orch.close()
-
-
-def hashes(project: Project) -> dict[tuple[str, dt.date], str | None]:
-    orch = project.orchestrator()
-    try:
-        cells = orch.ledger.load_cells()
-    finally:
-        orch.close()
-    return {(c, d): cell.result_hash for c, per in cells.items() for d, cell in per.items()}
-
-
 def from_scratch(project: Project, tmp_path: Path, lookback: int) -> dict:
     """Result hashes of a fresh project over a copy of ``project``'s data now."""
-    scratch = make(tmp_path / "scratch", f"sqlite:///{tmp_path / 'scratch.db'}", lookback)
+    scratch = make(scratch_project(tmp_path), lookback)
     for name in ("a.csv", "b.csv"):
         source = project.root / "data" / "prices" / name
         (scratch.root / "data" / "prices" / name).write_text(source.read_text())
-    assert run(scratch).ok
-    return hashes(scratch)
+    assert scratch.run(TARGET).ok
+    return scratch.result_hashes()
 
 
 def window_days(lookback: int, day: dt.date) -> list[dt.date]:
@@ -117,9 +99,7 @@ def window_days(lookback: int, day: dt.date) -> list[dt.date]:
 def check(project: Project, tmp_path: Path, lookback: int, what: dict[dt.date, str]) -> None:
     """The plan re-runs bar exactly on b.csv's dates, naming ``what`` changed on each date
     of its window; then the run equals a fresh build."""
-    orch = project.orchestrator()
-    decisions = orch.plan(TARGET).decisions
-    orch.close()
+    decisions = project.plan(TARGET).decisions
     changed = {d for (c, d), x in decisions.items() if c == "bar" and x.status is Status.RUNNABLE}
     assert changed == set(SECOND)
     for day in SECOND:
@@ -132,10 +112,10 @@ def check(project: Project, tmp_path: Path, lookback: int, what: dict[dt.date, s
         assert decision.detail == expected
     for day in FIRST:
         assert decisions[("bar", day)].reason is Reason.UP_TO_DATE
-    summary = run(project)
+    summary = project.run(TARGET)
     assert summary.ok, summary.lines()
     assert {d for c, d in summary.executed if c == "bar"} == set(SECOND)
-    assert hashes(project) == from_scratch(project, tmp_path, lookback)
+    assert project.result_hashes() == from_scratch(project, tmp_path, lookback)
 
 
 def _group(by_day: dict[dt.date, str]) -> dict[str, list[dt.date]]:
@@ -148,8 +128,8 @@ def _group(by_day: dict[dt.date, str]) -> dict[str, list[dt.date]]:
 @pytest.fixture(params=sorted(PARSERS))
 def setup(request: pytest.FixtureRequest, tmp_path: Path, db_url: str) -> tuple[Project, int]:
     lookback = PARSERS[request.param]
-    project = make(tmp_path / "project", db_url, lookback)
-    assert run(project).ok
+    project = make(Project(tmp_path / "project", db_url), lookback)
+    assert project.run(TARGET).ok
     orch = project.orchestrator()
     kind = Dataset if request.param == "memory" else StoredDataset
     assert isinstance(orch.dataset("prices"), kind)
@@ -203,12 +183,10 @@ def test_a_new_hash_format_rereads_the_stored_index(
     # root data re-runs once (ROOT_DATA_CHANGED), and early cutoff stops the cascade.
     project, _ = setup
     monkeypatch.setattr(rootdata, "ROOT_HASH_FORMAT", rootdata.ROOT_HASH_FORMAT + 1)
-    before = hashes(project)
-    summary = run(project)
+    before = project.result_hashes()
+    summary = project.run(TARGET)
     assert summary.ok
     assert set(summary.executed) == {("bar", d) for d in DATES}
     assert set(summary.executed.values()) == {"ROOT_DATA_CHANGED"}
-    assert hashes(project) == before
-    orch = project.orchestrator()
-    assert orch.plan(TARGET).counts()["RUNNABLE"] == 0
-    orch.close()
+    assert project.result_hashes() == before
+    assert project.plan(TARGET).counts()["RUNNABLE"] == 0
