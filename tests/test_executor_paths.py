@@ -19,7 +19,7 @@ from click.testing import CliRunner
 
 from orchestrator.cli import main
 from orchestrator.parallel import Partition
-from tests.conftest import Project, price_rows, weekdays
+from tests.conftest import Project, price_rows, scratch_hashes, weekdays
 
 DATES = weekdays(dt.date(2024, 3, 1), 8)
 TARGET = DATES[-1]
@@ -89,27 +89,13 @@ class Relative(StandardCalculation):
 ALL = ["base", "derived", "breadth", "summary", "relative"]
 
 
+SHARDS = "flush_users = 3\nshard_bytes = 1024\n"  # several shards per cell
+
+
 def _setup(project: Project) -> None:
     project.write_prices(price_rows(SYMBOLS, DATES, skip=SKIP))
-    project.extra_config = "flush_users = 3\nshard_bytes = 1024\n"  # several shards per cell
+    project.extra_config = SHARDS
     project.write_calcs(CALCS)
-
-
-def _hashes(project: Project) -> dict:
-    orch = project.orchestrator()
-    try:
-        cells = orch.ledger.load_cells()
-    finally:
-        orch.close()
-    return {(c, d): cell.result_hash for c, per in cells.items() for d, cell in per.items()}
-
-
-def _run(project: Project, workers: int):
-    orch = project.orchestrator()
-    try:
-        return orch.run(TARGET, workers=workers)
-    finally:
-        orch.close()
 
 
 def _bump(project: Project, calc: str) -> None:
@@ -123,11 +109,8 @@ def _bump(project: Project, calc: str) -> None:
 @pytest.fixture
 def serial_hashes(tmp_path: Path) -> dict:
     """A from-scratch serial build of the same code and data, in its own SQLite ledger."""
-    reference = Project(tmp_path / "serial", f"sqlite:///{tmp_path / 'serial.db'}")
-    reference.root.mkdir()
-    _setup(reference)
-    assert _run(reference, 1).ok
-    return _hashes(reference)
+    rows = price_rows(SYMBOLS, DATES, skip=SKIP)
+    return scratch_hashes(tmp_path, rows, CALCS, TARGET, name="serial", extra_config=SHARDS)
 
 
 @pytest.mark.parametrize("workers", [1, 2])
@@ -135,20 +118,20 @@ def test_every_executor_path_publishes_the_serial_hashes(
     project: Project, serial_hashes: dict, workers: int
 ) -> None:
     _setup(project)
-    first = _run(project, workers)
+    first = project.run(TARGET, workers=workers)
     assert first.ok
     assert Counter(c for c, _ in first.executed) == {c: len(DATES) for c in ALL}
-    assert _hashes(project) == serial_hashes
+    assert project.result_hashes() == serial_hashes
     # Each bump re-runs one pass's cells without root data (and early cutoff stops there):
     # a pass of standard cells driven by upstream results alone, a meta-only pass, a standard
     # cell after a meta cell, a meta cell in a mixed pass.
     for calc in ["derived", "summary", "relative", "breadth"]:
         _bump(project, calc)
-        again = _run(project, workers)
+        again = project.run(TARGET, workers=workers)
         assert again.ok, again.failed
         assert Counter(c for c, _ in again.executed) == {calc: len(DATES)}
         assert set(again.executed.values()) == {"EPOCH_CHANGED"}
-        assert _hashes(project) == serial_hashes
+        assert project.result_hashes() == serial_hashes
 
 
 def test_the_bundled_example_reruns_risk_score_on_two_workers(tmp_path: Path) -> None:
