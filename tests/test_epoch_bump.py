@@ -10,7 +10,7 @@ from __future__ import annotations
 import datetime as dt
 import sqlite3
 
-from click.testing import CliRunner, Result
+from click.testing import CliRunner
 from sqlalchemy import text
 
 from orchestrator.cli import main
@@ -22,15 +22,11 @@ DATES = weekdays(dt.date(2024, 3, 1), 2)
 OLD = '"""The epoch."""\n\nSYSTEM_EPOCH = 3  # bumped by hand\n'
 
 
-def cli(project: Project, *args: str) -> Result:
-    return CliRunner().invoke(main, ["--config", str(project.config), *args])
-
-
 def setup(project: Project) -> None:
     project.write_prices(price_rows(["AAA"], DATES))
     project.write_calcs(SOURCE)
     (project.root / "system_epoch.py").write_text(OLD)
-    assert cli(project, "db", "upgrade").exit_code == 0
+    assert project.cli("db", "upgrade").exit_code == 0
 
 
 def sql(project: Project, *statements: str) -> None:
@@ -57,7 +53,7 @@ def bumps(project: Project) -> list[tuple[str | None, int]]:
 
 def test_a_bump_is_in_the_file_and_in_the_ledger(project: Project) -> None:
     setup(project)
-    result = cli(project, "epoch", "bump", "--reason", "new fx source")
+    result = project.cli("epoch", "bump", "--reason", "new fx source")
     assert result.exit_code == 0, result.output
     assert (project.root / "system_epoch.py").read_text() == OLD.replace("= 3", "= 4")
     assert bumps(project) == [(None, 4)]
@@ -66,11 +62,11 @@ def test_a_bump_is_in_the_file_and_in_the_ledger(project: Project) -> None:
 def test_a_failing_insert_leaves_the_file_alone(project: Project) -> None:
     setup(project)
     sql(project, "DROP TABLE epoch_bumps")
-    line = one_line_error(cli(project, "epoch", "bump", "--reason", "x"), 2)
+    line = one_line_error(project.cli("epoch", "bump", "--reason", "x"), 2)
     assert line.startswith("Error: cannot record the epoch bump in the ledger (")
     assert "system_epoch.py is unchanged" in line
     assert (project.root / "system_epoch.py").read_text() == OLD
-    line = one_line_error(cli(project, "epoch", "bump", "--calc", "close"), 2)
+    line = one_line_error(project.cli("epoch", "bump", "--calc", "close"), 2)
     assert "cannot record the epoch bump in the ledger" in line
 
 
@@ -84,7 +80,7 @@ def test_a_failing_commit_puts_the_file_back(project: Project) -> None:
         "ALTER TABLE epoch_bumps ADD COLUMN guard INTEGER DEFAULT 1 "
         "REFERENCES guard (id) DEFERRABLE INITIALLY DEFERRED",
     )
-    line = one_line_error(cli(project, "epoch", "bump"), 2)
+    line = one_line_error(project.cli("epoch", "bump"), 2)
     assert "cannot record the epoch bump in the ledger (IntegrityError" in line
     assert (project.root / "system_epoch.py").read_text() == OLD
     assert bumps(project) == []

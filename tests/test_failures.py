@@ -12,9 +12,8 @@ from __future__ import annotations
 import datetime as dt
 
 import pytest
-from click.testing import CliRunner, Result
+from click.testing import Result
 
-from orchestrator.cli import main
 from orchestrator.planning import Reason
 from tests.conftest import Project, price_rows, weekdays
 
@@ -49,12 +48,8 @@ class Rank(StandardCalculation):
 '''
 
 
-def cli(project: Project, *args: str) -> Result:
-    return CliRunner().invoke(main, ["--config", str(project.config), *args])
-
-
 def run_cli(project: Project, workers: int = 1) -> Result:
-    return cli(project, "run", "--date", DATES[-1].isoformat(), "--workers", str(workers))
+    return project.cli("run", "--date", DATES[-1].isoformat(), "--workers", str(workers))
 
 
 def run_id_of(result: Result) -> str:
@@ -89,7 +84,7 @@ def test_three_of_sixty_failing_users_are_seen_retried_and_dead_lettered(
         "error": "ValueError: no quote for U007",
     }
 
-    listing = cli(project, "failures", "score", DAY.isoformat())
+    listing = project.cli("failures", "score", DAY.isoformat())
     assert listing.exit_code == 0
     assert "score 2024-03-04 PARTIAL: 3 user(s) failed" in listing.output
     for user in sorted(BAD):  # the whole traceback, ending at the calculation's line
@@ -97,18 +92,18 @@ def test_three_of_sixty_failing_users_are_seen_retried_and_dead_lettered(
         assert f"ValueError: no quote for {user}" in listing.output
     assert 'main.py", line 13, in process' in listing.output
     assert 'raise ValueError(f"no quote for {ctx.user}")' in listing.output
-    downstream = cli(project, "failures", "rank")
+    downstream = project.cli("failures", "rank")
     assert "rank 2024-03-04 user U023 (upstream," in downstream.output
     assert "upstream score failed for user U023 on 2024-03-04" in downstream.output
 
-    shown = cli(project, "show", "score", DAY.isoformat())
+    shown = project.cli("show", "score", DAY.isoformat())
     assert shown.exit_code == 0 and '"__failed__"' in shown.stdout
     assert "note: 3 user(s) failed in score on 2024-03-04" in shown.stderr
-    one = cli(project, "show", "score", DAY.isoformat(), "--user", "U023")
+    one = project.cli("show", "score", DAY.isoformat(), "--user", "U023")
     assert one.exit_code == 1
     assert "score failed for user U023 on 2024-03-04: ValueError: no quote for U023" in one.stderr
 
-    runs = cli(project, "runs", "--run", run_id_of(first))
+    runs = project.cli("runs", "--run", run_id_of(first))
     assert f"run {run_id_of(first)} FAILED exit 1" in runs.output
     assert "3 users failed in 1 cell: score 2024-03-04 (orchestrator failures)" in runs.output
     assert 'main.py", line 13, in process' in runs.output and "user U041 (own" in runs.output
@@ -164,7 +159,7 @@ def test_stored_failures_are_bounded_and_counted(project: Project) -> None:
                 return {"score": ctx.root["prices"][0]["close"]}
         """
     )
-    result = cli(project, "run", "--date", DATES[0].isoformat())
+    result = project.cli("run", "--date", DATES[0].isoformat())
     assert result.exit_code == 1
     assert "25 users failed in 1 cell" in result.output
     orch = project.orchestrator()
@@ -173,7 +168,7 @@ def test_stored_failures_are_bounded_and_counted(project: Project) -> None:
     orch.close()
     assert cell.users_failed == 25
     assert [r.user for r in stored] == [f"U{i:03d}" for i in range(0, 240, 12)]  # first 20
-    listing = cli(project, "failures")
+    listing = project.cli("failures")
     assert "score 2024-03-01 PARTIAL: 25 user(s) failed (20 stored)" in listing.output
 
 
@@ -184,9 +179,9 @@ def test_a_clean_run_exits_0_and_says_nothing_more(project: Project) -> None:
         result = run_cli(project)
         assert result.exit_code == 0, result.output
         assert "not clean" not in result.output and "failed in" not in result.output
-    runs = cli(project, "runs", "--run", run_id_of(result))
+    runs = project.cli("runs", "--run", run_id_of(result))
     assert "COMPLETED exit 0" in runs.output
-    assert cli(project, "failures").output.strip() == "no failed users"
+    assert project.cli("failures").output.strip() == "no failed users"
 
 
 CHAIN = """
@@ -248,7 +243,7 @@ def test_a_dead_letter_chain_names_its_root_cause_and_blocks_with_exit_1(
         Reason.UPSTREAM_DEAD_LETTER,
         "a on 2024-03-01 is dead-lettered (via b)",
     )
-    text = cli(project, "plan", "--date", DATES[-1].isoformat()).output
+    text = project.cli("plan", "--date", DATES[-1].isoformat()).output
     assert "a on 2024-03-01 is dead-lettered (via own previous cell (2024-03-04))" in text
 
     again = run_cli(project)

@@ -10,9 +10,6 @@ from __future__ import annotations
 
 import datetime as dt
 
-from click.testing import CliRunner, Result
-
-from orchestrator.cli import main
 from orchestrator.reporting import _env
 from tests.conftest import Project, price_rows, weekdays
 
@@ -21,7 +18,7 @@ REASON = "<img src=x onerror=alert(1)>"
 SCRIPT = "<script>alert('error')</script>"
 USER = '<svg onload="alert(2)">'  # a user id, straight from the data
 
-SOURCE = f'''
+SOURCE = f"""
 from orchestrator import StandardCalculation
 
 
@@ -44,25 +41,21 @@ class Rank(StandardCalculation):
 
     def process(self, ctx):
         return {{"high": ctx.upstream["score"]["score"] > 100}}
-'''
-
-
-def cli(project: Project, *args: str) -> Result:
-    return CliRunner().invoke(main, ["--config", str(project.config), *args])
+"""
 
 
 def _setup(project: Project) -> None:
     project.write_prices(price_rows(["AAA", USER, "ZZZ"], DATES))
     project.write_calcs(SOURCE)
-    run = cli(project, "run", "--date", DATES[-1].isoformat())
+    run = project.cli("run", "--date", DATES[-1].isoformat())
     assert run.exit_code == 1, run.output  # a failed user: not clean
-    bump = cli(project, "epoch", "bump", "--calc", "rank", "--reason", REASON)
+    bump = project.cli("epoch", "bump", "--calc", "rank", "--reason", REASON)
     assert bump.exit_code == 0, bump.output
 
 
 def test_html_plan_escapes_reasons_errors_and_user_ids(project: Project) -> None:
     _setup(project)
-    result = cli(project, "plan", "--date", DATES[-1].isoformat(), "--format", "html")
+    result = project.cli("plan", "--date", DATES[-1].isoformat(), "--format", "html")
     assert result.exit_code == 0, result.output
     page = result.output
     # What is planned really carries the hostile text (so the test can fail) ...
@@ -77,7 +70,7 @@ def test_html_plan_escapes_reasons_errors_and_user_ids(project: Project) -> None
 
 def test_markdown_plan_renders_no_tag(project: Project) -> None:
     _setup(project)
-    result = cli(project, "plan", "--date", DATES[-1].isoformat(), "--format", "markdown")
+    result = project.cli("plan", "--date", DATES[-1].isoformat(), "--format", "markdown")
     assert result.exit_code == 0, result.output
     text = result.output
     assert "&lt;img src=x onerror=alert(1)>" in text
@@ -88,7 +81,7 @@ def test_markdown_plan_renders_no_tag(project: Project) -> None:
 def test_text_plan_shows_the_reason_verbatim(project: Project) -> None:
     """A terminal shows text as it is: no entities there."""
     _setup(project)
-    result = cli(project, "plan", "--date", DATES[-1].isoformat())
+    result = project.cli("plan", "--date", DATES[-1].isoformat())
     assert result.exit_code == 0, result.output
     assert REASON in result.output
 

@@ -4,9 +4,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from click.testing import CliRunner
-
-from orchestrator.cli import main
 from orchestrator.planning import Reason
 from tests.conftest import Project
 from tests.test_scenarios import BASE, DATES, TARGET, plan, run, setup
@@ -18,10 +15,6 @@ ALWAYS_FAILS = BASE.replace(
     f"        if ctx.date.isoformat() == '{BAD_DAY.isoformat()}':\n"
     "            raise ValueError('vendor sent garbage')\n",
 )
-
-
-def cli(project: Project, *args: str):
-    return CliRunner().invoke(main, ["--config", str(project.config), *args])
 
 
 def test_a_flaky_cell_is_retried_in_the_same_run(project: Project, tmp_path: Path) -> None:
@@ -67,20 +60,20 @@ def test_retries_then_dead_letter_then_manual_retry(project: Project) -> None:
     dead = third_plan.decisions[("signal", BAD_DAY)]
     assert dead.reason is Reason.DEAD_LETTER and "vendor sent garbage" in dead.detail
     assert run(project).executed == {}  # out of the nightly loop
-    listed = cli(project, "dlq", "list")
+    listed = project.cli("dlq", "list")
     assert f"signal                   {BAD_DAY} attempts 3: ValueError: vendor sent garbage" in (
         listed.output
     )
 
     project.write_calcs(BASE)  # the fix
     assert plan(project).decisions[("signal", BAD_DAY)].reason is Reason.DEAD_LETTER
-    assert cli(project, "dlq", "retry").exit_code == 2  # says what to name
-    retried = cli(project, "dlq", "retry", "signal", BAD_DAY.isoformat())
+    assert project.cli("dlq", "retry").exit_code == 2  # says what to name
+    retried = project.cli("dlq", "retry", "signal", BAD_DAY.isoformat())
     assert "1 dead letter(s) will be retried" in retried.output
     assert plan(project).decisions[("signal", BAD_DAY)].reason is Reason.RETRY
     fixed = run(project)
     assert fixed.ok and ("signal", BAD_DAY) in fixed.executed
-    assert cli(project, "dlq", "list").output.strip() == "no dead letters"
+    assert project.cli("dlq", "list").output.strip() == "no dead letters"
 
 
 def test_dead_letter_blocks_historical_successors(project: Project) -> None:
