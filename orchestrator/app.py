@@ -154,6 +154,8 @@ class Observation:
     epoch_reasons: dict[int, str]
     live_runs: frozenset[str]
     complete: dict[str, dt.date] = dataclasses.field(default_factory=dict)
+    # dataset -> (rows given to no user, the first 20 problems) as stored with its index
+    skipped: dict[str, tuple[int, list[str]]] = dataclasses.field(default_factory=dict)
 
 
 class Orchestrator:
@@ -260,10 +262,13 @@ class Orchestrator:
     def _index_root_data(self, now: dt.datetime) -> dict[str, dict[dt.date, str]]:
         used = sorted({ds for s in self.manifest.calcs.values() for ds in s.root_data})
         stored = self.ledger.load_root_sources()
+        # An index stored before its problems were (migration 0005) is read again once:
+        # reusing it would report its skipped rows as none.
+        recorded = self.ledger.load_root_problems()
         out: dict[str, dict[dt.date, str]] = {}
         for name in used:
             digest = self._digest(name)
-            if stored.get(name) == digest:
+            if stored.get(name) == digest and name in recorded:
                 out[name] = {d: h for d, (n, h) in self.ledger.load_root_index(name).items() if n}
                 continue
             dataset = self.dataset(name)
@@ -288,6 +293,8 @@ class Orchestrator:
                 dataset.malformed,
                 now,
                 dataset.schema,
+                skipped=dataset.skipped,
+                problems=dataset.problems,
             )
             out[name] = {d: e.content_hash for d, e in dataset.index.items()}
         self._root_index = out
@@ -354,14 +361,17 @@ class Orchestrator:
             else:
                 scoped[bump.calculation] = (bump.epoch, bump.reason)
         complete = self.complete_through()
+        root = self.index_root_data(now, complete)
+        problems = self.ledger.load_root_problems()  # after indexing: this run's findings
         return Observation(
             ledger=self.ledger.load_cells(self.manifest.calcs, slim=True),
-            root=self.index_root_data(now, complete),
+            root=root,
             epoch=read_epoch(self.config.epoch_file),
             scoped_epochs=scoped,
             epoch_reasons=reasons,
             live_runs=self.ledger.live_runs(now),
             complete=complete,
+            skipped={name: problems[name] for name in root if name in problems},
         )
 
     def observe_more(self, names: set[str]) -> MoreObservation:
@@ -449,6 +459,7 @@ class Orchestrator:
             epoch_reasons=observation.epoch_reasons,
             live_runs=observation.live_runs,
             complete=observation.complete,
+            skipped=observation.skipped,
         )
 
     def plan(self, target: dt.date | None = None, now: dt.datetime | None = None) -> Plan:
@@ -535,8 +546,14 @@ class Orchestrator:
                 ),
             )
             summary = executor.execute()
+            # Rows no user can be given to are reported by every run that uses the dataset,
+            # from the ledger: a later run reusing the index (source unchanged) reads no file
+            # and would otherwise say nothing. They fail nobody (the exit code ignores notes).
+            used = {ds for spec in manifest.calcs.values() for ds in spec.root_data}
+            for name, (skipped, problems) in sorted(observation.skipped.items()):
+                if name in used and (skipped or problems):
+                    summary.notes.append(skipped_note(name, skipped, problems))
             for name, dataset in sorted(self._datasets.items()):
-                summary.notes += [f"{name}: {problem}" for problem in dataset.problems]
                 if dataset.bad_count:
                     summary.notes.append(
                         f"{name}: {dataset.bad_count} user-date(s) with malformed rows "
@@ -733,6 +750,36 @@ def declared_packages(spec: CalcSpec, names: Iterable[str]) -> CalcSpec:
     return dataclasses.replace(
         spec, infra_hash=lineage.infra_hash if lineage else infra_hash(versions), lineage=lineage
     )
+
+
+SKIPPED_SUFFIX = "; row skipped"
+
+
+def skipped_note(dataset: str, skipped: int, problems: Iterable[str]) -> str:
+    """The run's one note on what a dataset could not read.
+
+    Args:
+        dataset: the dataset's name.
+        skipped: rows given to no user (no readable date or user, or a wrong width with no
+            single reading).
+        problems: the stored examples, "file:line: what; row skipped" (at most 20), and
+            unreadable files of a folder.
+
+    Returns:
+        e.g. ``prices: 2 rows skipped, no user or date can be read from them:
+        prices.csv:7: bad date '2024-13-01'; prices.csv:9: missing user`` (the examples'
+        "; row skipped" is said once, by the count).
+    """
+    examples = [p.removesuffix(SKIPPED_SUFFIX) for p in problems]
+    shown = sum(1 for p in problems if p.endswith(SKIPPED_SUFFIX))
+    parts = []
+    if skipped:
+        rows = "1 row" if skipped == 1 else f"{skipped} rows"
+        more = f" (the first {shown} listed)" if shown < skipped else ""
+        parts.append(f"{rows} skipped, no user or date can be read from them{more}")
+    if examples:
+        parts.append("; ".join(examples))
+    return f"{dataset}: {': '.join(parts)}"
 
 
 def default_target(now: dt.datetime) -> dt.date:

@@ -81,8 +81,9 @@ class RunSummary:
 
     ``failed`` lists (calculation, date, error's last line) of the cells this run could not
     publish; ``executed`` maps every cell that ran (successfully or not) to the reason it ran;
-    ``reasons`` counts final reasons; ``notes`` are problems found in root data parsed by this
-    run (unreadable files, malformed rows), each with its location.
+    ``reasons`` counts final reasons; ``notes`` are problems of the root data this run uses
+    (skipped rows and unreadable files, as stored with each dataset's index, whether or not
+    this run re-read it; users failed by malformed rows), each with its location.
 
     The verdict covers the whole range after the run, not only what ran: ``users_failed``
     lists (calculation, date, status, failed users) of the published cells whose last attempt

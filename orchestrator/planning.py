@@ -29,7 +29,7 @@ import dataclasses
 import datetime as dt
 import enum
 from collections import Counter
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
@@ -153,13 +153,16 @@ class CellInputs(NamedTuple):
 
 
 class RootSummary(NamedTuple):
-    """A dataset's available dates as the plan saw them, and its completeness marker's date
-    (None: no marker; ``date.min``: no marker file yet)."""
+    """A dataset's available dates as the plan saw them, its completeness marker's date
+    (None: no marker; ``date.min``: no marker file yet), and the rows it skipped (given to
+    no user) with the first problems found ("file:line: what")."""
 
     dates: int
     first: dt.date | None
     last: dt.date | None
     complete_through: dt.date | None
+    skipped: int = 0
+    problems: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -235,6 +238,8 @@ class PlanRequest:
         live_runs: ids of runs alive now; a RUNNING cell of any other run is a zombie.
         complete: dataset -> its last complete date by its completeness marker (``date.min``:
             none yet); later dates are absent from ``root`` and NO_DATA says why.
+        skipped: dataset -> (rows given to no user, the first 20 problems "file:line:
+            what"), as stored with its index; only reported.
     """
 
     manifest: Manifest
@@ -251,6 +256,7 @@ class PlanRequest:
     cosmetic: Mapping[tuple[str, str], Verdict] = field(default_factory=dict)
     live_runs: frozenset[str] = frozenset()
     complete: Mapping[str, dt.date] = field(default_factory=dict)
+    skipped: Mapping[str, tuple[int, Sequence[str]]] = field(default_factory=dict)
 
 
 _WINDOW_TAG = encode("window")
@@ -923,6 +929,8 @@ def _make_plan(request: PlanRequest) -> Plan:
                 min(available, default=None),
                 max(available, default=None),
                 request.complete.get(name),
+                request.skipped.get(name, (0, ()))[0],
+                tuple(request.skipped.get(name, (0, ()))[1]),
             )
             for name, available in sorted(request.root.items())
         },

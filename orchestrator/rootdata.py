@@ -297,6 +297,11 @@ class Dataset:
         """User-dates with malformed rows."""
         return len(self.bad_rows)
 
+    @property
+    def skipped(self) -> int:
+        """Rows given to no user (the malformed rows that are not some user's bad rows)."""
+        return self.malformed - sum(len(found) for found in self.bad_rows.values())
+
     def stream(
         self, date: dt.date, lo: str | None = None, hi: str | None = None
     ) -> Iterator[tuple[str, tuple[list[Row], list[str]]]]:
@@ -408,6 +413,9 @@ class RootData(Protocol):
 
     @property
     def bad_count(self) -> int: ...
+
+    @property
+    def skipped(self) -> int: ...
 
     def stream(
         self, date: dt.date, lo: str | None = None, hi: str | None = None

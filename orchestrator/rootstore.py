@@ -527,7 +527,8 @@ class StoredDataset:
 
     Attributes (as ``rootdata.Dataset``): ``name``, ``dates`` (ascending), ``index`` (date ->
     DateEntry), ``malformed``, ``problems``, ``schema``; ``bad_count`` counts user-dates with
-    malformed rows. Rows are dicts typed per file (``rootdata`` module docstring).
+    malformed rows, ``skipped`` the rows given to no user. Rows are dicts typed per file
+    (``rootdata`` module docstring).
 
     Connections are per process (a forked worker opens its own) and read-only.
     """
@@ -561,6 +562,9 @@ class StoredDataset:
         self.bad_count: int = conn.execute(
             "SELECT COUNT(*) FROM (SELECT DISTINCT date, user FROM bad_rows)"
         ).fetchone()[0]
+        # Rows given to no user: the malformed rows that are not some user's bad rows.
+        bad_rows = conn.execute("SELECT COUNT(*) FROM bad_rows").fetchone()[0]
+        self.skipped: int = self.malformed - bad_rows
         self._files: dict[int, tuple[bool, list[str], list[Callable[[str], Any]]]] = {}
         for file_id, fast, header, kinds in conn.execute(
             "SELECT id, fast, header, kinds FROM files"

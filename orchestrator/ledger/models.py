@@ -162,7 +162,9 @@ class ShardRow(Base):
 
 
 class RootSourceRow(Base):
-    """What was indexed for a dataset: the digest of its raw files and of its configuration."""
+    """What was indexed for a dataset: the digest of its raw files and of its configuration,
+    and what it could not read (``problems``: ``{"skipped": rows given to no user,
+    "examples": the first 20 "file:line: what"}``; NULL when indexed before migration 0005)."""
 
     __tablename__ = "root_sources"
 
@@ -172,6 +174,7 @@ class RootSourceRow(Base):
     malformed: Mapped[int] = mapped_column(Integer)
     indexed_at: Mapped[dt.datetime] = mapped_column(UTCDateTime)
     schema: Mapped[dict[str, Any] | None] = mapped_column(JSONType, nullable=True)
+    problems: Mapped[dict[str, Any] | None] = mapped_column(JSONType, nullable=True)
 
 
 class RootIndexRow(Base):

@@ -960,8 +960,23 @@ class Ledger:
         malformed: int,
         now: dt.datetime,
         schema: Mapping[str, str] | None = None,
+        skipped: int = 0,
+        problems: Sequence[str] = (),
     ) -> None:
-        """Replace a dataset's index (date -> (rows, hash)) and its source digest atomically."""
+        """Replace a dataset's index (date -> (rows, hash)), its source digest and what it
+        could not read, atomically.
+
+        Args:
+            dataset: the dataset's config name.
+            source_digest: digest of its raw files and configuration.
+            entries: date -> (row count, content hash).
+            malformed: skipped rows plus rows whose values could not be parsed.
+            now: when it was indexed (UTC).
+            schema: column -> parsed type.
+            skipped: rows given to no user (a bad date, an empty user, a row of the wrong
+                width with no single reading); later runs that reuse the index report them.
+            problems: the problems found, "file:line: what"; the first 20 are kept.
+        """
         with self.engine.begin() as conn:
             conn.execute(delete(ROOT_INDEX).where(ROOT_INDEX.c.dataset == dataset))
             conn.execute(delete(ROOT_SOURCES).where(ROOT_SOURCES.c.dataset == dataset))
@@ -981,8 +996,25 @@ class Ledger:
                     malformed=malformed,
                     indexed_at=now,
                     schema=dict(schema) if schema is not None else None,
+                    problems={"skipped": skipped, "examples": list(problems[:20])},
                 )
             )
+
+    def load_root_problems(self) -> dict[str, tuple[int, list[str]]]:
+        """What each indexed dataset could not read, in one query.
+
+        Returns:
+            dataset -> (rows skipped, the first 20 problems "file:line: what"), for every
+            dataset indexed since migration 0005 (clean ones included, as ``(0, [])``); a
+            dataset indexed before it is absent: its problems were never recorded.
+        """
+        with self.engine.connect() as conn:
+            rows = conn.execute(select(ROOT_SOURCES.c.dataset, ROOT_SOURCES.c.problems)).all()
+        return {
+            name: (int(found["skipped"]), list(found["examples"]))
+            for name, found in rows
+            if found is not None
+        }
 
     # --- runs and the run lock ------------------------------------------------------------
 

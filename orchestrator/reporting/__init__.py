@@ -154,6 +154,8 @@ def render(plan: Plan, fmt: str) -> str:
                             else r.complete_through.isoformat()  # type: ignore[union-attr]
                         ),
                         "marker": r.complete_through is not None,
+                        "skipped": r.skipped,  # rows given to no user
+                        "problems": list(r.problems),  # the first 20, "file:line: what"
                     }
                     for name, r in plan.root.items()
                 },
