@@ -13,9 +13,7 @@ import os
 from pathlib import Path
 
 import pytest
-from click.testing import CliRunner
 
-from orchestrator.cli import main
 from orchestrator.lineage import trace
 from orchestrator.planning import Reason
 from orchestrator.simulation import SIM_DATES
@@ -128,27 +126,11 @@ def executed(log: Path) -> dict[str, int]:
     return counts
 
 
-def run(project: Project):
-    orch = project.orchestrator()
-    try:
-        return orch.run(TARGET)
-    finally:
-        orch.close()
-
-
-def plan(project: Project):
-    orch = project.orchestrator()
-    try:
-        return orch.plan(TARGET)
-    finally:
-        orch.close()
-
-
 @pytest.fixture
 def built(project: Project, exec_log: Path) -> Project:
     project.write_prices(price_rows(["AAA", "BBB"], DATES))
     write(project)
-    run(project)
+    project.run(TARGET)
     assert executed(exec_log) == {"level": 6, "range": 6, "board": 6}
     return project
 
@@ -158,29 +140,29 @@ def test_changing_a_helper_reruns_exactly_its_users_and_names_it(built: Project,
         built,
         STATS.replace("return max(values) - min(values)", "return max(values) - min(values) + 0"),
     )
-    p = plan(built)
+    p = built.plan(TARGET)
     assert {p.decisions[("range", d)].reason for d in DATES} == {Reason.LAYER_CHANGED}
     assert p.decisions[("range", TARGET)].detail == "changed layers.stats:spread"
     assert {p.decisions[("level", d)].reason for d in DATES} == {Reason.UP_TO_DATE}
-    run(built)
+    built.run(TARGET)
     # spread + 0 gives the same numbers: range re-runs, the board is cut off.
     assert executed(exec_log) == {"range": 6}
 
 
 def test_changing_an_unused_helper_reruns_nothing(built: Project, exec_log) -> None:
     write(built, STATS.replace("return None", "return 0"))
-    assert plan(built).counts()["RUNNABLE"] == 0
-    run(built)
+    assert built.plan(TARGET).counts()["RUNNABLE"] == 0
+    built.run(TARGET)
     assert executed(exec_log) == {}
 
 
 def test_a_constant_a_helper_reads_is_not_cosmetic(built: Project, exec_log) -> None:
     write(built, STATS.replace("SCALE = 2", "SCALE = 4"))
-    p = plan(built)
+    p = built.plan(TARGET)
     assert p.decisions[("level", TARGET)].reason is Reason.LAYER_CHANGED
     assert p.decisions[("level", TARGET)].detail == "changed layers.stats:SCALE"
     assert p.decisions[("range", TARGET)].reason is Reason.UP_TO_DATE
-    run(built)
+    built.run(TARGET)
     assert executed(exec_log) == {"level": 6, "board": 6}  # new means: the board changes too
 
 
@@ -197,7 +179,7 @@ def test_code_change_names_the_changed_member(built: Project, exec_log) -> None:
             'return {{"mean": mean(closes)}}', 'return {{"mean": mean(closes) + 1}}'
         ),
     )
-    p = plan(built)
+    p = built.plan(TARGET)
     assert p.decisions[("level", TARGET)].reason is Reason.CODE_CHANGED
     assert p.decisions[("level", TARGET)].detail == (
         "changed Level.process (proof: not proven equivalent)"
@@ -211,17 +193,17 @@ def test_scenario_b_local_variable_rename_is_proven_cosmetic(built: Project, exe
         built,
         calcs=CALCS.replace("closes = [r", "prices = [r").replace("mean(closes)", "mean(prices)"),
     )
-    p = plan(built)
+    p = built.plan(TARGET)
     assert {p.decisions[("level", d)].reason for d in DATES} == {Reason.COSMETIC_CHANGE}
     assert p.decisions[("level", TARGET)].detail == (
         "proof: proven equivalent: equal up to renamed local variables: changed Level.process"
     )
     assert p.counts()["RUNNABLE"] == 0 and p.counts()["BLOCKED"] == 0
     assert simulated_lines(exec_log) == 0  # the plan ran no user code
-    run(built)
+    built.run(TARGET)
     assert executed(exec_log) == {}
     # The equivalence is recorded: the cells now carry the new code hash, the plan is fast.
-    assert {d.reason for d in plan(built).decisions.values()} == {Reason.UP_TO_DATE}
+    assert {d.reason for d in built.plan(TARGET).decisions.values()} == {Reason.UP_TO_DATE}
 
 
 def test_renaming_a_parameter_is_not_cosmetic(built: Project, exec_log) -> None:
@@ -236,7 +218,7 @@ def test_renaming_a_parameter_is_not_cosmetic(built: Project, exec_log) -> None:
             'for r in c.history["prices"]]\n        return {{"mean"',
         ),
     )
-    p = plan(built)
+    p = built.plan(TARGET)
     assert p.decisions[("level", TARGET)].reason is Reason.CODE_CHANGED
 
 
@@ -250,10 +232,10 @@ def test_a_changed_threshold_is_never_cosmetic(built: Project, exec_log) -> None
     # The fabricated world never has a mean between 100000 and 150000, so the simulation hash
     # stays equal; the proof still sees a changed literal: CODE_CHANGED under either rule.
     write(built, calcs=THRESHOLD)
-    run(built)
+    built.run(TARGET)
     executed(exec_log)
     write(built, calcs=THRESHOLD.replace("> 100000", "> 150000"))
-    p = plan(built)
+    p = built.plan(TARGET)
     assert {p.decisions[("level", d)].reason for d in DATES} == {Reason.CODE_CHANGED}
     assert "proof: not proven equivalent" in p.decisions[("level", TARGET)].detail
     assert simulated_lines(exec_log) == 0
@@ -274,11 +256,11 @@ def test_the_simulation_heuristic_is_opt_in_and_still_refuses_a_changed_literal(
     else:
         built.extra_config = 'cosmetic_verdict = "simulation"\n'
     write(built, calcs=source)
-    run(built)
+    built.run(TARGET)
     executed(exec_log)
     # A changed literal: never cosmetic, even with the heuristic, and the plan says the rule.
     write(built, calcs=source.replace("> 100000", "> 150000"))
-    p = plan(built)
+    p = built.plan(TARGET)
     assert p.decisions[("level", TARGET)].reason is Reason.CODE_CHANGED
     assert p.decisions[("level", TARGET)].detail == (
         "changed Level.process (simulation: a literal, operator, comparison or called name changed)"
@@ -294,11 +276,11 @@ def test_the_simulation_heuristic_accepts_an_equivalent_reordering(
         'return {{"mean": mean(closes)}}', 'return {{"mean": mean(closes), "n": 1 + len(closes)}}'
     )
     write(built, calcs=source)
-    run(built)
+    built.run(TARGET)
     executed(exec_log)
     # Same tokens, same simulated behaviour, every new statement ran: cosmetic by heuristic.
     write(built, calcs=source.replace("1 + len(closes)", "len(closes) + 1"))
-    p = plan(built)
+    p = built.plan(TARGET)
     assert simulated_lines(exec_log) > 0  # the opt-in ran user code on the fabricated world
     assert p.decisions[("level", TARGET)].reason is Reason.COSMETIC_CHANGE
     assert p.decisions[("level", TARGET)].detail == (
@@ -311,7 +293,7 @@ def test_an_unexecuted_change_is_not_called_cosmetic(built: Project, exec_log) -
     # cannot vouch for it.
     built.extra_config = 'cosmetic_verdict = "simulation"\n'
     write(built)
-    run(built)
+    built.run(TARGET)
     executed(exec_log)
     write(
         built,
@@ -320,7 +302,7 @@ def test_an_unexecuted_change_is_not_called_cosmetic(built: Project, exec_log) -
             "        if ctx.user == 'nobody':\n            return {{'mean': 0}}\n        closes = [r",
         ),
     )
-    p = plan(built)
+    p = built.plan(TARGET)
     assert p.decisions[("level", TARGET)].reason is Reason.CODE_CHANGED
     assert "simulation:" in p.decisions[("level", TARGET)].detail
 
@@ -335,42 +317,28 @@ def test_the_removed_simulate_attribute_is_refused_with_the_replacement(
     )
     assert source != CALCS
     write(built, calcs=source)
-    result = CliRunner().invoke(main, ["--config", str(built.config), "plan"])
+    result = built.cli("plan")
     assert result.exit_code == 2, result.output
     assert "cosmetic_verdict" in result.output
 
 
 def test_scoped_epoch_forces_one_calculation_with_its_reason(built: Project, exec_log) -> None:
-    result = CliRunner().invoke(
-        main,
-        [
-            "--config",
-            str(built.config),
-            "epoch",
-            "bump",
-            "--calc",
-            "range",
-            "--reason",
-            "vendor resent March",
-        ],
-    )
+    result = built.cli("epoch", "bump", "--calc", "range", "--reason", "vendor resent March")
     assert result.exit_code == 0, result.output
-    p = plan(built)
+    p = built.plan(TARGET)
     assert {p.decisions[("range", d)].reason for d in DATES} == {Reason.EPOCH_CHANGED}
     assert p.decisions[("range", TARGET)].detail == "epoch of range 0 -> 1: vendor resent March"
     assert p.decisions[("level", TARGET)].reason is Reason.UP_TO_DATE
-    run(built)
+    built.run(TARGET)
     assert executed(exec_log) == {"range": 6}  # same results: the board is cut off
-    listed = CliRunner().invoke(main, ["--config", str(built.config), "epoch", "list"])
+    listed = built.cli("epoch", "list")
     assert "range" in listed.output and "vendor resent March" in listed.output
 
 
 def test_global_epoch_bump_reason_is_shown(built: Project) -> None:
-    result = CliRunner().invoke(
-        main, ["--config", str(built.config), "epoch", "bump", "--reason", "new vendor"]
-    )
+    result = built.cli("epoch", "bump", "--reason", "new vendor")
     assert result.exit_code == 0
-    p = plan(built)
+    p = built.plan(TARGET)
     assert p.decisions[("board", TARGET)].detail == "system epoch 0 -> 1: new vendor"
 
 
@@ -379,10 +347,10 @@ def test_category_migration_moves_results_without_recomputing(built: Project, ex
     before = orch.load_result("board", TARGET)
     orch.close()
     write(built, calcs=CALCS.replace('category = "market"', 'category = "risk"'))
-    p = plan(built)
+    p = built.plan(TARGET)
     assert {p.decisions[("board", d)].reason for d in DATES} == {Reason.CATEGORY_MIGRATED}
     assert p.decisions[("board", TARGET)].detail == "category market -> risk"
-    summary = run(built)
+    summary = built.run(TARGET)
     assert executed(exec_log) == {}  # nothing recomputed
     assert set(summary.executed.values()) == {"CATEGORY_MIGRATED"}
     orch = built.orchestrator()
@@ -391,7 +359,7 @@ def test_category_migration_moves_results_without_recomputing(built: Project, ex
     assert cell.category == "risk" and orch.load_result("board", TARGET) == before
     orch.close()
     assert attempts[-1].status == "MIGRATED" and attempts[-1].users == 0
-    assert plan(built).counts()["RUNNABLE"] == 0
+    assert built.plan(TARGET).counts()["RUNNABLE"] == 0
 
 
 def test_category_and_code_change_together_recompute(built: Project, exec_log) -> None:
@@ -401,9 +369,9 @@ def test_category_and_code_change_together_recompute(built: Project, exec_log) -
             '"n": len(ctx.upstream["level"])', '"n": 1 + len(ctx.upstream["level"])'
         ),
     )
-    p = plan(built)
+    p = built.plan(TARGET)
     assert p.decisions[("board", TARGET)].reason is Reason.CODE_CHANGED
-    run(built)
+    built.run(TARGET)
     assert executed(exec_log) == {"board": 6}
     orch = built.orchestrator()
     assert orch.ledger.cell("board", TARGET).category == "risk"
@@ -411,16 +379,12 @@ def test_category_and_code_change_together_recompute(built: Project, exec_log) -
 
 
 def test_why_explains_a_cell_from_its_fingerprint_parts(built: Project) -> None:
-    runner = CliRunner()
-    ok = runner.invoke(main, ["--config", str(built.config), "why", "level", TARGET.isoformat()])
+    ok = built.cli("why", "level", TARGET.isoformat())
     assert ok.exit_code == 0, ok.output
     assert ok.output.startswith(f"level on {TARGET}: SKIPPED (UP_TO_DATE)")
     assert "<- differs" not in ok.output
     write(built, STATS.replace("SCALE = 2", "SCALE = 3"))
-    changed = runner.invoke(
-        main,
-        ["--config", str(built.config), "why", "level", TARGET.isoformat(), "--format", "json"],
-    )
+    changed = built.cli("why", "level", TARGET.isoformat(), "--format", "json")
     import json
 
     report = json.loads(changed.output)
@@ -429,7 +393,7 @@ def test_why_explains_a_cell_from_its_fingerprint_parts(built: Project) -> None:
     assert differing == ["layer hash"]
     roots = [p for p in report["parts"] if p["part"].startswith("root prices")]
     assert len(roots) == 3  # lookback 3: the dates it read
-    bad = runner.invoke(main, ["--config", str(built.config), "why", "nope", TARGET.isoformat()])
+    bad = built.cli("why", "nope", TARGET.isoformat())
     assert bad.exit_code == 2
 
 
@@ -495,15 +459,15 @@ def test_infrastructure_change_names_the_package(project: Project, exec_log) -> 
     project.extra_config = 'packages = ["zstandard"]\n'
     project.write_prices(price_rows(["AAA", "BBB"], DATES))
     write(project)
-    run(project)
+    project.run(TARGET)
     executed(exec_log)
     project.extra_config = 'packages = ["zstandard", "xxhash"]\n'
     project.write_config()
-    p = plan(project)
+    p = project.plan(TARGET)
     assert {d.reason for d in p.decisions.values()} == {Reason.INFRA_CHANGED}
     version = importlib.metadata.version("xxhash")
     assert p.decisions[("level", TARGET)].detail == f"xxhash absent -> {version}"
     project.extra_config = 'packages = ["no-such-distribution-here"]\n'
     project.write_config()
-    bad = CliRunner().invoke(main, ["--config", str(project.config), "plan"])
+    bad = project.cli("plan")
     assert bad.exit_code == 2 and "is not installed" in bad.output

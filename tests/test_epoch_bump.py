@@ -10,10 +10,8 @@ from __future__ import annotations
 import datetime as dt
 import sqlite3
 
-from click.testing import CliRunner
 from sqlalchemy import text
 
-from orchestrator.cli import main
 from orchestrator.ledger.store import make_engine
 from tests.conftest import Project, price_rows, weekdays
 from tests.test_errors import SOURCE, one_line_error
@@ -90,10 +88,7 @@ def test_a_failing_commit_puts_the_file_back(project: Project) -> None:
 def test_a_missing_ledger_changes_nothing(project: Project) -> None:
     setup(project)
     missing = project.root / "no-such-folder" / "ledger.db"
-    result = CliRunner().invoke(
-        main,
-        ["--config", str(project.config), "--db", f"sqlite:///{missing}", "epoch", "bump"],
-    )
+    result = project.cli("--db", f"sqlite:///{missing}", "epoch", "bump")
     line = one_line_error(result, 2)
     assert f"cannot create the SQLite ledger {missing}" in line
     assert (project.root / "system_epoch.py").read_text() == OLD

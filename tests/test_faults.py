@@ -15,9 +15,7 @@ import sys
 
 import psutil
 import pytest
-from click.testing import CliRunner
 
-from orchestrator.cli import main
 from orchestrator.fingerprint import result_hash_of
 from orchestrator.planning import Reason
 from orchestrator.results import _decompressor
@@ -169,9 +167,7 @@ def test_a_dead_holder_does_not_block_the_next_run(small: Project) -> None:
     orch = small.orchestrator()
     orch.ledger.acquire_lock(holder, dt.datetime.now(dt.UTC), dt.timedelta(hours=1))
     orch.close()
-    result = CliRunner().invoke(
-        main, ["--config", str(small.config), "run", "--date", TARGET.isoformat()]
-    )
+    result = small.cli("run", "--date", TARGET.isoformat())
     assert result.exit_code == 0, result.output
 
 

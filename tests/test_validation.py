@@ -123,9 +123,6 @@ def test_meta_results_are_checked_for_nan_only() -> None:
 
 
 def test_memory_pressure_flushes_early_and_is_recorded(project: Project) -> None:
-    from click.testing import CliRunner
-
-    from orchestrator.cli import main
 
     many = [f"M{i:04d}" for i in range(2500)]
     project.write_prices(price_rows(many, DATES[:1]))
@@ -140,9 +137,7 @@ def test_memory_pressure_flushes_early_and_is_recorded(project: Project) -> None
     assert attempt.flush_reasons["MEMORY_PRESSURE"] == 2  # after 1,000 and 2,000 users
     assert attempt.flush_reasons["FINAL"] == 1 and attempt.flushes == 3
     assert len(result) == 2500
-    listing = CliRunner().invoke(
-        main, ["--config", str(project.config), "runs", "--run", summary.run_id[:8]]
-    )
+    listing = project.cli("runs", "--run", summary.run_id[:8])
     assert "MEMORY_PRESSURE 2" in listing.output and "quality" in listing.output
 
 
