@@ -89,19 +89,13 @@ def setup(project: Project, source: str = BASE, rows=None) -> None:
 
 
 def run(project: Project, target: dt.date = TARGET, **kwargs):
-    orch = project.orchestrator()
-    try:
-        return orch.run(target, **kwargs)
-    finally:
-        orch.close()
+    """``Project.run`` with this module's TARGET as the default date."""
+    return project.run(target, **kwargs)
 
 
 def plan(project: Project, target: dt.date = TARGET):
-    orch = project.orchestrator()
-    try:
-        return orch.plan(target)
-    finally:
-        orch.close()
+    """``Project.plan`` with this module's TARGET as the default date."""
+    return project.plan(target)
 
 
 def executed(summary) -> dict[str, int]:
@@ -442,24 +436,17 @@ def test_results_span_many_shards_and_reassemble(project: Project, shard_bytes: 
     assert attempts[-1].shards > 1 and attempts[-1].flushes > 1
 
 
-def _published_hashes(project: Project) -> dict:
-    orch = project.orchestrator()
-    cells = orch.ledger.load_cells()
-    orch.close()
-    return {(c, d): cell.result_hash for c, per in cells.items() for d, cell in per.items()}
-
-
 def test_parallel_workers_publish_exactly_the_serial_results(project: Project) -> None:
     symbols = [f"S{i:02d}" for i in range(25)]
     setup(project, rows=price_rows(symbols, DATES))
     project.extra_config = "flush_users = 4\nshard_bytes = 1024\n"  # many shards per cell
     project.write_config()
     serial = run(project)
-    before = _published_hashes(project)
+    before = project.result_hashes()
     forced = run(project, calculations=CALCS, force=True, workers=2)
     assert forced.ok and len(forced.executed) == 4 * len(DATES)
     assert set(forced.executed.values()) == {"FORCED"}
-    assert _published_hashes(project) == before
+    assert project.result_hashes() == before
     assert serial.users_processed == forced.users_processed
     orch = project.orchestrator()
     assert sorted(orch.load_result("rsi", TARGET)) == symbols

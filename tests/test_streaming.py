@@ -9,7 +9,6 @@ memory, serial and with workers. The memory figures themselves come from
 
 from __future__ import annotations
 
-import datetime as dt
 from typing import Any
 
 import pytest
@@ -52,13 +51,6 @@ class Blend(StandardCalculation):
 ALL = [*CALCS, "momentum", "blend"]
 
 
-def hashes(project: Project) -> dict[tuple[str, dt.date], str | None]:
-    orch = project.orchestrator()
-    cells = orch.ledger.load_cells()
-    orch.close()
-    return {(c, d): cell.result_hash for c, per in cells.items() for d, cell in per.items()}
-
-
 def setup(project: Project, config: str) -> None:
     # a gap: S03 has no row on the third date (history windows and previous results skip it)
     project.write_prices(price_rows(SYMBOLS, DATES, skip={("S03", DATES[2])}))
@@ -73,7 +65,7 @@ def test_streamed_root_data_gives_the_in_memory_results(project: Project) -> Non
     assert isinstance(orch.dataset("prices"), Dataset)
     orch.close()
     assert run(project).ok
-    in_memory = hashes(project)
+    in_memory = project.result_hashes()
     assert len(in_memory) == len(ALL) * len(DATES)
 
     project.extra_config = "root_memory_mb = 0\n"
@@ -84,7 +76,7 @@ def test_streamed_root_data_gives_the_in_memory_results(project: Project) -> Non
     orch.close()
     forced = run(project, calculations=ALL, force=True)
     assert forced.ok and len(forced.executed) == len(ALL) * len(DATES)
-    assert hashes(project) == in_memory
+    assert project.result_hashes() == in_memory
     assert list((project.root / ".orchestrator" / "root").glob("prices-*.sqlite"))
 
 
@@ -94,7 +86,7 @@ def test_results_past_the_keep_limit_are_read_shard_by_shard(
 ) -> None:
     setup(project, "flush_users = 4\nshard_bytes = 1024\n")
     assert run(project).ok
-    in_memory = hashes(project)
+    in_memory = project.result_hashes()
 
     streamed: list[int] = []
     items = StoredResult.items
@@ -107,7 +99,7 @@ def test_results_past_the_keep_limit_are_read_shard_by_shard(
     monkeypatch.setattr(execution, "KEEP_LIMIT", 3)  # every standard result is "too big"
     forced = run(project, calculations=ALL, force=True, workers=workers)
     assert forced.ok and len(forced.executed) == len(ALL) * len(DATES)
-    assert hashes(project) == in_memory
+    assert project.result_hashes() == in_memory
     if workers == 1:  # (workers are forked: their calls are not counted here)
         # upstream results (rsi, signal, momentum) and previous results (rsi) were streamed
         assert len(streamed) >= 4 * (len(DATES) - 1) and min(streamed) > 1
@@ -135,7 +127,7 @@ def test_workers_that_write_their_own_shards_publish_the_serial_results(
 ) -> None:
     setup(project, "flush_users = 4\nshard_bytes = 1024\n")
     assert run(project).ok
-    serial = hashes(project)
+    serial = project.result_hashes()
     orch = project.orchestrator()
     serial_shards = len(orch.ledger.shard_index("rsi", TARGET) or [])
     orch.close()
@@ -143,7 +135,7 @@ def test_workers_that_write_their_own_shards_publish_the_serial_results(
     monkeypatch.setattr(execution, "WORKER_INLINE_BYTES", 0)
     forced = run(project, calculations=ALL, force=True, workers=2)
     assert forced.ok and len(forced.executed) == len(ALL) * len(DATES)
-    assert hashes(project) == serial
+    assert project.result_hashes() == serial
     orch = project.orchestrator()
     shards = orch.ledger.shard_index("rsi", TARGET) or []
     attempt = orch.ledger.attempts("rsi", TARGET)[-1]
