@@ -14,17 +14,13 @@ from tests.conftest import Project
 from tests.test_scenarios import BASE, DATES, TARGET, setup
 
 
-def cli(project: Project, *args: str):
-    return CliRunner().invoke(main, ["--config", str(project.config), *args])
-
-
 def test_run_then_plan_json_reports_every_cell_skipped(project: Project) -> None:
     setup(project)
-    first = cli(project, "run", "--date", TARGET.isoformat())
+    first = project.cli("run", "--date", TARGET.isoformat())
     assert first.exit_code == 0, first.output
     assert "48 completed, 0 failed" in first.output
 
-    result = cli(project, "plan", "--date", TARGET.isoformat(), "--format", "json")
+    result = project.cli("plan", "--date", TARGET.isoformat(), "--format", "json")
     assert result.exit_code == 0
     report = json.loads(result.output)
     assert report["target_date"] == TARGET.isoformat()
@@ -37,19 +33,19 @@ def test_run_then_plan_json_reports_every_cell_skipped(project: Project) -> None
 
 def test_plan_text_markdown_html(project: Project, tmp_path) -> None:
     setup(project)
-    text = cli(project, "plan", "--date", TARGET.isoformat())
+    text = project.cli("plan", "--date", TARGET.isoformat())
     assert text.exit_code == 0
     assert "RUNNABLE          48" in text.output and "NEW: never computed" in text.output
-    md = cli(project, "plan", "--date", TARGET.isoformat(), "--format", "markdown")
+    md = project.cli("plan", "--date", TARGET.isoformat(), "--format", "markdown")
     assert "| RUNNABLE | 48 |" in md.output
     out = tmp_path / "plan.html"
-    html = cli(project, "plan", "--date", TARGET.isoformat(), "--format", "html", "-o", str(out))
+    html = project.cli("plan", "--date", TARGET.isoformat(), "--format", "html", "-o", str(out))
     assert html.exit_code == 0 and "<td>rsi</td>" in out.read_text()
 
 
 def test_failed_cells_exit_1(project: Project) -> None:
     setup(project, BASE.replace("values = [r[", "raise ValueError('nope')\n        values = [r["))
-    result = cli(project, "run", "--date", TARGET.isoformat())
+    result = project.cli("run", "--date", TARGET.isoformat())
     assert result.exit_code == 1
     assert "FAILED market" in result.output and "nope" in result.output
 
@@ -68,30 +64,30 @@ def test_configuration_errors_exit_2_with_one_line(project: Project, tmp_path) -
             'dependencies = ["rsx"]\n\n    def process(self, ctx):\n        rsi',
         ),
     )
-    result = cli(project, "plan")
+    result = project.cli("plan")
     assert result.exit_code == 2 and "depends on 'rsx'" in result.output
 
 
 def test_bad_date_is_a_usage_error(project: Project) -> None:
     setup(project)
-    result = cli(project, "run", "--date", "2024-13-01")
+    result = project.cli("run", "--date", "2024-13-01")
     assert result.exit_code == 2 and "YYYY-MM-DD" in result.output
 
 
 def test_show_prints_results_as_json(project: Project) -> None:
     setup(project)
-    cli(project, "run", "--date", TARGET.isoformat())
-    whole = cli(project, "show", "market", TARGET.isoformat())
+    project.cli("run", "--date", TARGET.isoformat())
+    whole = project.cli("show", "market", TARGET.isoformat())
     assert whole.exit_code == 0 and json.loads(whole.output)["n"] == 3
-    one = cli(project, "show", "rsi", TARGET.isoformat(), "--user", "AAA")
+    one = project.cli("show", "rsi", TARGET.isoformat(), "--user", "AAA")
     assert set(json.loads(one.output)) == {"closes", "rsi"}
-    assert cli(project, "show", "rsi", "1999-01-01").exit_code == 1
-    assert cli(project, "show", "nope", TARGET.isoformat()).exit_code == 2
+    assert project.cli("show", "rsi", "1999-01-01").exit_code == 1
+    assert project.cli("show", "nope", TARGET.isoformat()).exit_code == 2
 
 
 def test_graph_lists_passes_and_edges(project: Project) -> None:
     setup(project)
-    result = cli(project, "graph", "--format", "json")
+    result = project.cli("graph", "--format", "json")
     graph = json.loads(result.output)
     assert graph["passes"] == [["price_extractor"], ["rsi"], ["market", "signal"]]
     assert ["rsi", "signal"] in graph["edges"]
@@ -99,12 +95,12 @@ def test_graph_lists_passes_and_edges(project: Project) -> None:
 
 def test_epoch_bump_and_backfill(project: Project) -> None:
     setup(project)
-    cli(project, "run", "--date", TARGET.isoformat())
-    assert cli(project, "epoch", "bump").exit_code == 0
+    project.cli("run", "--date", TARGET.isoformat())
+    assert project.cli("epoch", "bump").exit_code == 0
     assert "SYSTEM_EPOCH = 1" in (project.root / "system_epoch.py").read_text()
-    back = cli(project, "backfill", "--start", DATES[0].isoformat(), "--end", DATES[2].isoformat())
+    back = project.cli("backfill", "--start", DATES[0].isoformat(), "--end", DATES[2].isoformat())
     assert back.exit_code == 0 and "12 completed" in back.output
-    bad = cli(project, "backfill", "--start", DATES[2].isoformat(), "--end", DATES[0].isoformat())
+    bad = project.cli("backfill", "--start", DATES[2].isoformat(), "--end", DATES[0].isoformat())
     assert bad.exit_code == 2
 
 
@@ -113,18 +109,18 @@ def test_second_run_is_refused_while_one_holds_the_lock(project: Project) -> Non
     orch = Orchestrator.from_config(project.config)
     now = dt.datetime.now(dt.UTC)
     orch.ledger.acquire_lock("someone-else", now, dt.timedelta(minutes=5))
-    result = cli(project, "run", "--date", TARGET.isoformat())
+    result = project.cli("run", "--date", TARGET.isoformat())
     assert result.exit_code == 2 and "another run (someone-else)" in result.output
     orch.ledger.release_lock("someone-else")
     # An expired lock (a crashed run) does not block.
     orch.ledger.acquire_lock("crashed", now - dt.timedelta(hours=1), dt.timedelta(minutes=5))
-    assert cli(project, "run", "--date", TARGET.isoformat()).exit_code == 0
+    assert project.cli("run", "--date", TARGET.isoformat()).exit_code == 0
     orch.close()
 
 
 def test_db_upgrade(project: Project) -> None:
     setup(project)
-    result = cli(project, "db", "upgrade")
+    result = project.cli("db", "upgrade")
     assert result.exit_code == 0 and "ledger schema at 0005" in result.output
     assert Ledger.open(project.db_url).count("cells") == 0
 

@@ -12,10 +12,9 @@ import sqlite3
 from pathlib import Path
 
 import pytest
-from click.testing import CliRunner, Result
+from click.testing import Result
 from sqlalchemy import create_engine, text
 
-from orchestrator.cli import main
 from orchestrator.ledger import store
 from tests.conftest import Project, price_rows, weekdays
 
@@ -34,10 +33,6 @@ class Close(StandardCalculation):
     def process(self, ctx):
         return {"close": ctx.root["prices"][0]["close"]}
 """
-
-
-def cli(project: Project, *args: str) -> Result:
-    return CliRunner().invoke(main, ["--config", str(project.config), *args])
 
 
 def one_line_error(result: Result, code: int) -> str:
@@ -72,7 +67,7 @@ def test_an_unreadable_single_file_source_names_the_file(
         project.config.read_text().replace('path = "data/prices.csv"', f'path = "data/{name}"')
     )
     for command in (["run", "--date", TARGET], ["plan", "--date", TARGET]):
-        line = one_line_error(cli(project, *command), 2)
+        line = one_line_error(project.cli(*command), 2)
         assert f"cannot read root data file {bad}" in line
 
 
@@ -85,7 +80,7 @@ def test_an_unreadable_file_of_a_folder_is_skipped_and_reported(project: Project
     (project.root / "orchestrator.toml").write_text(
         project.config.read_text().replace('path = "data/prices.csv"', 'path = "data"')
     )
-    result = cli(project, "run", "--date", TARGET)
+    result = project.cli("run", "--date", TARGET)
     assert result.exit_code == 0, result.output
     assert "Traceback" not in result.output
     assert "note: prices: late.csv.gz: unreadable, skipped (cannot read root data file" in (
@@ -99,7 +94,7 @@ def test_a_file_without_read_permission_names_the_file(project: Project) -> None
     setup(project)
     project.data.chmod(0)
     try:
-        line = one_line_error(cli(project, "run", "--date", TARGET), 2)
+        line = one_line_error(project.cli("run", "--date", TARGET), 2)
     finally:
         project.data.chmod(0o644)
     assert f"cannot read root data file {project.data}" in line
@@ -122,7 +117,7 @@ def test_an_sqlite_ledger_that_cannot_be_created(tmp_path: Path, where: str, mes
     (tmp_path / "a-folder").mkdir()
     setup(project)
     for command in (["run", "--date", TARGET], ["runs"], ["db", "upgrade"]):
-        line = one_line_error(cli(project, *command), 2)
+        line = one_line_error(project.cli(*command), 2)
         assert message.format(root=tmp_path) in line
     assert not (tmp_path / "missing").exists()  # nothing was created on the way
 
@@ -136,22 +131,22 @@ def test_a_locked_sqlite_ledger_is_a_one_line_error_naming_file_and_wait(
     path = tmp_path / "ledger.db"
     project = Project(tmp_path, f"sqlite:///{path}")
     setup(project)
-    assert cli(project, "run", "--date", TARGET).exit_code == 0
+    assert project.cli("run", "--date", TARGET).exit_code == 0
     monkeypatch.setattr(store, "LOCK_WAIT_SECONDS", 0.3)
     other = sqlite3.connect(path, isolation_level=None)  # another process's write transaction
     other.execute("BEGIN EXCLUSIVE")
     try:
         for command in (["run", "--date", TARGET], ["epoch", "bump", "--calc", "close"]):
-            line = one_line_error(cli(project, *command), 2)
+            line = one_line_error(project.cli(*command), 2)
             assert line == (
                 f"Error: the ledger database {path} is locked by another process (waited 0.3 s); "
                 "is another orchestrator command running? Try again when it has finished"
             )
-        assert cli(project, "plan", "--date", TARGET).exit_code == 0  # readers still read (WAL)
+        assert project.cli("plan", "--date", TARGET).exit_code == 0  # readers still read (WAL)
     finally:
         other.execute("ROLLBACK")
         other.close()
-    assert cli(project, "run", "--date", TARGET).exit_code == 0
+    assert project.cli("run", "--date", TARGET).exit_code == 0
 
 
 def test_a_migration_held_by_another_process_past_the_wait(
@@ -173,7 +168,7 @@ def test_a_migration_held_by_another_process_past_the_wait(
             )
             expected = "another process is migrating the ledger schema"
         try:
-            line = one_line_error(cli(project, "db", "upgrade"), 2)
+            line = one_line_error(project.cli("db", "upgrade"), 2)
             assert expected in line
         finally:
             if holder.dialect.name == "sqlite":
@@ -181,7 +176,7 @@ def test_a_migration_held_by_another_process_past_the_wait(
             else:
                 conn.execute(text("SELECT pg_advisory_unlock_all()"))
     holder.dispose()
-    upgraded = cli(project, "db", "upgrade")
+    upgraded = project.cli("db", "upgrade")
     assert upgraded.exit_code == 0 and "ledger schema at 0005" in upgraded.output
 
 
@@ -191,33 +186,31 @@ def test_a_migration_held_by_another_process_past_the_wait(
 def test_plan_into_a_missing_folder(project: Project) -> None:
     setup(project)
     out = project.root / "reports" / "plan.html"
-    line = one_line_error(cli(project, "plan", "--format", "html", "-o", str(out)), 2)
+    line = one_line_error(project.cli("plan", "--format", "html", "-o", str(out)), 2)
     assert line == (
         f"Error: cannot write the report to {out}: folder {out.parent} does not exist; "
         "create it or pass another --output"
     )
     out.parent.mkdir()
-    assert cli(project, "plan", "--format", "html", "-o", str(out)).exit_code == 0
+    assert project.cli("plan", "--format", "html", "-o", str(out)).exit_code == 0
     assert out.read_text().startswith("<!doctype html>")
 
 
 def test_runs_of_an_unknown_id(project: Project) -> None:
     setup(project)
-    assert cli(project, "run", "--date", TARGET).exit_code == 0
-    line = one_line_error(cli(project, "runs", "--run", "nosuchid"), 2)
+    assert project.cli("run", "--date", TARGET).exit_code == 0
+    line = one_line_error(project.cli("runs", "--run", "nosuchid"), 2)
     assert line == "Error: no run with id 'nosuchid'; `orchestrator runs` lists the recent runs"
     engine = create_engine(project.db_url.replace("postgresql://", "postgresql+psycopg://"))
     with engine.connect() as conn:
         run_id = conn.execute(text("SELECT run_id FROM runs")).scalar_one()
     engine.dispose()
-    known = cli(project, "runs", "--run", run_id[:6])
+    known = project.cli("runs", "--run", run_id[:6])
     assert known.exit_code == 0 and known.output.startswith(f"run {run_id[:8]} COMPLETED exit 0")
 
 
 def test_debug_shows_the_traceback(project: Project) -> None:
     setup(project)
-    result = CliRunner().invoke(
-        main, ["--config", str(project.config), "--debug", "runs", "--run", "nosuchid"]
-    )
+    result = project.cli("--debug", "runs", "--run", "nosuchid")
     assert result.exit_code != 0
     assert type(result.exception).__name__ == "ConfigError"
