@@ -259,6 +259,8 @@ def test_dates_after_the_completeness_marker_are_held_back(project: Project) -> 
         "last": DATES[-2].isoformat(),
         "complete_through": DATES[-2].isoformat(),
         "marker": True,
+        "skipped": 0,
+        "problems": [],
     }
 
     marker.write_text(f"{TARGET}\n")  # the day is whole: only it runs

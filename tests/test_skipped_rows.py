@@ -20,7 +20,7 @@ DATES = weekdays(dt.date(2024, 1, 1), 5)
 TARGET = DATES[-1]
 USERS = ["AAA", "BBB"]
 
-CALCS = '''
+CALCS = """
 from orchestrator import StandardCalculation
 
 
@@ -31,7 +31,7 @@ class Close(StandardCalculation):
 
     def process(self, ctx):
         return {"close": ctx.root["prices"][0]["close"]}
-'''
+"""
 
 NOTE = (
     "prices: 1 row skipped, no user or date can be read from them: "
