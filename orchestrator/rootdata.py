@@ -592,9 +592,19 @@ class FileSource:
             # Rows with the wrong number of fields are malformed, never padded or cut: they
             # take no part in typing the columns (their fields may be shifted).
             fitting = [i for i, r in enumerate(raw_rows) if len(r) == width]
-            good = raw_rows if len(fitting) == len(raw_rows) else [raw_rows[i] for i in fitting]
+            wrong = (
+                [
+                    (i, len(raw_rows[i]), readings(raw_rows[i], di, ui, width))
+                    for i in sorted(set(range(len(raw_rows))) - set(fitting))
+                ]
+                if len(fitting) != len(raw_rows)
+                else []
+            )
+            good = raw_rows if not wrong else [raw_rows[i] for i in fitting]
             columns = [list(c) for c in zip(*good)] if good else [[] for _ in header]
-            del good
+            # The raw rows are not needed past this point: freeing them before typing halves
+            # the parse's peak memory (the typed columns replace them).
+            del good, raw_rows
             bad_cells = _type_columns(header, columns, (di, ui), path, numbers, fitting)
             kinds = [
                 "date" if c == di else "user" if c == ui else _kind(columns[c])
@@ -604,24 +614,12 @@ class FileSource:
                 if schema.get(name) in (None, "int") or kind == "str":
                     schema[name] = kind  # across files, the widest type wins
             file_schema: Schema = tuple(zip(header, kinds))
-            typed = zip(*columns)
-            for i, fields in enumerate(raw_rows):
-                if len(fields) != width:
-                    pending.append(
-                        (
-                            f,
-                            file_schema,
-                            row_texts[i],
-                            path.name,
-                            numbers[i],
-                            len(fields),
-                            width,
-                            readings(fields, di, ui, width),
-                        )
-                    )
-                    continue
-                values = next(typed)
-                text_date, user = fields[di], fields[ui]
+            pending.extend(
+                (f, file_schema, row_texts[i], path.name, numbers[i], n, width, options)
+                for i, n, options in wrong
+            )
+            for i, values in zip(fitting, zip(*columns)):
+                text_date, user = values[di], values[ui]  # both columns keep their text
                 date = parse_date(text_date)
                 if date is None or not user:
                     malformed += 1
