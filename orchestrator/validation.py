@@ -86,10 +86,12 @@ def collect(results: Iterable[Any]) -> Stats:
         missing = values.count(_MISSING)
         nulls = values.count(None)
         kinds = set(map(type, values))
+        # Subclasses of float (NumPy's float64) serialise as floats, NaN included: check them.
+        float_kinds = {k for k in kinds if issubclass(k, float)}
         if kinds == {float}:
             floats = values
         else:
-            floats = [v for v in values if type(v) is float] if float in kinds else []
+            floats = [v for v in values if isinstance(v, float)] if float_kinds else []
         finite = list(filter(math.isfinite, floats))
         stats = FieldStats(
             present=len(values) - missing,
@@ -100,11 +102,11 @@ def collect(results: Iterable[Any]) -> Stats:
             high=max(finite, default=-math.inf),
         )
         out.fields[name] = stats
-        if kinds - _SCALARS:  # nested values (meta results): check their numeric leaves
+        if kinds - _SCALARS - float_kinds:  # nested values (meta): check numeric leaves
             for value in values:
                 if isinstance(value, (Mapping, list)):
                     for path, leaf in _leaves(value, name):
-                        if type(leaf) is float and not math.isfinite(leaf):
+                        if isinstance(leaf, float) and not math.isfinite(leaf):
                             out.fields.setdefault(path, FieldStats()).non_finite += 1
     return out
 

@@ -122,6 +122,21 @@ def test_meta_results_are_checked_for_nan_only() -> None:
     ]
 
 
+def test_numpy_floats_are_validated_like_floats() -> None:
+    # np.float64 subclasses float and is stored as a float (NaN as a bare NaN token), so it
+    # must not slip past the NaN/Inf check, in per-user results or in a meta result's leaves.
+    import numpy as np
+
+    rules = Rules()
+    per_user = collect([{"v": np.float64("nan")}, {"v": 1.0}, {"v": np.float64(2.0)}])
+    assert problems(rules, per_user, per_user=True) == ["v: 1 NaN/Inf value(s)"]
+    meta = collect([{"b": {"x": np.float64("inf")}, "c": np.float64("nan")}])
+    assert sorted(problems(rules, meta, per_user=False)) == [
+        "b.x: 1 NaN/Inf value(s)",
+        "c: 1 NaN/Inf value(s)",
+    ]
+
+
 def test_memory_pressure_flushes_early_and_is_recorded(project: Project) -> None:
 
     many = [f"M{i:04d}" for i in range(2500)]
