@@ -283,9 +283,7 @@ class Orchestrator:
                 )
                 for e in dataset.index.values()
             }
-            keys = sorted(schemas)
-            for i in range(0, len(keys), 500):
-                self.ledger.register_versions({k: schemas[k] for k in keys[i : i + 500]}, now)
+            self.ledger.register_versions(schemas, now)
             self.ledger.replace_root_index(
                 name,
                 digest,

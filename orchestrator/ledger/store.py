@@ -853,13 +853,15 @@ class Ledger:
         if not entries:
             return
         with self.engine.begin() as conn:
-            known = set(
-                conn.execute(
-                    select(VERSIONS.c.kind, VERSIONS.c.hash).where(
-                        tuple_(VERSIONS.c.kind, VERSIONS.c.hash).in_(list(entries))
-                    )
-                ).all()
-            )
+            known: set[tuple[str, str]] = set()
+            for chunk in _chunks(sorted(entries), 500):  # bounded IN lists, one transaction
+                known.update(
+                    conn.execute(
+                        select(VERSIONS.c.kind, VERSIONS.c.hash).where(
+                            tuple_(VERSIONS.c.kind, VERSIONS.c.hash).in_(list(chunk))
+                        )
+                    ).all()
+                )
             sims = sim_hashes or {}
             rows = [
                 {
