@@ -73,6 +73,8 @@ _PROCESS = psutil.Process()
 # Failed users stored per attempt of a cell, of each kind (own / upstream), with their error;
 # the cell's ``users_failed`` counts them all.
 STORED_FAILURES = 20
+# Value types a result holds without a closer look (anything else must be JSON-encodable).
+_PLAIN = frozenset({float, int, str, bool, type(None)})
 
 
 @dataclass(slots=True)
@@ -707,7 +709,7 @@ class Executor:
         ``hand_over``). ``reason`` is BATCH_LIMIT, MEMORY_PRESSURE or FINAL, counted on the
         attempt."""
         writer = run.writer
-        if not writer._lines:
+        if not writer.pending:
             return
         if run.stats is None:
             run.stats = validation.Stats()
@@ -872,7 +874,9 @@ class Executor:
                             )
                         if FAILED_KEY in result:
                             raise ValueError(f"{FAILED_KEY!r} is a reserved result key")
-                        run.writer.add(user, result_line(user, result))
+                        if not _PLAIN.issuperset(map(type, result.values())):
+                            result_line(user, result)  # TypeError: a value JSON cannot hold
+                        run.writer.add(user, result)
                         run.recent.append(result)
                         if run.keep is not None:
                             run.keep[user] = result
@@ -883,7 +887,7 @@ class Executor:
                     last = traceback.format_exception_only(e)[-1].strip()
                     _user_failed(run, user, date, traceback.format_exc(), last)
                 writer = run.writer  # a flush threshold reached (checked per user and cell)
-                if len(writer._lines) >= flush_users or writer._size >= shard_bytes:
+                if writer.pending >= flush_users or writer.pending_bytes >= shard_bytes:
                     self.flush(run, "BATCH_LIMIT")
             self.summary.users_processed += 1
             for cursor in drivers:
@@ -892,7 +896,7 @@ class Executor:
 
     def _flush_if_full(self, run: _CellRun) -> None:
         writer = run.writer
-        if len(writer._lines) >= self.flush_users or writer._size >= self.shard_bytes:
+        if writer.pending >= self.flush_users or writer.pending_bytes >= self.shard_bytes:
             self.flush(run, "BATCH_LIMIT")
 
     def _finish(self, run: _CellRun, date: dt.date) -> tuple[CellWrite, list[dict[str, Any]]]:
@@ -948,7 +952,7 @@ class Executor:
             spec=spec,
             decision=decision,
             instance=spec.cls(),
-            writer=ShardWriter(spec.name, date, uuid.uuid4().hex, self.shard_bytes),
+            writer=ShardWriter(spec.name, date, uuid.uuid4().hex, self.shard_bytes, table=False),
             upstream=upstream,
             previous={},
             by_upstream=False,
@@ -988,7 +992,7 @@ class Executor:
                 raise TypeError(
                     f"process() must return a dict or None, not {type(result).__name__}"
                 )
-            run.writer.add(None, result_line(None, result))
+            run.writer.add_line(result_line(None, result))
         except Exception:  # noqa: BLE001 - user code: any error fails the cell
             run.failures = 1
             return self._failure(spec, date, decision, traceback.format_exc(), run), []
@@ -1165,7 +1169,7 @@ def _user_inherited(run: _CellRun, user: str, origin: dict[str, str]) -> None:
 
 
 def _add_marker(run: _CellRun, user: str, marker: dict[str, Any]) -> None:
-    run.writer.add(user, result_line(user, marker))
+    run.writer.add(user, marker)
     if run.keep is not None:
         run.keep[user] = marker
         if len(run.keep) > KEEP_LIMIT:

@@ -27,13 +27,14 @@ import math
 import struct
 import sys
 import textwrap
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
+import numpy as np
 import xxhash
 
 HASH_FORMAT = 1
-RESULT_FORMAT = 1
+RESULT_FORMAT = 2  # 2: standard results as typed columns (columns.py)
 _NAN = struct.pack(">d", math.nan)
 
 
@@ -146,6 +147,162 @@ def result_hash_of(lines: Iterable[bytes]) -> str:
     hasher = ResultHasher()
     for line in lines:
         hasher.update(line)
+    return hasher.hexdigest()
+
+
+# --- columnar results (format 2: ``columns.py``) -------------------------------------------
+
+_RECORD = np.dtype([("t", "u1"), ("v", "<u8")])  # packed: 9 bytes per value
+_N, _M, _F, _I, _B, _S, _J = (ord(c) for c in "NMfibsj")
+_I64_MIN, _I64_MAX = -(2**63), 2**63 - 1
+
+
+def _str_records(values: Sequence[str | None]) -> tuple[np.ndarray, bytes]:
+    rec = np.zeros(len(values), dtype=_RECORD)
+    texts = [v for v in values if v is not None]
+    joined = "".join(texts)
+    side = joined.encode()
+    if len(texts) == len(values):
+        rec["t"] = _S
+        if len(side) == len(joined):  # ASCII: character counts are byte counts
+            rec["v"] = np.fromiter(map(len, texts), dtype=np.uint64, count=len(texts))
+        else:
+            rec["v"] = [len(t.encode()) for t in texts]
+        return rec, side
+    for i, v in enumerate(values):
+        if v is None:
+            rec[i] = (_N, 0)
+        else:
+            rec[i] = (_S, len(v.encode()))
+    return rec, side
+
+
+def _json_records(values: Sequence[Any]) -> tuple[np.ndarray, bytes]:
+    rec = np.zeros(len(values), dtype=_RECORD)
+    side = []
+    for i, v in enumerate(values):
+        t = type(v)
+        if v is None:
+            rec[i] = (_N, 0)
+        elif t is bool or isinstance(v, np.bool_):
+            rec[i] = (_B, int(v))
+        elif (t is int or isinstance(v, (int, np.integer))) and _I64_MIN <= v <= _I64_MAX:
+            rec[i] = (_I, int(v) & 0xFFFFFFFFFFFFFFFF)
+        elif isinstance(v, (float, np.floating)):
+            rec[i] = (_N, 0) if math.isnan(v) else (_F, _float_bits(float(v)))
+        elif t is str:
+            raw = v.encode()
+            rec[i] = (_S, len(raw))
+            side.append(raw)
+        else:
+            raw = _JSON.encode(v).encode()
+            rec[i] = (_J, len(raw))
+            side.append(raw)
+    return rec, b"".join(side)
+
+
+def _float_bits(x: float) -> int:
+    return int(np.array([x + 0.0], dtype="<f8").view("<u8")[0])
+
+
+def records(col: Any) -> tuple[bytes, bytes]:
+    """The canonical value records and side stream of a column (module docstring)."""
+    n = len(col)
+    side = b""
+    if col.kind == "f8":
+        rec = np.zeros(n, dtype=_RECORD)
+        v = np.asarray(col.values, dtype=np.float64)
+        nan = np.isnan(v)
+        rec["t"] = np.where(nan, _N, _F)
+        bits = (v + 0.0).view(np.uint64).copy()  # + 0.0 folds -0.0 into 0.0
+        bits[nan] = 0
+        rec["v"] = bits
+    elif col.kind in ("i8", "b1"):
+        rec = np.zeros(n, dtype=_RECORD)
+        rec["t"] = _I if col.kind == "i8" else _B
+        rec["v"] = np.asarray(col.values).astype(np.int64).view(np.uint64)
+        if col.valid is not None:
+            rec["t"][~col.valid] = _N
+            rec["v"][~col.valid] = 0
+    elif col.kind == "str":
+        rec, side = _str_records(col.values)
+    elif col.kind == "json":
+        rec, side = _json_records(col.values)
+    else:
+        rec = np.zeros(n, dtype=_RECORD)
+        rec["t"] = _N
+    if col.present is not None:
+        rec["t"][~col.present] = _M
+        rec["v"][~col.present] = 0
+    return rec.tobytes(), side
+
+
+_MISSING_RECORD = np.array([(_M, 0)], dtype=_RECORD).tobytes()
+
+
+class ColumnHasher:
+    """Incremental result hash of a standard cell, fed consecutive ``columns.Table`` slices
+    in user order (``update_table``, or stored shard bytes through ``update``). Independent
+    of where the slices are cut and of their columns' storage kinds (``columns.py`` defines
+    the records; ``RESULT_FORMAT`` versions them)."""
+
+    __slots__ = ("_cols", "_format", "_n", "_users")
+
+    def __init__(self, result_format: int = RESULT_FORMAT) -> None:
+        self._format = result_format
+        self._n = 0
+        self._users = (xxhash.xxh3_128(), xxhash.xxh3_128())  # records, side
+        # name -> (records hash, side hash, users fed)
+        self._cols: dict[str, list[Any]] = {}
+
+    def update(self, raw: bytes) -> None:
+        """Feed one stored shard's raw (uncompressed) bytes."""
+        from orchestrator.columns import decode_table  # columns builds on this module
+
+        self.update_table(decode_table(raw))
+
+    def update_table(self, table: Any) -> None:
+        """Feed the next users' slice."""
+        n = len(table)
+        if not n:
+            return
+        rec, side = _str_records(table.users)
+        self._users[0].update(rec.tobytes())
+        self._users[1].update(side)
+        for name, col in table.columns.items():
+            state = self._cols.get(name)
+            if state is None:
+                state = self._cols[name] = [xxhash.xxh3_128(), xxhash.xxh3_128(), 0]
+            self._pad(state, self._n)
+            r, s = records(col)
+            state[0].update(r)
+            state[1].update(s)
+            state[2] = self._n + n
+        self._n += n
+
+    @staticmethod
+    def _pad(state: list[Any], upto: int) -> None:
+        if state[2] < upto:
+            state[0].update(_MISSING_RECORD * (upto - state[2]))
+            state[2] = upto
+
+    def hexdigest(self) -> str:
+        """The result hash of everything fed so far (32 hex chars)."""
+        parts = []
+        for name in sorted(self._cols):
+            state = self._cols[name]
+            self._pad(state, self._n)
+            parts.append([name, state[0].hexdigest(), state[1].hexdigest()])
+        body = encode("result") + encode(self._format)
+        body += encode([self._n, [h.hexdigest() for h in self._users], parts])
+        return xxhash.xxh3_128_hexdigest(body)
+
+
+def table_hash(tables: Iterable[Any], result_format: int = RESULT_FORMAT) -> str:
+    """The result hash of a cell given its slices in user order."""
+    hasher = ColumnHasher(result_format)
+    for table in tables:
+        hasher.update_table(table)
     return hasher.hexdigest()
 
 

@@ -1,9 +1,11 @@
-"""Result shards: bounded, zstandard-compressed slices of a cell's canonical JSON lines.
+"""Result shards: bounded, zstandard-compressed slices of a cell's result.
 
-A standard cell's result is one line ``[user, result]`` per user with a result, users in
-ascending order; a meta cell's is the single line ``[null, result]``. The very bytes that are
-hashed (``fingerprint.result_line``) are the bytes compressed into shards, so a stored result
-can always be re-verified against its result hash.
+A standard cell's result is a ``columns.Table`` (users ascending, typed columns), stored as
+consecutive user slices, each ``columns.encode_table`` compressed; its result hash is the
+``columns.ColumnHasher`` digest, independent of where the slices were cut. A meta cell's is
+the single canonical JSON line ``[null, result]`` (``fingerprint.result_line``), hashed as
+stored. So a stored result can always be re-verified against its result hash. Shards of the
+previous result format (JSON lines per user) are still read (``_pairs`` sniffs the format).
 """
 
 from __future__ import annotations
@@ -14,9 +16,11 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import zstandard
 
-from orchestrator.fingerprint import ResultHasher
+from orchestrator.columns import Table, concat, decode_table, encode_table, is_table
+from orchestrator.fingerprint import RESULT_FORMAT, ColumnHasher, ResultHasher
 
 # A failed user's line in a standard cell's result: ``[user, {FAILED_KEY: {"calculation": c,
 # "date": iso, "error": last line}}]`` naming the cell where that user failed first. It is part
@@ -62,10 +66,34 @@ def _pairs(raw: bytes) -> list[tuple[str | None, Any]]:
     """The ``(user, result)`` pairs of one shard's raw lines, parsed as one JSON array (a
     line's JSON never holds a raw newline: ``json.dumps`` escapes them), several times faster
     than a ``json.loads`` per line."""
+    if is_table(raw):
+        return decode_table(raw).pairs()  # type: ignore[return-value]
     body = raw.strip(b"\n")
     if not body:
         return []
     return [(user, result) for user, result in json.loads(b"[" + body.replace(b"\n", b",") + b"]")]
+
+
+def hash_of_shards(raws: Iterable[bytes]) -> str:
+    """The result hash of a cell from its shards' raw (uncompressed) payloads, in order: a
+    stored result re-verified against its recorded hash."""
+    raws = list(raws)
+    hasher: ColumnHasher | ResultHasher = (
+        ColumnHasher(RESULT_FORMAT) if raws and is_table(raws[0]) else ResultHasher()
+    )
+    for raw in raws:
+        hasher.update(raw)
+    return hasher.hexdigest()
+
+
+def decode_tables(payloads: Iterable[bytes]) -> Table:
+    """A standard cell's stored shards as one table (an empty one without shards).
+
+    Raises:
+        ValueError: a shard of the previous (JSON lines) format: such cells re-run first.
+    """
+    tables = [decode_table(_decompressor.decompress(p)) for p in payloads]
+    return concat(tables) if tables else Table([], {})
 
 
 def assemble(pairs: list[tuple[str | None, Any]], kind: str) -> Any:
@@ -110,13 +138,20 @@ class StoredResult:
         return None
 
 
+# Estimated stored bytes of one value in a table (9 hashed, about 8 stored, plus overhead):
+# shards of dict results are cut by this estimate, so ``max_bytes`` bounds them roughly.
+VALUE_BYTES = 10
+
+
 @dataclass(slots=True)
 class ShardWriter:
-    """Buffers a cell's lines and cuts them into shards of at most ``max_bytes`` raw bytes.
+    """Buffers a cell's result and cuts it into shards of about ``max_bytes`` raw bytes.
 
+    A standard cell (``table`` True) buffers per-user dicts (``add``) or whole tables of the
+    columnar form (``add_table``); a meta cell buffers its one canonical line (``add_line``).
     ``cut()`` returns the shard rows ready to insert; the caller decides when they are written
     (mid-cell flushes go to the database at once, the last one rides in the publish
-    transaction). The running result hash covers every line cut so far, in order; read it
+    transaction). The running result hash covers every shard cut so far, in order; read it
     after the last ``cut()``.
     """
 
@@ -124,7 +159,8 @@ class ShardWriter:
     date: dt.date
     generation: str
     max_bytes: int
-    hasher: ResultHasher = field(default_factory=ResultHasher)
+    table: bool = True
+    hasher: ColumnHasher | ResultHasher = field(init=False)
     seq: int = 0  # of the next shard (a worker starts at its own span)
     shards: int = 0
     users: int = 0
@@ -133,13 +169,52 @@ class ShardWriter:
     keep_raw: bool = False  # also keep each shard's uncompressed payload in ``raws``
     raws: list[bytes] = field(default_factory=list)
     _lines: list[bytes] = field(default_factory=list)
-    _users: list[str | None] = field(default_factory=list)
+    _users: list[str] = field(default_factory=list)
+    _results: list[dict[str, Any]] = field(default_factory=list)
+    _tables: list[Table] = field(default_factory=list)
     _size: int = 0
     _absorbed: list[dict[str, Any]] = field(default_factory=list)
 
-    def add(self, user: str | None, line: bytes) -> None:
-        self._lines.append(line)
+    def __post_init__(self) -> None:
+        self.hasher = ColumnHasher(RESULT_FORMAT) if self.table else ResultHasher()
+
+    @property
+    def pending(self) -> int:
+        """Results buffered since the last cut (users, or the meta line)."""
+        return len(self._users) + len(self._lines) + sum(len(t) for t in self._tables)
+
+    @property
+    def pending_bytes(self) -> int:
+        """Estimated raw bytes buffered since the last cut."""
+        return self._size
+
+    def add(self, user: str, result: dict[str, Any]) -> None:
+        """Buffer one user's result (users ascending across calls)."""
+        if self._tables:
+            self._tables_to_rows()
         self._users.append(user)
+        self._results.append(result)
+        self._size += len(user) + VALUE_BYTES * (1 + len(result))
+
+    def add_table(self, table: Table) -> None:
+        """Buffer a slice of the cell's users (ascending, after everything buffered)."""
+        if not len(table):
+            return
+        if self._users:
+            self._tables.append(Table.from_results(self._users, self._results))
+            self._users, self._results = [], []
+        self._tables.append(table)
+        self._size += len(table) * VALUE_BYTES * (1 + len(table.columns))
+
+    def _tables_to_rows(self) -> None:
+        for user, result in concat(self._tables).pairs():
+            self._users.append(user)
+            self._results.append(result)
+        self._tables.clear()
+
+    def add_line(self, line: bytes) -> None:
+        """Buffer a meta cell's canonical line."""
+        self._lines.append(line)
         self._size += len(line)
 
     def absorb(self, raws: list[bytes], rows: list[dict[str, Any]]) -> None:
@@ -167,20 +242,35 @@ class ShardWriter:
         self.bytes_raw += bytes_raw
         self.bytes_compressed += bytes_compressed
 
+    def _slices(self) -> list[Table]:
+        tables = list(self._tables)
+        if self._users:
+            tables.append(Table.from_results(self._users, self._results))
+        out = []
+        for t in tables:
+            per_row = VALUE_BYTES * (1 + len(t.columns)) + 8
+            step = max(1, self.max_bytes // per_row)
+            if len(t) <= step:
+                out.append(t)
+            else:
+                for lo in range(0, len(t), step):
+                    out.append(t.take(np.arange(lo, min(lo + step, len(t)))))
+        return out
+
     def cut(self) -> list[dict[str, Any]]:
         """Empty the buffer into shard rows (none if the buffer is empty)."""
         rows: list[dict[str, Any]] = self._absorbed
         self._absorbed = []
-        start = 0
-        while start < len(self._lines):
-            end, size = start, 0
-            while end < len(self._lines) and (
-                end == start or size + len(self._lines[end]) <= self.max_bytes
-            ):
-                size += len(self._lines[end])
-                end += 1
-            raw = b"".join(self._lines[start:end])
-            self.hasher.update(raw)  # xxh3 streams: hashing per shard equals hashing per line
+        pieces: list[tuple[str | None, str | None, int, bytes, Table | None]]
+        if self.table:
+            pieces = [(t.users[0], t.users[-1], len(t), encode_table(t), t) for t in self._slices()]
+        else:
+            pieces = [(None, None, 1, line, None) for line in self._lines]
+        for first, last, count, raw, table in pieces:
+            if table is not None:
+                self.hasher.update_table(table)  # type: ignore[union-attr]
+            else:
+                self.hasher.update(raw)
             if self.keep_raw:
                 self.raws.append(raw)
             data = _compressor.compress(raw)
@@ -190,20 +280,20 @@ class ShardWriter:
                     "date": self.date,
                     "generation": self.generation,
                     "seq": self.seq,
-                    "first_user": self._users[start],
-                    "last_user": self._users[end - 1],
-                    "users": end - start,
+                    "first_user": first,
+                    "last_user": last,
+                    "users": count,
                     "raw_bytes": len(raw),
                     "data": data,
                 }
             )
             self.seq += 1
             self.shards += 1
-            self.users += end - start
+            self.users += count
             self.bytes_raw += len(raw)
             self.bytes_compressed += len(data)
-            start = end
         self._lines.clear()
-        self._users.clear()
+        self._users, self._results = [], []
+        self._tables.clear()
         self._size = 0
         return rows

@@ -16,9 +16,8 @@ import sys
 import psutil
 import pytest
 
-from orchestrator.fingerprint import result_hash_of
 from orchestrator.planning import Reason
-from orchestrator.results import _decompressor
+from orchestrator.results import _decompressor, hash_of_shards
 from tests.conftest import Project, price_rows
 from tests.test_scenarios import BASE, DATES, TARGET
 
@@ -58,7 +57,7 @@ def _published(project: Project) -> dict:
                 continue
             payloads = orch.ledger.shard_payloads(calc, date)
             lines = [_decompressor.decompress(p) for p in payloads]
-            assert result_hash_of(lines) == cell.result_hash, (calc, date)
+            assert hash_of_shards(lines) == cell.result_hash, (calc, date)
             out[(calc, date)] = cell.result_hash
     orch.close()
     return out

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from orchestrator.columns import Table, column_of
 from orchestrator.fingerprint import (
     digest,
     encode,
@@ -15,13 +17,34 @@ from orchestrator.fingerprint import (
     normalised_source,
     result_hash_of,
     result_line,
+    table_hash,
 )
 
 
 def test_golden_digests_pin_the_encoding() -> None:
     # Changing these means every stored fingerprint changes: bump HASH_FORMAT with a migration.
     assert digest("t", {"a": [1, 2.5, None, True, "x"]}) == "15f2f08c42cabfde120b21279a92acef"
-    assert result_hash_of([result_line("AAPL", {"r": 0.1})]) == "0c0f85719e0384bce5d854ce954d78d5"
+    # A meta result: its canonical JSON line (RESULT_FORMAT 2).
+    assert result_hash_of([result_line(None, {"r": 0.1})]) == "2cc45d7319aefc2930f54d0158219ab1"
+
+
+def test_golden_table_hash_pins_the_column_records() -> None:
+    # A standard result (RESULT_FORMAT 2): users and typed columns, NaN as the float null.
+    # The per-user form's dicts and the columnar form's arrays give the same hash.
+    golden = "eef5bcb41c9a1ecc6b84ecbce93a5e80"
+    arrays = Table(
+        ["AAPL", "MSFT"],
+        {
+            "r": column_of(np.array([0.1, np.nan])),
+            "n": column_of(np.array([3, 4])),
+            "s": column_of(["x", None]),
+        },
+    )
+    dicts = Table.from_results(
+        ["AAPL", "MSFT"], [{"r": 0.1, "n": 3, "s": "x"}, {"r": None, "n": 4, "s": None}]
+    )
+    assert table_hash([arrays]) == golden
+    assert table_hash([dicts]) == golden
 
 
 @pytest.mark.parametrize(
