@@ -542,6 +542,8 @@ class Orchestrator:
                     if self.config.memory_budget_mb
                     else None
                 ),
+                columnar=self.config.columnar,
+                block_dates=self.config.block_dates,
             )
             summary = executor.execute()
             # Rows no user can be given to are reported by every run that uses the dataset,

@@ -1,13 +1,23 @@
-"""The user-facing calculation API: base classes and the contexts ``process`` receives.
+"""The user-facing calculation API: base classes, the contexts ``process`` receives, and the
+``Frame`` a columnar ``compute`` receives.
 
-A calculation is a class with metadata as class attributes and a ``process(self, ctx)`` method:
+A calculation is a class with metadata as class attributes and a ``process(self, ctx)`` method
+(the per-user form), a ``compute(self, frame)`` method (the columnar form), or both:
 
 * ``StandardCalculation`` — called once per streamed user (account, instrument) and date;
   returns that user's result (a flat dict of JSON values) or ``None`` for "no result".
 * ``MetaCalculation`` — called once per date over whole upstream results and root data;
   returns a dict of JSON values.
 
-Metadata (all optional except ``process``):
+The columnar form computes a *block* — many dates × many users — in one call with NumPy:
+``compute(frame: Frame) -> dict[str, ndarray]``, each output field an array of shape
+``(len(frame.dates), len(frame.users))`` (standard) or ``(len(frame.dates),)`` (meta). Where a
+calculation defines both, the engine uses ``compute`` (config ``columnar = false`` forces
+``process``), and both must give the same results, hence the same result hashes: the code
+hash covers both methods, the form does not enter any fingerprint. Users without a row on a
+date get no result, exactly as ``process`` is not called for them.
+
+Metadata (all optional except ``process`` or ``compute``):
 
 ``name``           unique name (default: the class name)
 ``category``       result namespace, e.g. ``"signals"`` (default ``"default"``)
@@ -124,3 +134,99 @@ class MetaContext:
     root: Mapping[str, list[Row]]
     upstream: Mapping[str, Any]
     previous: Result | None
+
+
+class Frame:
+    """What a columnar calculation's ``compute(frame)`` sees: one block of dates × users.
+
+    Arrays are NumPy, users along the last axis, in the order of ``users``. Where a user has
+    no value (no row, no upstream result) a float array holds NaN; the ``*_present`` masks
+    say where a value exists. Results of upstream calculations and of the own previous date
+    are read from their stored columns (``columns.Table``), ints and bools as float64.
+
+    Attributes:
+        dates: the block's dates, ascending: the cells to compute (not necessarily
+            consecutive dates).
+        users: (u,) object array of user ids (str), ascending: every user with a row on a
+            block date (root data) or with an upstream result (no root data).
+        present: (n, u) bool: whether the user gets a result on block date i (a root row,
+            or an upstream result); outputs elsewhere are ignored.
+        previous_date: historical calculations: the date of the state ``previous`` returns
+            (the calculation's previous date before ``dates[0]``), or None; the block's dates
+            are then consecutive dates of the calculation.
+    """
+
+    __slots__ = ("_previous", "_root", "_upstream", "dates", "present", "previous_date", "users")
+
+    def __init__(
+        self,
+        dates: tuple[dt.date, ...],
+        users: Any,
+        present: Any,
+        root: Mapping[str, Any],
+        upstream: Mapping[str, Any],
+        previous: Any,
+        previous_date: dt.date | None,
+    ):
+        self.dates = dates
+        self.users = users
+        self.present = present
+        self._root = root
+        self._upstream = upstream
+        self._previous = previous
+        self.previous_date = previous_date
+
+    def root(self, dataset: str, column: str) -> Any:
+        """(s, u) values of a root column over the dataset's span of available dates: the
+        ``lookback - 1`` dates before the first block date, then through the last one.
+        Numbers as float64 (NaN where the user has no row or a null value), other columns as
+        object arrays (None). A user's last row of a date counts (a dataset with several
+        rows per user and date needs the per-user form).
+
+        Raises:
+            KeyError: ``dataset`` is not one of the calculation's ``root_data``, or has no
+                such column.
+        """
+        return self._root[dataset].column(column)
+
+    def root_present(self, dataset: str) -> Any:
+        """(s, u) bool: the user has a row on that span date."""
+        return self._root[dataset].present
+
+    def rows(self, dataset: str) -> Any:
+        """(n,) int: the row of each block date in ``root(dataset, ...)``'s span."""
+        return self._root[dataset].rows
+
+    def span(self, dataset: str) -> tuple[dt.date, ...]:
+        """The dates of the span rows of ``root(dataset, ...)``, ascending."""
+        return self._root[dataset].dates
+
+    def upstream(self, name: str, field: str) -> Any:
+        """A dependency's field on the block dates: (n, u) float64 for a standard
+        dependency (NaN where the user has no result or a null), (n,) for a meta one.
+
+        Raises:
+            KeyError: ``name`` is not a dependency, or no result of it has ``field``.
+        """
+        return self._upstream[name].column(field)
+
+    def upstream_present(self, name: str) -> Any:
+        """(n, u) bool: the user has a result of the standard dependency on block date i."""
+        return self._upstream[name].present
+
+    def previous(self, field: str) -> Any:
+        """Historical: (u,) float64 of the own result on ``previous_date`` (NaN where the
+        user had no result; all NaN without a previous date); (1,) for a meta calculation.
+
+        Raises:
+            KeyError: the calculation is not historical, or no result has ``field``.
+        """
+        if self._previous is None:
+            raise KeyError(f"{field}: only a historical calculation has a previous result")
+        return self._previous.column(field)
+
+    def previous_present(self) -> Any:
+        """(u,) bool: the user had a result on ``previous_date``."""
+        if self._previous is None:
+            raise KeyError("only a historical calculation has a previous result")
+        return self._previous.present

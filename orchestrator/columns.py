@@ -138,12 +138,24 @@ class Column:
 
 
 def column_of(values: Sequence[Any] | np.ndarray) -> Column:
-    """The column of ``values``: a NumPy array (float, int, bool, or object/str) or a list of
-    Python values (None for null), kind inferred from the types present.
+    """The column of ``values``: a NumPy array (float, int, bool, or object/str; a masked
+    array's masked values are nulls) or a list of Python values (None for null), kind
+    inferred from the types present.
 
     Raises:
         TypeError: a NumPy array of an unsupported dtype (complex, datetime, ...).
     """
+    if isinstance(values, np.ma.MaskedArray):  # a masked value is a null of any kind
+        mask = np.ma.getmaskarray(values)
+        col = column_of(np.ma.getdata(values))
+        if mask.any():
+            if col.kind == "f8":
+                col.values = np.where(mask, np.nan, col.values)
+            elif col.kind in ("i8", "b1"):
+                col.valid = ~mask
+            else:
+                col = column_of([None if m else v for v, m in zip(col.values, mask.tolist())])
+        return col
     if isinstance(values, np.ndarray):
         if values.ndim != 1:
             raise TypeError(f"a column is 1-D, got an array of shape {values.shape}")

@@ -67,6 +67,11 @@ class Config:
             renaming of local variables; "simulation" also accepts an equal simulation hash
             (a heuristic, opt-in; see ``simulation.py``). A calculation's own
             ``cosmetic_verdict`` attribute wins over this.
+        columnar: run the calculations that have a columnar form (``compute``) in it, in
+            blocks of dates × users (default); false: every calculation per user
+            (``process``). Both forms give the same results, so switching re-runs nothing.
+        block_dates: the most dates a columnar block computes at once (its arrays are
+            block_dates × users × fields).
     """
 
     path: Path
@@ -86,6 +91,8 @@ class Config:
     work_dir: Path = Path(".orchestrator")
     root_memory_mb: int = 64
     cosmetic_verdict: str = "proof"
+    columnar: bool = True
+    block_dates: int = 256
 
 
 COSMETIC_VERDICTS = ("proof", "simulation")
@@ -126,6 +133,8 @@ TOP_KEYS = (
     "work_dir",
     "root_memory_mb",
     "cosmetic_verdict",
+    "columnar",
+    "block_dates",
 )
 ROOT_DATA_KEYS = ("path", "date_column", "user_column", "format", "complete_marker")
 
@@ -311,6 +320,10 @@ def load_config(path: str | os.PathLike[str] | None = None, db_url: str | None =
     verdict = get("cosmetic_verdict", str, "proof")
     if verdict not in COSMETIC_VERDICTS:
         raise check.fail(f"'cosmetic_verdict' must be 'proof' or 'simulation', found {verdict!r}")
+    columnar = get("columnar", bool, True)
+    block_dates = get("block_dates", int, 256)
+    if block_dates < 1:
+        raise check.fail(f"'block_dates' must be >= 1, found {block_dates}")
     return Config(
         path=cfg_path,
         database_url=url,
@@ -329,4 +342,6 @@ def load_config(path: str | os.PathLike[str] | None = None, db_url: str | None =
         work_dir=work_dir.resolve(),
         root_memory_mb=root_memory_mb,
         cosmetic_verdict=verdict,
+        columnar=bool(columnar),
+        block_dates=block_dates,
     )

@@ -44,7 +44,16 @@ from typing import Any
 import psutil
 
 from orchestrator import faults, validation
+from orchestrator.blocks import (
+    BlockError,
+    RootMatrix,
+    block_tables,
+    check_outputs,
+    frame_for,
+    meta_results,
+)
 from orchestrator.calculation import MetaContext, StandardContext
+from orchestrator.columns import Table
 from orchestrator.fingerprint import result_line
 from orchestrator.ledger.store import CellWrite, Ledger, LedgerCell, SlimCell, Snapshot, build_key
 from orchestrator.manifest import CalcSpec, Manifest
@@ -56,6 +65,7 @@ from orchestrator.results import (
     StoredResult,
     assemble,
     decode_shards,
+    decode_tables,
     describe_failure,
     failure_marker,
     failure_of,
@@ -73,6 +83,9 @@ _PROCESS = psutil.Process()
 # Failed users stored per attempt of a cell, of each kind (own / upstream), with their error;
 # the cell's ``users_failed`` counts them all.
 STORED_FAILURES = 20
+# Dates per chunk of the run (see ``Executor._walk_dates``): a columnar block computes at
+# most this many dates at once, so its arrays are bounded by dates × users × fields.
+BLOCK_DATES = 256
 # Value types a result holds without a closer look (anything else must be JSON-encodable).
 _PLAIN = frozenset({float, int, str, bool, type(None)})
 
@@ -289,6 +302,37 @@ class ResultCache:
                 self.put(key, None)
 
 
+class TableCache:
+    """Standard results as ``columns.Table`` for columnar blocks: this run's block outputs,
+    else read from the ledger in bulk (bounded by cell count, least recently used out)."""
+
+    def __init__(self, ledger: Ledger, capacity: int):
+        self.ledger = ledger
+        self.capacity = capacity
+        self._items: OrderedDict[CellKey, Table | None] = OrderedDict()
+
+    def put(self, key: CellKey, table: Table | None) -> None:
+        self._items[key] = table
+        self._items.move_to_end(key)
+        while len(self._items) > self.capacity:
+            self._items.popitem(last=False)
+
+    def discard(self, key: CellKey) -> None:
+        """Forget ``key`` (its published result is being replaced)."""
+        self._items.pop(key, None)
+
+    def get_many(self, keys: Iterable[CellKey]) -> dict[CellKey, Table | None]:
+        """The published results of ``keys`` (None: nothing published), one bulk read for
+        those not in memory."""
+        keys = list(dict.fromkeys(keys))
+        missing = [k for k in keys if k not in self._items]
+        if missing:
+            payloads = self.ledger.shard_payloads_many(missing)
+            for key in missing:
+                self.put(key, decode_tables(payloads[key]) if key in payloads else None)
+        return {k: self._items[k] for k in keys}
+
+
 class Executor:
     """Runs the RUNNABLE (and re-decided BLOCKED) cells of a plan.
 
@@ -310,6 +354,9 @@ class Executor:
         lease: how long the lease of a RUNNING cell lasts (renewed by ``heartbeat``).
         memory_budget: bytes of resident memory past which buffers are flushed early
             (MEMORY_PRESSURE); None: flush on thresholds only.
+        columnar: run calculations that have a columnar form (``compute``) in it, in blocks;
+            False: every calculation in its per-user form.
+        block_dates: dates per chunk: the most dates one block computes at once.
     """
 
     def __init__(
@@ -331,6 +378,8 @@ class Executor:
         max_attempts: int = 3,
         lease: dt.timedelta = dt.timedelta(minutes=10),
         memory_budget: int | None = None,
+        columnar: bool = True,
+        block_dates: int = BLOCK_DATES,
     ):
         self.ledger = ledger
         self.manifest = manifest
@@ -349,6 +398,10 @@ class Executor:
         self.max_attempts = max_attempts
         self.lease = lease
         self.memory_budget = memory_budget
+        self.columnar = columnar
+        self.block_dates = block_dates
+        self.tables = TableCache(ledger, capacity=max(256, 3 * len(manifest.calcs)))
+        self._matrices: dict[str, RootMatrix] = {}
         self.pool: WorkerPool | None = None
         self.in_worker = False
         self.decisions: dict[CellKey, Decision] = dict(plan.decisions)
@@ -490,7 +543,13 @@ class Executor:
         self._unpublished = ([], [])
 
     def _walk_dates(self, label: str) -> None:
-        """Run every date with work, passes in order, with a progress bar when asked."""
+        """Run every date with work, with a progress bar when asked.
+
+        Dates go in chunks of ``block_dates``; within a chunk, passes in order, and within a
+        pass the columnar calculations in blocks over the chunk's dates and the per-user ones
+        date by date (a shared user walk per date). Each pass of a chunk is published in one
+        transaction before the next pass reads it. Every same-date dependency, window and
+        previous date of a cell is therefore settled before the cell is decided again."""
         dates = sorted(
             {
                 k[1]
@@ -506,16 +565,28 @@ class Executor:
             from tqdm import tqdm
 
             bar = tqdm(total=len(dates), unit="date", file=sys.stderr, desc=label)
-        for date in dates:
+        step = max(1, self.block_dates)
+        for start in range(0, len(dates), step):
+            chunk = dates[start : start + step]
             for members in self.manifest.passes:
-                self._run_pass(date, members)
-            self._publish()
-            self.heartbeat()
+                blocked = [n for n in members if self._columnar(n)]
+                walked = tuple(n for n in members if n not in blocked)
+                if walked:
+                    for date in chunk:
+                        self._run_pass(date, walked)
+                for name in blocked:
+                    self._run_columnar(name, chunk)
+                self._publish()
+                self.heartbeat()
             if bar is not None:
-                bar.update(1)
-                bar.set_postfix_str(f"{date} done={len(self.ran)}")
+                bar.update(len(chunk))
+                bar.set_postfix_str(f"{chunk[-1]} done={len(self.ran)}")
         if bar is not None:
             bar.close()
+
+    def _columnar(self, name: str) -> bool:
+        """Whether ``name`` runs in its columnar form (it has one, and it is not disabled)."""
+        return self.columnar and self.manifest.calcs[name].columnar
 
     def _count(self, decision: Decision, key: CellKey) -> None:
         s = self.summary
@@ -609,16 +680,232 @@ class Executor:
                 meta_write, rows = self._run_meta(date, spec, decision)
                 writes.append(meta_write)
                 shard_rows += rows
-        for write in writes:  # decisions of later passes see them at once; the ledger at
-            key = (write.calculation, write.date)  # the end of the date (``_walk_dates``)
+        self._stage(writes, shard_rows)
+        if self._uncached:  # a result too big to keep in memory: dependents read the ledger
+            self._publish()
+            self._uncached = False
+
+    # --- columnar blocks ------------------------------------------------------------------
+
+    def _run_columnar(self, name: str, dates: list[dt.date]) -> None:
+        """Decide the calculation's cells of ``dates`` again and compute the runnable ones in
+        blocks. A historical calculation's block is a run of consecutive dates: a cell
+        waiting only on its own previous date (BLOCKED) closes the block, which is computed
+        first, and is then decided on the result (early cutoff)."""
+        spec = self.manifest.calcs[name]
+        pending: list[Decision] = []
+        migrations: list[tuple[CalcSpec, Decision]] = []
+
+        def compute() -> None:
+            if pending:
+                self._compute_block(spec, list(pending))
+                pending.clear()
+
+        for date in dates:
+            key = (name, date)
+            decision = self.decisions[key]
+            if (
+                decision.status not in (Status.RUNNABLE, Status.BLOCKED)
+                or not self.in_scope(key)
+                or key in self.ran
+                or key in self.migrated
+            ):
+                continue
+            prev = self.decider.previous_date(name, date) if spec.historical else None
+            if spec.historical and pending and prev != pending[-1].date:
+                compute()  # not consecutive: the next block starts from a stored state
+            decision = self.decider.decide(spec, date, self._stored(key), self._upstream_state)
+            if decision.status is Status.BLOCKED and pending and prev == pending[-1].date:
+                compute()
+                decision = self.decider.decide(spec, date, self._stored(key), self._upstream_state)
+            self.decisions[key] = decision
+            if decision.reason is Reason.CATEGORY_MIGRATED:
+                compute()
+                migrations.append((spec, decision))
+                self.summary.executed[key] = decision.reason.value
+            elif decision.status is Status.RUNNABLE:
+                if len(pending) >= self.block_dates:
+                    compute()
+                pending.append(decision)
+                self.summary.executed[key] = decision.reason.value
+        compute()
+        if migrations:
+            self._migrate(migrations)
+
+    def _matrix(self, dataset: str) -> RootMatrix:
+        """The dataset as dense matrices over all its dates (built once per run)."""
+        hit = self._matrices.get(dataset)
+        if hit is None:
+            data = self.dataset(dataset)
+            hit = self._matrices[dataset] = RootMatrix.build(data, data.dates)  # type: ignore[attr-defined]
+        return hit
+
+    def _compute_block(self, spec: CalcSpec, decisions: list[Decision]) -> None:
+        """Compute one block of ``spec``'s cells (dates ascending) and stage their writes."""
+        name, calcs = spec.name, self.manifest.calcs
+        dates = [d.date for d in decisions]
+        started = self.clock()
+        leased = [(name, d) for d in dates if self._stored((name, d))]
+        if leased:
+            self.ledger.lease(leased, self.run_id, started + self.lease)
+        prev_date = self.decider.previous_date(name, dates[0]) if spec.historical else None
+        wanted = [(dep, d) for dep in spec.dependencies if calcs[dep].is_standard for d in dates]
+        if prev_date is not None and spec.is_standard:
+            wanted.append((name, prev_date))
+        tables = self.tables.get_many(wanted)
+        upstream: dict[str, tuple[list[Any], bool]] = {}
+        for dep in spec.dependencies:
+            if calcs[dep].is_standard:
+                upstream[dep] = ([tables[(dep, d)] for d in dates], False)
+            else:
+                upstream[dep] = ([self.cache.get((dep, d)) for d in dates], True)
+        previous: Any = None
+        if prev_date is not None:
+            previous = (
+                tables[(name, prev_date)] if spec.is_standard else self.cache.get((name, prev_date))
+            )
+        block = frame_for(
+            name,
+            dates,
+            {ds: (self._matrix(ds), spec.lookback) for ds in spec.root_data},
+            upstream,
+            previous,
+            prev_date,
+            spec.historical,
+            not spec.is_standard,
+        )
+        frame = block.frame
+        shape = (len(dates), len(frame.users)) if spec.is_standard else (len(dates),)
+        writes: list[CellWrite] = []
+        shard_rows: list[dict[str, Any]] = []
+        try:
+            outputs = check_outputs(spec.cls().compute(frame), shape)  # type: ignore[attr-defined]
+        except Exception as e:  # noqa: BLE001 - user code: any error fails the block's cells
+            error = traceback.format_exc() if not isinstance(e, BlockError) else str(e)
+            for decision in decisions:
+                run = self._block_run(spec, decision, started, len(frame.users))
+                writes.append(self._failure(spec, decision.date, decision, error, run))
+            self._stage(writes, shard_rows)
+            return
+        if spec.is_standard:
+            for decision, outcome in zip(
+                decisions, block_tables(name, block, outputs, STORED_FAILURES), strict=True
+            ):
+                run = self._block_run(spec, decision, started, outcome.processed)
+                run.failures, run.inherited = outcome.failures, outcome.inherited
+                run.failed_users = outcome.failed_users
+                write, rows = self._finish_block(spec, decision, run, outcome.table)
+                writes.append(write)
+                shard_rows += rows
+        else:
+            for i, (decision, result) in enumerate(
+                zip(decisions, meta_results(outputs, len(dates)), strict=True)
+            ):
+                run = self._block_run(spec, decision, started, 1)
+                write, rows = self._finish_meta(spec, decision, run, result, block, i)
+                writes.append(write)
+                shard_rows += rows
+        self.summary.users_processed += int((frame.present | block.bad | block.inherited).sum())
+        self._sample_memory()
+        self._stage(writes, shard_rows)
+
+    def _block_run(
+        self, spec: CalcSpec, decision: Decision, started: dt.datetime, processed: int
+    ) -> _CellRun:
+        """The bookkeeping of one block date, as a per-user walk keeps it."""
+        writer = ShardWriter(
+            spec.name, decision.date, uuid.uuid4().hex, self.shard_bytes, table=spec.is_standard
+        )
+        run = _CellRun(
+            spec=spec,
+            decision=decision,
+            instance=None,
+            writer=writer,
+            upstream={},
+            previous={},
+            by_upstream=not spec.root_data,
+            keep=None,
+            started=started,
+        )
+        run.processed = processed
+        return run
+
+    def _finish_block(
+        self, spec: CalcSpec, decision: Decision, run: _CellRun, table: Table
+    ) -> tuple[CellWrite, list[dict[str, Any]]]:
+        """Validate and record one standard block date (``_finish``'s rules)."""
+        date = decision.date
+        if run.processed and run.failures / run.processed > spec.max_failure_rate:
+            own = [
+                f"user {f['user']}: {f['error']}" for f in run.failed_users if f["kind"] == "own"
+            ]
+            error = (
+                f"{run.failures} of {run.processed} users failed "
+                f"({run.failures / run.processed:.0%} > {spec.max_failure_rate:.0%})\n"
+                + "\n".join(own[:5])
+            )
+            return self._failure(spec, date, decision, error, run), []
+        found = validation.problems(spec.rules, validation.collect_table(table))
+        if found:
+            return self._failure(spec, date, decision, "VALIDATION: " + "; ".join(found), run), []
+        run.writer.add_table(table)
+        rows = run.writer.cut()
+        run.flushes = len(rows)
+        run.flush_reasons = {"FINAL": 1} if rows else {}
+        if run.failures:
+            first = next(f for f in run.failed_users if f["kind"] == "own")
+            last = first["error"].strip().splitlines()[-1]
+            error = (
+                f"{run.failures} of {run.processed} users failed; first: {first['user']}: {last}"
+            )
+            write = self._partial(spec, date, decision, error, run)
+        else:
+            write = self._success(spec, date, decision, run.writer, run)
+        self.tables.put((spec.name, date), table)
+        return write, rows
+
+    def _finish_meta(
+        self,
+        spec: CalcSpec,
+        decision: Decision,
+        run: _CellRun,
+        result: dict[str, Any],
+        block: Any,
+        i: int,
+    ) -> tuple[CellWrite, list[dict[str, Any]]]:
+        """Validate and record one meta block date (``_run_meta``'s rules): it fails when a
+        standard dependency has failed users that date, naming them."""
+        date = decision.date
+        for dep, view in block.frame._upstream.items():
+            if view._meta or not view.failed[i].any():
+                continue
+            users = [str(u) for u in block.frame.users[view.failed[i]]]
+            run.inherited = len(users)
+            names = ", ".join(users[:10])
+            more = f" and {len(users) - 10} more" if len(users) > 10 else ""
+            error = (
+                f"upstream {dep} failed for {len(users)} user(s) on {date}: {names}{more} "
+                "(orchestrator failures)"
+            )
+            return self._failure(spec, date, decision, error, run), []
+        found = validation.problems(spec.rules, validation.collect([result]), per_user=False)
+        if found:
+            return self._failure(spec, date, decision, "VALIDATION: " + "; ".join(found), run), []
+        run.writer.add_line(result_line(None, result))
+        rows = run.writer.cut()
+        run.flushes = 1
+        self.cache.put((spec.name, date), result)
+        return self._success(spec, date, decision, run.writer, run), rows
+
+    def _stage(self, writes: list[CellWrite], shard_rows: list[dict[str, Any]]) -> None:
+        """Queue finished cells for the next publish; later decisions see them at once."""
+        for write in writes:
+            key = (write.calculation, write.date)
             self.stored.setdefault(write.calculation, {})[write.date] = _as_ledger_cell(
                 write, self._stored(key)
             )
         self._unpublished[0].extend(writes)
         self._unpublished[1].extend(shard_rows)
-        if self._uncached:  # a result too big to keep in memory: dependents read the ledger
-            self._publish()
-            self._uncached = False
 
     # --- standard cells -------------------------------------------------------------------
 
@@ -1067,6 +1354,7 @@ class Executor:
     ) -> CellWrite:
         key = (spec.name, date)
         self.ran.add(key)
+        self.tables.discard(key)
         write = self._write(spec, date, decision, "COMPLETED", writer, run, None, True)
         self.hashes[key] = write.result_hash
         return write
@@ -1079,6 +1367,7 @@ class Executor:
         it is clean, or until it is a dead letter after ``max_attempts`` (still published)."""
         key = (spec.name, date)
         self.ran.add(key)
+        self.tables.discard(key)
         stored = self._stored(key)
         attempts = (stored.attempts if isinstance(stored, LedgerCell) else 0) + 1
         status = "DEAD_LETTER" if attempts >= self.max_attempts else "PARTIAL"

@@ -57,6 +57,7 @@ class CalcSpec:
     breaker_min_users: int = 100
     infra_hash: str = field(default_factory=infra_hash)
     lineage: Lineage | None = field(default=None, compare=False, repr=False)
+    columnar: bool = False  # it has a columnar form, ``compute(frame)``
 
     @property
     def is_standard(self) -> bool:
@@ -129,6 +130,7 @@ class CalcSpec:
             ),
             infra_hash=lineage.infra_hash,
             lineage=lineage,
+            columnar=callable(getattr(calc, "compute", None)),
         )
 
 

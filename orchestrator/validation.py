@@ -154,3 +154,46 @@ def problems(rules: Rules, stats: Stats, per_user: bool = True) -> list[str]:
         ):
             out.append(f"{name}: flatline, {s.low!r} for all {s.floats} results")
     return out
+
+
+def collect_table(table: Any) -> Stats:
+    """``collect``'s statistics of a ``columns.Table`` (a columnar block's date), over the
+    users without a failure marker: vectorised per column. NaN is the float null (counted
+    with the nulls, as ``None`` in a per-user result); ±Inf is non-finite."""
+    import numpy as np
+
+    from orchestrator.results import FAILED_KEY
+
+    n = len(table)
+    marker = table.columns.get(FAILED_KEY)
+    ok = np.ones(n, dtype=bool)
+    if marker is not None:
+        ok = ~(np.ones(n, dtype=bool) if marker.present is None else marker.present)
+    out = Stats(results=int(ok.sum()))
+    for name, col in table.columns.items():
+        if name == FAILED_KEY:
+            continue
+        here = ok if col.present is None else ok & col.present
+        present = int(here.sum())
+        if col.kind == "f8":
+            values = np.asarray(col.values)[here]
+            nan = np.isnan(values)
+            finite = values[np.isfinite(values)]
+            out.fields[name] = FieldStats(
+                present=present,
+                nulls=int(nan.sum()),
+                non_finite=int(len(values) - nan.sum() - len(finite)),
+                floats=len(finite),
+                low=float(finite.min()) if len(finite) else math.inf,
+                high=float(finite.max()) if len(finite) else -math.inf,
+            )
+        elif col.kind in ("i8", "b1"):
+            nulls = 0 if col.valid is None else int((~col.valid & here).sum())
+            out.fields[name] = FieldStats(present=present, nulls=nulls)
+        else:
+            values = [v for v, h in zip(col.values, here.tolist(), strict=True) if h]
+            sub = collect([{name: v} for v in values])
+            stats = sub.fields.get(name, FieldStats())
+            stats.present = present
+            out.fields[name] = stats
+    return out

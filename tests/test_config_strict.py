@@ -41,13 +41,14 @@ def test_a_valid_file_loads_with_every_key(tmp_path: Path, style: str) -> None:
         "flush_users = 10\nshard_bytes = 2048\nworkers = 2\nmax_attempts = 2\n"
         "lease_seconds = 60\nmemory_budget_mb = 100\nmemory_fraction = 1\n"
         'packages = ["zstandard"]\nwork_dir = "w"\nroot_memory_mb = 0\n'
-        'cosmetic_verdict = "simulation"\n'
+        'cosmetic_verdict = "simulation"\ncolumnar = false\nblock_dates = 16\n'
     )
     root = 'date_column = "d"\nformat = "csv"\ncomplete_marker = "m"\n'
     config = load_config(write(tmp_path, style, top, root))
     assert config.workers == 2 and config.memory_fraction == 1.0
     assert config.root_data["prices"].date_column == "d"
     assert config.cosmetic_verdict == "simulation"
+    assert config.columnar is False and config.block_dates == 16
     # (the test above names every key: a new key must be added there and to TOP_KEYS)
     named = {line.split(" = ")[0] for line in (top + "calculations = x\nroot_data = x").split("\n")}
     assert named - {""} == set(TOP_KEYS)

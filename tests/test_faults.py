@@ -66,7 +66,8 @@ def _published(project: Project) -> dict:
 @pytest.fixture
 def small(project: Project) -> Project:
     project.write_prices(price_rows(SYMBOLS, DATES))
-    project.extra_config = "flush_users = 7\nshard_bytes = 1024\n"
+    # small chunks: a publish per pass of every two dates, so the crash points fall mid-run
+    project.extra_config = "flush_users = 7\nshard_bytes = 1024\nblock_dates = 2\n"
     project.write_calcs(BASE)
     return project
 

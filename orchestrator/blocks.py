@@ -1,0 +1,493 @@
+"""Blocks: the columnar form's unit of work — one calculation over many dates × users.
+
+Value types only (no ledger, no decider): root data as dense matrices (``RootMatrix``),
+results as ``columns.Table`` per date. ``frame_for`` builds the ``calculation.Frame`` a
+block's ``compute`` reads, with the masks the engine needs around it (malformed root rows,
+failures inherited from upstream or from the previous date); ``block_tables`` turns the
+returned arrays back into one ``Table`` per date (failure markers included), and
+``meta_results`` into one dict per date for a meta calculation.
+
+The per-user rules hold cell by cell, so both forms publish the same results: a user gets a
+result on a date when it has a root row there (or, without root data, a result of a standard
+dependency); a malformed root row on the date or in the lookback window fails the user; a
+failure marker upstream or on the previous date (historical) fails it too, naming the origin.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from orchestrator.calculation import Frame
+from orchestrator.columns import Column, Table, column_of
+from orchestrator.results import FAILED_KEY, describe_failure
+from orchestrator.rootdata import RootData
+
+NUMERIC = ("int", "float")
+
+
+class BlockError(TypeError):
+    """A columnar ``compute`` returned something other than one array per field of the
+    block's shape (the block's cells fail with this message)."""
+
+
+@dataclass
+class RootMatrix:
+    """A root dataset as dense (dates × users) arrays: each user's last row of a date.
+
+    Built from ``RootData.stream`` one date at a time, for the dataset's dates
+    ``dates[start:stop]`` (all of them for a dataset held in memory). Columns are built on
+    first use; numbers as float64 (NaN: no row or a null), other columns as object arrays.
+
+    Attributes:
+        dates: the dataset's available dates covered, ascending.
+        users: (U,) str array of the users with a row on any of them, ascending.
+        present: (D, U) bool: the user has a (well-formed) row that date.
+        bad: (D, U) bool: the user has a malformed row that date.
+        where: (date position, user position) -> locations of the malformed rows.
+    """
+
+    dataset: RootData
+    dates: list[dt.date]
+    users: np.ndarray
+    present: np.ndarray
+    bad: np.ndarray
+    where: dict[tuple[int, int], list[str]]
+    _rows: list[list[tuple[int, dict[str, Any]]]]
+    _columns: dict[str, np.ndarray] = field(default_factory=dict)
+
+    @classmethod
+    def build(cls, dataset: RootData, dates: Sequence[dt.date]) -> RootMatrix:
+        """Read ``dates`` of ``dataset`` (a stream per date, users ascending)."""
+        per_date: list[list[tuple[str, dict[str, Any] | None, list[str]]]] = []
+        users: set[str] = set()
+        for date in dates:
+            entries = []
+            for user, (found, problems) in dataset.stream(date):
+                entries.append((user, found[-1] if found else None, problems))
+            per_date.append(entries)
+            users.update(u for u, _, _ in entries)
+        ordered = np.array(sorted(users), dtype=str)
+        pos = {u: i for i, u in enumerate(ordered.tolist())}
+        present = np.zeros((len(dates), len(ordered)), dtype=bool)
+        bad = np.zeros_like(present)
+        where: dict[tuple[int, int], list[str]] = {}
+        rows: list[list[tuple[int, dict[str, Any]]]] = []
+        for d, entries in enumerate(per_date):
+            kept = []
+            for user, row, locations in entries:
+                u = pos[user]
+                if locations:
+                    bad[d, u] = True
+                    where[(d, u)] = list(locations)
+                if row is not None:
+                    present[d, u] = True
+                    kept.append((u, row))
+            rows.append(kept)
+        return cls(dataset, list(dates), ordered, present, bad, where, rows)
+
+    def column(self, name: str) -> np.ndarray:
+        """(D, U) values of column ``name``.
+
+        Raises:
+            KeyError: the dataset has no such column.
+        """
+        hit = self._columns.get(name)
+        if hit is not None:
+            return hit
+        kind = self.dataset.schema.get(name)
+        if kind is None:
+            raise KeyError(f"{self.dataset.name} has no column {name!r}")
+        shape = self.present.shape
+        if kind in NUMERIC:
+            out = np.full(shape, np.nan)
+            for d, kept in enumerate(self._rows):
+                if kept:
+                    us = [u for u, _ in kept]
+                    vals = [row.get(name) for _, row in kept]
+                    out[d, us] = np.array(
+                        [np.nan if v is None else v for v in vals], dtype=np.float64
+                    )
+        else:
+            out = np.full(shape, None, dtype=object)
+            for d, kept in enumerate(self._rows):
+                for u, row in kept:
+                    value = row.get(name)
+                    out[d, u] = value.isoformat() if isinstance(value, dt.date) else value
+        self._columns[name] = out
+        return out
+
+
+class RootView:
+    """A frame's window on one root dataset: rows of a span, columns of the frame's users."""
+
+    __slots__ = ("_cols", "_matrix", "_rows", "_users", "dates", "present", "rows")
+
+    def __init__(self, matrix: RootMatrix, lo: int, hi: int, rows: np.ndarray, users: np.ndarray):
+        self._matrix = matrix
+        self._rows = slice(lo, hi)
+        self._users = users  # positions in the matrix's users (-1: not in this dataset)
+        self._cols: dict[str, np.ndarray] = {}
+        self.dates = tuple(matrix.dates[lo:hi])
+        self.rows = rows
+        self.present = self._take(matrix.present, False)
+
+    def _take(self, full: np.ndarray, fill: Any) -> np.ndarray:
+        part = full[self._rows][:, np.maximum(self._users, 0)]
+        if (self._users < 0).any():
+            part = part.copy()
+            part[:, self._users < 0] = fill
+        return part
+
+    def column(self, name: str) -> np.ndarray:
+        hit = self._cols.get(name)
+        if hit is None:
+            full = self._matrix.column(name)
+            hit = self._cols[name] = self._take(full, np.nan if full.dtype.kind == "f" else None)
+        return hit
+
+
+class ResultView:
+    """A frame's view of a calculation's results on some dates: per date a ``Table``
+    (standard), a dict (meta) or None, aligned on the frame's users."""
+
+    __slots__ = ("_cols", "_index", "_meta", "_results", "_users", "failed", "present")
+
+    def __init__(self, results: Sequence[Any], users: np.ndarray, meta: bool):
+        self._results = results
+        self._users = users
+        self._meta = meta
+        self._cols: dict[str, np.ndarray] = {}
+        self._index: list[tuple[np.ndarray, np.ndarray]] = []
+        n = len(results)
+        if meta:
+            self.present = np.array([r is not None for r in results], dtype=bool)
+            self.failed = np.zeros((n, len(users)), dtype=bool)
+            return
+        self.present = np.zeros((n, len(users)), dtype=bool)
+        self.failed = np.zeros_like(self.present)
+        for i, table in enumerate(results):
+            idx, ok = _align(table.users if table is not None else [], users)
+            self._index.append((idx, ok))
+            if table is None or not len(table):
+                continue
+            self.present[i, idx[ok]] = True
+            marker = table.columns.get(FAILED_KEY)
+            if marker is not None:
+                failed = (
+                    np.ones(len(table), dtype=bool) if marker.present is None else marker.present
+                )
+                self.failed[i, idx[ok & failed]] = True
+        self.present &= ~self.failed
+
+    def column(self, name: str) -> np.ndarray:
+        hit = self._cols.get(name)
+        if hit is not None:
+            return hit
+        n = len(self._results)
+        if self._meta:
+            vals = [
+                np.nan if r is None or r.get(name) is None else r.get(name) for r in self._results
+            ]
+            if all(r is None or name not in r for r in self._results):
+                raise KeyError(name)
+            hit = np.array(vals, dtype=np.float64)
+        else:
+            hit = np.full((n, len(self._users)), np.nan)
+            seen = False
+            for i, table in enumerate(self._results):
+                col = None if table is None else table.columns.get(name)
+                if col is None:
+                    continue
+                seen = True
+                idx, ok = self._index[i]
+                hit[i, idx[ok]] = col.floats()[ok]
+            if not seen and any(t is not None and len(t) for t in self._results):
+                raise KeyError(name)
+        self._cols[name] = hit
+        return hit
+
+
+def _align(users: list[str], frame_users: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Positions of ``users`` among ``frame_users`` (sorted), and which are there."""
+    if not users:
+        return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=bool)
+    if len(users) == len(frame_users) and users == frame_users.tolist():
+        return np.arange(len(users)), np.ones(len(users), dtype=bool)
+    arr = np.array(users, dtype=str)
+    idx = np.searchsorted(frame_users, arr)
+    clipped = np.minimum(idx, max(len(frame_users) - 1, 0))
+    ok = (
+        (idx < len(frame_users)) & (frame_users[clipped] == arr)
+        if len(frame_users)
+        else (np.zeros(len(users), dtype=bool))
+    )
+    return clipped, ok
+
+
+@dataclass
+class Block:
+    """A block's frame and the engine's masks around it (all (n, u) bool).
+
+    Attributes:
+        frame: what ``compute`` reads.
+        bad: users failed by malformed root rows (date or window), with ``bad_where``.
+        inherited: users whose upstream result (or previous result) is a failure marker, with
+            the marker (``origin``) to copy.
+    """
+
+    frame: Frame
+    bad: np.ndarray
+    bad_where: dict[tuple[int, int], str]
+    inherited: np.ndarray
+    origin: dict[tuple[int, int], dict[str, str]]
+
+
+def frame_for(
+    name: str,
+    dates: Sequence[dt.date],
+    root: Mapping[str, tuple[RootMatrix, int]],
+    upstream: Mapping[str, tuple[Sequence[Any], bool]],
+    previous: Table | dict[str, Any] | None,
+    previous_date: dt.date | None,
+    historical: bool,
+    meta: bool,
+) -> Block:
+    """The frame of a block over ``dates``.
+
+    Args:
+        name: the calculation's name (failure markers name it).
+        dates: the block's dates, ascending (consecutive dates of the calculation when
+            ``historical``).
+        root: dataset -> (its matrix, the calculation's lookback).
+        upstream: dependency -> (its results on ``dates``: a Table, a dict for a meta
+            dependency, or None; whether it is a meta calculation).
+        previous: the own result on ``previous_date`` (historical only).
+        meta: a meta calculation (users: those of its standard dependencies).
+    """
+    n = len(dates)
+    spans: dict[str, tuple[RootMatrix, int, int, np.ndarray]] = {}
+    user_sets: list[np.ndarray] = []
+    for ds, (matrix, lookback) in root.items():
+        positions = np.searchsorted(
+            np.array(matrix.dates, dtype="datetime64[D]"), np.array(dates, dtype="datetime64[D]")
+        )
+        lo = max(0, int(positions[0]) - lookback + 1)
+        hi = int(positions[-1]) + 1
+        spans[ds] = (matrix, lo, hi, positions)
+        on_dates = matrix.present[positions] | matrix.bad[positions]
+        user_sets.append(matrix.users[on_dates.any(axis=0)])
+    std = {dep: res for dep, (res, is_meta) in upstream.items() if not is_meta}
+    if not root:
+        for res in std.values():
+            for table in res:
+                if table is not None and len(table):
+                    user_sets.append(np.array(table.users, dtype=str))
+    users = np.unique(np.concatenate(user_sets)) if user_sets else np.zeros(0, dtype=str)
+    views = {dep: ResultView(res, users, is_meta) for dep, (res, is_meta) in upstream.items()}
+    bad = np.zeros((n, len(users)), dtype=bool)
+    bad_where: dict[tuple[int, int], str] = {}
+    roots: dict[str, RootView] = {}
+    present = np.zeros((n, len(users)), dtype=bool)
+    if root:
+        on_date: dict[tuple[int, int], list[str]] = {}
+        in_window: dict[tuple[int, int], list[str]] = {}
+        for ds, (matrix, lo, hi, positions) in spans.items():
+            idx, ok = _align(users.tolist(), matrix.users)
+            rview = roots[ds] = RootView(matrix, lo, hi, positions - lo, np.where(ok, idx, -1))
+            present |= rview.present[rview.rows]
+            lookback = root[ds][1]
+            for (d, u), locs in sorted(matrix.where.items()):
+                k = int(np.searchsorted(users, matrix.users[u]))
+                for i, p in enumerate(positions.tolist()):
+                    if d == p:
+                        on_date.setdefault((i, k), []).extend(locs)
+                    elif lookback > 1 and p - lookback < d < p:
+                        in_window.setdefault((i, k), []).extend(locs)
+        # The per-user form's rules: a malformed row on the date fails the user; one earlier
+        # in the window fails a user that has rows on the date.
+        for (i, k), locs in on_date.items():
+            bad[i, k] = True
+            bad_where[(i, k)] = f"malformed root data: {'; '.join(locs)}"
+        for (i, k), locs in in_window.items():
+            if not bad[i, k] and present[i, k]:
+                bad[i, k] = True
+                bad_where[(i, k)] = f"malformed root data in its history window: {'; '.join(locs)}"
+        present &= ~bad  # a failed user has no result, only its failure
+    else:
+        for view in views.values():
+            if not view._meta:
+                present |= view.present | view.failed
+    inherited = np.zeros((n, len(users)), dtype=bool)
+    origin: dict[tuple[int, int], dict[str, str]] = {}
+    for dep, view in views.items():  # the first failed dependency names the origin
+        if view._meta or not view.failed.any():
+            continue
+        for i, k in zip(*np.nonzero(view.failed & present)):
+            origin.setdefault((int(i), int(k)), _marker_of(std[dep][i], str(users[k])))
+        inherited |= view.failed & present
+    prev_view = None
+    if historical:
+        prev_view = PreviousView(ResultView([previous], users, meta))
+        if not meta:
+            # A failed state fails the user on its next present date, and so on until a
+            # date the user has no result (the per-user form's previous is then None).
+            carried = prev_view.view.failed[0]
+            for i in range(n):
+                hit = carried & present[i]  # the previous result's failure comes first
+                for k in np.flatnonzero(hit).tolist():
+                    if i == 0:
+                        origin[(i, k)] = _marker_of(previous, str(users[k]))
+                    elif bad[i - 1, k]:
+                        origin[(i, k)] = {
+                            "calculation": name,
+                            "date": dates[i - 1].isoformat(),
+                            "error": bad_where[(i - 1, k)],
+                        }
+                    else:
+                        origin[(i, k)] = origin[(i - 1, k)]
+                inherited[i] |= hit
+                carried = inherited[i] | bad[i]
+    frame = Frame(
+        tuple(dates),
+        users.astype(object),
+        present & ~inherited,
+        roots,
+        views,
+        prev_view,
+        previous_date,
+    )
+    return Block(frame, bad, bad_where, inherited, origin)
+
+
+class PreviousView:
+    """The own result on the date before a historical block: (u,) per field."""
+
+    __slots__ = ("present", "view")
+
+    def __init__(self, view: ResultView):
+        self.view = view
+        self.present = view.present[0] if view.present.ndim == 2 else view.present
+
+    def column(self, name: str) -> np.ndarray:
+        return self.view.column(name)[0] if not self.view._meta else self.view.column(name)
+
+
+def _marker_of(table: Any, user: str) -> dict[str, str]:
+    """The origin a user's stored failure marker names (``results.failure_marker``)."""
+    if table is None:
+        return {}
+    col = table.columns[FAILED_KEY]
+    return dict(col.values[table.users.index(user)])
+
+
+def check_outputs(outputs: Any, shape: tuple[int, ...]) -> dict[str, np.ndarray]:
+    """``compute``'s return value, checked: a dict of field name -> array of ``shape``.
+
+    Raises:
+        BlockError: anything else (the block's cells fail with this message).
+    """
+    if not isinstance(outputs, dict):
+        raise BlockError(f"compute() must return a dict of arrays, not {type(outputs).__name__}")
+    out = {}
+    for name, value in outputs.items():
+        if not isinstance(name, str):
+            raise BlockError(f"compute() returned a field named {name!r}: names are str")
+        if name == FAILED_KEY:
+            raise BlockError(f"{FAILED_KEY!r} is a reserved result key")
+        arr = value if isinstance(value, np.ma.MaskedArray) else np.asarray(value)
+        if arr.shape != shape:
+            raise BlockError(
+                f"compute() returned {name!r} of shape {arr.shape}; the block's is {shape}"
+                " (dates × users, or dates for a meta calculation)"
+            )
+        if arr.dtype.kind not in "fiubOU":
+            raise BlockError(f"compute() returned {name!r} of dtype {arr.dtype}")
+        out[name] = arr
+    return out
+
+
+@dataclass
+class DateOutcome:
+    """One block date's result and its per-user accounting (as the per-user walk keeps).
+
+    ``failed_users`` holds the first ``limit`` own and inherited failures, user order."""
+
+    table: Table
+    processed: int
+    failures: int
+    inherited: int
+    failed_users: list[dict[str, str]]
+
+
+def block_tables(
+    name: str, block: Block, outputs: Mapping[str, np.ndarray], limit: int
+) -> list[DateOutcome]:
+    """One ``Table`` per block date from ``compute``'s (n, u) arrays, with failure markers
+    for the users failed by malformed rows or inherited failures."""
+    frame = block.frame
+    users = frame.users
+    out = []
+    for i, date in enumerate(frame.dates):
+        ok_all = frame.present[i]
+        failed_all = block.bad[i] | block.inherited[i]
+        entries = np.flatnonzero(ok_all | failed_all)
+        ok = ok_all[entries]
+        columns: dict[str, Column] = {}
+        if ok.any():
+            for field_name in sorted(outputs):
+                values = outputs[field_name][i, entries]
+                col = column_of(values if values.dtype.kind != "O" else values.tolist())
+                if col.kind == "f8" and not ok.all():
+                    col.values = np.where(ok, col.values, np.nan)
+                col.present = None if ok.all() else ok.copy()
+                columns[field_name] = col
+        failed_users: list[dict[str, str]] = []
+        own = inherited = 0
+        if failed_all.any():
+            markers: list[Any] = []
+            for k in entries.tolist():
+                user = str(users[k])
+                if block.bad[i, k]:
+                    error = block.bad_where[(i, k)]
+                    markers.append({"calculation": name, "date": date.isoformat(), "error": error})
+                    own += 1
+                    if own <= limit:
+                        failed_users.append({"user": user, "kind": "own", "error": error})
+                elif block.inherited[i, k]:
+                    origin = block.origin[(i, k)]
+                    markers.append(origin)
+                    inherited += 1
+                    if inherited <= limit:
+                        kind = "previous" if origin.get("calculation") == name else "upstream"
+                        failed_users.append(
+                            {
+                                "user": user,
+                                "kind": "upstream",
+                                "error": f"{kind} " + describe_failure(user, origin),
+                            }
+                        )
+                else:
+                    markers.append(None)
+            marker = column_of(markers)
+            marker.present = ~ok
+            columns[FAILED_KEY] = marker
+        table = Table([str(u) for u in users[entries]], columns)
+        out.append(DateOutcome(table, len(entries), own, inherited, failed_users))
+    return out
+
+
+def meta_results(outputs: Mapping[str, np.ndarray], n: int) -> list[dict[str, Any]]:
+    """One result dict per block date from a meta ``compute``'s (n,) arrays: Python scalars,
+    NaN as None (the float null, as in a standard result)."""
+    lists = {}
+    for field_name, arr in outputs.items():
+        values = arr.tolist()
+        if arr.dtype.kind == "f":
+            values = [None if v != v else v for v in values]  # noqa: PLR0124 - NaN test
+        lists[field_name] = values
+    return [{k: v[i] for k, v in sorted(lists.items())} for i in range(n)]
