@@ -18,7 +18,7 @@ from __future__ import annotations
 import datetime as dt
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -155,7 +155,17 @@ class ResultView:
     """A frame's view of a calculation's results on some dates: per date a ``Table``
     (standard), a dict (meta) or None, aligned on the frame's users."""
 
-    __slots__ = ("_cols", "_index", "_meta", "_results", "_users", "failed", "present")
+    __slots__ = (
+        "_cols",
+        "_index",
+        "_meta",
+        "_results",
+        "_users",
+        "dates",
+        "failed",
+        "present",
+        "rows",
+    )
 
     def __init__(self, results: Sequence[Any], users: np.ndarray, meta: bool):
         self._results = results
@@ -163,6 +173,8 @@ class ResultView:
         self._meta = meta
         self._cols: dict[str, np.ndarray] = {}
         self._index: list[tuple[np.ndarray, np.ndarray]] = []
+        self.rows = np.arange(len(results))
+        self.dates: tuple[dt.date, ...] = ()
         n = len(results)
         if meta:
             self.present = np.array([r is not None for r in results], dtype=bool)
@@ -247,11 +259,30 @@ class Block:
     origin: dict[tuple[int, int], dict[str, str]]
 
 
+class UpstreamInput(NamedTuple):
+    """A dependency's results as a block reads them.
+
+    Attributes:
+        results: per date of ``dates``: a Table (standard), a dict (meta) or None.
+        meta: the dependency is a meta calculation.
+        dates: its dates read: the block's dates, or with a window its span of dates (the
+            ``width - 1`` dates of it before the first block date, then through the last).
+        rows: (n,) int: the row of each block date in ``dates``.
+        width: the window (1: same date only).
+    """
+
+    results: Sequence[Any]
+    meta: bool
+    dates: tuple[dt.date, ...]
+    rows: np.ndarray
+    width: int
+
+
 def frame_for(
     name: str,
     dates: Sequence[dt.date],
     root: Mapping[str, tuple[RootMatrix, int]],
-    upstream: Mapping[str, tuple[Sequence[Any], bool]],
+    upstream: Mapping[str, UpstreamInput],
     previous: Table | dict[str, Any] | None,
     previous_date: dt.date | None,
     historical: bool,
@@ -264,8 +295,7 @@ def frame_for(
         dates: the block's dates, ascending (consecutive dates of the calculation when
             ``historical``).
         root: dataset -> (its matrix, the calculation's lookback).
-        upstream: dependency -> (its results on ``dates``: a Table, a dict for a meta
-            dependency, or None; whether it is a meta calculation).
+        upstream: dependency -> its results (``UpstreamInput``).
         previous: the own result on ``previous_date`` (historical only).
         meta: a meta calculation (users: those of its standard dependencies).
     """
@@ -281,14 +311,17 @@ def frame_for(
         spans[ds] = (matrix, lo, hi, positions)
         on_dates = matrix.present[positions] | matrix.bad[positions]
         user_sets.append(matrix.users[on_dates.any(axis=0)])
-    std = {dep: res for dep, (res, is_meta) in upstream.items() if not is_meta}
-    if not root:
-        for res in std.values():
-            for table in res:
+    std = {dep: up for dep, up in upstream.items() if not up.meta}
+    if not root:  # users with a same-date result of a standard dependency
+        for up in std.values():
+            for r in up.rows.tolist():
+                table = up.results[r]
                 if table is not None and len(table):
                     user_sets.append(np.array(table.users, dtype=str))
     users = np.unique(np.concatenate(user_sets)) if user_sets else np.zeros(0, dtype=str)
-    views = {dep: ResultView(res, users, is_meta) for dep, (res, is_meta) in upstream.items()}
+    views = {dep: ResultView(up.results, users, up.meta) for dep, up in upstream.items()}
+    for dep, view in views.items():
+        view.rows, view.dates = upstream[dep].rows, upstream[dep].dates
     bad = np.zeros((n, len(users)), dtype=bool)
     bad_where: dict[tuple[int, int], str] = {}
     roots: dict[str, RootView] = {}
@@ -319,17 +352,23 @@ def frame_for(
                 bad_where[(i, k)] = f"malformed root data in its history window: {'; '.join(locs)}"
         present &= ~bad  # a failed user has no result, only its failure
     else:
-        for view in views.values():
+        for dep, view in views.items():
             if not view._meta:
-                present |= view.present | view.failed
+                rows = upstream[dep].rows
+                present |= view.present[rows] | view.failed[rows]
     inherited = np.zeros((n, len(users)), dtype=bool)
     origin: dict[tuple[int, int], dict[str, str]] = {}
     for dep, view in views.items():  # the first failed dependency names the origin
         if view._meta or not view.failed.any():
             continue
-        for i, k in zip(*np.nonzero(view.failed & present)):
-            origin.setdefault((int(i), int(k)), _marker_of(std[dep][i], str(users[k])))
-        inherited |= view.failed & present
+        up = upstream[dep]
+        for i, row in enumerate(up.rows.tolist()):
+            # a window's oldest failure first, as the per-user form reads the window
+            for r in range(max(0, row - up.width + 1), row + 1):
+                hit = view.failed[r] & present[i]
+                for k in np.flatnonzero(hit).tolist():
+                    origin.setdefault((i, k), _marker_of(up.results[r], str(users[k])))
+                inherited[i] |= hit
     prev_view = None
     if historical:
         prev_view = PreviousView(ResultView([previous], users, meta))

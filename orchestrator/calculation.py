@@ -21,7 +21,13 @@ Metadata (all optional except ``process`` or ``compute``):
 
 ``name``           unique name (default: the class name)
 ``category``       result namespace, e.g. ``"signals"`` (default ``"default"``)
-``dependencies``   names of calculations whose same-date results this one reads
+``dependencies``   names of calculations whose same-date results this one reads; or a dict
+                   name -> window: the number of that dependency's dates, up to and
+                   including the cell's, it reads (``{"returns": 20}``: a 20-date window of
+                   returns). The cell's fingerprint holds the result hash of every date in
+                   the window. Per user, ``ctx.upstream[name]`` is then the user's results
+                   on those dates, oldest first (None where it has none); columnar,
+                   ``frame.upstream(name, field)`` spans the window (``upstream_rows``)
 ``root_data``      names of root datasets (``[root_data.NAME]`` in the config) it reads
 ``historical``     needs its own result of the previous available date (``ctx.previous``);
                    its dates therefore run in order
@@ -61,7 +67,7 @@ class Calculation:
 
     name: ClassVar[str] = ""
     category: ClassVar[str] = "default"
-    dependencies: ClassVar[Sequence[str]] = ()
+    dependencies: ClassVar[Sequence[str] | Mapping[str, int]] = ()
     root_data: ClassVar[Sequence[str]] = ()
     historical: ClassVar[bool] = False
     lookback: ClassVar[int] = 1
@@ -202,8 +208,11 @@ class Frame:
         return self._root[dataset].dates
 
     def upstream(self, name: str, field: str) -> Any:
-        """A dependency's field on the block dates: (n, u) float64 for a standard
-        dependency (NaN where the user has no result or a null), (n,) for a meta one.
+        """A dependency's field: (n, u) float64 on the block dates for a standard dependency
+        (NaN where the user has no result or a null), (n,) for a meta one. With a window
+        (``dependencies = {name: w}``) it spans the window instead: (s, u) / (s,) over
+        ``upstream_span(name)``, the ``w - 1`` dependency dates before the first block date
+        through the last; ``upstream_rows(name)`` gives the block dates' rows.
 
         Raises:
             KeyError: ``name`` is not a dependency, or no result of it has ``field``.
@@ -211,8 +220,17 @@ class Frame:
         return self._upstream[name].column(field)
 
     def upstream_present(self, name: str) -> Any:
-        """(n, u) bool: the user has a result of the standard dependency on block date i."""
+        """(n, u) bool (with a window: (s, u)): the user has a result of the standard
+        dependency on that date."""
         return self._upstream[name].present
+
+    def upstream_rows(self, name: str) -> Any:
+        """(n,) int: the row of each block date in ``upstream(name, ...)``."""
+        return self._upstream[name].rows
+
+    def upstream_span(self, name: str) -> tuple[dt.date, ...]:
+        """The dates of the rows of ``upstream(name, ...)``."""
+        return self._upstream[name].dates
 
     def previous(self, field: str) -> Any:
         """Historical: (u,) float64 of the own result on ``previous_date`` (NaN where the

@@ -28,6 +28,7 @@ letters and cells blocked by a failure make the run not clean (exit code 1).
 
 from __future__ import annotations
 
+import bisect
 import datetime as dt
 import json
 import os
@@ -41,12 +42,14 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import psutil
 
 from orchestrator import faults, validation
 from orchestrator.blocks import (
     BlockError,
     RootMatrix,
+    UpstreamInput,
     block_tables,
     check_outputs,
     frame_for,
@@ -210,6 +213,40 @@ class _CellRun:
     flush_reasons: dict[str, int] = field(default_factory=dict)
     recent: list[Any] = field(default_factory=list)  # results since the last flush
     spilled: bool = False  # more than KEEP_LIMIT results: not kept in memory
+
+
+@dataclass(slots=True)
+class _Window:
+    """A windowed dependency's results on its window dates (oldest first), for a cell."""
+
+    results: list[Any]
+    dates: list[dt.date]
+
+
+def _none(user: str) -> None:
+    return None
+
+
+def _window_lookup(gets: list[Callable[[str], Any]]) -> Callable[[str], list[Any]]:
+    """A user's results over a window, from one lookup per window date."""
+
+    def lookup(user: str) -> list[Any]:
+        return [get(user) for get in gets]
+
+    return lookup
+
+
+def _today(value: Any) -> Any:
+    """A standard upstream value as the user-driving rule sees it: the result of the cell's
+    own date (a window's last entry; the engine only drives users by same-date results)."""
+    return value[-1] if type(value) is list and value else None if type(value) is list else value
+
+
+def _failure_in(value: Any) -> dict[str, str] | None:
+    """The first failure marker of an upstream value (a window: its oldest failure)."""
+    if type(value) is list:
+        return next((o for v in value if (o := failure_of(v)) is not None), None)
+    return failure_of(value)
 
 
 class _LazyHistory(Mapping[str, list[Any]]):
@@ -749,16 +786,36 @@ class Executor:
         if leased:
             self.ledger.lease(leased, self.run_id, started + self.lease)
         prev_date = self.decider.previous_date(name, dates[0]) if spec.historical else None
-        wanted = [(dep, d) for dep in spec.dependencies if calcs[dep].is_standard for d in dates]
+        spans: dict[str, tuple[tuple[dt.date, ...], np.ndarray]] = {}
+        for dep in spec.dependencies:
+            width = spec.window(dep)
+            if width == 1:
+                spans[dep] = (tuple(dates), np.arange(len(dates)))
+                continue
+            # the dependency's dates from the first block date's window through the last
+            possible = self.decider.possible[dep]
+            lo = bisect.bisect_left(possible, dates[0])
+            span = tuple(
+                possible[max(0, lo - width + 1) : bisect.bisect_right(possible, dates[-1])]
+            )
+            index = {d: i for i, d in enumerate(span)}
+            spans[dep] = (span, np.array([index[d] for d in dates], dtype=np.int64))
+        wanted = [
+            (dep, d) for dep in spec.dependencies if calcs[dep].is_standard for d in spans[dep][0]
+        ]
         if prev_date is not None and spec.is_standard:
             wanted.append((name, prev_date))
         tables = self.tables.get_many(wanted)
-        upstream: dict[str, tuple[list[Any], bool]] = {}
+        upstream: dict[str, UpstreamInput] = {}
         for dep in spec.dependencies:
-            if calcs[dep].is_standard:
-                upstream[dep] = ([tables[(dep, d)] for d in dates], False)
-            else:
-                upstream[dep] = ([self.cache.get((dep, d)) for d in dates], True)
+            span, span_rows = spans[dep]
+            meta = not calcs[dep].is_standard
+            results = (
+                [self.cache.get((dep, d)) for d in span]
+                if meta
+                else [tables[(dep, d)] for d in span]
+            )
+            upstream[dep] = UpstreamInput(results, meta, span, span_rows, spec.window(dep))
         previous: Any = None
         if prev_date is not None:
             previous = (
@@ -915,10 +972,20 @@ class Executor:
         For a standard calculation the previous result is a mapping user -> result (empty when
         there is none); for a meta calculation it is the previous result dict or None.
         """
-        upstream = {dep: self.cache.get((dep, date)) for dep in spec.dependencies}
-        if not spec.is_standard:  # a meta calculation reads its upstream whole, by definition
+        upstream: dict[str, Any] = {}
+        for dep, key_date in self.decider.upstream_keys(spec, date):
+            result = self.cache.get((dep, key_date))
+            if not spec.is_standard and isinstance(result, StoredResult):
+                result = dict(result.items())  # a meta calculation reads its upstream whole
+            if spec.window(dep) == 1:
+                upstream[dep] = result
+            else:
+                window = upstream.setdefault(dep, _Window([], []))
+                window.results.append(result)
+                window.dates.append(key_date)
+        if not spec.is_standard:
             upstream = {
-                dep: dict(res.items()) if isinstance(res, StoredResult) else res
+                dep: list(res.results) if isinstance(res, _Window) else res
                 for dep, res in upstream.items()
             }
         previous = None
@@ -938,7 +1005,7 @@ class Executor:
         now = self.clock()
         runs = []
         if inputs:
-            wanted = [(dep, date) for spec, _ in cells for dep in spec.dependencies]
+            wanted = [k for spec, _ in cells for k in self.decider.upstream_keys(spec, date)]
             for spec, _ in cells:
                 if spec.historical and (prev := self.decider.previous_date(spec.name, date)):
                     wanted.append((spec.name, prev))
@@ -1050,6 +1117,21 @@ class Executor:
             lookups: list[tuple[str, Callable[[str], Any]]] = []
             whole = {}
             for dep, res in run.upstream.items():
+                if isinstance(res, _Window):
+                    if not calcs[dep].is_standard:
+                        whole[dep] = list(res.results)
+                        continue
+                    gets: list[Callable[[str], Any]] = [
+                        r.get if isinstance(r, dict) else stored(r).get if r is not None else _none
+                        for r in res.results
+                    ]
+                    lookups.append((dep, _window_lookup(gets)))
+                    last = res.results[-1] if res.dates and res.dates[-1] == date else None
+                    if run.by_upstream and isinstance(last, dict):
+                        keyed.update(last)
+                    elif run.by_upstream and last is not None:
+                        drivers.append(stored(last))
+                    continue
                 if not calcs[dep].is_standard or res is None:
                     whole[dep] = res
                 elif isinstance(res, dict):
@@ -1135,7 +1217,7 @@ class Executor:
                         if lookback > 1
                         else root
                     )
-                elif all(upstream[dep] is None for dep, _ in lookups):
+                elif all(_today(upstream[dep]) is None for dep, _ in lookups):
                     continue
                 else:
                     root = history = {}
@@ -1144,7 +1226,7 @@ class Executor:
                 # (never computed from "no result" or from an empty state), naming its origin.
                 origin = failure_of(before)
                 for dep, _ in lookups:
-                    origin = origin or failure_of(upstream[dep])
+                    origin = origin or _failure_in(upstream[dep])
                 if origin is not None:
                     run.processed += 1
                     _user_inherited(run, user, origin)

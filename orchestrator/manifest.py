@@ -58,6 +58,16 @@ class CalcSpec:
     infra_hash: str = field(default_factory=infra_hash)
     lineage: Lineage | None = field(default=None, compare=False, repr=False)
     columnar: bool = False  # it has a columnar form, ``compute(frame)``
+    # Dependency -> window: how many of the dependency's dates (up to and including the
+    # cell's) the cell reads; only dependencies with a window > 1 are listed.
+    windows: tuple[tuple[str, int], ...] = ()
+
+    def window(self, dep: str) -> int:
+        """How many dates of dependency ``dep`` a cell reads (1: its own date only)."""
+        for name, width in self.windows:
+            if name == dep:
+                return width
+        return 1
 
     @property
     def is_standard(self) -> bool:
@@ -80,6 +90,25 @@ class CalcSpec:
                 raise ManifestError(f"{where}: '{attr}' must be a list of names, found {value!r}")
             return tuple(value)
 
+        deps = calc.dependencies
+        windows: dict[str, int] = {}
+        if isinstance(deps, Mapping):
+            for dep, width in deps.items():
+                if not (
+                    isinstance(dep, str)
+                    and isinstance(width, int)
+                    and not isinstance(width, bool)
+                    and width >= 1
+                ):
+                    raise ManifestError(
+                        f"{where}: 'dependencies' maps names to windows (ints >= 1, the "
+                        f"number of the dependency's dates read), found {dep!r}: {width!r}"
+                    )
+                if width > 1:
+                    windows[dep] = width
+            dependencies = tuple(deps)
+        else:
+            dependencies = names("dependencies")
         lookback = calc.lookback
         if not isinstance(lookback, int) or lookback < 1:
             raise ManifestError(f"{where}: 'lookback' must be an int >= 1, found {lookback!r}")
@@ -109,7 +138,7 @@ class CalcSpec:
             name=name,
             kind=calc.kind,
             category=str(calc.category),
-            dependencies=names("dependencies"),
+            dependencies=dependencies,
             root_data=names("root_data"),
             historical=bool(calc.historical),
             lookback=lookback,
@@ -131,6 +160,7 @@ class CalcSpec:
             infra_hash=lineage.infra_hash,
             lineage=lineage,
             columnar=callable(getattr(calc, "compute", None)),
+            windows=tuple(windows.items()),
         )
 
 

@@ -293,7 +293,8 @@ class Decider:
         self._shape = {
             name: digest(
                 "shape",
-                [list(spec.dependencies), list(spec.root_data), spec.lookback, spec.historical],
+                [list(spec.dependencies), list(spec.root_data), spec.lookback, spec.historical]
+                + ([[list(w) for w in spec.windows]] if spec.windows else []),
             )
             for name, spec in manifest.calcs.items()
         }
@@ -413,9 +414,54 @@ class Decider:
             hit = self._window_cache[key] = xxhash.xxh3_128_hexdigest(_WINDOW_TAG + body)
         return hit
 
+    def upstream_keys(self, spec: CalcSpec, date: dt.date) -> list[CellKey]:
+        """The upstream cells a cell reads, in fingerprint order: per dependency its cell of
+        ``date``, or with a window the dependency's last ``window`` possible dates up to and
+        including ``date`` (oldest first; fewer near its first date)."""
+        if not spec.windows:
+            return [(dep, date) for dep in spec.dependencies]
+        keys: list[CellKey] = []
+        for dep in spec.dependencies:
+            width = spec.window(dep)
+            if width == 1:
+                keys.append((dep, date))
+                continue
+            dates = self.possible[dep]
+            end = bisect.bisect_right(dates, date)
+            keys.extend((dep, d) for d in dates[max(0, end - width) : end])
+        return keys
+
+    def _upstream_parts(
+        self, spec: CalcSpec, keys: list[CellKey], hashes: list[str | None]
+    ) -> list[str | None]:
+        """One 32-hex part per dependency: its result hash, or for a window the digest of
+        its (date, result hash) pairs (so the parts stay fixed-width whatever the window's
+        length near the start)."""
+        if not spec.windows:
+            return hashes
+        parts: list[str | None] = []
+        grouped: dict[str, list[tuple[str, str | None]]] = {}
+        for (dep, d), h in zip(keys, hashes, strict=True):
+            grouped.setdefault(dep, []).append((d.isoformat(), h))
+        for dep in spec.dependencies:
+            entries = grouped.get(dep, [])
+            if spec.window(dep) == 1:
+                parts.append(entries[0][1] if entries else None)
+            else:
+                parts.append(digest("upstream-window", [[d, h] for d, h in entries]))
+        return parts
+
     def _digest(
-        self, spec: CalcSpec, date: dt.date, upstream: list[str | None], previous: str | None
+        self,
+        spec: CalcSpec,
+        date: dt.date,
+        upstream: list[str | None],
+        previous: str | None,
+        keys: list[CellKey] | None = None,
     ) -> str:
+        if spec.windows:
+            keys = keys if keys is not None else self.upstream_keys(spec, date)
+            upstream = self._upstream_parts(spec, keys, upstream)
         parts = [
             *upstream,
             *(self._window_digest(ds, spec.lookback, date) for ds in spec.root_data),
@@ -427,8 +473,16 @@ class Decider:
     def inputs(
         self, spec: CalcSpec, date: dt.date, hash_of: Callable[[CellKey], str | None]
     ) -> CellInputs:
-        """The cell's current inputs, given the current published result hash of any cell."""
-        upstream = {dep: hash_of((dep, date)) for dep in spec.dependencies}
+        """The cell's current inputs, given the current published result hash of any cell.
+
+        ``upstream`` maps a dependency to its result hash; a windowed one contributes an
+        entry ``"name@YYYY-MM-DD"`` per date of its window."""
+        keys = self.upstream_keys(spec, date)
+        hashes = [hash_of(k) for k in keys]
+        upstream = {
+            (dep if spec.window(dep) == 1 else f"{dep}@{d.isoformat()}"): h
+            for (dep, d), h in zip(keys, hashes, strict=True)
+        }
         prev_date = self.previous_date(spec.name, date) if spec.historical else None
         prev_hash = hash_of((spec.name, prev_date)) if prev_date else None
         return CellInputs(
@@ -436,7 +490,7 @@ class Decider:
             root={ds: self.window(ds, spec.lookback, date) for ds in spec.root_data},
             previous_date=prev_date,
             previous_hash=prev_hash,
-            digest=self._digest(spec, date, list(upstream.values()), prev_hash),
+            digest=self._digest(spec, date, hashes, prev_hash, keys),
         )
 
     # --- the rule -------------------------------------------------------------------------
@@ -463,7 +517,8 @@ class Decider:
         gone = self.impossible.get((name, date))
         if gone is not None:
             return gone
-        upstream_keys = [(dep, date) for dep in spec.dependencies]
+        upstream_keys = self.upstream_keys(spec, date)
+        dep_keys = len(upstream_keys)
         prev_date = self._previous[name][date] if spec.historical else None
         if prev_date is not None:
             upstream_keys.append((name, prev_date))
@@ -478,7 +533,7 @@ class Decider:
         ):
             hashes = [h for _, h in states]
             previous = hashes.pop() if prev_date is not None else None
-            if self.unchanged(spec, date, stored, hashes, previous):
+            if self.unchanged(spec, date, stored, hashes, previous, upstream_keys[:dep_keys]):
                 return Decision(name, date, Reason.UP_TO_DATE, "", stored.result_hash)
         if isinstance(stored, SlimCell):
             raise NeedsFullRow(name)
@@ -525,12 +580,14 @@ class Decider:
         stored: LedgerCell | SlimCell,
         upstream: list[str | None],
         previous: str | None,
+        keys: list[CellKey] | None = None,
     ) -> bool:
         """Whether a cell whose own parts are unchanged (``fresh_key``) and whose upstream are
-        all settled (result hashes ``upstream``, own previous result hash ``previous``) is up
-        to date: not forced, and its inputs digest equals the stored one."""
+        all settled (result hashes ``upstream`` of ``keys``, the ``upstream_keys``; own
+        previous result hash ``previous``) is up to date: not forced, and its inputs digest
+        equals the stored one."""
         return not self._forced(spec.name, date) and (
-            self._digest(spec, date, upstream, previous) == stored.inputs_digest
+            self._digest(spec, date, upstream, previous, keys) == stored.inputs_digest
         )
 
     def _cosmetic(self, spec: CalcSpec, stored: LedgerCell) -> bool:
@@ -867,7 +924,8 @@ def _make_plan(request: PlanRequest) -> Plan:
     for name in manifest.order:
         spec = manifest.calcs[name]
         fresh = decider.fresh_key(name)
-        may_skip = name not in request.force
+        # (a calculation with dependency windows takes the rule itself: ``Decider.decide``)
+        may_skip = name not in request.force and not spec.windows
         shape = decider.shape(name)
         dep_columns = [settled[dep] for dep in spec.dependencies]
         window_columns = [decider.window_column(ds, spec.lookback) for ds in spec.root_data]
