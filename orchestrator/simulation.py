@@ -197,6 +197,15 @@ def simulate_one(
             upstream = {
                 dep: _upstream(manifest, sims, dep, scenario, date) for dep in spec.dependencies
             }
+            # a windowed dependency is read as the list of its window's dates, oldest first
+            windows = {
+                dep: [
+                    _upstream(manifest, sims, dep, scenario, d)
+                    for d in dates[max(0, i + 1 - spec.window(dep)) : i + 1]
+                ]
+                for dep in spec.dependencies
+                if spec.window(dep) > 1
+            }
             with _LineRecorder(filename) as recorder:
                 if spec.is_standard:
                     for user in users:
@@ -218,6 +227,11 @@ def simulate_one(
                                 dep: (
                                     None
                                     if user == NO_UPSTREAM_USER
+                                    else [
+                                        v.get(user) if manifest.calcs[dep].is_standard else v
+                                        for v in windows[dep]
+                                    ]
+                                    if dep in windows
                                     else (
                                         value.get(user)
                                         if manifest.calcs[dep].is_standard
@@ -238,7 +252,7 @@ def simulate_one(
                             ds: [r for u in users for r in rows[ds].get((date, u), [])]
                             for ds in rows
                         },
-                        upstream=upstream,
+                        upstream={**upstream, **windows},
                         previous=sim.outputs.get((scenario, dates[i - 1].isoformat(), None))
                         if spec.historical and i > 0
                         else None,
