@@ -25,7 +25,7 @@ import numpy as np
 from orchestrator.calculation import Frame
 from orchestrator.columns import Column, Table, column_of
 from orchestrator.results import FAILED_KEY, describe_failure
-from orchestrator.rootdata import RootData
+from orchestrator.rootdata import Dataset, RootData
 
 NUMERIC = ("int", "float")
 
@@ -59,10 +59,48 @@ class RootMatrix:
     where: dict[tuple[int, int], list[str]]
     _rows: list[list[tuple[int, dict[str, Any]]]]
     _columns: dict[str, np.ndarray] = field(default_factory=dict)
+    # from a dataset's typed columns: (date position, user position, row) of each kept row
+    _cells: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
 
     @classmethod
     def build(cls, dataset: RootData, dates: Sequence[dt.date]) -> RootMatrix:
-        """Read ``dates`` of ``dataset`` (a stream per date, users ascending)."""
+        """Read ``dates`` of ``dataset``: from its typed columns when it is held in memory
+        (vectorised), else a stream per date."""
+        if isinstance(dataset, Dataset) and list(dates) == dataset.dates:
+            return cls._from_files(dataset)
+        return cls._from_stream(dataset, dates)
+
+    @classmethod
+    def _from_files(cls, dataset: Dataset) -> RootMatrix:
+        dates = dataset.dates
+        position = {d: i for i, d in enumerate(dates)}
+        d_idx = np.array(
+            [position[d] for part in dataset.files for d in part.dates], dtype=np.int64
+        )
+        names = [u for part in dataset.files for u in part.users]
+        bad_keys = sorted(dataset.bad_rows)
+        everyone = np.array(names + [u for _, u in bad_keys], dtype=str)
+        users, inverse = np.unique(everyone, return_inverse=True)
+        u_idx = inverse[: len(names)]
+        shape = (len(dates), len(users))
+        # A user's last row of a date wins: the last occurrence of each (date, user).
+        key = d_idx * max(len(users), 1) + u_idx
+        _, last = np.unique(key[::-1], return_index=True)
+        chosen = np.sort(len(key) - 1 - last)
+        present = np.zeros(shape, dtype=bool)
+        present[d_idx[chosen], u_idx[chosen]] = True
+        bad = np.zeros(shape, dtype=bool)
+        where: dict[tuple[int, int], list[str]] = {}
+        for (date, _user), u in zip(bad_keys, inverse[len(names) :].tolist(), strict=True):
+            d = position[date]
+            bad[d, u] = True
+            where[(d, u)] = list(dataset.bad_rows[(date, _user)])
+        matrix = cls(dataset, list(dates), users, present, bad, where, [])
+        matrix._cells = (d_idx[chosen], u_idx[chosen], chosen)
+        return matrix
+
+    @classmethod
+    def _from_stream(cls, dataset: RootData, dates: Sequence[dt.date]) -> RootMatrix:
         per_date: list[list[tuple[str, dict[str, Any] | None, list[str]]]] = []
         users: set[str] = set()
         for date in dates:
@@ -103,6 +141,10 @@ class RootMatrix:
         if kind is None:
             raise KeyError(f"{self.dataset.name} has no column {name!r}")
         shape = self.present.shape
+        if self._cells is not None:
+            out = self._column_from_files(name, kind, shape)
+            self._columns[name] = out
+            return out
         if kind in NUMERIC:
             out = np.full(shape, np.nan)
             for d, kept in enumerate(self._rows):
@@ -119,6 +161,27 @@ class RootMatrix:
                     value = row.get(name)
                     out[d, u] = value.isoformat() if isinstance(value, dt.date) else value
         self._columns[name] = out
+        return out
+
+    def _column_from_files(self, name: str, kind: str, shape: tuple[int, int]) -> np.ndarray:
+        assert isinstance(self.dataset, Dataset) and self._cells is not None
+        values: list[Any] = []
+        for part in self.dataset.files:
+            if name in part.header:
+                column = part.columns[part.header.index(name)]
+                values.extend([column[j] for j in part.kept])
+            else:
+                values.extend([None] * len(part.kept))
+        d, u, chosen = self._cells
+        if kind in NUMERIC:
+            out = np.full(shape, np.nan)
+            taken = [values[k] for k in chosen.tolist()]
+            out[d, u] = np.array([np.nan if v is None else v for v in taken], dtype=np.float64)
+            return out
+        out = np.full(shape, None, dtype=object)
+        for k, dd, uu in zip(chosen.tolist(), d.tolist(), u.tolist(), strict=True):
+            v = values[k]
+            out[dd, uu] = v.isoformat() if isinstance(v, dt.date) else v
         return out
 
 

@@ -362,12 +362,14 @@ class TableCache:
         """The published results of ``keys`` (None: nothing published), one bulk read for
         those not in memory."""
         keys = list(dict.fromkeys(keys))
-        missing = [k for k in keys if k not in self._items]
+        out = {k: self._items[k] for k in keys if k in self._items}
+        missing = [k for k in keys if k not in out]
         if missing:
             payloads = self.ledger.shard_payloads_many(missing)
             for key in missing:
-                self.put(key, decode_tables(payloads[key]) if key in payloads else None)
-        return {k: self._items[k] for k in keys}
+                out[key] = decode_tables(payloads[key]) if key in payloads else None
+                self.put(key, out[key])
+        return out
 
 
 class Executor:
@@ -437,7 +439,9 @@ class Executor:
         self.memory_budget = memory_budget
         self.columnar = columnar
         self.block_dates = block_dates
-        self.tables = TableCache(ledger, capacity=max(256, 3 * len(manifest.calcs)))
+        # Room for a chunk's results of a few calculations: a block's upstream is often the
+        # block just computed (blocks over fewer dates than the chunk re-read less).
+        self.tables = TableCache(ledger, capacity=max(256, 4 * block_dates))
         self._matrices: dict[str, RootMatrix] = {}
         self.pool: WorkerPool | None = None
         self.in_worker = False

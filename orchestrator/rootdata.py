@@ -260,13 +260,33 @@ def parse_int(text: str) -> int | None:
 
 
 @dataclass(slots=True)
+class FileRows:
+    """One file's rows given to users, as typed columns (``_type_columns``).
+
+    Attributes:
+        header: column names.
+        columns: per column, the typed values of the file's well-formed rows.
+        kept: positions (into ``columns``) of the rows given to a user, file order.
+        dates / users: each kept row's date and user.
+    """
+
+    header: list[str]
+    columns: list[list[Any]]
+    kept: list[int]
+    dates: list[dt.date]
+    users: list[str]
+
+
+@dataclass(slots=True)
 class Dataset:
     """A parsed dataset: rows by date and user, and the per-date index.
 
     Attributes:
         name: the dataset's config name.
         dates: available dates, ascending.
-        by_date: date -> user -> rows of that user on that date (file order).
+        files: the rows given to users, per file as typed columns (``FileRows``).
+        by_date: (property, built on first use) date -> user -> rows of that user on that
+            date (file order).
         index: date -> DateEntry.
         malformed: number of skipped rows plus values that could not be parsed.
         problems: up to 20 examples, "file:line: what".
@@ -280,7 +300,7 @@ class Dataset:
 
     name: str
     dates: list[dt.date]
-    by_date: dict[dt.date, dict[str, list[Row]]]
+    files: list[FileRows]
     index: dict[dt.date, DateEntry]
     malformed: int = 0
     problems: list[str] = field(default_factory=list)
@@ -291,6 +311,24 @@ class Dataset:
 
     _bad_users: dict[dt.date, dict[str, list[str]]] | None = None
     _bad_by_user: dict[str, list[tuple[dt.date, list[str]]]] | None = None
+    _by_date: dict[dt.date, dict[str, list[Row]]] | None = None
+
+    @property
+    def by_date(self) -> dict[dt.date, dict[str, list[Row]]]:
+        """date -> user (ascending) -> that user's rows that date, in file order. Built on
+        first use: a columnar calculation reads ``files`` as arrays and never needs it."""
+        if self._by_date is None:
+            by_date: dict[dt.date, dict[str, list[Row]]] = {d: {} for d in self.dates}
+            for part in self.files:
+                header, columns = part.header, part.columns
+                for j, date, user in zip(part.kept, part.dates, part.users, strict=True):
+                    per_user = by_date[date]
+                    rows = per_user.get(user)
+                    if rows is None:
+                        rows = per_user[user] = []
+                    rows.append(dict(zip(header, [column[j] for column in columns])))
+            self._by_date = {d: dict(sorted(by_date[d].items())) for d in self.dates}
+        return self._by_date
 
     @property
     def bad_count(self) -> int:
@@ -534,7 +572,6 @@ class FileSource:
             return self._load()
 
     def _load(self) -> Dataset:
-        by_date: dict[dt.date, dict[str, list[Row]]] = {}
         texts: dict[dt.date, dict[Schema, list[str]]] = {}  # row texts to hash, per schema
         locations: dict[dt.date, list[str]] = {}
         malformed = 0
@@ -546,6 +583,7 @@ class FileSource:
         # Rows of the wrong width, given to a user once every file is read (``readings``).
         pending: list[tuple[int, Schema, str, str, int, int, int, list[tuple[str, str]]]] = []
         parsed_dates: dict[str, dt.date | None] = {}
+        files_rows: list[FileRows] = []
 
         def parse_date(text: str) -> dt.date | None:
             if text not in parsed_dates:
@@ -559,7 +597,6 @@ class FileSource:
             per_schema = texts.get(date)
             if per_schema is None:
                 per_schema = texts[date] = {}
-                by_date[date] = {}
             group = per_schema.get(file_schema)
             if group is None:
                 group = per_schema[file_schema] = []
@@ -618,8 +655,13 @@ class FileSource:
                 (f, file_schema, row_texts[i], path.name, numbers[i], n, width, options)
                 for i, n, options in wrong
             )
-            for i, values in zip(fitting, zip(*columns)):
-                text_date, user = values[di], values[ui]  # both columns keep their text
+            # The rows given to users, kept as columns (``FileRows``): ``by_date`` builds
+            # dicts from them only when a per-user calculation asks.
+            part = FileRows(list(header), columns, [], [], [])
+            files_rows.append(part)
+            date_texts, user_texts = columns[di], columns[ui]
+            for j, i in enumerate(fitting):  # j: position in the columns; i: in the file
+                text_date, user = date_texts[j], user_texts[j]  # both columns keep their text
                 date = parse_date(text_date)
                 if date is None or not user:
                     malformed += 1
@@ -635,11 +677,9 @@ class FileSource:
                     malformed += 1
                     add_bad(date, user, f, numbers[i], where)
                     continue
-                per_user = by_date[date]
-                rows = per_user.get(user)
-                if rows is None:
-                    rows = per_user[user] = []
-                rows.append(dict(zip(header, values)))
+                part.kept.append(j)
+                part.dates.append(date)
+                part.users.append(user)
         for f, file_schema, text, name, line, n, width, options in pending:
             malformed += 1
             owners = {
@@ -661,11 +701,11 @@ class FileSource:
                 group.sort()
                 hasher.extend(group_schema, group)
             index[date] = hasher.finish(locations.get(date, ()))
-        dates = sorted(by_date)
+        dates = sorted(texts)
         return Dataset(
             name=self.config.name,
             dates=dates,
-            by_date={d: dict(sorted(by_date[d].items())) for d in dates},
+            files=files_rows,
             index=index,
             malformed=malformed,
             problems=problems[:20],
