@@ -53,6 +53,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
+import numpy as np
 import xxhash
 
 from orchestrator.config import RootDataConfig
@@ -659,27 +660,65 @@ class FileSource:
             # dicts from them only when a per-user calculation asks.
             part = FileRows(list(header), columns, [], [], [])
             files_rows.append(part)
-            date_texts, user_texts = columns[di], columns[ui]
-            for j, i in enumerate(fitting):  # j: position in the columns; i: in the file
-                text_date, user = date_texts[j], user_texts[j]  # both columns keep their text
-                date = parse_date(text_date)
-                if date is None or not user:
-                    malformed += 1
-                    if len(problems) < 20:
-                        problems.append(
-                            skip_problem(path.name, numbers[i], text_date, date is not None)
-                        )
+            date_texts, user_texts = columns[di], columns[ui]  # both columns keep their text
+            # Column-wise (C-level map and NumPy), as the parse runs over every row.
+            parsed = {t: parse_date(t) for t in set(date_texts)}
+            row_dates = list(map(parsed.__getitem__, date_texts))
+            skipped: set[int] = set()
+            if None in parsed.values() or not all(user_texts):
+                for j, (date, user) in enumerate(zip(row_dates, user_texts)):
+                    if date is None or not user:
+                        skipped.add(j)
+                        malformed += 1
+                        if len(problems) < 20:
+                            problems.append(
+                                skip_problem(
+                                    path.name, numbers[fitting[j]], date_texts[j], date is not None
+                                )
+                            )
+            valid = [j for j in range(len(fitting)) if j not in skipped] if skipped else None
+            known.update(user_texts if valid is None else (user_texts[j] for j in valid))
+            texts_here = row_texts if not wrong else [row_texts[i] for i in fitting]
+            if texts_here:
+                dates_in = list(parsed)
+                code_of = {t: k for k, t in enumerate(dates_in)}
+                codes = np.fromiter(map(code_of.__getitem__, date_texts), np.int64, len(fitting))
+                if valid is not None:
+                    keep = np.ones(len(fitting), dtype=bool)
+                    keep[list(skipped)] = False
+                    codes = np.where(keep, codes, -1)
+                order = np.argsort(codes, kind="stable")
+                ordered = codes[order]
+                bounds = (np.flatnonzero(np.diff(ordered)) + 1).tolist()
+                text_array = np.array(texts_here, dtype=object)[order]
+                starts = [0, *bounds]
+                for start, stop in zip(starts, [*bounds, len(ordered)], strict=True):
+                    code = int(ordered[start])
+                    if code < 0:
+                        continue  # skipped rows: no date to hash them under
+                    group_date = parsed[dates_in[code]]
+                    assert group_date is not None
+                    per_schema = texts.setdefault(group_date, {})
+                    per_schema.setdefault(file_schema, []).extend(text_array[start:stop].tolist())
+            position = {i: j for j, i in enumerate(fitting)} if wrong else None
+            failed_rows: set[int] = set()
+            for i in sorted(bad_cells):  # the user fails that date, with the row's location
+                j = i if position is None else position[i]
+                if j in skipped:
                     continue
-                known.add(user)
-                add_text(date, file_schema, row_texts[i])
-                where = bad_cells.get(i)
-                if where is not None:  # the user fails that date, with the row's location
-                    malformed += 1
-                    add_bad(date, user, f, numbers[i], where)
-                    continue
-                part.kept.append(j)
-                part.dates.append(date)
-                part.users.append(user)
+                malformed += 1
+                failed_rows.add(j)
+                add_bad(row_dates[j], user_texts[j], f, numbers[i], bad_cells[i])  # type: ignore[arg-type]
+            if valid is None and not failed_rows:
+                part.kept = list(range(len(fitting)))
+                part.dates = row_dates  # type: ignore[assignment]
+                part.users = list(user_texts)
+            else:
+                rows_in = valid if valid is not None else range(len(fitting))
+                kept = [j for j in rows_in if j not in failed_rows]
+                part.kept = kept
+                part.dates = [row_dates[j] for j in kept]  # type: ignore[misc]
+                part.users = [user_texts[j] for j in kept]
         for f, file_schema, text, name, line, n, width, options in pending:
             malformed += 1
             owners = {
