@@ -122,6 +122,7 @@ CHECKSUMS: dict[tuple[int, int], dict[str, tuple[float, int]]] = {
 CHECKSUM_RTOL = 1e-9
 
 TIME_WALL = re.compile(r"Elapsed \(wall clock\) time.*: (?:(\d+):)?(\d+):([\d.]+)")
+TIME_EXIT = re.compile(r"Command exited with non-zero status \d+\s*$")
 TIME_RSS = re.compile(r"Maximum resident set size \(kbytes\): (\d+)")
 SUMMARY = re.compile(r"^run \w+: .*$", re.MULTILINE)
 
@@ -479,7 +480,7 @@ def timed(cmd: list[str], env: dict[str, str], cwd: Path) -> dict[str, Any]:
     result: dict[str, Any] = {"wall_s": wall, "peak_rss_mb": polled, "exit_code": code}
     if use_time:
         report = stderr.rsplit("\tCommand being timed", 1)
-        stderr = report[0].replace("Command exited with non-zero status", "").rstrip()
+        stderr = TIME_EXIT.sub("", report[0]).rstrip()
         m = TIME_WALL.search(report[-1])
         if m:
             h, mnt, s = m.groups()
