@@ -381,7 +381,12 @@ def frame_for(
                 table = up.results[r]
                 if table is not None and len(table):
                     user_sets.append(np.array(table.users, dtype=str))
-    users = np.unique(np.concatenate(user_sets)) if user_sets else np.zeros(0, dtype=str)
+    if len(user_sets) == 1 and root:
+        users = user_sets[0]  # a matrix's users: sorted and unique already
+    elif user_sets:
+        users = np.unique(np.concatenate(user_sets))
+    else:
+        users = np.zeros(0, dtype=str)
     views = {dep: ResultView(up.results, users, up.meta) for dep, up in upstream.items()}
     for dep, view in views.items():
         view.rows, view.dates = upstream[dep].rows, upstream[dep].dates

@@ -12,8 +12,13 @@ user order (defaults, nothing forced: see ``root_memory_mb`` in the README).
   second (N x 5 / execution time), and the whole process's wall time (the root store's
   import included).
 
+Both forms of the 5 calculations are given; ``--style`` picks which the engine runs
+(``columnar = true|false``): the columnar one computes each calculation's single date as one
+block of all users.
+
 Usage:
     .venv/bin/python scripts/bench_stream.py [--users 100000 300000 1000000] [--workers 1]
+        [--style columnar|per-user]
 The last line printed is one JSON object of figures.
 """
 
@@ -35,12 +40,22 @@ CALCS = '''
 from orchestrator import StandardCalculation
 
 
+import numpy as np
+
+
+def _today(frame, column):
+    """(u,) values of the block's single date (the benchmark has one)."""
+    return frame.root("trades", column)[frame.rows("trades")[0]]
+
+
 class Notional(StandardCalculation):
     """price x quantity."""
     root_data = ["trades"]
     def process(self, ctx):
         row = ctx.root["trades"][0]
         return {"notional": row["price"] * row["qty"]}
+    def compute(self, frame):
+        return {"notional": (_today(frame, "price") * _today(frame, "qty"))[None, :]}
 
 
 class Signed(StandardCalculation):
@@ -49,6 +64,10 @@ class Signed(StandardCalculation):
     def process(self, ctx):
         row = ctx.root["trades"][0]
         return {"signed": row["qty"] if row["price"] >= 100 else -row["qty"]}
+    def compute(self, frame):
+        qty = _today(frame, "qty")
+        signed = np.where(_today(frame, "price") >= 100, qty, -qty)
+        return {"signed": np.nan_to_num(signed).astype(np.int64)[None, :]}
 
 
 class Bucket(StandardCalculation):
@@ -56,6 +75,9 @@ class Bucket(StandardCalculation):
     root_data = ["trades"]
     def process(self, ctx):
         return {"bucket": int(ctx.root["trades"][0]["price"] // 10)}
+    def compute(self, frame):
+        price = np.nan_to_num(_today(frame, "price"))
+        return {"bucket": (price // 10).astype(np.int64)[None, :]}
 
 
 class Premium(StandardCalculation):
@@ -63,6 +85,8 @@ class Premium(StandardCalculation):
     root_data = ["trades"]
     def process(self, ctx):
         return {"premium": ctx.root["trades"][0]["price"] / 100.0 - 1.0}
+    def compute(self, frame):
+        return {"premium": (_today(frame, "price") / 100.0 - 1.0)[None, :]}
 
 
 class Large(StandardCalculation):
@@ -70,10 +94,12 @@ class Large(StandardCalculation):
     root_data = ["trades"]
     def process(self, ctx):
         return {"large": ctx.root["trades"][0]["qty"] > 500}
+    def compute(self, frame):
+        return {"large": (_today(frame, "qty") > 500)[None, :]}
 '''
 
 
-def measure(users: int, workers: int, work: Path) -> dict[str, float | int]:
+def measure(users: int, workers: int, work: Path, style: str) -> dict[str, float | int]:
     folder = work / f"n{users}"
     (folder / "bench_stream_calcs").mkdir(parents=True)
     (folder / "bench_stream_calcs" / "__init__.py").write_text("")
@@ -93,6 +119,7 @@ def measure(users: int, workers: int, work: Path) -> dict[str, float | int]:
     (folder / "orchestrator.toml").write_text(
         'database_url = "sqlite:///ledger.db"\ncalculations = "bench_stream_calcs"\n'
         f'system_epoch = "epoch.py"\nworkers = {workers}\nflush_users = 5000\n'
+        f"columnar = {'true' if style == 'columnar' else 'false'}\n"
         '[root_data.trades]\npath = "trades.csv"\ndate_column = "date"\nuser_column = "user"\n'
     )
     wall, peak, done = run_measured(
@@ -128,18 +155,28 @@ def main() -> int:
     )
     parser.add_argument("--users", type=int, nargs="+", default=[100_000, 300_000, 1_000_000])
     parser.add_argument("--workers", type=int, default=1)
+    parser.add_argument(
+        "--style",
+        choices=["columnar", "per-user"],
+        default="columnar",
+        help="the calculations' form: compute(frame) in blocks, or process(ctx) per user",
+    )
     args = parser.parse_args()
     results = []
     with tempfile.TemporaryDirectory(prefix="bench_stream_") as tmp:
         for users in args.users:
-            figures = measure(users, args.workers, Path(tmp))
+            figures = measure(users, args.workers, Path(tmp), args.style)
             results.append(figures)
             print(
                 f"{users:>9,} users: peak {figures['peak_mib']} MiB, execute "
                 f"{figures['execute_s']} s ({figures['user_calcs_per_s']:,} user-calcs/s), "
                 f"wall {figures['wall_s']} s"
             )
-    print(json.dumps({"bench": "stream", "workers": args.workers, "results": results}))
+    print(
+        json.dumps(
+            {"bench": "stream", "style": args.style, "workers": args.workers, "results": results}
+        )
+    )
     return 0
 
 
