@@ -173,6 +173,7 @@ class ShardWriter:
     _results: list[dict[str, Any]] = field(default_factory=list)
     _tables: list[Table] = field(default_factory=list)
     _size: int = 0
+    _count: int = 0
     _absorbed: list[dict[str, Any]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
@@ -181,7 +182,7 @@ class ShardWriter:
     @property
     def pending(self) -> int:
         """Results buffered since the last cut (users, or the meta line)."""
-        return len(self._users) + len(self._lines) + sum(len(t) for t in self._tables)
+        return self._count
 
     @property
     def pending_bytes(self) -> int:
@@ -194,6 +195,7 @@ class ShardWriter:
             self._tables_to_rows()
         self._users.append(user)
         self._results.append(result)
+        self._count += 1
         self._size += len(user) + VALUE_BYTES * (1 + len(result))
 
     def add_table(self, table: Table) -> None:
@@ -204,6 +206,7 @@ class ShardWriter:
             self._tables.append(Table.from_results(self._users, self._results))
             self._users, self._results = [], []
         self._tables.append(table)
+        self._count += len(table)
         self._size += len(table) * VALUE_BYTES * (1 + len(table.columns))
 
     def _tables_to_rows(self) -> None:
@@ -215,6 +218,7 @@ class ShardWriter:
     def add_line(self, line: bytes) -> None:
         """Buffer a meta cell's canonical line."""
         self._lines.append(line)
+        self._count += 1
         self._size += len(line)
 
     def absorb(self, raws: list[bytes], rows: list[dict[str, Any]]) -> None:
@@ -296,4 +300,5 @@ class ShardWriter:
         self._users, self._results = [], []
         self._tables.clear()
         self._size = 0
+        self._count = 0
         return rows
