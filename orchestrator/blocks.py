@@ -1,7 +1,9 @@
 """Blocks: the columnar form's unit of work — one calculation over many dates × users.
 
-Value types only (no ledger, no decider): root data as dense matrices (``RootMatrix``),
-results as ``columns.Table`` per date. ``frame_for`` builds the ``calculation.Frame`` a
+The block runner's contract is ``run_block(BlockTask) -> BlockOutcome``: value types only
+(no ledger, no decider, no executor), so any executor can run a block where the task can
+travel — this process, a forked worker, a distributed one. Root data comes as dense matrices
+(``RootMatrix``), results as ``columns.Table`` per date (a meta calculation's as dicts). ``frame_for`` builds the ``calculation.Frame`` a
 block's ``compute`` reads, with the masks the engine needs around it (malformed root rows,
 failures inherited from upstream or from the previous date); ``block_tables`` turns the
 returned arrays back into one ``Table`` per date (failure markers included), and
@@ -598,3 +600,99 @@ def meta_results(outputs: Mapping[str, np.ndarray], n: int) -> list[dict[str, An
             values = [None if v != v else v for v in values]  # noqa: PLR0124 - NaN test
         lists[field_name] = values
     return [{k: v[i] for k, v in sorted(lists.items())} for i in range(n)]
+
+
+@dataclass
+class BlockTask:
+    """One block to compute, with every input it reads (the runner does no I/O).
+
+    Attributes:
+        name: the calculation's name.
+        calculation: its class (instantiated once per block; ``compute(frame)`` is called).
+        dates: the block's dates, ascending (consecutive dates of the calculation when
+            ``historical``).
+        root: dataset -> (its matrix, the calculation's lookback).
+        upstream: dependency -> its results (``UpstreamInput``).
+        previous: historical: the own result on ``previous_date`` (Table, dict or None).
+        previous_date: the calculation's date before ``dates[0]``, or None.
+        historical / meta: the calculation's kind.
+        stored_failures: failed users kept per kind and date (the rest are counted).
+    """
+
+    name: str
+    calculation: type
+    dates: tuple[dt.date, ...]
+    root: Mapping[str, tuple[RootMatrix, int]]
+    upstream: Mapping[str, UpstreamInput]
+    previous: Any
+    previous_date: dt.date | None
+    historical: bool
+    meta: bool
+    stored_failures: int = 20
+
+
+@dataclass
+class BlockOutcome:
+    """What a block produced.
+
+    Attributes:
+        error: the block failed as a whole (``compute`` raised, or returned something else
+            than one array per field of the block's shape): every date fails with it.
+        users: the frame's users.
+        processed: user-dates with a result or a failure.
+        tables: standard: one ``DateOutcome`` per date.
+        results: meta: one result dict per date.
+        upstream_failed: meta: per date, (dependency, its failed users with the origin their
+            marker names) when a standard dependency has failed users that date (the date
+            then fails, naming them).
+    """
+
+    error: str | None
+    users: int
+    processed: int = 0
+    tables: list[DateOutcome] | None = None
+    results: list[dict[str, Any]] | None = None
+    upstream_failed: list[tuple[str, list[tuple[str, dict[str, str]]]] | None] | None = None
+
+
+def run_block(task: BlockTask) -> BlockOutcome:
+    """Compute one block: build its frame, call ``compute``, check and split the outputs
+    per date, with the failure markers the per-user rules give. Never raises for user code."""
+    import traceback
+
+    block = frame_for(
+        task.name,
+        task.dates,
+        task.root,
+        task.upstream,
+        task.previous,
+        task.previous_date,
+        task.historical,
+        task.meta,
+    )
+    frame = block.frame
+    n = len(task.dates)
+    shape = (n,) if task.meta else (n, len(frame.users))
+    try:
+        outputs = check_outputs(task.calculation().compute(frame), shape)
+    except Exception as e:  # noqa: BLE001 - user code: any error fails the block's cells
+        error = str(e) if isinstance(e, BlockError) else traceback.format_exc()
+        return BlockOutcome(error, len(frame.users))
+    processed = int((frame.present | block.bad | block.inherited).sum())
+    if not task.meta:
+        tables = block_tables(task.name, block, outputs, task.stored_failures)
+        return BlockOutcome(None, len(frame.users), processed, tables=tables)
+    failed: list[tuple[str, list[tuple[str, dict[str, str]]]] | None] = []
+    for i in range(n):
+        found = None
+        for dep, view in frame._upstream.items():
+            row = int(view.rows[i])
+            if not view._meta and view.failed[row].any():
+                table = task.upstream[dep].results[row]
+                users = [str(u) for u in frame.users[view.failed[row]]]
+                found = (dep, [(u, _marker_of(table, u)) for u in users])
+                break
+        failed.append(found)
+    return BlockOutcome(
+        None, len(frame.users), processed, results=meta_results(outputs, n), upstream_failed=failed
+    )

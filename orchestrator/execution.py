@@ -46,15 +46,7 @@ import numpy as np
 import psutil
 
 from orchestrator import faults, validation
-from orchestrator.blocks import (
-    BlockError,
-    RootMatrix,
-    UpstreamInput,
-    block_tables,
-    check_outputs,
-    frame_for,
-    meta_results,
-)
+from orchestrator.blocks import BlockTask, RootMatrix, UpstreamInput, run_block
 from orchestrator.calculation import MetaContext, StandardContext
 from orchestrator.columns import Table
 from orchestrator.fingerprint import result_line
@@ -825,48 +817,44 @@ class Executor:
             previous = (
                 tables[(name, prev_date)] if spec.is_standard else self.cache.get((name, prev_date))
             )
-        block = frame_for(
-            name,
-            dates,
-            {ds: (self._matrix(ds), spec.lookback) for ds in spec.root_data},
-            upstream,
-            previous,
-            prev_date,
-            spec.historical,
-            not spec.is_standard,
+        outcome = run_block(
+            BlockTask(
+                name,
+                spec.cls,
+                tuple(dates),
+                {ds: (self._matrix(ds), spec.lookback) for ds in spec.root_data},
+                upstream,
+                previous,
+                prev_date,
+                spec.historical,
+                not spec.is_standard,
+                STORED_FAILURES,
+            )
         )
-        frame = block.frame
-        shape = (len(dates), len(frame.users)) if spec.is_standard else (len(dates),)
         writes: list[CellWrite] = []
         shard_rows: list[dict[str, Any]] = []
-        try:
-            outputs = check_outputs(spec.cls().compute(frame), shape)  # type: ignore[attr-defined]
-        except Exception as e:  # noqa: BLE001 - user code: any error fails the block's cells
-            error = traceback.format_exc() if not isinstance(e, BlockError) else str(e)
+        if outcome.error is not None:
             for decision in decisions:
-                run = self._block_run(spec, decision, started, len(frame.users))
-                writes.append(self._failure(spec, decision.date, decision, error, run))
-            self._stage(writes, shard_rows)
-            return
-        if spec.is_standard:
-            for decision, outcome in zip(
-                decisions, block_tables(name, block, outputs, STORED_FAILURES), strict=True
-            ):
-                run = self._block_run(spec, decision, started, outcome.processed)
-                run.failures, run.inherited = outcome.failures, outcome.inherited
-                run.failed_users = outcome.failed_users
-                write, rows = self._finish_block(spec, decision, run, outcome.table)
+                run = self._block_run(spec, decision, started, outcome.users)
+                writes.append(self._failure(spec, decision.date, decision, outcome.error, run))
+        elif outcome.tables is not None:
+            for decision, day in zip(decisions, outcome.tables, strict=True):
+                run = self._block_run(spec, decision, started, day.processed)
+                run.failures, run.inherited = day.failures, day.inherited
+                run.failed_users = day.failed_users
+                write, rows = self._finish_block(spec, decision, run, day.table)
                 writes.append(write)
                 shard_rows += rows
         else:
-            for i, (decision, result) in enumerate(
-                zip(decisions, meta_results(outputs, len(dates)), strict=True)
+            assert outcome.results is not None and outcome.upstream_failed is not None
+            for decision, result, failed in zip(
+                decisions, outcome.results, outcome.upstream_failed, strict=True
             ):
                 run = self._block_run(spec, decision, started, 1)
-                write, rows = self._finish_meta(spec, decision, run, result, block, i)
+                write, rows = self._finish_meta(spec, decision, run, result, failed)
                 writes.append(write)
                 shard_rows += rows
-        self.summary.users_processed += int((frame.present | block.bad | block.inherited).sum())
+        self.summary.users_processed += outcome.processed
         self._sample_memory()
         self._stage(writes, shard_rows)
 
@@ -931,17 +919,19 @@ class Executor:
         decision: Decision,
         run: _CellRun,
         result: dict[str, Any],
-        block: Any,
-        i: int,
+        failed: tuple[str, list[tuple[str, dict[str, str]]]] | None,
     ) -> tuple[CellWrite, list[dict[str, Any]]]:
         """Validate and record one meta block date (``_run_meta``'s rules): it fails when a
-        standard dependency has failed users that date, naming them."""
+        standard dependency has failed users that date (``failed``), naming them."""
         date = decision.date
-        for dep, view in block.frame._upstream.items():
-            if view._meta or not view.failed[i].any():
-                continue
-            users = [str(u) for u in block.frame.users[view.failed[i]]]
+        if failed is not None:
+            dep, origins = failed
+            users = [u for u, _ in origins]
             run.inherited = len(users)
+            run.failed_users = [
+                {"user": u, "kind": "upstream", "error": "upstream " + describe_failure(u, o)}
+                for u, o in origins[:STORED_FAILURES]
+            ]
             names = ", ".join(users[:10])
             more = f" and {len(users) - 10} more" if len(users) > 10 else ""
             error = (
