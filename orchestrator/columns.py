@@ -256,6 +256,8 @@ class Table:
         """``(user, result dict)`` per user, as the per-user form sees results: null values
         are None (a NaN float too), missing keys are absent."""
         names = list(self.columns)
+        if not names:  # every user's result is {}: still one pair per user
+            return [(user, {}) for user in self.users]
         lists = [self.columns[n].python() for n in names]
         if not any(self.columns[n].present is not None for n in names):
             return list(zip(self.users, (dict(zip(names, row)) for row in zip(*lists))))

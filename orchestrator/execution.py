@@ -850,7 +850,7 @@ class Executor:
             for decision, result, failed in zip(
                 decisions, outcome.results, outcome.upstream_failed, strict=True
             ):
-                run = self._block_run(spec, decision, started, 1)
+                run = self._block_run(spec, decision, started, 0)
                 write, rows = self._finish_meta(spec, decision, run, result, failed)
                 writes.append(write)
                 shard_rows += rows
@@ -939,6 +939,7 @@ class Executor:
                 "(orchestrator failures)"
             )
             return self._failure(spec, date, decision, error, run), []
+        run.processed = 1  # (as ``_run_meta``: counted once the calculation ran)
         found = validation.problems(spec.rules, validation.collect([result]), per_user=False)
         if found:
             return self._failure(spec, date, decision, "VALIDATION: " + "; ".join(found), run), []

@@ -224,10 +224,11 @@ def records(col: Any) -> tuple[bytes, bytes]:
         if col.valid is not None:
             rec["t"][~col.valid] = _N
             rec["v"][~col.valid] = 0
-    elif col.kind == "str":
-        rec, side = _str_records(col.values)
-    elif col.kind == "json":
-        rec, side = _json_records(col.values)
+    elif col.kind in ("str", "json"):
+        values = col.values
+        if col.present is not None:  # a missing key's stored value is no value at all
+            values = [v if here else None for v, here in zip(values, col.present.tolist())]
+        rec, side = (_str_records if col.kind == "str" else _json_records)(values)
     else:
         rec = np.zeros(n, dtype=_RECORD)
         rec["t"] = _N
