@@ -802,6 +802,15 @@ class Executor:
         if prev_date is not None and spec.is_standard:
             wanted.append((name, prev_date))
         tables = self.tables.get_many(wanted)
+        self.cache.prefetch(  # meta results: one bulk read, not two queries per date
+            [
+                (dep, d)
+                for dep in spec.dependencies
+                if not calcs[dep].is_standard
+                for d in spans[dep][0]
+            ]
+            + ([(name, prev_date)] if prev_date is not None and not spec.is_standard else [])
+        )
         upstream: dict[str, UpstreamInput] = {}
         for dep in spec.dependencies:
             span, span_rows = spans[dep]
