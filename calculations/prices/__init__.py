@@ -15,4 +15,15 @@ Conventions shared by every calculation here:
   ``open`` is never used, so null or inconsistent opens do not matter.
 * If a source ever repeats a (Name, date), the last row of that date wins.
 * Results hold JSON values only: missing values are ``None``, never NaN or infinity.
+
+Every calculation has both forms: ``process(ctx)`` per instrument (or per date, for the
+market ones) and ``compute(frame)`` over a block of dates × instruments with NumPy (see
+``orchestrator.calculation.Frame``); the engine runs ``compute`` unless the config says
+``columnar = false``. Both publish the same results, bit for bit (tested in
+``tests/test_columnar_forms.py``): the columnar form returns NaN for a missing float (the
+float null, the same stored value as ``None``) and ``None`` for a missing text, reads the
+same dates (``frame.root_present`` for "has a row"), carries state only from a result of the
+date before (``frame.previous_present``, then ``frame.present`` inside the block), and does
+the same float operations in the same order (sums accumulate ``s = s + x`` oldest first in
+both forms, never ``math.fsum`` or NumPy's pairwise sums).
 """

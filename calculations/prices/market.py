@@ -2,7 +2,8 @@
 
 Both read ``ctx.upstream["daily_return"]`` (instrument -> result) and ignore instruments whose
 return is ``None`` (first row, late listing, after a long gap): they are counted apart, never
-as unchanged.
+as unchanged. Each has both forms: ``process`` per date, ``compute`` over a block of dates
+(``frame.upstream("daily_return", "return")``, NaN where an instrument has no return).
 """
 
 from __future__ import annotations
@@ -10,7 +11,9 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from orchestrator.calculation import MetaCalculation, MetaContext
+import numpy as np
+
+from orchestrator.calculation import Frame, MetaCalculation, MetaContext
 
 
 def _returns(results: Mapping[str, Any] | None) -> dict[str, float]:
@@ -54,6 +57,31 @@ class XsRank(MetaCalculation):
             start = end + 1
         return {"ranks": dict(sorted(ranks.items())), "n": n}
 
+    def compute(self, frame: Frame) -> dict[str, Any]:
+        returns = frame.upstream("daily_return", "return")
+        users = frame.users
+        ranks = np.empty(len(frame.dates), dtype=object)
+        counts = np.zeros(len(frame.dates), dtype=np.int64)
+        for i, row in enumerate(returns):
+            has = ~np.isnan(row)
+            values = row[has]
+            n = len(values)
+            order = np.argsort(values, kind="stable")
+            ordered = values[order]
+            # [start, end] of each group of equal returns, in sorted positions
+            new = np.ones(n, dtype=bool)
+            new[1:] = ordered[1:] != ordered[:-1]
+            group = np.cumsum(new) - 1
+            starts = np.flatnonzero(new)
+            ends = np.append(starts[1:] - 1, n - 1)
+            average_rank = (starts + ends)[group] / 2 + 1
+            pct = np.full(n, 0.5) if n == 1 else (average_rank - 1) / (n - 1)
+            per_user = np.empty(n)
+            per_user[order] = pct
+            ranks[i] = dict(zip(users[has].tolist(), per_user.tolist()))
+            counts[i] = n
+        return {"ranks": ranks, "n": counts}
+
 
 class Breadth(MetaCalculation):
     """Market breadth: how many instruments rose, fell or did not move.
@@ -85,4 +113,21 @@ class Breadth(MetaCalculation):
             "n": n,
             "without_return": sum(1 for r in results.values() if r is not None) - n,
             "share_advancing": advancers / n if n else None,
+        }
+
+    def compute(self, frame: Frame) -> dict[str, Any]:
+        returns = frame.upstream("daily_return", "return")
+        with np.errstate(invalid="ignore"):
+            advancers = (returns > 0).sum(axis=1)
+            decliners = (returns < 0).sum(axis=1)
+            unchanged = (returns == 0).sum(axis=1)
+            n = advancers + decliners + unchanged
+            share = np.where(n > 0, advancers / np.maximum(n, 1), np.nan)
+        return {
+            "advancers": advancers,
+            "decliners": decliners,
+            "unchanged": unchanged,
+            "n": n,
+            "without_return": frame.upstream_present("daily_return").sum(axis=1) - n,
+            "share_advancing": share,
         }

@@ -5,11 +5,48 @@ from __future__ import annotations
 import math
 from typing import Any, ClassVar
 
-from orchestrator.calculation import StandardCalculation, StandardContext
+import numpy as np
+
+from orchestrator.calculation import Frame, StandardCalculation, StandardContext
 
 
 def _clip01(x: float) -> float:
     return min(max(x, 0.0), 1.0)
+
+
+def _clip01_array(x: np.ndarray) -> np.ndarray:
+    """``_clip01`` elementwise (NaN stays NaN): the same comparisons as ``max`` / ``min``."""
+    low = np.where(0.0 > x, 0.0, x)
+    return np.where(1.0 < low, 1.0, low)
+
+
+def _upstream_floats(frame: Frame, dependency: str, key: str) -> np.ndarray:
+    """(n, u) float64 of a standard dependency's field, NaN where the user has no result, a
+    null or a non-finite value (``field`` in ``process``)."""
+    try:
+        values = np.asarray(frame.upstream(dependency, key), dtype=np.float64)
+    except KeyError:  # no result of it has the field: missing, as ``result.get`` says
+        return np.full(frame.present.shape, np.nan)
+    return np.where(np.isfinite(values), values, np.nan)
+
+
+def _meta_ranks(frame: Frame, dependency: str) -> np.ndarray:
+    """(n, u) float64: each user's rank in the ``ranks`` mapping of a meta dependency's result
+    on each block date (NaN: not ranked, or no result).
+
+    ``Frame.upstream`` reads numeric fields of a meta result only (a mapping has no float
+    view), so this reads the results through the frame's private view.
+    """
+    out = np.full(frame.present.shape, np.nan)
+    position = {user: k for k, user in enumerate(frame.users.tolist())}
+    results = frame._upstream[dependency]._results  # private: no public reader of a mapping
+    for i, row in enumerate(frame.upstream_rows(dependency).tolist()):
+        result = results[row]
+        for user, rank in ((result or {}).get("ranks") or {}).items():
+            k = position.get(user)
+            if k is not None and rank is not None:
+                out[i, k] = float(rank)
+    return out
 
 
 class RiskScore(StandardCalculation):
@@ -35,6 +72,9 @@ class RiskScore(StandardCalculation):
     Null-safety: a missing upstream result or field only drops its component; an instrument
     with no component at all gets no result (``None``). Users: the instruments with a result in
     any standard dependency that date (this calculation reads no root data).
+
+    Arithmetic, exactly (both forms): both sums accumulate the available components in the
+    order above, ``s = s + x``, in IEEE double; ``score = (100 * weighted) / total_weight``.
 
     Result: ``{"score": float, "n_components": int, "c_volatility": float | None,
     "c_atr": float | None, "c_drawdown": float | None, "c_rsi": float | None,
@@ -83,10 +123,44 @@ class RiskScore(StandardCalculation):
         present = {k: c for k, c in components.items() if c is not None}
         if not present:
             return None
-        total_weight = math.fsum(self.weights[k] for k in present)
-        score = 100.0 * math.fsum(self.weights[k] * c for k, c in present.items()) / total_weight
+        total_weight = weighted = 0.0
+        for k, c in present.items():
+            total_weight = total_weight + self.weights[k]
+            weighted = weighted + self.weights[k] * c
+        return {
+            "score": 100.0 * weighted / total_weight,
+            "n_components": len(present),
+            **{f"c_{k}": c for k, c in components.items()},
+        }
+
+    def compute(self, frame: Frame) -> dict[str, Any]:
+        vol = _upstream_floats(frame, "volatility_20", "annualised")
+        atr = _upstream_floats(frame, "atr_14", "atr_ratio")
+        dd = _upstream_floats(frame, "drawdown", "drawdown")
+        rsi = _upstream_floats(frame, "rsi_14", "rsi")
+        rank = _meta_ranks(frame, "xs_rank")
+        components = {
+            "volatility": _clip01_array(vol / self.vol_cap),
+            "atr": _clip01_array(atr / self.atr_cap),
+            "drawdown": _clip01_array(-dd / self.drawdown_cap),
+            "rsi": _clip01_array(np.abs(rsi - 50.0) / 50.0),
+            "rank": _clip01_array(np.abs(2.0 * rank - 1.0)),
+        }
+        total_weight = np.zeros(frame.present.shape)
+        weighted = np.zeros_like(total_weight)
+        count = np.zeros(frame.present.shape, dtype=np.int64)
+        for k, c in components.items():  # + 0.0 for a missing component is exact
+            known = ~np.isnan(c)
+            total_weight = total_weight + np.where(known, self.weights[k], 0.0)
+            weighted = weighted + np.where(known, self.weights[k] * c, 0.0)
+            count += known
+        # No component at all: no result, as process returns None. The frame has no other
+        # way to say so than its present mask, which the engine reads after compute.
+        frame.present &= count > 0
+        with np.errstate(invalid="ignore", divide="ignore"):
+            score = 100.0 * weighted / total_weight
         return {
             "score": score,
-            "n_components": len(present),
+            "n_components": count,
             **{f"c_{k}": c for k, c in components.items()},
         }

@@ -15,15 +15,21 @@ across a gap — the average is re-seeded from ``ctx.history``, whose window is 
 ``N + 1`` available dataset dates: a seed needs a valid bar on each of them, i.e. ``N + 1``
 consecutive bars with no gap. Until then the indicator is ``None``. As a result every value
 equals Wilder's indicator computed over the instrument's current run of consecutive bars.
+
+Arithmetic, exactly (both forms, ``process`` per instrument and ``compute`` over a block): a
+seed's sums accumulate oldest bar first, ``s = s + x``, in IEEE double, then divide by ``N``;
+a step is ``(avg * (N - 1) + x) / N``. The columnar form steps through the block's dates in
+order (the recursion), vectorised over instruments.
 """
 
 from __future__ import annotations
 
-import math
 from itertools import pairwise
 from typing import Any
 
-from orchestrator.calculation import StandardCalculation, StandardContext
+import numpy as np
+
+from orchestrator.calculation import Frame, StandardCalculation, StandardContext
 
 
 def _bars(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -37,6 +43,42 @@ def _bars(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 def _close(bar: dict[str, Any]) -> float | None:
     close = bar.get("close")
     return float(close) if close is not None and close > 0 else None
+
+
+def _numbers(frame: Frame, column: str) -> np.ndarray:
+    """(s, u) float64 of a numeric ``prices`` column over the span (NaN: no row or null)."""
+    values = frame.root("prices", column)
+    if values.dtype.kind == "f":
+        return values
+    return np.array(
+        [[np.nan if v is None else float(v) for v in row] for row in values.tolist()],
+        dtype=np.float64,
+    ).reshape(values.shape)
+
+
+def _close_matrix(frame: Frame) -> tuple[np.ndarray, np.ndarray]:
+    """The columnar ``_close``: ``(close, valid)``, (s, u) over the span of ``prices``; the
+    close of the user's (last) row of a date where positive, else NaN and ``valid`` False."""
+    close = _numbers(frame, "close")
+    with np.errstate(invalid="ignore"):
+        valid = frame.root_present("prices") & (close > 0)
+    return np.where(valid, close, np.nan), valid
+
+
+def _runs(valid: np.ndarray) -> np.ndarray:
+    """(s, u) int: how many span rows up to and including each one have a valid close without
+    interruption (0 on an invalid one)."""
+    span = np.arange(valid.shape[0])[:, None]
+    return span - np.maximum.accumulate(np.where(valid, -1, span), axis=0)
+
+
+def _previous_floats(frame: Frame, field: str) -> np.ndarray:
+    """(u,) float64: the own field ``field`` on ``frame.previous_date`` (NaN where the user had
+    no result or a null, and everywhere when no previous result has the field)."""
+    try:
+        return np.asarray(frame.previous(field), dtype=np.float64)
+    except KeyError:  # e.g. every previous result is a failure marker
+        return np.full(len(frame.users), np.nan)
 
 
 def _seed_bars(ctx: StandardContext, size: int) -> list[dict[str, Any]] | None:
@@ -72,6 +114,26 @@ def true_range(bar: dict[str, Any], prev_close: float | None) -> float | None:
     if prev_close is None:
         return hi - lo
     return max(hi, prev_close) - min(lo, prev_close)
+
+
+def _bar_ranges(
+    close: np.ndarray, high: np.ndarray, low: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """``(hi, lo)`` of ``true_range`` elementwise over arrays (NaN: a null high or low): the
+    same comparisons in the same order as ``max`` / ``min`` there, so the same floats."""
+    hi = np.where(high > close, high, close)
+    hi = np.where(low > hi, low, hi)
+    lo = np.where(high < close, high, close)
+    lo = np.where(low < lo, low, lo)
+    return hi, lo
+
+
+def _true_ranges(hi: np.ndarray, lo: np.ndarray, prev_close: np.ndarray) -> np.ndarray:
+    """``true_range`` elementwise from ``_bar_ranges``; a NaN ``prev_close`` is no previous
+    close: both comparisons are then False, which leaves ``hi - lo``, as there."""
+    top = np.where(prev_close > hi, prev_close, hi)
+    bottom = np.where(prev_close < lo, prev_close, lo)
+    return top - bottom
 
 
 class Rsi14(StandardCalculation):
@@ -118,11 +180,52 @@ class Rsi14(StandardCalculation):
             if bars is None:
                 return empty
             closes = [_close(b) for b in bars]
-            changes = [b - a for a, b in pairwise(closes)]  # type: ignore[operator]
-            avg_gain = math.fsum(max(c, 0.0) for c in changes) / n
-            avg_loss = math.fsum(max(-c, 0.0) for c in changes) / n
+            gains = losses = 0.0
+            for a, b in pairwise(closes):
+                change = b - a  # type: ignore[operator]
+                gains = gains + max(change, 0.0)
+                losses = losses + max(-change, 0.0)
+            avg_gain, avg_loss = gains / n, losses / n
         rsi = 100.0 if avg_loss == 0 else 100.0 - 100.0 / (1.0 + avg_gain / avg_loss)
         return {"rsi": rsi, "avg_gain": avg_gain, "avg_loss": avg_loss, "close": close}
+
+    def compute(self, frame: Frame) -> dict[str, Any]:
+        n = self.period
+        closes, valid = _close_matrix(frame)
+        rows = frame.rows("prices")
+        change = np.full_like(closes, np.nan)
+        change[1:] = closes[1:] - closes[:-1]
+        # max(x, 0.0) is x unless 0.0 > x: the same test, so the same signed zeros
+        up = np.where(0.0 > change, 0.0, change)
+        down = np.where(0.0 > -change, 0.0, -change)
+        seeded = _runs(valid)[rows] >= n + 1  # n + 1 valid bars in a row, today the last
+        gains = np.zeros((len(rows), len(frame.users)))
+        losses = np.zeros_like(gains)
+        for k in range(n):  # oldest change first, as in process
+            j = np.maximum(rows - n + 1 + k, 0)
+            gains = gains + up[j]
+            losses = losses + down[j]
+        seed_gain, seed_loss = gains / n, losses / n
+        shape = gains.shape
+        out = {f: np.full(shape, np.nan) for f in ("rsi", "avg_gain", "avg_loss")}
+        had = frame.previous_present()
+        gain, loss = _previous_floats(frame, "avg_gain"), _previous_floats(frame, "avg_loss")
+        last = _previous_floats(frame, "close")
+        with np.errstate(invalid="ignore", divide="ignore"):
+            for i, r in enumerate(rows.tolist()):
+                close, ok = closes[r], valid[r]
+                carry = ok & had & ~np.isnan(gain) & ~np.isnan(last)
+                seed = ok & ~carry & seeded[i]
+                d = close - last
+                stepped_gain = (gain * (n - 1) + np.where(0.0 > d, 0.0, d)) / n
+                stepped_loss = (loss * (n - 1) + np.where(0.0 > -d, 0.0, -d)) / n
+                gain = np.where(carry, stepped_gain, np.where(seed, seed_gain[i], np.nan))
+                loss = np.where(carry, stepped_loss, np.where(seed, seed_loss[i], np.nan))
+                out["rsi"][i] = np.where(loss == 0, 100.0, 100.0 - 100.0 / (1.0 + gain / loss))
+                out["avg_gain"][i], out["avg_loss"][i] = gain, loss
+                had, last = frame.present[i], close  # no result today: no state tomorrow
+        out["close"] = closes[rows]
+        return out
 
 
 class Atr14(StandardCalculation):
@@ -174,7 +277,47 @@ class Atr14(StandardCalculation):
                 ]
                 tr = true_range(bar, earlier[-1] if earlier else None)
                 return {"atr": None, "tr": tr, "close": close, "atr_ratio": None}
-            trs = [true_range(b, _close(a)) for a, b in pairwise(bars)]
-            tr = trs[-1]
-            atr = math.fsum(trs) / n  # type: ignore[arg-type]
+            total = 0.0
+            for a, b in pairwise(bars):
+                tr = true_range(b, _close(a))
+                total = total + tr  # type: ignore[operator]
+            atr = total / n
         return {"atr": atr, "tr": tr, "close": close, "atr_ratio": atr / close}
+
+    def compute(self, frame: Frame) -> dict[str, Any]:
+        n = self.period
+        closes, valid = _close_matrix(frame)
+        high, low = _numbers(frame, "high"), _numbers(frame, "low")
+        rows = frame.rows("prices")
+        before = np.full_like(closes, np.nan)
+        before[1:] = closes[:-1]
+        # every bar against the close of the span row before it: the seed's true ranges
+        hi, lo = _bar_ranges(closes, high, low)
+        ranges = _true_ranges(hi, lo, before)
+        seeded = _runs(valid)[rows] >= n + 1
+        total = np.zeros((len(rows), len(frame.users)))
+        for k in range(n):  # oldest bar first, as in process
+            total = total + ranges[np.maximum(rows - n + 1 + k, 0)]
+        seed_atr = total / n
+        # No seed: today's true range against the latest valid close earlier in the window.
+        span = np.arange(len(closes))[:, None]
+        latest = np.maximum.accumulate(np.where(valid, span, -1), axis=0)
+        base = np.full(total.shape, -1, dtype=np.int64)
+        base[rows >= 1] = latest[rows[rows >= 1] - 1]
+        base = np.where(base >= (rows - n)[:, None], base, -1)
+        earlier = np.where(base >= 0, np.take_along_axis(closes, np.maximum(base, 0), 0), np.nan)
+        unseeded_tr = _true_ranges(hi[rows], lo[rows], earlier)
+        atrs, trs = np.full(total.shape, np.nan), np.full(total.shape, np.nan)
+        had = frame.previous_present()
+        atr, last = _previous_floats(frame, "atr"), _previous_floats(frame, "close")
+        for i, r in enumerate(rows.tolist()):
+            close, ok = closes[r], valid[r]
+            carry = ok & had & ~np.isnan(atr) & ~np.isnan(last)
+            seed = ok & ~carry & seeded[i]
+            stepped_tr = _true_ranges(hi[r], lo[r], last)
+            stepped = (atr * (n - 1) + stepped_tr) / n
+            atr = np.where(carry, stepped, np.where(seed, seed_atr[i], np.nan))
+            tr = np.where(carry, stepped_tr, np.where(seed, ranges[r], unseeded_tr[i]))
+            atrs[i], trs[i] = atr, np.where(ok, tr, np.nan)
+            had, last = frame.present[i], close  # no result today: no state tomorrow
+        return {"atr": atrs, "tr": trs, "close": closes[rows], "atr_ratio": atrs / closes[rows]}
