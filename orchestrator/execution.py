@@ -778,9 +778,6 @@ class Executor:
         name, calcs = spec.name, self.manifest.calcs
         dates = [d.date for d in decisions]
         started = self.clock()
-        leased = [(name, d) for d in dates if self._stored((name, d))]
-        if leased:
-            self.ledger.lease(leased, self.run_id, started + self.lease)
         prev_date = self.decider.previous_date(name, dates[0]) if spec.historical else None
         spans: dict[str, tuple[tuple[dt.date, ...], np.ndarray]] = {}
         for dep in spec.dependencies:
@@ -842,27 +839,40 @@ class Executor:
         )
         writes: list[CellWrite] = []
         shard_rows: list[dict[str, Any]] = []
-        if outcome.error is not None:
-            for decision in decisions:
+        rows: list[dict[str, Any]]
+        recorded = 0
+        for i, decision in enumerate(decisions):
+            if spec.historical and i and (name, dates[i - 1]) in self.failed:
+                break  # its state failed: the rest waits on it, as in the per-user form
+            if outcome.error is not None:
                 run = self._block_run(spec, decision, started, outcome.users)
-                writes.append(self._failure(spec, decision.date, decision, outcome.error, run))
-        elif outcome.tables is not None:
-            for decision, day in zip(decisions, outcome.tables, strict=True):
+                write, rows = self._failure(spec, decision.date, decision, outcome.error, run), []
+            elif outcome.tables is not None:
+                day = outcome.tables[i]
                 run = self._block_run(spec, decision, started, day.processed)
                 run.failures, run.inherited = day.failures, day.inherited
                 run.failed_users = day.failed_users
                 write, rows = self._finish_block(spec, decision, run, day.table)
-                writes.append(write)
-                shard_rows += rows
-        else:
-            assert outcome.results is not None and outcome.upstream_failed is not None
-            for decision, result, failed in zip(
-                decisions, outcome.results, outcome.upstream_failed, strict=True
-            ):
+            else:
+                assert outcome.results is not None and outcome.upstream_failed is not None
                 run = self._block_run(spec, decision, started, 0)
-                write, rows = self._finish_meta(spec, decision, run, result, failed)
-                writes.append(write)
-                shard_rows += rows
+                write, rows = self._finish_meta(
+                    spec, decision, run, outcome.results[i], outcome.upstream_failed[i]
+                )
+            writes.append(write)
+            shard_rows += rows
+            recorded += 1
+        for decision in decisions[recorded:]:  # decided again: blocked by the failed date
+            key = decision.key
+            self.summary.executed.pop(key, None)
+            self.decisions[key] = self.decider.decide(
+                spec, decision.date, self._stored(key), self._upstream_state
+            )
+        # Leased once computed (a crash while computing leaves the cells as they were, to be
+        # decided again by their fingerprints), before their writes are staged for publish.
+        leased = [(name, d) for d in dates[:recorded] if self._stored((name, d))]
+        if leased:
+            self.ledger.lease(leased, self.run_id, started + self.lease)
         self.summary.users_processed += outcome.processed
         self._sample_memory()
         self._stage(writes, shard_rows)

@@ -12,9 +12,6 @@ scratch, once per form, and compares every cell's result hash:
   malformed value) over 70 dates, so every lookback window fills;
 * a Hypothesis property test over random small panels (gaps, nulls and bad closes drawn).
 
-Where the engine itself makes the forms part (a cell failing as a whole inside a historical
-block), a strict ``xfail`` says so; it passes the day the engine is fixed.
-
 The hashes are over IEEE bits, so equal hashes mean the two forms did the same arithmetic in
 the same order. The values themselves are checked against independent references in
 ``test_calculations_values.py``.
@@ -307,13 +304,6 @@ def test_both_forms_publish_the_same_hashes_on_random_panels(
 # --- where the engine's forms part ------------------------------------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="engine: a columnar block of a historical calculation computes and publishes the "
-    "dates after a cell that fails as a whole (validation, failure rate), from that cell's "
-    "unpublished state; the per-user form blocks them (execution.py Executor._run_columnar "
-    "decides a block's dates before computing it; _compute_block publishes them all)",
-)
 def test_a_failed_cell_stops_a_historical_block(tmp_path: Path) -> None:
     # Three instruments over 8 dates; on the 4th two closes are null: drawdown's `close` is
     # null for 2 of 3 users (> 50 %), so that cell fails validation.
