@@ -11,9 +11,7 @@ them cell by cell: result hashes, stored status, users failed, the error, the fa
 Failures of the columnar form itself (``compute`` raising or returning the wrong shape) have
 no per-user counterpart: their cells fail visibly and publish nothing.
 
-Engine bugs found here are pinned by ``xfail(strict=True)`` tests at the end of the file; one
-of them (the users count of a failing meta cell's attempt) is masked in the comparisons
-(``META_GAP``) so that every other test still compares everything else.
+The tests at the end pin engine gaps these comparisons found (fixed in 084188a).
 """
 
 from __future__ import annotations
@@ -95,13 +93,13 @@ class Dev(StandardCalculation):
 
     def process(self, ctx):
         dev = ctx.root["prices"][0]["close"] - ctx.upstream["window"]["ma"]
-        return {"dev": dev, "up": dev > 0}
+        return {"dev": dev, "up": dev > 0, "label": "up" if dev > 0 else "down"}
 """,
         """
     def compute(self, frame):
         close = frame.root("prices", "close")[frame.rows("prices")]
         dev = close - frame.upstream("window", "ma")
-        return {"dev": dev, "up": dev > 0}
+        return {"dev": dev, "up": dev > 0, "label": np.where(dev > 0, "up", "down")}
 """,
     ),
     "ema": (
@@ -292,7 +290,7 @@ class Twins:
         assert self.summaries is not None
         columnar, per_user = (run_view(s) for s in self.summaries)
         assert columnar == per_user
-        left, right = (ledger_view(p, mask_meta_gap=True) for p in self.both)
+        left, right = (ledger_view(p) for p in self.both)
         assert left.keys() == right.keys()
         for key in sorted(left):
             assert left[key] == right[key], key
@@ -323,16 +321,12 @@ def normalised(project: Project, text_: str) -> str:
 
 
 STANDARD = [c for c in CALCS if c != "market"]
-# Engine gap (see the xfail test_a_meta_calculation_over_failed_users_fails_as_in_the_per_user_
-# form): a columnar meta cell failing over failed upstream users counts one user processed
-# in its attempt, the per-user form none. Masked here so the other tests compare the rest.
-META_GAP = "<meta gap>"
 
 
-def ledger_view(project: Project, mask_meta_gap: bool = False) -> dict[tuple[str, dt.date], Any]:
+def ledger_view(project: Project) -> dict[tuple[str, dt.date], Any]:
     """Every cell as the ledger holds it: status, result hash, users failed, attempts, the
     error, the failed users (kind and error), and the last attempt (reason, status, users,
-    users failed). ``mask_meta_gap`` hides the users count of the meta cells' attempts."""
+    users failed)."""
     orch = project.orchestrator()
     try:
         cells = orch.ledger.load_cells()
@@ -355,13 +349,6 @@ def ledger_view(project: Project, mask_meta_gap: bool = False) -> dict[tuple[str
                     ),
                     "attempt": (last.reason, last.status, last.users, last.users_failed),
                 }
-                if mask_meta_gap and calc not in STANDARD:
-                    out[(calc, date)]["attempt"] = (
-                        last.reason,
-                        last.status,
-                        META_GAP,
-                        last.users_failed,
-                    )
         return out
     finally:
         orch.close()
@@ -742,20 +729,13 @@ def test_a_change_of_some_dates_re_runs_the_historical_cells_in_order_with_early
     assert twins.columnar.result_hashes() == scratch.result_hashes()
 
 
-# --- engine bugs, pinned ----------------------------------------------------------------------
+# --- gaps found by these comparisons (fixed in 084188a) ----------------------------------------------------------------------
 
 
-@pytest.mark.xfail(  # FIXED-CHECK
-    strict=True,
-    reason="execution.py Executor._compute_block: a meta block date's run starts with "
-    "processed=1 (_block_run(spec, decision, started, 1)), so a meta cell failing because "
-    "its standard upstream has failed users records 1 user processed in its attempt "
-    "(`runs --run`); _run_meta records 0 (it counts the call only once it is made)",
-)
 def test_a_meta_calculation_over_failed_users_fails_as_in_the_per_user_form(twins: Twins) -> None:
     twins.write(rows(bad={("BBB", BAD_DAY): "1.2.3"}), SOURCE)
     twins.run(same=False)
-    views = [ledger_view(p) for p in twins.both]  # unmasked
+    views = [ledger_view(p) for p in twins.both]
     market = [{d: v for (c, d), v in view.items() if c == "market"} for view in views]
     assert market[0][BAD_DAY]["status"] == "FAILED"
     assert market[0] == market[1]
@@ -777,13 +757,6 @@ class Label(StandardCalculation):
 """
 
 
-@pytest.mark.xfail(  # FIXED-CHECK
-    strict=True,
-    reason="fingerprint.py records(): the side stream of a str/json column keeps the text "
-    "of positions whose present mask is False, and blocks.block_tables leaves compute()'s "
-    "values at failed users' positions (it blanks f8 columns only): a text field of a block "
-    "with a failed user reads the same as the per-user form's but hashes differently",
-)
 def test_a_text_field_of_a_block_with_a_failed_user_hashes_as_in_the_per_user_form(
     twins: Twins,
 ) -> None:
@@ -816,13 +789,6 @@ class Seen(StandardCalculation):
 """
 
 
-@pytest.mark.xfail(  # FIXED-CHECK
-    strict=True,
-    reason="columns.py Table.pairs: a stored table without columns (every user's result is "
-    "{}) reads back as no users (zip(*lists) of no columns is empty), so a dependent re-run "
-    "in a later run, reading it from the ledger, walks nobody; in the run that computed it "
-    "the in-memory dicts drove every user. load_result shows {} too",
-)
 def test_results_without_fields_drive_their_dependents_in_later_runs(
     project: Project, tmp_path: Path
 ) -> None:

@@ -15,7 +15,8 @@ text with NUL and non-ASCII; None; nested lists, tuples and dicts; keys varying 
 * ``concat`` of slices is the whole;
 * validation (``collect_table``) sees a table as ``collect`` sees the per-user dicts.
 
-Engine bugs found here are pinned by ``xfail(strict=True)`` tests at the end of the file.
+Engine bugs found here are pinned at the end of the file: ``xfail(strict=True)`` while open,
+plain tests once fixed (084188a: results without fields, values behind missing keys).
 """
 
 from __future__ import annotations
@@ -84,14 +85,14 @@ USER_IDS = st.text(min_size=1, max_size=4) | st.sampled_from(["a", "ab", "b", "Ã
 def results_of(
     draw: Any, min_users: int = 0, max_users: int = 12, families: dict[str, Any] = FAMILIES
 ) -> tuple[list[str], list[dict[str, Any]]]:
-    """(users ascending, one non-empty result dict per user); keys vary between users, each
-    key's values come from one family."""
+    """(users ascending, one result dict per user, {} included); keys vary between users,
+    each key's values come from one family."""
     users = sorted(draw(st.sets(USER_IDS, min_size=min_users, max_size=max_users)))
     keys = draw(st.lists(st.sampled_from(KEYS), min_size=1, max_size=4, unique=True))
     family = {k: draw(st.sampled_from(sorted(families))) for k in keys}
     results = []
     for _ in users:
-        present = draw(st.lists(st.sampled_from(keys), min_size=1, unique=True))
+        present = draw(st.lists(st.sampled_from(keys), unique=True))  # {} too
         results.append({k: draw(families[family[k]]) for k in present})
     return users, results
 
@@ -544,11 +545,11 @@ def test_changing_one_value_changes_the_hash_unless_the_rules_say_same(
 ) -> None:
     users, results = data
     i = draw.draw(st.integers(0, len(users) - 1))
-    key = draw.draw(st.sampled_from(sorted(results[i])))
+    key = draw.draw(st.sampled_from(sorted(results[i]) or KEYS))  # a new key for a {}
     changed = [dict(r) for r in results]
     edit = draw.draw(st.sampled_from(["value", "drop", "rename user"]))
-    if edit == "drop" and len(changed[i]) == 1:
-        edit = "value"  # keep every result non-empty
+    if edit == "drop" and key not in changed[i]:
+        edit = "value"
     if edit == "value":
         changed[i][key] = draw.draw(TINY | FAMILIES["mixed"] | FLOATS)
     elif edit == "drop":
@@ -632,14 +633,9 @@ def test_inf_and_flatline_fail_a_table_like_the_dicts() -> None:
         assert validation.problems(rules, validation.collect(results)) == [problem]
 
 
-# --- engine bugs, pinned -----------------------------------------------------------------------
+# --- engine bugs, pinned (and the ones fixed since: plain tests) ------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="columns.py Table.pairs: a table without columns (every user's result is {}) "
-    "yields no pairs at all, so its users are lost when read back (zip(*lists) is empty)",
-)
 def test_users_whose_results_have_no_fields_are_read_back() -> None:
     users = ["a", "b"]
     table = Table.from_results(users, [{}, {}])
@@ -647,12 +643,6 @@ def test_users_whose_results_have_no_fields_are_read_back() -> None:
     assert table.pairs() == [("a", {}), ("b", {})]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="fingerprint.py records(): a str/json column's side stream keeps the text of "
-    "positions whose present mask is False (only their records become M), so a value no "
-    "user has changes the hash; blocks.block_tables leaves such values in place",
-)
 @pytest.mark.parametrize("hidden", [["a", "junk"], ["a", [1, "junk"]]], ids=["str", "json"])
 def test_a_value_behind_a_missing_key_does_not_count(hidden: list[Any]) -> None:
     present = np.array([True, False])
@@ -664,11 +654,6 @@ def test_a_value_behind_a_missing_key_does_not_count(hidden: list[Any]) -> None:
     assert table_hash([masked]) == table_hash([blank])
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="results.py ShardWriter.add after add_table: _tables_to_rows goes through "
-    "Table.pairs, which loses users whose results have no fields",
-)
 def test_a_shard_writer_keeps_users_without_fields_across_add_table_and_add() -> None:
     writer = ShardWriter("calc", DAY, "gen", 10**9)
     writer.add_table(Table.from_results(["a"], [{}]))
