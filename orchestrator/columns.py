@@ -114,7 +114,12 @@ class Column:
                 for i in np.flatnonzero(~self.valid).tolist():
                     out[i] = None
             return out
-        return list(self.values)
+        values = list(self.values)
+        if self.kind == "json":  # a top-level NaN is the null, whatever the column's kind
+            for i, v in enumerate(values):
+                if isinstance(v, float) and math.isnan(v):
+                    values[i] = None
+        return values
 
     def floats(self) -> np.ndarray:
         """The values as float64 (null: NaN); for ``f8``/``i8``/``b1``/``null`` columns.
@@ -163,6 +168,8 @@ def column_of(values: Sequence[Any] | np.ndarray) -> Column:
         if k == "f":
             return Column("f8", values.astype(np.float64, copy=False))
         if k in "iu":
+            if k == "u" and len(values) and int(values.max()) > _I64_MAX:
+                return column_of(values.tolist())  # past int64: Python ints, as per user
             return Column("i8", values.astype(np.int64, copy=False))
         if k == "b":
             return Column("b1", values.astype(bool, copy=False))

@@ -78,8 +78,9 @@ def hash_of_shards(raws: Iterable[bytes]) -> str:
     """The result hash of a cell from its shards' raw (uncompressed) payloads, in order: a
     stored result re-verified against its recorded hash."""
     raws = list(raws)
+    # (no shard at all: a standard cell without users; a meta cell always has its line)
     hasher: ColumnHasher | ResultHasher = (
-        ColumnHasher(RESULT_FORMAT) if raws and is_table(raws[0]) else ResultHasher()
+        ColumnHasher(RESULT_FORMAT) if not raws or is_table(raws[0]) else ResultHasher()
     )
     for raw in raws:
         hasher.update(raw)

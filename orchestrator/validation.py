@@ -43,8 +43,10 @@ class FieldStats:
     floats: int = 0
     low: float = math.inf
     high: float = -math.inf
+    leaf: bool = False  # a nested value's path ("x.y", "x[]"): only the NaN/Inf check applies
 
     def merge(self, other: FieldStats) -> None:
+        self.leaf = self.leaf or other.leaf
         self.present += other.present
         self.nulls += other.nulls
         self.non_finite += other.non_finite
@@ -107,7 +109,7 @@ def collect(results: Iterable[Any]) -> Stats:
                 if isinstance(value, (Mapping, list)):
                     for path, leaf in _leaves(value, name):
                         if isinstance(leaf, float) and not math.isfinite(leaf):
-                            out.fields.setdefault(path, FieldStats()).non_finite += 1
+                            out.fields.setdefault(path, FieldStats(leaf=True)).non_finite += 1
     return out
 
 
@@ -133,7 +135,7 @@ def problems(rules: Rules, stats: Stats, per_user: bool = True) -> list[str]:
     for name, s in sorted(stats.fields.items()):
         if s.non_finite and not rules.allow_nan:
             out.append(f"{name}: {s.non_finite} NaN/Inf value(s)")
-        if not per_user:
+        if not per_user or s.leaf:
             continue
         missing = s.nulls + (stats.results - s.present)
         if (
@@ -193,7 +195,8 @@ def collect_table(table: Any) -> Stats:
         else:
             values = [v for v, h in zip(col.values, here.tolist(), strict=True) if h]
             sub = collect([{name: v} for v in values])
-            stats = sub.fields.get(name, FieldStats())
+            stats = sub.fields.pop(name, FieldStats())
             stats.present = present
             out.fields[name] = stats
+            out.fields.update(sub.fields)  # nested leaves' paths, as ``collect`` gives them
     return out

@@ -15,8 +15,9 @@ text with NUL and non-ASCII; None; nested lists, tuples and dicts; keys varying 
 * ``concat`` of slices is the whole;
 * validation (``collect_table``) sees a table as ``collect`` sees the per-user dicts.
 
-Engine bugs found here are pinned at the end of the file: ``xfail(strict=True)`` while open,
-plain tests once fixed (084188a: results without fields, values behind missing keys).
+Engine bugs found here are pinned by the tests at the end of the file (fixed in 084188a and
+after: results without fields, values behind missing keys, NaN in a mixed column, uint64 past
+int64, an empty cell's hash, nested Inf in validation).
 """
 
 from __future__ import annotations
@@ -67,8 +68,7 @@ NESTED = st.recursive(
     max_leaves=6,
 ).filter(lambda v: isinstance(v, (list, tuple, dict)))
 # Each field holds values of one family; "mixed" mixes every type in one column (a JSON-kind
-# column) but holds no top-level NaN: a NaN there does not read back as None (see the xfail
-# test ``test_a_nan_in_a_mixed_column_reads_back_as_none``).
+# column) but holds no top-level NaN (``test_a_nan_in_a_mixed_column_reads_back_as_none``).
 FAMILIES = {
     "float": st.none() | FLOATS,
     "int": st.none() | INTS,
@@ -663,12 +663,6 @@ def test_a_shard_writer_keeps_users_without_fields_across_add_table_and_add() ->
     assert sum(r["users"] for r in rows) == 2
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="columns.py Column.python: a JSON-kind column (mixed types) returns a top-level "
-    "NaN as NaN, not None, although it hashes as the null: two tables with one hash read "
-    "back differently depending on where their shards were cut",
-)
 def test_a_nan_in_a_mixed_column_reads_back_as_none() -> None:
     table = Table.from_results(["a", "b"], [{"x": math.nan}, {"x": 1}])
     cut = concat(sliced(table, [(0, 1), (1, 2)]))
@@ -677,11 +671,6 @@ def test_a_nan_in_a_mixed_column_reads_back_as_none() -> None:
     assert same(table.pairs(), cut.pairs())
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="columns.py column_of: a uint64 array is cast with astype(np.int64), so values "
-    ">= 2**63 wrap to negative ints silently (the per-user form stores 2**63 as a JSON int)",
-)
 def test_a_uint64_past_int64_keeps_its_value() -> None:
     arr = np.array([2**63, 1], dtype=np.uint64)
     got = Table(["a", "b"], {"x": column_of(arr)})
@@ -690,24 +679,12 @@ def test_a_uint64_past_int64_keeps_its_value() -> None:
     assert table_hash([got]) == table_hash([want])
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="results.py hash_of_shards: a standard cell with no users has no shards, and "
-    "without a shard to sniff it hashes as the old JSON-lines format (ResultHasher), not as "
-    "the ColumnHasher the writer recorded: such a cell cannot be re-verified",
-)
 def test_an_empty_standard_cell_re_verifies() -> None:
     writer = ShardWriter("calc", DAY, "gen", 10**6, keep_raw=True)
     assert writer.cut() == []
     assert hash_of_shards(writer.raws) == writer.hasher.hexdigest()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="validation.py collect_table: a JSON-kind column's nested non-finite leaves (the "
-    "'x[]' fields collect() adds) are dropped, so an Inf inside a list passes validation in "
-    "the columnar form and fails it in the per-user form",
-)
 def test_a_nested_inf_fails_a_table_like_the_dicts() -> None:
     results = [{"x": [math.inf]}, {"x": [1.0]}]
     lists = np.empty(2, dtype=object)  # what a compute() returning lists gives
@@ -719,11 +696,6 @@ def test_a_nested_inf_fails_a_table_like_the_dicts() -> None:
     )
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="validation.py collect: a nested non-finite leaf adds a path field ('x[]') that "
-    "no result has, so with allow_nan it fails the null-density rule (100% null)",
-)
 def test_allow_nan_accepts_a_nested_inf() -> None:
     results = [{"x": [math.inf]}, {"x": [1.0]}, {"x": [2.0]}]
     assert validation.problems(validation.Rules(allow_nan=True), validation.collect(results)) == []
