@@ -16,7 +16,7 @@ import os
 import re
 import sqlite3
 import uuid
-from collections.abc import Callable, Collection, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -28,7 +28,6 @@ from orchestrator.config import Config, load_config
 from orchestrator.errors import ConfigError, DefinitionError, StorageError
 from orchestrator.execution import Executor, RunSummary
 from orchestrator.fingerprint import infra_hash
-from orchestrator.ledger.digests import CalcDigests
 from orchestrator.ledger.store import Ledger, LedgerCell, Snapshot, lock_holder
 from orchestrator.lineage import Lineage
 from orchestrator.manifest import CalcSpec, Manifest, discover
@@ -144,19 +143,9 @@ def _replace_file(path: Path, text: str) -> None:
         raise ConfigError(f"cannot write the epoch file {path}: {e.strerror or e}") from e
 
 
-# Set to "1" to plan from every stored cell (the planner before ledger digests): slower, the
-# same decisions; for comparing the two.
-FULL_PLAN_ENV = "ORCHESTRATOR_FULL_PLAN"
-
-
 @dataclass(frozen=True, slots=True)
 class Observation:
-    """Everything observed before deciding: the inputs of ``make_plan`` besides the target.
-
-    ``digests`` are the ledger digests of the manifest's calculations; with them, ``ledger``
-    starts empty and ``plan_with`` reads only the months the digests do not prove unchanged
-    (see ``planning``). Without (``ORCHESTRATOR_FULL_PLAN=1``), ``ledger`` holds every cell.
-    """
+    """Everything observed before deciding: the inputs of ``make_plan`` besides the target."""
 
     ledger: Snapshot
     root: dict[str, dict[dt.date, str]]
@@ -167,7 +156,6 @@ class Observation:
     complete: dict[str, dt.date] = dataclasses.field(default_factory=dict)
     # dataset -> (rows given to no user, the first 20 problems) as stored with its index
     skipped: dict[str, tuple[int, list[str]]] = dataclasses.field(default_factory=dict)
-    digests: Mapping[str, CalcDigests] | None = None
 
 
 class Orchestrator:
@@ -375,10 +363,8 @@ class Orchestrator:
         complete = self.complete_through()
         root = self.index_root_data(now, complete)
         problems = self.ledger.load_root_problems()  # after indexing: this run's findings
-        full = os.environ.get(FULL_PLAN_ENV) == "1"
         return Observation(
-            ledger=self.ledger.load_cells(self.manifest.calcs, slim=True) if full else {},
-            digests=None if full else self.ledger.load_digests(self.manifest.calcs),
+            ledger=self.ledger.load_cells(self.manifest.calcs, slim=True),
             root=root,
             epoch=read_epoch(self.config.epoch_file),
             scoped_epochs=scoped,
@@ -388,18 +374,11 @@ class Orchestrator:
             skipped={name: problems[name] for name in root if name in problems},
         )
 
-    def observe_more(
-        self, names: set[str], months: Collection[tuple[str, int]] | None = None
-    ) -> MoreObservation:
-        """Full ledger rows of ``names`` (only of these (calculation, month) when given: a
-        plan from digests), the registered versions of their stored hashes, and the
-        simulation verdicts of their code changes (what ``planning.plan_with`` asks for when
-        cells changed; the no-op plan never gets here)."""
-        rows = (  # full rows: every cell is a LedgerCell
-            self.ledger.load_cells(names)
-            if months is None
-            else self.ledger.load_buckets(months, slim=False)
-        )
+    def observe_more(self, names: set[str]) -> MoreObservation:
+        """Full ledger rows of ``names``, the registered versions of their stored hashes, and
+        the simulation verdicts of their code changes (what ``planning.plan_with`` asks for
+        when cells changed; the no-op plan never gets here)."""
+        rows = self.ledger.load_cells(names)  # full rows: every cell is a LedgerCell
         full = [
             c for per_date in rows.values() for c in per_date.values() if isinstance(c, LedgerCell)
         ]
@@ -481,15 +460,13 @@ class Orchestrator:
             live_runs=observation.live_runs,
             complete=observation.complete,
             skipped=observation.skipped,
-            digests=observation.digests,
         )
 
     def plan(self, target: dt.date | None = None, now: dt.datetime | None = None) -> Plan:
         """The dry-run plan up to ``target`` (default: yesterday, UTC). Executes nothing."""
         now = now or dt.datetime.now(dt.UTC)
         target = target or default_target(now)
-        request = self.request(self.observe(now), target)
-        return plan_with(request, self.observe_more, self.ledger)[0]
+        return plan_with(self.request(self.observe(now), target), self.observe_more)[0]
 
     # --- act ------------------------------------------------------------------------------
 
@@ -525,7 +502,6 @@ class Orchestrator:
         ledger.acquire_lock(holder, now, LOCK_TTL)
         try:
             ledger.collect_orphans()
-            ledger.repair_digests()  # months written outside the ledger since: re-digested
             ledger.start_run(run_id, trigger, target, now)
             observation = self.observe(now)
             forced = (names or list(manifest.calcs)) if force else []
@@ -533,7 +509,7 @@ class Orchestrator:
             request = self.request(
                 observation, target, manifest, forced, (low, target) if force else None
             )
-            plan, request = plan_with(request, self.observe_more, ledger)
+            plan, request = plan_with(request, self.observe_more)
             self.register_versions(manifest, now)
             decider = Decider(request)
             last_beat = [dt.datetime.now(dt.UTC)]
@@ -657,7 +633,7 @@ class Orchestrator:
             )
         now = dt.datetime.now(dt.UTC)
         request = self.request(self.observe(now), date)
-        plan, request = plan_with(request, self.observe_more, self.ledger)
+        plan, request = plan_with(request, self.observe_more)
         decision = plan.decisions.get((calculation, date))
         if decision is None:
             raise DefinitionError(
@@ -665,14 +641,9 @@ class Orchestrator:
                 f"target); pick one of {plan.dates[0] if plan.dates else '-'} .. {date}"
             )
         stored = self.ledger.cell(calculation, date)
-
-        def published(key: tuple[str, dt.date]) -> str | None:
-            # (a cell's inputs only: the plan's other decisions are not all needed)
-            found = plan.decisions.get(key)
-            return found.result_hash if found is not None else None
-
+        published = {k: d.result_hash for k, d in plan.decisions.items()}
         parts = provenance(
-            Decider(request), self.manifest.calcs[calculation], date, stored, published
+            Decider(request), self.manifest.calcs[calculation], date, stored, published.get
         )
         return decision, stored, parts
 
