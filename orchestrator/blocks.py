@@ -267,24 +267,41 @@ class ResultView:
             return hit
         n = len(self._results)
         if self._meta:
-            vals = [
-                np.nan if r is None or r.get(name) is None else r.get(name) for r in self._results
-            ]
             if all(r is None or name not in r for r in self._results):
                 raise KeyError(name)
-            hit = np.array(vals, dtype=np.float64)
+            vals = [None if r is None else r.get(name) for r in self._results]
+            numeric = all(
+                v is None or (isinstance(v, (int, float)) and not isinstance(v, bool)) for v in vals
+            )
+            if numeric:
+                hit = np.array([np.nan if v is None else v for v in vals], dtype=np.float64)
+            else:  # texts, mappings, lists: as they are (None where absent)
+                hit = np.empty(n, dtype=object)
+                hit[:] = vals
         else:
-            hit = np.full((n, len(self._users)), np.nan)
-            seen = False
-            for i, table in enumerate(self._results):
-                col = None if table is None else table.columns.get(name)
+            cols = [None if t is None else t.columns.get(name) for t in self._results]
+            if all(c is None for c in cols) and any(
+                t is not None and len(t) for t in self._results
+            ):
+                raise KeyError(name)
+            texts = any(c is not None and c.kind in ("str", "json") for c in cols)
+            hit = np.full(
+                (n, len(self._users)),
+                None if texts else np.nan,
+                dtype=object if texts else np.float64,
+            )
+            for i, col in enumerate(cols):
                 if col is None:
                     continue
-                seen = True
                 idx, ok = self._index[i]
-                hit[i, idx[ok]] = col.floats()[ok]
-            if not seen and any(t is not None and len(t) for t in self._results):
-                raise KeyError(name)
+                if texts:
+                    values = col.python()
+                    present = col.present
+                    for k, v, here, j in zip(idx.tolist(), values, ok.tolist(), range(len(values))):
+                        if here and (present is None or present[j]):
+                            hit[i, k] = v
+                else:
+                    hit[i, idx[ok]] = col.floats()[ok]
         self._cols[name] = hit
         return hit
 
@@ -678,7 +695,7 @@ def run_block(task: BlockTask) -> BlockOutcome:
     except Exception as e:  # noqa: BLE001 - user code: any error fails the block's cells
         error = str(e) if isinstance(e, BlockError) else traceback.format_exc()
         return BlockOutcome(error, len(frame.users))
-    processed = int((frame.present | block.bad | block.inherited).sum())
+    processed = int((frame._called | block.bad | block.inherited).sum())
     if not task.meta:
         tables = block_tables(task.name, block, outputs, task.stored_failures)
         return BlockOutcome(None, len(frame.users), processed, tables=tables)

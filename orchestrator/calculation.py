@@ -162,7 +162,16 @@ class Frame:
             are then consecutive dates of the calculation.
     """
 
-    __slots__ = ("_previous", "_root", "_upstream", "dates", "present", "previous_date", "users")
+    __slots__ = (
+        "_called",
+        "_previous",
+        "_root",
+        "_upstream",
+        "dates",
+        "present",
+        "previous_date",
+        "users",
+    )
 
     def __init__(
         self,
@@ -177,10 +186,16 @@ class Frame:
         self.dates = dates
         self.users = users
         self.present = present
+        self._called = present.copy()  # who the per-user form calls (``skip`` keeps them)
         self._root = root
         self._upstream = upstream
         self._previous = previous
         self.previous_date = previous_date
+
+    def skip(self, mask: Any) -> None:
+        """Give the users where the (n, u) bool ``mask`` is True no result on those dates,
+        as ``process`` returning None does (they are still counted as processed)."""
+        self.present = self.present & ~mask
 
     def root(self, dataset: str, column: str) -> Any:
         """(s, u) values of a root column over the dataset's span of available dates: the
@@ -209,7 +224,9 @@ class Frame:
 
     def upstream(self, name: str, field: str) -> Any:
         """A dependency's field: (n, u) float64 on the block dates for a standard dependency
-        (NaN where the user has no result or a null), (n,) for a meta one. With a window
+        (NaN where the user has no result or a null), (n,) for a meta one; a field holding
+        texts or JSON values (a meta result's mapping, say) comes as an object array (None
+        where absent). With a window
         (``dependencies = {name: w}``) it spans the window instead: (s, u) / (s,) over
         ``upstream_span(name)``, the ``w - 1`` dependency dates before the first block date
         through the last; ``upstream_rows(name)`` gives the block dates' rows.
@@ -235,6 +252,7 @@ class Frame:
     def previous(self, field: str) -> Any:
         """Historical: (u,) float64 of the own result on ``previous_date`` (NaN where the
         user had no result; all NaN without a previous date); (1,) for a meta calculation.
+        A text or JSON field comes as an object array (None where absent).
 
         Raises:
             KeyError: the calculation is not historical, or no result has ``field``.

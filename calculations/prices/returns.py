@@ -236,29 +236,13 @@ def _previous_floats(frame: Frame, field: str) -> np.ndarray:
 
 def _previous_texts(frame: Frame, field: str) -> np.ndarray:
     """(u,) object array: the own text field ``field`` on ``frame.previous_date`` (None where
-    the user had no result or a null).
-
-    ``Frame.previous`` gives numeric fields only (a text column has no float view), so this
-    reads the stored previous ``Table`` through the frame's private view, unless the public
-    reader hands out texts (a later engine may).
-    """
+    the user had no result or a null)."""
     out = np.full(len(frame.users), None, dtype=object)
     try:
-        texts = frame.previous(field)
-    except (TypeError, KeyError):  # a text column; or no result has the field
-        pass
-    else:  # a future public reader of texts
-        out[:] = [t if isinstance(t, str) else None for t in np.asarray(texts).tolist()]
+        texts = frame.previous(field)  # an object array for a text field
+    except KeyError:  # no previous result has the field
         return out
-    view = frame._previous.view  # private: no public reader of a previous text field
-    table = view._results[0]
-    if table is None or field not in table.columns:
-        return out
-    index, ok = view._index[0]  # the table's users among frame.users
-    values = table.columns[field].python()
-    for k, value, here in zip(index.tolist(), values, ok.tolist()):
-        if here and isinstance(value, str):
-            out[k] = value
+    out[:] = [t if isinstance(t, str) else None for t in np.asarray(texts).tolist()]
     return out
 
 

@@ -34,15 +34,13 @@ def _meta_ranks(frame: Frame, dependency: str) -> np.ndarray:
     """(n, u) float64: each user's rank in the ``ranks`` mapping of a meta dependency's result
     on each block date (NaN: not ranked, or no result).
 
-    ``Frame.upstream`` reads numeric fields of a meta result only (a mapping has no float
-    view), so this reads the results through the frame's private view.
     """
     out = np.full(frame.present.shape, np.nan)
     position = {user: k for k, user in enumerate(frame.users.tolist())}
-    results = frame._upstream[dependency]._results  # private: no public reader of a mapping
-    for i, row in enumerate(frame.upstream_rows(dependency).tolist()):
-        result = results[row]
-        for user, rank in ((result or {}).get("ranks") or {}).items():
+    rows = frame.upstream_rows(dependency).tolist()
+    mappings = frame.upstream(dependency, "ranks")  # (s,) object: each date's mapping
+    for i, row in enumerate(rows):
+        for user, rank in (mappings[row] or {}).items():
             k = position.get(user)
             if k is not None and rank is not None:
                 out[i, k] = float(rank)
@@ -154,9 +152,7 @@ class RiskScore(StandardCalculation):
             total_weight = total_weight + np.where(known, self.weights[k], 0.0)
             weighted = weighted + np.where(known, self.weights[k] * c, 0.0)
             count += known
-        # No component at all: no result, as process returns None. The frame has no other
-        # way to say so than its present mask, which the engine reads after compute.
-        frame.present &= count > 0
+        frame.skip(count == 0)  # no component at all: no result, as process returns None
         with np.errstate(invalid="ignore", divide="ignore"):
             score = 100.0 * weighted / total_weight
         return {
