@@ -583,16 +583,7 @@ class Executor:
         date by date (a shared user walk per date). Each pass of a chunk is published in one
         transaction before the next pass reads it. Every same-date dependency, window and
         previous date of a cell is therefore settled before the cell is decided again."""
-        dates = sorted(
-            {
-                k[1]
-                for k in self.plan.order
-                if self.decisions[k].status in (Status.RUNNABLE, Status.BLOCKED)
-                and self.in_scope(k)
-                and k not in self.ran
-                and k not in self.migrated
-            }
-        )
+        dates = sorted({k[1] for k in self.plan.order if self._work_left(k)})
         bar = None
         if self.progress and dates:
             from tqdm import tqdm
@@ -616,6 +607,16 @@ class Executor:
                 bar.set_postfix_str(f"{chunk[-1]} done={len(self.ran)}")
         if bar is not None:
             bar.close()
+
+    def _work_left(self, key: CellKey) -> bool:
+        """Whether ``key`` still has to be decided again and maybe run in this walk: RUNNABLE
+        or BLOCKED, in scope, neither run nor migrated yet."""
+        return (
+            self.decisions[key].status in (Status.RUNNABLE, Status.BLOCKED)
+            and self.in_scope(key)
+            and key not in self.ran
+            and key not in self.migrated
+        )
 
     def _columnar(self, name: str) -> bool:
         """Whether ``name`` runs in its columnar form (it has one, and it is not disabled)."""
@@ -679,13 +680,7 @@ class Executor:
         migrations: list[tuple[CalcSpec, Decision]] = []
         for name in members:
             key = (name, date)
-            decision = self.decisions[key]
-            if (
-                decision.status not in (Status.RUNNABLE, Status.BLOCKED)
-                or not self.in_scope(key)
-                or key in self.ran
-                or key in self.migrated
-            ):
+            if not self._work_left(key):
                 continue
             spec = self.manifest.calcs[name]
             decision = self.decider.decide(spec, date, self._stored(key), self._upstream_state)
@@ -736,13 +731,7 @@ class Executor:
 
         for date in dates:
             key = (name, date)
-            decision = self.decisions[key]
-            if (
-                decision.status not in (Status.RUNNABLE, Status.BLOCKED)
-                or not self.in_scope(key)
-                or key in self.ran
-                or key in self.migrated
-            ):
+            if not self._work_left(key):
                 continue
             prev = self.decider.previous_date(name, date) if spec.historical else None
             if spec.historical and pending and prev != pending[-1].date:
