@@ -16,7 +16,7 @@ import os
 import re
 import sqlite3
 import uuid
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -28,6 +28,7 @@ from orchestrator.config import Config, load_config
 from orchestrator.errors import ConfigError, DefinitionError, StorageError
 from orchestrator.execution import Executor, RunSummary
 from orchestrator.fingerprint import infra_hash
+from orchestrator.ledger.digests import CalcDigests
 from orchestrator.ledger.store import Ledger, LedgerCell, Snapshot, lock_holder
 from orchestrator.lineage import Lineage
 from orchestrator.manifest import CalcSpec, Manifest, discover
@@ -40,6 +41,7 @@ from orchestrator.planning import (
     Verdict,
     plan_with,
     provenance,
+    row_verifier,
 )
 from orchestrator.results import StoredResult, assemble, decode_shards
 from orchestrator.rootdata import FileSource, RootData
@@ -143,9 +145,19 @@ def _replace_file(path: Path, text: str) -> None:
         raise ConfigError(f"cannot write the epoch file {path}: {e.strerror or e}") from e
 
 
+# Set to "1" to plan from every stored cell (the planner before ledger digests): slower, the
+# same decisions; for comparing the two.
+FULL_PLAN_ENV = "ORCHESTRATOR_FULL_PLAN"
+
+
 @dataclass(frozen=True, slots=True)
 class Observation:
-    """Everything observed before deciding: the inputs of ``make_plan`` besides the target."""
+    """Everything observed before deciding: the inputs of ``make_plan`` besides the target.
+
+    ``digests`` are the ledger digests of the manifest's calculations; with them, ``ledger``
+    starts empty and ``plan_with`` reads only the months the digests do not prove unchanged
+    (see ``planning``). Without (``ORCHESTRATOR_FULL_PLAN=1``), ``ledger`` holds every cell.
+    """
 
     ledger: Snapshot
     root: dict[str, dict[dt.date, str]]
@@ -156,6 +168,7 @@ class Observation:
     complete: dict[str, dt.date] = dataclasses.field(default_factory=dict)
     # dataset -> (rows given to no user, the first 20 problems) as stored with its index
     skipped: dict[str, tuple[int, list[str]]] = dataclasses.field(default_factory=dict)
+    digests: Mapping[str, CalcDigests] | None = None
 
 
 class Orchestrator:
@@ -363,8 +376,10 @@ class Orchestrator:
         complete = self.complete_through()
         root = self.index_root_data(now, complete)
         problems = self.ledger.load_root_problems()  # after indexing: this run's findings
+        full = os.environ.get(FULL_PLAN_ENV) == "1"
         return Observation(
-            ledger=self.ledger.load_cells(self.manifest.calcs, slim=True),
+            ledger=self.ledger.load_cells(self.manifest.calcs, slim=True) if full else {},
+            digests=None if full else self.ledger.load_digests(self.manifest.calcs),
             root=root,
             epoch=read_epoch(self.config.epoch_file),
             scoped_epochs=scoped,
@@ -374,11 +389,18 @@ class Orchestrator:
             skipped={name: problems[name] for name in root if name in problems},
         )
 
-    def observe_more(self, names: set[str]) -> MoreObservation:
-        """Full ledger rows of ``names``, the registered versions of their stored hashes, and
-        the simulation verdicts of their code changes (what ``planning.plan_with`` asks for
-        when cells changed; the no-op plan never gets here)."""
-        rows = self.ledger.load_cells(names)  # full rows: every cell is a LedgerCell
+    def observe_more(
+        self, names: set[str], months: Collection[tuple[str, int]] | None = None
+    ) -> MoreObservation:
+        """Full ledger rows of ``names`` (only of these (calculation, month) when given: a
+        plan from digests), the registered versions of their stored hashes, and the
+        simulation verdicts of their code changes (what ``planning.plan_with`` asks for when
+        cells changed; the no-op plan never gets here)."""
+        rows = (  # full rows: every cell is a LedgerCell
+            self.ledger.load_cells(names)
+            if months is None
+            else self.ledger.load_buckets(months, slim=False)
+        )
         full = [
             c for per_date in rows.values() for c in per_date.values() if isinstance(c, LedgerCell)
         ]
@@ -460,13 +482,15 @@ class Orchestrator:
             live_runs=observation.live_runs,
             complete=observation.complete,
             skipped=observation.skipped,
+            digests=observation.digests,
         )
 
     def plan(self, target: dt.date | None = None, now: dt.datetime | None = None) -> Plan:
         """The dry-run plan up to ``target`` (default: yesterday, UTC). Executes nothing."""
         now = now or dt.datetime.now(dt.UTC)
         target = target or default_target(now)
-        return plan_with(self.request(self.observe(now), target), self.observe_more)[0]
+        request = self.request(self.observe(now), target)
+        return plan_with(request, self.observe_more, self.ledger)[0]
 
     # --- act ------------------------------------------------------------------------------
 
@@ -502,6 +526,9 @@ class Orchestrator:
         ledger.acquire_lock(holder, now, LOCK_TTL)
         try:
             ledger.collect_orphans()
+            # Months the planner cannot trust (written to from outside, or since the rule of
+            # inputs digests changed): checked row by row and digested again.
+            ledger.repair_digests(row_verifier(self.manifest))
             ledger.start_run(run_id, trigger, target, now)
             observation = self.observe(now)
             forced = (names or list(manifest.calcs)) if force else []
@@ -509,7 +536,7 @@ class Orchestrator:
             request = self.request(
                 observation, target, manifest, forced, (low, target) if force else None
             )
-            plan, request = plan_with(request, self.observe_more)
+            plan, request = plan_with(request, self.observe_more, ledger)
             self.register_versions(manifest, now)
             decider = Decider(request)
             last_beat = [dt.datetime.now(dt.UTC)]
@@ -633,7 +660,7 @@ class Orchestrator:
             )
         now = dt.datetime.now(dt.UTC)
         request = self.request(self.observe(now), date)
-        plan, request = plan_with(request, self.observe_more)
+        plan, request = plan_with(request, self.observe_more, self.ledger)
         decision = plan.decisions.get((calculation, date))
         if decision is None:
             raise DefinitionError(
@@ -641,9 +668,14 @@ class Orchestrator:
                 f"target); pick one of {plan.dates[0] if plan.dates else '-'} .. {date}"
             )
         stored = self.ledger.cell(calculation, date)
-        published = {k: d.result_hash for k, d in plan.decisions.items()}
+
+        def published(key: tuple[str, dt.date]) -> str | None:
+            # (a cell's inputs only: the plan's other decisions are not all needed)
+            found = plan.decisions.get(key)
+            return found.result_hash if found is not None else None
+
         parts = provenance(
-            Decider(request), self.manifest.calcs[calculation], date, stored, published.get
+            Decider(request), self.manifest.calcs[calculation], date, stored, published
         )
         return decision, stored, parts
 

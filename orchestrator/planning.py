@@ -19,7 +19,10 @@ previous result hash when historical) — equals the current one. ``Decider.deci
 rule; the planner applies it to every cell in dependency order, and the executor applies it
 again to a BLOCKED cell once its upstream has settled, so dry-run and run never disagree.
 
-Nothing here does I/O or reads the clock.
+Nothing here does I/O or reads the clock, except through a ``RowSource`` the caller hands to
+``plan_with``: a plan made from ledger digests reads the stored rows it needs through it, and
+its decisions read proven cells' result hashes through it when asked for (see "planning from
+ledger digests" below).
 """
 
 from __future__ import annotations
@@ -28,14 +31,18 @@ import bisect
 import dataclasses
 import datetime as dt
 import enum
+import functools
 from collections import Counter
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, Protocol, overload
 
+import numpy as np
 import xxhash
 
 from orchestrator.fingerprint import ABSENT_HASH, digest, encode, inputs_digest
+from orchestrator.ledger import digests as ledger_digests
+from orchestrator.ledger.digests import CalcDigests, bucket_of
 from orchestrator.ledger.store import LedgerCell, SlimCell, Snapshot, build_key
 from orchestrator.manifest import CalcSpec, Manifest
 from orchestrator.memory import paused_gc
@@ -178,23 +185,39 @@ class Plan:
         needs_full: calculations with cells a slim snapshot could not decide; when not empty
             the plan is provisional (see ``plan_with``).
         root: dataset -> ``RootSummary`` of its available dates (for the report).
+        needs_rows: (calculation, month) whose stored rows a plan from ledger digests needs
+            and did not have; when not empty the plan is provisional (see ``plan_with``).
+
+    A plan made from ledger digests (``PlanRequest.digests``) holds its decisions as a
+    ``DigestDecisions`` mapping and its order as a ``PlanOrder`` sequence: the cells its
+    digests proved up to date are made on demand, not stored.
     """
 
     target_date: dt.date
     dates: tuple[dt.date, ...]
     decisions: Mapping[CellKey, Decision]
-    order: tuple[CellKey, ...]
+    order: Sequence[CellKey]
     needs_full: frozenset[str] = frozenset()
     root: Mapping[str, RootSummary] = field(default_factory=dict)
+    needs_rows: frozenset[tuple[str, int]] = frozenset()
+
+    def _reasons(self) -> Counter[Reason]:
+        if isinstance(self.decisions, DigestDecisions):
+            return self.decisions.reason_counter()
+        return Counter(d.reason for d in self.decisions.values())
 
     def counts(self) -> dict[str, int]:
-        c = Counter(d.status.value for d in self.decisions.values())
+        c: Counter[str] = Counter()
+        for reason, n in self._reasons().items():
+            c[reason.status.value] += n
         return {s.value: c.get(s.value, 0) for s in Status}
 
     def reason_counts(self) -> dict[str, int]:
-        return dict(sorted(Counter(d.reason.value for d in self.decisions.values()).items()))
+        return dict(sorted((r.value, n) for r, n in self._reasons().items() if n))
 
     def runnable(self) -> list[Decision]:
+        if isinstance(self.decisions, DigestDecisions):
+            return self.decisions.runnable()
         return [
             self.decisions[k] for k in self.order if self.decisions[k].status is Status.RUNNABLE
         ]
@@ -240,6 +263,11 @@ class PlanRequest:
             none yet); later dates are absent from ``root`` and NO_DATA says why.
         skipped: dataset -> (rows given to no user, the first 20 problems "file:line:
             what"), as stored with its index; only reported.
+        digests: calculation -> its stored ledger digests (``Ledger.load_digests``), or None.
+            With digests, ``ledger`` holds only the rows of the months in ``loaded``: the
+            planner proves the other months unchanged from their digests, and names the
+            months it must read (``Plan.needs_rows``; ``plan_with`` reads them).
+        loaded: (calculation, month) whose stored rows are all in ``ledger`` (with digests).
     """
 
     manifest: Manifest
@@ -257,9 +285,26 @@ class PlanRequest:
     live_runs: frozenset[str] = frozenset()
     complete: Mapping[str, dt.date] = field(default_factory=dict)
     skipped: Mapping[str, tuple[int, Sequence[str]]] = field(default_factory=dict)
+    digests: Mapping[str, CalcDigests] | None = None
+    loaded: frozenset[tuple[str, int]] = frozenset()
 
 
 _WINDOW_TAG = encode("window")
+
+
+class _PreviousDates(dict[str, dict[dt.date, dt.date | None]]):
+    """calculation -> possible date -> the possible date before it (None for the first),
+    built per calculation on first use: most plans never look at most calculations' history.
+    """
+
+    def __init__(self, possible: Mapping[str, list[dt.date]]):
+        super().__init__()
+        self._possible = possible
+
+    def __missing__(self, name: str) -> dict[dt.date, dt.date | None]:
+        possible = self._possible[name]
+        built = self[name] = dict(zip(possible, [None, *possible[:-1]], strict=True))
+        return built
 
 
 class Decider:
@@ -286,10 +331,14 @@ class Decider:
         self.impossible: dict[CellKey, Decision] = {}
         self._impossible_of: dict[str, dict[dt.date, Decision]] = {}
         self.possible: dict[str, list[dt.date]] = {}
-        self._previous: dict[str, dict[dt.date, dt.date | None]] = {}
+        # Per dataset, the axis dates without its rows (computed once, not per calculation:
+        # a plan over 1,000,000 cells must not loop over them to build its static structure).
+        self._all_dates = list(self.dates)
+        self._no_rows: dict[str, set[dt.date]] = {}
         for name in manifest.order:
-            possible = self.possible[name] = self._possible_dates(manifest.calcs[name])
-            self._previous[name] = dict(zip(possible, [None, *possible[:-1]]))
+            self.possible[name] = self._possible_dates(manifest.calcs[name])
+        # A calculation's previous possible date per possible date, built on first use.
+        self._previous = _PreviousDates(self.possible)
         self._shape = {
             name: digest(
                 "shape",
@@ -339,6 +388,10 @@ class Decider:
         return detail
 
     def _possible_dates(self, spec: CalcSpec) -> list[dt.date]:
+        """The calculation's possible dates; records the impossible ones with their reason.
+
+        The list is shared by the calculations that have every date of the axis: read-only.
+        """
         bad: dict[dt.date, Decision] = {}
         name = spec.name
         if spec.earliest_date:
@@ -347,12 +400,17 @@ class Decider:
                 if date >= spec.earliest_date:
                     break
                 bad[date] = Decision(name, date, Reason.BEFORE_EARLIEST, detail)
-        for date in self.dates:
+        gaps: dict[str, set[dt.date]] = {}
+        for ds in spec.root_data:
+            if ds not in self._no_rows:
+                available = self.request.root.get(ds, {})
+                self._no_rows[ds] = {d for d in self.dates if d not in available}
+            gaps[ds] = self._no_rows[ds]
+        for date in sorted(set().union(*gaps.values())) if gaps else ():
             if date in bad:
                 continue
-            missing = [ds for ds in spec.root_data if date not in self.request.root.get(ds, {})]
-            if missing:
-                bad[date] = Decision(name, date, Reason.NO_DATA, self._no_data(missing, date))
+            missing = [ds for ds in spec.root_data if date in gaps[ds]]
+            bad[date] = Decision(name, date, Reason.NO_DATA, self._no_data(missing, date))
         for dep in spec.dependencies:
             for date, above in self._impossible_of[dep].items():
                 if date not in bad:
@@ -364,6 +422,8 @@ class Decider:
         self._impossible_of[name] = bad
         for date, decision in bad.items():
             self.impossible[(name, date)] = decision
+        if not bad:
+            return self._all_dates
         return [d for d in self.dates if d not in bad]
 
     def root_cause(self, key: CellKey) -> CellKey:
@@ -450,6 +510,35 @@ class Decider:
             else:
                 parts.append(digest("upstream-window", [[d, h] for d, h in entries]))
         return parts
+
+    def stored_digest(self, spec: CalcSpec, stored: LedgerCell) -> str:
+        """The inputs digest of the input values a stored row holds (its upstream hashes,
+        root windows and previous hash), by the current rule: equal to the row's own
+        ``inputs_digest`` for every row the executor wrote with this code. Ledger digests
+        compare those values instead of re-hashing each cell, so a month is trusted only
+        once each of its rows passes this check (``Ledger.repair_digests``)."""
+        upstream = stored.upstream_hashes
+        keys: list[CellKey] = []
+        hashes: list[str | None] = []
+        for dep in spec.dependencies:
+            if spec.window(dep) == 1:
+                keys.append((dep, stored.date))
+                hashes.append(upstream.get(dep))
+                continue
+            entries = sorted(
+                (k.split("@", 1)[1], h) for k, h in upstream.items() if k.startswith(f"{dep}@")
+            )
+            for iso, h in entries:
+                keys.append((dep, dt.date.fromisoformat(iso)))
+                hashes.append(h)
+        root = stored.root_hashes
+        parts = [
+            *self._upstream_parts(spec, keys, hashes),
+            *(digest("window", root.get(ds, {})) for ds in spec.root_data),
+        ]
+        if spec.historical:
+            parts.append(stored.previous_hash)
+        return inputs_digest(self._shape[spec.name], parts)
 
     def _digest(
         self,
@@ -893,9 +982,12 @@ def make_plan(request: PlanRequest) -> Plan:
 
     Cells are decided in dependency order (dates ascending, passes ascending); an upstream cell
     that will run makes its dependents BLOCKED (WAITING_ON_UPSTREAM) unless they must run for
-    their own reason. Cost: linear in cells.
+    their own reason. Cost: linear in cells; with ``request.digests``, linear in calculations
+    x months plus the cells of the months the digests do not prove unchanged.
     """
     with paused_gc(freeze=True):  # see memory.py: one decision per cell, alive to the end
+        if request.digests is not None:
+            return _make_digest_plan(request)
         return _make_plan(request)
 
 
@@ -981,18 +1073,878 @@ def _make_plan(request: PlanRequest) -> Plan:
         decisions=decisions,
         order=tuple(order),
         needs_full=frozenset(needs_full),
-        root={
-            name: RootSummary(
-                len(available),
-                min(available, default=None),
-                max(available, default=None),
-                request.complete.get(name),
-                request.skipped.get(name, (0, ()))[0],
-                tuple(request.skipped.get(name, (0, ()))[1]),
-            )
-            for name, available in sorted(request.root.items())
-        },
+        root=_root_summaries(request),
     )
+
+
+def _root_summaries(request: PlanRequest) -> dict[str, RootSummary]:
+    return {
+        name: RootSummary(
+            len(available),
+            min(available, default=None),
+            max(available, default=None),
+            request.complete.get(name),
+            request.skipped.get(name, (0, ()))[0],
+            tuple(request.skipped.get(name, (0, ()))[1]),
+        )
+        for name, available in sorted(request.root.items())
+    }
+
+
+# --- planning from ledger digests: the cost of what changed -----------------------------
+#
+# With ``PlanRequest.digests`` the planner does not read the ledger's cells. For each
+# calculation and month (``digests.bucket_of``) it computes the digest sums the month's rows
+# would have if every possible cell there were up to date — built by the current code and
+# epochs, from the current root windows and the current upstream and previous results — and
+# compares them with the stored sums (``ledger.digests`` says why equal sums mean equal rows).
+# A month that matches is *proven*: each of its cells is UP_TO_DATE with its stored result
+# hash, exactly what ``Decider.decide`` would say (its fast path: build key fresh, not forced,
+# every upstream READY, inputs digest equal). Every other month is decided cell by cell by
+# the same code as ``_make_plan``, from its stored rows, which ``plan_with`` reads: a month
+# written to since (a new date, a failure, a lease), a month whose inputs moved (root data,
+# an upstream that will run), a forced one, one of a calculation with dependency windows.
+
+_LANE = np.uint64
+
+
+def _lanes(x: tuple[int, int]) -> np.ndarray:
+    return np.array(x, dtype=_LANE)
+
+
+_TAU_PREVIOUS_NONE = _lanes(
+    (
+        ledger_digests.TAU_PREVIOUS[0] * ledger_digests.NONE[0] & ledger_digests.MASK,
+        ledger_digests.TAU_PREVIOUS[1] * ledger_digests.NONE[1] & ledger_digests.MASK,
+    )
+)
+_TAU_PREVIOUS = _lanes(ledger_digests.TAU_PREVIOUS)
+
+
+@functools.cache
+def formula_canary() -> str:
+    """A digest of the inputs digests the current rule gives a fixed little world (a root
+    window, a dependency, a history link, a dependency window): it changes whenever the rule
+    does. Ledger digests are stamped with it (``digests.current_format``), so that a change
+    of the rule makes every stored month untrusted until its rows are checked again."""
+    days = [dt.date(2000, 1, 3), dt.date(2000, 1, 4), dt.date(2000, 1, 5)]
+
+    def calc(name: str, **kw: Any) -> CalcSpec:
+        fields: dict[str, Any] = {
+            "dependencies": (),
+            "root_data": (),
+            "historical": False,
+            "lookback": 1,
+            **kw,
+        }
+        return CalcSpec(
+            name=name,
+            kind="standard",
+            category="c",
+            earliest_date=None,
+            product_lines=(),
+            max_failure_rate=0.0,
+            code_hash="0" * 32,
+            cls=object,  # type: ignore[arg-type]
+            **fields,
+        )
+
+    specs = [
+        calc("a", root_data=("p",), lookback=2),
+        calc("b", dependencies=("a",), historical=True),
+        calc("c", dependencies=("a", "b"), windows=(("b", 2),)),
+    ]
+    root = {"p": {d: digest("canary-root", d.isoformat()) for d in days}}
+    decider = Decider(PlanRequest(Manifest.build(specs), {}, root, 0, days[-1]))
+
+    def hash_of(key: CellKey) -> str:
+        return digest("canary-result", [key[0], key[1].isoformat()])
+
+    return digest(
+        "canary", [decider.inputs(spec, day, hash_of).digest for spec in specs for day in days]
+    )
+
+
+def row_verifier(manifest: Manifest) -> Callable[[LedgerCell], bool]:
+    """Whether a stored row of ``manifest``'s calculations holds an inputs digest equal to
+    the current rule applied to its stored input values (``Decider.stored_digest``); rows of
+    other calculations cannot be checked (False). For ``Ledger.repair_digests``."""
+    decider = Decider(PlanRequest(manifest, {}, {}, 0, dt.date.min))
+
+    def verify(cell: LedgerCell) -> bool:
+        spec = manifest.calcs.get(cell.calculation)
+        if spec is None:
+            return False
+        try:
+            return decider.stored_digest(spec, cell) == cell.inputs_digest
+        except (ValueError, TypeError, KeyError, AttributeError):  # a row no rule wrote
+            return False
+
+    return verify
+
+
+class NeedsRows(Exception):
+    """A cell needs a stored row (an upstream's or its own previous result hash) of a month
+    whose rows were not read."""
+
+    def __init__(self, bucket: tuple[str, int]):
+        super().__init__(bucket)
+        self.bucket = bucket
+
+
+class RowSource(Protocol):
+    """Where a digest plan reads the stored rows it needs (``Ledger`` is one)."""
+
+    def load_buckets(self, buckets: Collection[tuple[str, int]], slim: bool = True) -> Snapshot:
+        """The stored cells of these (calculation, month), as ``Ledger.load_cells``."""
+        ...
+
+    def load_result_hashes(
+        self, calculations: Collection[str]
+    ) -> dict[str, dict[dt.date, str | None]]:
+        """calculation -> date -> stored result hash, every cell of ``calculations``."""
+        ...
+
+
+class MemoryRows:
+    """A ``RowSource`` over an in-memory snapshot of full rows (tests, benchmarks): what a
+    ledger holding exactly ``snapshot`` returns. Counts the rows it hands out."""
+
+    def __init__(self, snapshot: Snapshot):
+        self.snapshot = snapshot
+        self.rows_read = 0
+
+    def load_buckets(self, buckets: Collection[tuple[str, int]], slim: bool = True) -> Snapshot:
+        wanted: dict[str, set[int]] = {}
+        for calc, bucket in buckets:
+            wanted.setdefault(calc, set()).add(bucket)
+        out: Snapshot = {}
+        for calc, months in wanted.items():
+            for date, cell in self.snapshot.get(calc, {}).items():
+                if bucket_of(date) in months:
+                    out.setdefault(calc, {})[date] = (
+                        SlimCell(*cell[:5]) if slim else cell  # type: ignore[arg-type]
+                    )
+                    self.rows_read += 1
+        return out
+
+    def load_result_hashes(
+        self, calculations: Collection[str]
+    ) -> dict[str, dict[dt.date, str | None]]:
+        out = {
+            calc: {d: c.result_hash for d, c in self.snapshot.get(calc, {}).items()}
+            for calc in calculations
+        }
+        self.rows_read += sum(len(v) for v in out.values())
+        return out
+
+
+class _Axis:
+    """The plan's dates grouped into months, with the per-date atoms of the digest sums."""
+
+    def __init__(self, dates: Sequence[dt.date]):
+        n = len(dates)
+        self.dates = dates
+        self.pos = {d: i for i, d in enumerate(dates)}
+        months = np.array([bucket_of(d) for d in dates], dtype=np.int64)
+        if n:
+            self.starts = np.flatnonzero(np.r_[True, months[1:] != months[:-1]])
+        else:
+            self.starts = np.zeros(0, dtype=np.int64)
+        self.ids = months[self.starts]
+        self.nb = len(self.starts)
+        ends = np.r_[self.starts[1:], n].astype(np.int64)
+        self.bounds = list(zip(self.starts.tolist(), ends.tolist(), strict=True))
+        self.month_of = np.repeat(np.arange(self.nb), ends - self.starts).tolist()
+        self.index = {int(b): i for i, b in enumerate(self.ids)}
+        self.atoms = np.array(
+            [ledger_digests.date_atom(d.isoformat()) for d in dates], dtype=_LANE
+        ).reshape(n, 2)
+        self.ordinals = np.array([d.toordinal() for d in dates], dtype=np.int64)
+
+    def per_month(self, x: np.ndarray) -> np.ndarray:
+        """Sums of a per-date array over each month (wrapping, for lanes)."""
+        if not self.nb:
+            return np.zeros((0, *x.shape[1:]), dtype=x.dtype)
+        return np.add.reduceat(x, self.starts, axis=0)
+
+
+class _Possible(NamedTuple):
+    """One set of possible dates on the axis: mask, count and atom sum per month."""
+
+    mask: np.ndarray  # bool per date
+    counts: np.ndarray  # int64 per month
+    atoms: np.ndarray  # (months, 2) lanes: sum of the date atoms per month
+
+
+class _Expect:
+    """The digest sums the planner expects, by calculation: the static parts (possible
+    dates, root windows), cached across calculations that share them."""
+
+    def __init__(self, decider: Decider, axis: _Axis):
+        self.decider = decider
+        self.axis = axis
+        self._possible: dict[frozenset[dt.date], _Possible] = {}
+        self._prefixes: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+        self._windows: dict[tuple[str, int], np.ndarray] = {}
+        self._root: dict[tuple[str, int, frozenset[dt.date]], np.ndarray] = {}
+
+    def possible(self, name: str) -> tuple[frozenset[dt.date], _Possible]:
+        gone = frozenset(self.decider.impossible_dates(name))
+        hit = self._possible.get(gone)
+        if hit is None:
+            axis = self.axis
+            mask = np.ones(len(axis.dates), dtype=bool)
+            for date in gone:
+                mask[axis.pos[date]] = False
+            atoms = np.where(mask[:, None], axis.atoms, _LANE(0))
+            hit = self._possible[gone] = _Possible(
+                mask, axis.per_month(mask.astype(np.int64)), axis.per_month(atoms)
+            )
+        return gone, hit
+
+    def _prefix(self, dataset: str) -> tuple[np.ndarray, np.ndarray]:
+        """Prefix sums over the dataset's available dates (ascending) of
+        ``root_weight(dataset, day) * value(hash)``, and those dates' axis end positions."""
+        hit = self._prefixes.get(dataset)
+        if hit is None:
+            days = self.decider._root_dates.get(dataset, [])
+            hashes = self.decider.request.root.get(dataset, {})
+            mask = ledger_digests.MASK
+            terms = np.zeros((len(days) + 1, 2), dtype=_LANE)
+            if days:
+                rows = []
+                for day in days:
+                    w = ledger_digests.root_weight(dataset, day.isoformat())
+                    v = ledger_digests.value(hashes[day])
+                    rows.append((w[0] * v[0] & mask, w[1] * v[1] & mask))
+                terms[1:] = np.array(rows, dtype=_LANE)
+            ordinals = np.array([d.toordinal() for d in days], dtype=np.int64)
+            ends = np.searchsorted(ordinals, self.axis.ordinals, side="right")
+            hit = self._prefixes[dataset] = (np.cumsum(terms, axis=0, dtype=_LANE), ends)
+        return hit
+
+    def window(self, dataset: str, lookback: int) -> np.ndarray:
+        """Per axis date, the root part of a cell's inputs sum for this window, before the
+        date atom: the sum over the window's days of ``root_weight(dataset, day) *
+        value(hash)``, a difference of two prefix sums."""
+        key = (dataset, lookback)
+        hit = self._windows.get(key)
+        if hit is None:
+            prefix, ends = self._prefix(dataset)
+            hit = self._windows[key] = prefix[ends] - prefix[np.maximum(ends - lookback, 0)]
+        return hit
+
+    def root(self, spec: CalcSpec, gone: frozenset[dt.date], possible: _Possible) -> np.ndarray:
+        total = np.zeros((self.axis.nb, 2), dtype=_LANE)
+        for ds in spec.root_data:
+            key = (ds, spec.lookback, gone)
+            hit = self._root.get(key)
+            if hit is None:
+                bound = self.axis.atoms * self.window(ds, spec.lookback)
+                hit = self._root[key] = self.axis.per_month(
+                    np.where(possible.mask[:, None], bound, _LANE(0))
+                )
+            total += hit
+        return total
+
+
+class _Stored(NamedTuple):
+    """A calculation's stored digests aligned with the axis months (zero where none)."""
+
+    cells: np.ndarray
+    inputs: np.ndarray
+    results: np.ndarray
+    chain: np.ndarray
+    clean: np.ndarray
+
+
+def _aligned(axis: _Axis, stored: CalcDigests | None) -> _Stored:
+    nb = axis.nb
+    out = _Stored(
+        np.zeros(nb, dtype=np.int64),
+        np.zeros((nb, 2), dtype=_LANE),
+        np.zeros((nb, 2), dtype=_LANE),
+        np.zeros((nb, 2), dtype=_LANE),
+        np.ones(nb, dtype=bool),
+    )
+    if stored is None or not len(stored.buckets) or not nb:
+        return out
+    at = np.searchsorted(axis.ids, stored.buckets)
+    inside = at < nb
+    inside[inside] &= axis.ids[at[inside]] == stored.buckets[inside]
+    at = at[inside]
+    out.cells[at] = stored.cells[inside]
+    out.inputs[at] = stored.inputs[inside]
+    out.results[at] = stored.results[inside]
+    out.chain[at] = stored.chain[inside]
+    out.clean[at] = stored.clean[inside]
+    return out
+
+
+_MISSING = object()  # a proven cell's result hash whose row was not read
+_MONTH_READS = 64  # months read one by one before a digest plan's decisions read all hashes
+
+
+class PlanOrder(Sequence[CellKey]):
+    """The plan's cell keys in execution order — dates ascending, passes (manifest order)
+    within a date — made on demand rather than stored (``Plan.order``)."""
+
+    def __init__(self, dates: Sequence[dt.date], names: Sequence[str]):
+        self._dates = tuple(dates)
+        self._names = tuple(names)
+        self._name_index = {n: i for i, n in enumerate(self._names)}
+        self._date_index = {d: i for i, d in enumerate(self._dates)}
+
+    def __len__(self) -> int:
+        return len(self._dates) * len(self._names)
+
+    @overload
+    def __getitem__(self, i: int) -> CellKey: ...
+    @overload
+    def __getitem__(self, i: slice) -> Sequence[CellKey]: ...
+    def __getitem__(self, i: int | slice) -> CellKey | Sequence[CellKey]:
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self)))]
+        if i < 0:
+            i += len(self)
+        if not 0 <= i < len(self):
+            raise IndexError(i)
+        d, n = divmod(i, len(self._names))
+        return (self._names[n], self._dates[d])
+
+    def __iter__(self) -> Iterator[CellKey]:
+        names = self._names
+        for date in self._dates:
+            for name in names:
+                yield (name, date)
+
+    def __contains__(self, key: object) -> bool:
+        return (
+            isinstance(key, tuple)
+            and len(key) == 2
+            and key[0] in self._name_index
+            and key[1] in self._date_index
+        )
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Sequence):
+            return NotImplemented
+        return len(self) == len(other) and all(a == b for a, b in zip(self, other, strict=True))
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def position(self, key: CellKey) -> int:
+        """Where ``key`` comes in the order."""
+        return self._date_index[key[1]] * len(self._names) + self._name_index[key[0]]
+
+
+class LazyCells(dict[dt.date, LedgerCell | SlimCell]):
+    """One calculation's stored rows in a ``LazySnapshot``: the rows read so far, and any
+    other month's rows read from the ledger on first access (``get``, ``[]``, ``in``).
+    Iterating reads every month the calculation has rows in first."""
+
+    def __init__(
+        self, name: str, rows: Mapping[dt.date, LedgerCell | SlimCell], owner: LazySnapshot
+    ):
+        super().__init__(rows)
+        self._name = name
+        self._owner = owner
+
+    def _load(self, date: dt.date) -> None:
+        self._owner.ensure(self._name, bucket_of(date))
+
+    def get(self, date: dt.date, default: Any = None) -> Any:  # type: ignore[override]
+        if dict.__contains__(self, date):
+            return dict.__getitem__(self, date)
+        self._load(date)
+        return dict.get(self, date, default)
+
+    def __missing__(self, date: dt.date) -> LedgerCell | SlimCell:
+        self._load(date)
+        if dict.__contains__(self, date):
+            return dict.__getitem__(self, date)
+        raise KeyError(date)
+
+    def __contains__(self, date: object) -> bool:
+        if dict.__contains__(self, date):
+            return True
+        if not isinstance(date, dt.date):
+            return False
+        self._load(date)
+        return dict.__contains__(self, date)
+
+    def _everything(self) -> None:
+        self._owner.ensure_all(self._name)
+
+    def __iter__(self) -> Iterator[dt.date]:
+        self._everything()
+        return dict.__iter__(self)
+
+    def __len__(self) -> int:
+        self._everything()
+        return dict.__len__(self)
+
+    def keys(self) -> Any:
+        self._everything()
+        return dict.keys(self)
+
+    def values(self) -> Any:
+        self._everything()
+        return dict.values(self)
+
+    def items(self) -> Any:
+        self._everything()
+        return dict.items(self)
+
+
+class LazySnapshot(dict[str, dict[dt.date, LedgerCell | SlimCell]]):
+    """The ledger snapshot of a digest plan (``PlanRequest.ledger`` after ``plan_with``): the
+    rows the plan read, and every other stored row read on demand, a month at a time, from
+    its ``RowSource`` (the executor asks for the result hash of an unchanged upstream).
+    Rows written into it (the executor's staged cells) are never overwritten by a read."""
+
+    def __init__(
+        self,
+        rows: Snapshot,
+        loaded: Collection[tuple[str, int]],
+        digests: Mapping[str, CalcDigests],
+        names: Collection[str],
+        source: RowSource | None,
+    ):
+        super().__init__()
+        self._loaded = set(loaded)
+        self._digests = digests
+        self._source = source
+        for name in {*names, *rows}:
+            dict.__setitem__(self, name, LazyCells(name, rows.get(name, {}), self))
+
+    def get(self, name: str, default: Any = None) -> Any:  # type: ignore[override]
+        return dict.get(self, name, default)
+
+    def loaded(self, name: str, bucket: int) -> bool:
+        return (name, bucket) in self._loaded
+
+    def ensure(self, name: str, bucket: int) -> None:
+        self.ensure_many([(name, bucket)])
+
+    def ensure_many(self, buckets: Collection[tuple[str, int]]) -> None:
+        """Read the rows of these months unless read already."""
+        missing = {b for b in buckets if b not in self._loaded}
+        if not missing:
+            return
+        if self._source is None:
+            raise LookupError(
+                f"rows of {sorted(missing)[:3]} were not read and the plan has no row source"
+            )
+        got = self._source.load_buckets(missing, slim=True)
+        for name, rows in got.items():
+            cells = dict.get(self, name)
+            if cells is None:
+                cells = LazyCells(name, {}, self)
+                dict.__setitem__(self, name, cells)
+            for date, cell in rows.items():
+                if not dict.__contains__(cells, date):
+                    dict.__setitem__(cells, date, cell)
+        self._loaded |= missing
+
+    def ensure_all(self, name: str) -> None:
+        stored = self._digests.get(name)
+        if stored is not None:
+            self.ensure_many(
+                [(name, int(b)) for b, n in zip(stored.buckets, stored.cells, strict=True) if n]
+            )
+
+
+class DigestDecisions(Mapping[CellKey, Decision]):
+    """The decisions of a digest plan: those made cell by cell, and UP_TO_DATE (or the
+    impossible decision) for every cell of a proven month, made when asked for. A proven
+    cell's result hash is its stored one: read from the snapshot's rows, or — when the whole
+    mapping is iterated (``values``, ``items``, ``dict(...)``) — from one read of every
+    result hash (``RowSource.load_result_hashes``)."""
+
+    def __init__(
+        self,
+        explicit: dict[CellKey, Decision],
+        proven: Mapping[str, list[bool]],
+        proven_cells: int,
+        axis: _Axis,
+        order: PlanOrder,
+        impossible: Mapping[CellKey, Decision],
+        snapshot: Snapshot,
+    ):
+        self._explicit = explicit
+        self._proven = proven
+        self._proven_cells = proven_cells
+        self._axis = axis
+        self._order = order
+        self._impossible = impossible
+        self._snapshot: Snapshot = snapshot
+        self._source: RowSource | None = None
+        self._hashes: dict[str, dict[dt.date, str | None]] = {}
+        self._misses = 0
+
+    def attach(self, snapshot: Snapshot, source: RowSource | None) -> None:
+        """Serve proven cells' result hashes from ``snapshot`` and ``source`` from now on."""
+        self._snapshot = snapshot
+        self._source = source
+
+    @property
+    def explicit(self) -> Mapping[CellKey, Decision]:
+        """The decisions made cell by cell (every cell of the months not proven)."""
+        return self._explicit
+
+    def proven_months(self, name: str) -> list[int]:
+        """The months (``bucket_of``) of the axis in which every cell of ``name`` is proven."""
+        flags = self._proven.get(name, [])
+        return [int(self._axis.ids[i]) for i, ok in enumerate(flags) if ok]
+
+    def __len__(self) -> int:
+        return len(self._order)
+
+    def __iter__(self) -> Iterator[CellKey]:
+        for name in self._order._names:
+            for date in self._axis.dates:
+                yield (name, date)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._order
+
+    def __getitem__(self, key: CellKey) -> Decision:
+        hit = self._explicit.get(key)
+        if hit is not None:
+            return hit
+        gone = self._impossible.get(key)
+        if gone is not None:
+            return gone
+        name, date = key
+        i = self._axis.pos[date]  # KeyError: not a date of the plan
+        if not self._proven[name][self._axis.month_of[i]]:  # KeyError: unknown calculation
+            raise KeyError(key)
+        return tuple.__new__(Decision, (name, date, Reason.UP_TO_DATE, "", self._hash(name, date)))
+
+    def _hash(self, name: str, date: dt.date) -> str | None:
+        hashes = self._hashes.get(name)
+        if hashes is not None:
+            return hashes.get(date)
+        cells = self._snapshot.get(name)
+        month = bucket_of(date)
+        if isinstance(self._snapshot, LazySnapshot) and not self._snapshot.loaded(name, month):
+            # Sparse reads (``why``, the executor's upstream) read a month each; a caller
+            # walking the whole plan key by key reads everything at once after a few.
+            self._misses += 1
+            if self._misses > _MONTH_READS and self._source is not None:
+                self.materialize()
+                if name in self._hashes:
+                    return self._hashes[name].get(date)
+            self._snapshot.ensure(name, month)
+        cell = None if cells is None else dict.get(cells, date)
+        if cell is None:
+            raise LookupError(f"the stored row of {name} on {date} was not read")
+        return cell.result_hash
+
+    def materialize(self) -> None:
+        """Read the result hash of every proven cell whose row is not in the snapshot, in one
+        read: a whole plan is about to be listed."""
+        wanted = []
+        for name, flags in self._proven.items():
+            if name in self._hashes or not any(flags):
+                continue
+            snapshot = self._snapshot
+            if isinstance(snapshot, LazySnapshot) and all(
+                not ok or snapshot.loaded(name, int(self._axis.ids[i]))
+                for i, ok in enumerate(flags)
+            ):
+                continue
+            wanted.append(name)
+        if wanted and self._source is not None:
+            self._hashes.update(self._source.load_result_hashes(wanted))
+
+    def keys(self) -> Any:
+        self.materialize()
+        return super().keys()
+
+    def values(self) -> Any:
+        self.materialize()
+        return super().values()
+
+    def items(self) -> Any:
+        self.materialize()
+        return super().items()
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Mapping):
+            return NotImplemented
+        return len(self) == len(other) and dict(self.items()) == dict(other.items())
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def reason_counter(self) -> Counter[Reason]:
+        """How many cells have each reason, without making the proven cells' decisions."""
+        c = Counter(d.reason for d in self._explicit.values())
+        c[Reason.UP_TO_DATE] += self._proven_cells
+        for key, d in self._impossible.items():
+            if key not in self._explicit and key[0] in self._proven:
+                c[d.reason] += 1
+        return c
+
+    def runnable(self) -> list[Decision]:
+        """The RUNNABLE decisions in plan order (only cells decided one by one can be)."""
+        found = [d for d in self._explicit.values() if d.status is Status.RUNNABLE]
+        return sorted(found, key=lambda d: self._order.position(d.key))
+
+
+def _make_digest_plan(request: PlanRequest) -> Plan:
+    assert request.digests is not None
+    decider = Decider(request)
+    manifest = request.manifest
+    ledger = request.ledger
+    loaded = request.loaded
+    dates = decider.dates
+    axis = _Axis(dates)
+    expect = _Expect(decider, axis)
+    nb = axis.nb
+    month_of = axis.month_of
+    decisions: dict[CellKey, Decision] = {}
+    needs_full: set[str] = set()
+    needs_rows: set[tuple[str, int]] = set()
+    proven_of: dict[str, list[bool]] = {}
+    counts_of: dict[str, np.ndarray] = {}
+    # Per calculation and month, its results sum as dependents must see it (stored, for a
+    # proven month; from its decisions, for a month decided cell by cell whose cells are all
+    # READY), and whether it is known.
+    results_of: dict[str, np.ndarray] = {}
+    known_of: dict[str, np.ndarray] = {}
+    columns: dict[str, dict[int, str | None]] = {}  # explicit cells: hash if UP_TO_DATE
+    up_to_date = Reason.UP_TO_DATE
+    proven_cells = 0
+
+    def stored_row(name: str, date: dt.date) -> LedgerCell | SlimCell | None:
+        bucket = (name, bucket_of(date))
+        if bucket not in loaded:
+            raise NeedsRows(bucket)
+        return ledger.get(name, {}).get(date)
+
+    def proven_hash(name: str, i: int) -> Any:
+        date = dates[i]
+        if (name, int(axis.ids[month_of[i]])) not in loaded:
+            return _MISSING
+        row = ledger.get(name, {}).get(date)
+        if row is None:
+            raise RuntimeError(
+                f"the ledger digests of {name} claim a stored row on {date} that its rows do "
+                "not have; repair them (Ledger.repair_digests)"
+            )
+        return row.result_hash
+
+    def value(name: str, i: int) -> Any:
+        """What the columnar fast path reads of an upstream or previous cell: its hash if
+        it is UP_TO_DATE, None if not, ``_MISSING`` if its row was not read."""
+        if proven_of[name][month_of[i]]:
+            if dates[i] in decider.impossible_dates(name):
+                return None
+            return proven_hash(name, i)
+        return columns[name].get(i)
+
+    def upstream_state(key: CellKey) -> tuple[Upstream, str | None]:
+        decision = decisions.get(key)
+        if decision is not None:
+            view = _PLAN_VIEW[decision.reason]
+            return (view, decision.result_hash if view is Upstream.READY else None)
+        name, date = key
+        i = axis.pos.get(date)
+        if i is None or name not in proven_of:  # outside the plan: whatever is published
+            stored = stored_row(name, date)
+            return (Upstream.READY, stored.result_hash if stored else None)
+        if key in decider.impossible:
+            return (Upstream.IMPOSSIBLE, None)
+        if not proven_of[name][month_of[i]]:
+            raise RuntimeError(f"{key} is read before it is decided")
+        found = proven_hash(name, i)
+        if found is _MISSING:
+            raise NeedsRows((name, int(axis.ids[month_of[i]])))
+        return (Upstream.READY, found)
+
+    for name in manifest.order:
+        spec = manifest.calcs[name]
+        gone, possible = expect.possible(name)
+        n = possible.counts
+        counts_of[name] = n
+        stored = _aligned(axis, request.digests.get(name))
+        fresh = decider.fresh_key(name)
+
+        # The sums every month would hold if all its possible cells were up to date.
+        expected = possible.atoms * _lanes(ledger_digests.build_term(fresh))
+        expected += expect.root(spec, gone, possible)
+        ok = stored.clean & (stored.cells == n)
+        for dep in spec.dependencies:
+            expected += results_of[dep] * _lanes(ledger_digests.dependency_weight(dep))
+            ok &= known_of[dep] & (counts_of[dep] == n)
+        if spec.historical:
+            expected += stored.chain * _TAU_PREVIOUS
+            first = decider.possible[name][:1]
+            if first:
+                i = axis.pos[first[0]]
+                expected[month_of[i]] += axis.atoms[i] * _TAU_PREVIOUS_NONE
+        else:
+            expected += possible.atoms * _TAU_PREVIOUS_NONE
+        ok &= (stored.inputs == expected).all(axis=1)
+        if spec.windows:  # upstream windows: decided cell by cell
+            ok[:] = False
+        if name in request.force:
+            low, high = request.force_range or (dt.date.min, dt.date.max)
+            forced = possible.mask & np.array([low <= d <= high for d in dates], dtype=bool)
+            ok &= axis.per_month(forced.astype(np.int64)) == 0
+        proven = (ok | (n == 0)).tolist()
+        if spec.historical:
+            # A month's first cell reads the last cell of the month before: proven months
+            # chain from the first, and a month with stray rows breaks the chain.
+            clean_before = True
+            for b in range(nb):
+                if n[b] == 0:
+                    if stored.cells[b] or not stored.clean[b]:
+                        clean_before = False
+                    continue
+                proven[b] = bool(ok[b]) and clean_before
+                clean_before = proven[b]
+        proven_of[name] = proven
+        results = np.where(np.array(proven)[:, None], stored.results, _LANE(0))
+        known = np.array(proven, dtype=bool)
+        column: dict[int, str | None] = {}
+        columns[name] = column
+
+        # Months not proven: every cell through the same test as ``_make_plan``.
+        may_skip = name not in request.force and not spec.windows
+        shape = decider.shape(name)
+        previous: list[int] | None = None
+        make = tuple.__new__
+        for b in range(nb):
+            if proven[b]:
+                proven_cells += int(n[b])
+                continue
+            if spec.historical and previous is None:
+                previous = decider.previous_positions(name)
+            lo, hi = axis.bounds[b]
+            month = (name, int(axis.ids[b]))
+            if month not in loaded:
+                needs_rows.add(month)
+                _predict(needs_rows, decider, spec, dates[lo], proven_of, axis, loaded)
+                for i in range(lo, hi):
+                    key = (name, dates[i])
+                    decisions[key] = decider.impossible.get(key) or Decision(
+                        name, dates[i], Reason.WAITING_ON_UPSTREAM, "needs its stored rows"
+                    )
+                known[b] = False
+                continue
+            rows = ledger.get(name, {})
+            all_ready = True
+            sums = [0, 0]
+            for i in range(lo, hi):
+                date = dates[i]
+                key = (name, date)
+                stored_cell = rows.get(date)
+                if (
+                    may_skip
+                    and stored_cell is not None
+                    and stored_cell[2] == fresh
+                    and date not in gone
+                ):
+                    parts: list[Any] = [shape]
+                    for dep in spec.dependencies:
+                        got = value(dep, i)
+                        if got is None or got is _MISSING:
+                            break
+                        parts.append(got)
+                    else:
+                        parts.extend(
+                            decider._window_digest(ds, spec.lookback, date) for ds in spec.root_data
+                        )
+                        j = previous[i] if previous is not None else -2
+                        if j >= 0:
+                            parts.append(value(name, j))
+                        elif j == -1:
+                            parts.append(ABSENT_HASH)
+                        if all(isinstance(p, str) for p in parts) and (
+                            xxhash.xxh3_128_hexdigest("".join(parts).encode())
+                            == stored_cell.inputs_digest
+                        ):
+                            decision = make(
+                                Decision, (name, date, up_to_date, "", stored_cell.result_hash)
+                            )
+                            decisions[key] = decision
+                            column[i] = stored_cell.result_hash
+                            if all_ready:
+                                t = ledger_digests.bound(date.isoformat(), stored_cell.result_hash)
+                                sums[0] += t[0]
+                                sums[1] += t[1]
+                            continue
+                try:
+                    decision = decider.decide(spec, date, stored_cell, upstream_state)
+                except NeedsFullRow:
+                    needs_full.add(name)
+                    decision = Decision(
+                        name, date, Reason.WAITING_ON_UPSTREAM, "needs its full row"
+                    )
+                except NeedsRows as e:
+                    needs_rows.add(e.bucket)
+                    decision = Decision(name, date, Reason.WAITING_ON_UPSTREAM, "needs stored rows")
+                decisions[key] = decision
+                if decision.reason is up_to_date:
+                    column[i] = decision.result_hash
+                if decision.status is Status.IMPOSSIBLE:
+                    continue
+                if _PLAN_VIEW[decision.reason] is Upstream.READY and all_ready:
+                    t = ledger_digests.bound(date.isoformat(), decision.result_hash)
+                    sums[0] += t[0]
+                    sums[1] += t[1]
+                else:
+                    all_ready = False
+            if all_ready:
+                results[b] = (sums[0] & ledger_digests.MASK, sums[1] & ledger_digests.MASK)
+                known[b] = True
+            else:
+                known[b] = False
+        results_of[name] = results
+        known_of[name] = known
+
+    order = PlanOrder(dates, manifest.order)
+    return Plan(
+        target_date=request.target,
+        dates=decider.dates,
+        decisions=DigestDecisions(
+            decisions, proven_of, proven_cells, axis, order, decider.impossible, ledger
+        ),
+        order=order,
+        needs_full=frozenset(needs_full),
+        root=_root_summaries(request),
+        needs_rows=frozenset(needs_rows),
+    )
+
+
+def _predict(
+    needs: set[tuple[str, int]],
+    decider: Decider,
+    spec: CalcSpec,
+    first: dt.date,
+    proven_of: Mapping[str, list[bool]],
+    axis: _Axis,
+    loaded: Collection[tuple[str, int]],
+) -> None:
+    """The months of other cells a month decided cell by cell will read from proven months:
+    its dependencies' cells of that month, their window dates and its own previous cell, as
+    seen from its first date (later dates look no further back)."""
+    keys = [*decider.upstream_keys(spec, first), *((dep, first) for dep in spec.dependencies)]
+    if spec.historical:
+        prev = decider.previous_date(spec.name, first)
+        if prev is not None:
+            keys.append((spec.name, prev))
+    month = bucket_of(first)
+    for name, date in keys:
+        flags = proven_of.get(name)
+        for b in {bucket_of(date), month}:
+            i = axis.index.get(b)
+            if flags is not None and i is not None and flags[i] and (name, b) not in loaded:
+                needs.add((name, b))
 
 
 Registry = Mapping[tuple[str, str], Mapping[str, Any]]
@@ -1007,7 +1959,9 @@ class MoreObservation(NamedTuple):
 
 
 def plan_with(
-    request: PlanRequest, observe_more: Callable[[set[str]], MoreObservation]
+    request: PlanRequest,
+    observe_more: Callable[..., MoreObservation],
+    rows: RowSource | None = None,
 ) -> tuple[Plan, PlanRequest]:
     """Plan from a slim snapshot, observing more only where a cell needs explaining.
 
@@ -1017,9 +1971,17 @@ def plan_with(
     done by the caller) returns full rows, the registered versions of their hashes and the
     cosmetic verdicts of their code changes, and the plan is made again. Both plans are pure.
 
+    With ledger digests (``request.digests``) the plan starts from no rows at all: each round
+    reads, from ``rows``, the slim rows of the months the last plan could not prove unchanged
+    (``Plan.needs_rows``), and full rows through ``observe_more(names, months)`` — only of
+    those months — where cells need explaining. The final plan's decisions and the returned
+    request's ledger (a ``LazySnapshot``) read any other stored row from ``rows`` on demand.
+
     Returns:
         The final plan and the request it was made from.
     """
+    if request.digests is not None:
+        return _plan_with_digests(request, observe_more, rows)
     plan = make_plan(request)
     if not plan.needs_full:
         return plan, request
@@ -1034,6 +1996,58 @@ def plan_with(
     plan = make_plan(request)
     assert not plan.needs_full, "full rows were loaded for every calculation that needs them"
     return plan, request
+
+
+_MAX_ROUNDS = 16
+
+
+def _merged(ledger: Snapshot, more: Snapshot) -> Snapshot:
+    """``ledger`` with the rows of ``more`` added (replacing the same cells' rows)."""
+    out = dict(ledger)
+    for name, rows in more.items():
+        out[name] = {**ledger.get(name, {}), **rows}
+    return out
+
+
+def _plan_with_digests(
+    request: PlanRequest,
+    observe_more: Callable[..., MoreObservation],
+    rows: RowSource | None,
+) -> tuple[Plan, PlanRequest]:
+    assert request.digests is not None
+    for _ in range(_MAX_ROUNDS):
+        plan = make_plan(request)
+        if plan.needs_rows:
+            fresh = plan.needs_rows - request.loaded
+            if rows is None:
+                raise LookupError("a plan from ledger digests needs rows and has no row source")
+            assert fresh, "the plan asked again for rows it was given"
+            request = dataclasses.replace(
+                request,
+                ledger=_merged(request.ledger, rows.load_buckets(fresh, slim=True)),
+                loaded=request.loaded | fresh,
+            )
+            continue
+        if plan.needs_full:
+            names = request.manifest.downstream(plan.needs_full)
+            months = {m for m in request.loaded if m[0] in names}
+            more = observe_more(names, months)
+            request = dataclasses.replace(
+                request,
+                ledger=_merged(request.ledger, more.rows),
+                registry={**request.registry, **more.registry},
+                cosmetic={**request.cosmetic, **more.cosmetic},
+            )
+            continue
+        break
+    else:  # pragma: no cover - each round reads strictly more
+        raise RuntimeError(f"the plan did not settle in {_MAX_ROUNDS} rounds")
+    snapshot = LazySnapshot(
+        request.ledger, request.loaded, request.digests or {}, request.manifest.calcs, rows
+    )
+    assert isinstance(plan.decisions, DigestDecisions)
+    plan.decisions.attach(snapshot, rows)
+    return plan, dataclasses.replace(request, ledger=snapshot)
 
 
 class PartComparison(NamedTuple):
@@ -1110,11 +2124,18 @@ __all__ = [
     "CellKey",
     "Decider",
     "Decision",
+    "DigestDecisions",
+    "LazySnapshot",
+    "MemoryRows",
     "Plan",
+    "PlanOrder",
     "PlanRequest",
     "Reason",
+    "RowSource",
     "Status",
     "Upstream",
     "decision_json",
+    "formula_canary",
     "make_plan",
+    "row_verifier",
 ]

@@ -119,6 +119,29 @@ class CellRow(Base):
     attempted_digest: Mapped[str | None] = mapped_column(HASH, nullable=True)
 
 
+class CalcDigestRow(Base):
+    """The sums of one calculation's stored cells in one month (``ledger.digests``): kept by
+    the ledger in the transaction of every write to ``cells`` (migration 0006), so the planner
+    proves a month of unchanged cells without reading them.
+
+    ``bucket`` is ``year * 12 + month - 1``; ``sums`` packs the three sums (inputs, results,
+    chain), two unsigned 64-bit lanes each, as six little-endian 64-bit words (one column:
+    half the cost of reading six). ``dirty`` is set by database triggers on any write to
+    ``cells`` and cleared by the ledger's own upkeep: a write from elsewhere leaves its months
+    dirty (with NULL ``sums`` when the trigger created the row), never trusted until
+    ``Ledger.repair_digests``.
+    """
+
+    __tablename__ = "calc_digests"
+
+    calculation: Mapped[str] = mapped_column(String(200), primary_key=True)
+    bucket: Mapped[int] = mapped_column(Integer, primary_key=True)
+    cells: Mapped[int] = mapped_column(Integer, default=0)
+    sums: Mapped[bytes | None] = mapped_column(LargeBinary, nullable=True)
+    dirty: Mapped[int] = mapped_column(Integer, default=0)
+    format: Mapped[int] = mapped_column(Integer, default=0)
+
+
 class UserFailureRow(Base):
     """One failed user of one attempt: its error (the traceback for an error of its own).
     At most ``execution.STORED_FAILURES`` rows per attempt; ``cells.users_failed`` counts all.

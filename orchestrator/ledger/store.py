@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import itertools
 import json
 import socket
 import sqlite3
@@ -23,11 +24,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
 
+import numpy as np
 import psutil
 from sqlalchemy import (
     ColumnElement,
     Connection,
     Engine,
+    Select,
     String,
     Table,
     and_,
@@ -37,21 +40,29 @@ from sqlalchemy import (
     event,
     exists,
     false,
+    func,
     insert,
+    literal,
     or_,
     select,
     text,
     tuple_,
+    union_all,
     update,
 )
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.engine import ExceptionContext, make_url
 from sqlalchemy.exc import IntegrityError, OperationalError, SQLAlchemyError
 
 from orchestrator import faults
 from orchestrator.errors import RunLockedError, StorageError
+from orchestrator.ledger import digests
+from orchestrator.ledger.digests import CalcDigests, Sums, bucket_bounds, bucket_of
 from orchestrator.ledger.models import (
     UNCLEAN_EXPRESSION,
     AttemptRow,
+    CalcDigestRow,
     CellRow,
     CodeVersionRow,
     EpochBumpRow,
@@ -85,6 +96,7 @@ LOCK: Table = RunLockRow.__table__  # type: ignore[assignment]
 VERSIONS: Table = CodeVersionRow.__table__  # type: ignore[assignment]
 BUMPS: Table = EpochBumpRow.__table__  # type: ignore[assignment]
 FAILURES: Table = UserFailureRow.__table__  # type: ignore[assignment]
+DIGESTS: Table = CalcDigestRow.__table__  # type: ignore[assignment]
 
 MIGRATIONS = Path(__file__).resolve().parents[2] / "migrations"
 
@@ -439,6 +451,270 @@ def _chunks(items: Sequence[Any], size: int) -> Iterator[Sequence[Any]]:
         yield items[start : start + size]
 
 
+# --- ledger digests: their upkeep (see ``ledger.digests``) ---------------------------------
+
+BucketKey = tuple[str, int]  # (calculation, bucket)
+
+# The parts of a stored row its build key is made of, for a write that changes only some.
+_BUILD_PARTS = (
+    CELLS.c.status,
+    CELLS.c.category,
+    CELLS.c.code_hash,
+    CELLS.c.layer_hash,
+    CELLS.c.infra_hash,
+    CELLS.c.epoch,
+    CELLS.c.scoped_epoch,
+)
+
+
+def _build_of(row: Any, **changed: Any) -> str:
+    """``build_key`` of a row selected with ``_BUILD_PARTS``, with some parts replaced."""
+    parts = {c.name: getattr(row, c.name) for c in _BUILD_PARTS} | changed
+    return build_key(
+        parts["status"],
+        parts["category"],
+        parts["code_hash"],
+        parts["layer_hash"],
+        parts["infra_hash"],
+        parts["epoch"],
+        parts["scoped_epoch"],
+    )
+
+
+def _buckets_in(keys: Iterable[BucketKey]) -> ColumnElement[bool]:
+    by_calc: dict[str, list[int]] = {}
+    for calc, bucket in keys:
+        by_calc.setdefault(calc, []).append(bucket)
+    if not by_calc:
+        return false()
+    return or_(
+        *(
+            and_(DIGESTS.c.calculation == calc, DIGESTS.c.bucket.in_(sorted(set(buckets))))
+            for calc, buckets in by_calc.items()
+        )
+    )
+
+
+class _Upkeep:
+    """The moves of one transaction's writes on the digests of the months they touch.
+
+    Used in three steps around the writes to ``cells`` (so that the sums move in the same
+    transaction): note every change (``row``, ``rebuild``, ``relink``), ``lock`` the digest
+    rows before writing cells (their ``dirty`` flag then tells a write from elsewhere since
+    the last upkeep, not the triggers of this transaction's own writes), ``commit`` after.
+    """
+
+    def __init__(self) -> None:
+        self.moves: dict[BucketKey, Sums] = {}
+        self.before: dict[BucketKey, tuple[Sums, bool]] = {}
+        # calculation -> date -> (row existed, its old result hash, its new result hash)
+        self.relinks: dict[str, dict[dt.date, tuple[bool, str | None, str | None]]] = {}
+
+    def _sums(self, calc: str, date: dt.date) -> Sums:
+        key = (calc, bucket_of(date))
+        s = self.moves.get(key)
+        if s is None:
+            s = self.moves[key] = Sums()
+        return s
+
+    def row(
+        self,
+        calc: str,
+        date: dt.date,
+        build: str,
+        upstream: Any,
+        root: Any,
+        previous: str | None,
+        result: str | None,
+        sign: int,
+    ) -> None:
+        """A row appears (+1) or disappears (-1) with these parts (mappings or JSON text)."""
+        iso = date.isoformat()
+        if isinstance(upstream, str) or isinstance(root, str):
+            term = digests.row_inputs_json(iso, build, upstream, root, previous)
+        else:
+            term = digests.row_inputs(iso, build, upstream, root, previous)
+        s = self._sums(calc, date)
+        s.cells += sign
+        s.inputs = digests.add(s.inputs, term, sign)
+        s.results = digests.add(s.results, digests.bound(iso, result), sign)
+
+    def rebuild(self, calc: str, date: dt.date, old_build: str, new_build: str) -> None:
+        """A row's build key changes, nothing else of what the digests hold. (Noted even when
+        it does not change: the write still fires the triggers, and the month must be stamped
+        clean again.)"""
+        s = self._sums(calc, date)
+        if old_build != new_build:
+            s.inputs = digests.add(
+                s.inputs, digests.rebuild_term(date.isoformat(), old_build, new_build)
+            )
+
+    def relink(
+        self, calc: str, date: dt.date, existed: bool, old: str | None, new: str | None
+    ) -> None:
+        """A row is inserted (``existed`` False) or its result hash may change: the links to
+        and from it move (``links``, before ``lock``)."""
+        if not existed or old != new:
+            self.relinks.setdefault(calc, {})[date] = (existed, old, new)
+
+    def links(self, conn: Connection) -> None:
+        """Move the ``chain`` sums of the relinked rows: read each run of them with its stored
+        neighbours (one statement for all), and replace the old links by the new ones."""
+        # One neighbourhood per calculation, from the row before its first changed date to
+        # the row after its last: neighbourhoods of one calculation must not overlap (each
+        # would replace the same old link). A transaction writes a chunk of dates, so it is
+        # a few rows; dates far apart read the rows between (date and hash only).
+        clusters = [(calc, sorted(changes)) for calc, changes in self.relinks.items()]
+        for chunk in _chunks(clusters, 100):
+            selects: list[Select[Any]] = []
+            for i, (calc, run) in enumerate(chunk):
+                lo, hi = run[0], run[-1]
+                before = (
+                    select(func.max(CELLS.c.date))
+                    .where(CELLS.c.calculation == calc, CELLS.c.date < lo)
+                    .scalar_subquery()
+                )
+                after = (
+                    select(func.min(CELLS.c.date))
+                    .where(CELLS.c.calculation == calc, CELLS.c.date > hi)
+                    .scalar_subquery()
+                )
+                selects.append(
+                    select(literal(i).label("k"), CELLS.c.date, CELLS.c.result_hash).where(
+                        CELLS.c.calculation == calc,
+                        CELLS.c.date >= func.coalesce(before, lo),
+                        CELLS.c.date <= func.coalesce(after, hi),
+                    )
+                )
+            stored: dict[int, dict[dt.date, str | None]] = {i: {} for i in range(len(chunk))}
+            query = selects[0] if len(selects) == 1 else union_all(*selects)
+            for k, date, result in conn.execute(query):
+                day = date if isinstance(date, dt.date) else dt.date.fromisoformat(str(date))
+                stored[k][day] = result
+            for i, (calc, run) in enumerate(chunk):
+                old = stored[i]
+                new = dict(old)
+                for date in run:
+                    new[date] = self.relinks[calc][date][2]
+                for chain, sign in ((old, -1), (new, 1)):
+                    days = sorted(chain)
+                    for p, q in itertools.pairwise(days):
+                        s = self._sums(calc, q)
+                        s.chain = digests.add(s.chain, digests.bound(q.isoformat(), chain[p]), sign)
+
+    def lock(self, conn: Connection) -> None:
+        """Read (on PostgreSQL: lock) the digest rows the moves touch; call before the writes."""
+        if self.relinks:
+            self.links(conn)
+        keys = sorted(self.moves)
+        for chunk in _chunks(keys, 500):
+            query = select(DIGESTS).where(_buckets_in(chunk))
+            if conn.dialect.name == "postgresql":
+                query = query.with_for_update()
+            current = digests.current_format()
+            for row in conn.execute(query):
+                clean = not row.dirty and row.format == current
+                sums = digests.unpack(row.cells, row.sums)
+                self.before[(row.calculation, row.bucket)] = (sums, clean)
+
+    def commit(self, conn: Connection) -> None:
+        """Write the moved sums; a month stays dirty if it was before this transaction (or
+        held another format: its other rows are not known to match the current rule)."""
+        current = digests.current_format()
+        rows = []
+        for key, move in self.moves.items():
+            base, clean = self.before.get(key, (Sums(), True))
+            s = base.merged(move)
+            rows.append(
+                {
+                    "calculation": key[0],
+                    "bucket": key[1],
+                    "cells": s.cells,
+                    "sums": digests.pack(s),
+                    "dirty": 0 if clean else 1,
+                    "format": current,
+                }
+            )
+        if rows:
+            _upsert_digests(conn, rows)
+
+
+def _rebuilds(
+    conn: Connection,
+    where: ColumnElement[bool],
+    change: Callable[[Any], Mapping[str, Any]],
+) -> _Upkeep:
+    """The upkeep of a write that changes only build-key parts of the rows ``where`` selects
+    (``change(row)`` gives the new parts), read and locked before the write; commit after."""
+    upkeep = _Upkeep()
+    rows = conn.execute(
+        select(CELLS.c.calculation, CELLS.c.date, CELLS.c.build_key, *_BUILD_PARTS).where(where)
+    )
+    for row in rows:
+        upkeep.rebuild(row.calculation, row.date, row.build_key, _build_of(row, **change(row)))
+    upkeep.lock(conn)
+    return upkeep
+
+
+def _upsert_digests(conn: Connection, rows: list[dict[str, Any]]) -> None:
+    make = pg_insert if conn.dialect.name == "postgresql" else sqlite_insert
+    stmt = make(DIGESTS)
+    stmt = stmt.on_conflict_do_update(
+        index_elements=[DIGESTS.c.calculation, DIGESTS.c.bucket],
+        set_={c: stmt.excluded[c] for c in ("cells", "sums", "dirty", "format")},
+    )
+    for chunk in _chunks(rows, 1000):
+        conn.execute(stmt, list(chunk))
+
+
+def _digest_calculations(
+    conn: Connection,
+    calculations: Iterable[str] | None,
+    verify: Callable[[LedgerCell], bool] | None = None,
+) -> int:
+    """Recompute the digests of ``calculations`` (None: all) from their rows, replacing what
+    was stored. A month is clean (trusted) when ``verify`` accepts each of its rows, or with
+    no ``verify`` (rows known to be written by this code: benchmarks, tests). Returns the
+    number of months written."""
+    names = None if calculations is None else sorted(set(calculations))
+    query = select(*_FULL_COLUMNS).order_by(CELLS.c.calculation, CELLS.c.date)
+    if names is not None:
+        query = query.where(CELLS.c.calculation.in_(names))
+        conn.execute(delete(DIGESTS).where(DIGESTS.c.calculation.in_(names)))
+    else:
+        conn.execute(delete(DIGESTS))
+    by_calc: dict[str, list[LedgerCell]] = {}
+    for row in conn.execute(query):
+        by_calc.setdefault(row[0], []).append(LedgerCell._make(row))
+    current = digests.current_format()
+    rows = []
+    for calc, cells in by_calc.items():
+        sums = digests.calc_sums(
+            [
+                (c.date, c.build, c.upstream_json, c.root_json, c.previous_hash, c.result_hash)
+                for c in cells
+            ]
+        )
+        trusted: dict[int, bool] = {}
+        for c in cells:
+            month = bucket_of(c.date)
+            trusted[month] = trusted.get(month, True) and (verify is None or verify(c))
+        for bucket, s in sums.items():
+            rows.append(
+                {
+                    "calculation": calc,
+                    "bucket": bucket,
+                    "cells": s.cells,
+                    "sums": digests.pack(s),
+                    "dirty": 0 if trusted[bucket] else 1,
+                    "format": current,
+                }
+            )
+    if rows:
+        _upsert_digests(conn, rows)
+    return len(rows)
+
+
 class Ledger:
     """Access to one ledger database. Construct with ``Ledger.open(url)``."""
 
@@ -492,11 +768,94 @@ class Ledger:
         365,000 rows); dates arrive as ``date`` objects from psycopg and as ISO text from
         SQLite, converted once per distinct date.
         """
-        kind = SlimCell if slim else LedgerCell
         query = select(*(_SLIM_COLUMNS if slim else _FULL_COLUMNS))
         # Filtered here, not in SQL: an IN list makes SQLite walk the index row by row, which
         # is slower than the plain scan when (as usual) nearly every row is wanted.
-        wanted = None if calculations is None else set(calculations)
+        return self._fetch_cells([query], slim, None if calculations is None else set(calculations))
+
+    def _fetch_cells(
+        self,
+        queries: Sequence[Select[Any]],
+        slim: bool,
+        calculations: set[str] | None = None,
+        months: Mapping[str, set[int]] | None = None,
+    ) -> Snapshot:
+        """Run cell queries (``_SLIM_COLUMNS`` or ``_FULL_COLUMNS``) on the raw DBAPI cursor,
+        keeping the rows of ``calculations`` (None: all) and, with ``months``, only those of
+        the listed months of each calculation; as calculation -> date -> cell."""
+        kind = SlimCell if slim else LedgerCell
+        out: Snapshot = {}
+        with self.engine.connect() as conn, paused_gc(freeze=True):
+            cursor = conn.connection.dbapi_connection.cursor()  # type: ignore[union-attr]
+            try:
+                dates: dict[Any, dt.date] = {}
+                make = tuple.__new__
+                for query in queries:
+                    sql = str(query.compile(conn, compile_kwargs={"literal_binds": True}))
+                    cursor.execute(sql)
+                    rows = cursor.fetchall()
+                    for row in rows:
+                        if calculations is not None and row[0] not in calculations:
+                            continue
+                        raw = row[1]
+                        date = dates.get(raw)
+                        if date is None:
+                            date = dates[raw] = (
+                                raw if isinstance(raw, dt.date) else dt.date.fromisoformat(raw)
+                            )
+                        if months is not None and bucket_of(date) not in months.get(row[0], ()):
+                            continue
+                        per_date = out.get(row[0])
+                        if per_date is None:
+                            per_date = out[row[0]] = {}
+                        per_date[date] = make(kind, (row[0], date, *row[2:]))  # type: ignore[assignment,call-overload]
+            finally:
+                cursor.close()
+        return out
+
+    def load_buckets(self, buckets: Iterable[tuple[str, int]], slim: bool = True) -> Snapshot:
+        """The stored cells of some months of some calculations (``digests.bucket_of``), as
+        ``load_cells`` returns them: what the planner reads where digests do not prove the
+        cells unchanged. Consecutive months are read as one date range (an index range scan
+        per range); when most months of the ledger are asked for, one plain scan."""
+        wanted: dict[str, set[int]] = {}
+        for calc, bucket in buckets:
+            wanted.setdefault(calc, set()).add(bucket)
+        if not wanted:
+            return {}
+        columns = _SLIM_COLUMNS if slim else _FULL_COLUMNS
+        asked = sum(len(b) for b in wanted.values())
+        with self.engine.connect() as conn:
+            stored = conn.execute(select(func.count()).select_from(DIGESTS)).scalar_one()
+        if asked * 2 >= stored:
+            return self._fetch_cells([select(*columns)], slim, set(wanted), wanted)
+        ranges: list[ColumnElement[bool]] = []
+        for calc, months in sorted(wanted.items()):
+            ordered = sorted(months)
+            start = previous = ordered[0]
+            for month in [*ordered[1:], None]:
+                if month is not None and month == previous + 1:
+                    previous = month
+                    continue
+                lo, hi = bucket_bounds(start)[0], bucket_bounds(previous)[1]
+                ranges.append(
+                    and_(CELLS.c.calculation == calc, CELLS.c.date >= lo, CELLS.c.date <= hi)
+                )
+                if month is not None:
+                    start = previous = month
+        queries = [select(*columns).where(or_(*chunk)) for chunk in _chunks(ranges, 200)]
+        return self._fetch_cells(queries, slim, set(wanted), wanted)
+
+    def load_result_hashes(
+        self, calculations: Iterable[str]
+    ) -> dict[str, dict[dt.date, str | None]]:
+        """calculation -> date -> stored result hash, of every cell of ``calculations`` (one
+        scan): what a whole plan's decisions carry, read only when all of them are asked for."""
+        wanted = set(calculations)
+        out: dict[str, dict[dt.date, str | None]] = {}
+        query = select(CELLS.c.calculation, CELLS.c.date, CELLS.c.result_hash)
+        if len(wanted) <= 8:  # a few: through the index (a scan reads every calculation)
+            query = query.where(CELLS.c.calculation.in_(sorted(wanted)))
         with self.engine.connect() as conn, paused_gc(freeze=True):
             sql = str(query.compile(conn, compile_kwargs={"literal_binds": True}))
             cursor = conn.connection.dbapi_connection.cursor()  # type: ignore[union-attr]
@@ -505,26 +864,98 @@ class Ledger:
                 rows = cursor.fetchall()
             finally:
                 cursor.close()
-            dates: dict[Any, dt.date] = {}
-            make = tuple.__new__
-            out: Snapshot = {}
-            for row in rows:
-                if wanted is not None and row[0] not in wanted:
-                    continue
-                per_date = out.get(row[0])
-                if per_date is None:
-                    per_date = out[row[0]] = {}
-                raw = row[1]
-                date = dates.get(raw)
-                if date is None:
-                    date = dates[raw] = (
-                        raw if isinstance(raw, dt.date) else dt.date.fromisoformat(raw)
-                    )
-                per_date[date] = make(kind, (row[0], date, *row[2:]))  # type: ignore[assignment,call-overload]
+        dates: dict[Any, dt.date] = {}
+        for calc, raw, result in rows:
+            if calc not in wanted:
+                continue
+            date = dates.get(raw)
+            if date is None:
+                date = dates[raw] = raw if isinstance(raw, dt.date) else dt.date.fromisoformat(raw)
+            per_date = out.get(calc)
+            if per_date is None:
+                per_date = out[calc] = {}
+            per_date[date] = result
         return out
 
+    def load_digests(self, calculations: Iterable[str] | None = None) -> dict[str, CalcDigests]:
+        """The stored digests (``ledger.digests``) of ``calculations`` (None: all), one query
+        on the raw cursor (a month is one row: 33,000 rows for a 1,000,000-cell ledger)."""
+        wanted = None if calculations is None else set(calculations)
+        query = select(
+            DIGESTS.c.calculation,
+            DIGESTS.c.bucket,
+            DIGESTS.c.cells,
+            DIGESTS.c.sums,
+            DIGESTS.c.dirty,
+            DIGESTS.c.format,
+        ).order_by(DIGESTS.c.calculation, DIGESTS.c.bucket)
+        with self.engine.connect() as conn:
+            sql = str(query.compile(conn))
+            cursor = conn.connection.dbapi_connection.cursor()  # type: ignore[union-attr]
+            try:
+                cursor.execute(sql)
+                rows = cursor.fetchall()
+            finally:
+                cursor.close()
+        out: dict[str, CalcDigests] = {}
+        zero = bytes(digests.PACKED_BYTES)
+        current = digests.current_format()
+        start = 0
+        for end in range(1, len(rows) + 1):
+            if end < len(rows) and rows[end][0] == rows[start][0]:
+                continue
+            calc = rows[start][0]
+            if wanted is None or calc in wanted:
+                block = rows[start:end]
+                n = len(block)
+                words = np.frombuffer(
+                    b"".join(zero if r[3] is None else bytes(r[3]) for r in block),
+                    dtype="<u8",
+                ).reshape(n, 6)
+                out[calc] = CalcDigests(
+                    buckets=np.array([r[1] for r in block], dtype=np.int64),
+                    cells=np.array([r[2] for r in block], dtype=np.int64),
+                    inputs=words[:, 0:2].astype(np.uint64),
+                    results=words[:, 2:4].astype(np.uint64),
+                    chain=words[:, 4:6].astype(np.uint64),
+                    clean=np.array([not r[4] and r[5] == current for r in block], dtype=bool),
+                )
+            start = end
+        return out
+
+    def repair_digests(self, verify: Callable[[LedgerCell], bool]) -> int:
+        """Recompute the digests of every calculation with an untrusted month — written to
+        outside the ledger's methods (dirty), or of another format (``digests.current_format``:
+        another rule of inputs digests, or not checked since migration 0006) — and trust each
+        month again only if ``verify`` accepts every row in it (``planning.row_verifier``: its
+        inputs digest is the current rule applied to its stored values). Returns how many
+        calculations were recomputed (0 when all were sound: one small query)."""
+        with self.engine.begin() as conn:
+            names = (
+                conn.execute(
+                    select(DIGESTS.c.calculation)
+                    .where(or_(DIGESTS.c.dirty != 0, DIGESTS.c.format != digests.current_format()))
+                    .distinct()
+                )
+                .scalars()
+                .all()
+            )
+            if names:
+                _digest_calculations(conn, names, verify)
+        return len(names)
+
+    def rebuild_digests(self) -> int:
+        """Recompute every digest from the stored cells, trusting every row (for ledgers
+        written by this code, e.g. a benchmark's). Returns the months written."""
+        with self.engine.begin() as conn:
+            return _digest_calculations(conn, None)
+
     def cell(self, calculation: str, date: dt.date) -> LedgerCell | None:
-        cell = self.load_cells([calculation]).get(calculation, {}).get(date)
+        """One stored cell, every part (one indexed query)."""
+        query = select(*_FULL_COLUMNS).where(
+            CELLS.c.calculation == calculation, CELLS.c.date == date
+        )
+        cell = self._fetch_cells([query], False).get(calculation, {}).get(date)
         return cell if isinstance(cell, LedgerCell) else None
 
     # --- cells: writes --------------------------------------------------------------------
@@ -575,9 +1006,61 @@ class Ledger:
                     CELLS.c.date,
                     CELLS.c.generation,
                     CELLS.c.attempts,
+                    CELLS.c.build_key,
+                    *_BUILD_PARTS,
+                    cast(CELLS.c.upstream_hashes, String).label("upstream_json"),
+                    cast(CELLS.c.root_hashes, String).label("root_json"),
+                    CELLS.c.previous_hash,
+                    CELLS.c.result_hash,
                 ).where(_cells_in(CELLS, keys))
             )
         }
+        upkeep = _Upkeep()
+        for w in writes:
+            old = existing.get((w.calculation, w.date))
+            if w.generation is None and old is not None:  # (as below: only the status moves)
+                upkeep.rebuild(
+                    w.calculation, w.date, old.build_key, _build_of(old, status=w.status)
+                )
+                continue
+            if old is not None:
+                upkeep.row(
+                    w.calculation,
+                    w.date,
+                    old.build_key,
+                    old.upstream_json,
+                    old.root_json,
+                    old.previous_hash,
+                    old.result_hash,
+                    -1,
+                )
+            new_build = build_key(
+                w.status,
+                w.category,
+                w.code_hash,
+                w.layer_hash,
+                w.infra_hash,
+                w.epoch,
+                w.scoped_epoch,
+            )
+            upkeep.row(
+                w.calculation,
+                w.date,
+                new_build,
+                w.upstream_hashes,
+                w.root_hashes,
+                w.previous_hash,
+                w.result_hash,
+                1,
+            )
+            upkeep.relink(
+                w.calculation,
+                w.date,
+                old is not None,
+                old.result_hash if old is not None else None,
+                w.result_hash,
+            )
+        upkeep.lock(conn)
         inserts: list[dict[str, Any]] = []
         failures: list[dict[str, Any]] = []
         for w in writes:
@@ -655,6 +1138,7 @@ class Ledger:
             )
         if failures:
             conn.execute(insert(FAILURES), failures)
+        upkeep.commit(conn)
 
     def lease(
         self, cells: Sequence[tuple[str, dt.date]], run_id: str, expires: dt.datetime
@@ -664,11 +1148,13 @@ class Ledger:
         run dies, it is simply still NEW.)"""
         if cells:
             with self.engine.begin() as conn:
+                upkeep = _rebuilds(conn, _cells_in(CELLS, cells), lambda row: {"status": "RUNNING"})
                 conn.execute(
                     update(CELLS)
                     .where(_cells_in(CELLS, cells))
                     .values(status="RUNNING", run_id=run_id, lease_expires_at=expires)
                 )
+                upkeep.commit(conn)
 
     def renew_leases(self, run_id: str, expires: dt.datetime) -> None:
         """The heartbeat: extend the leases of this run's RUNNING cells."""
@@ -685,12 +1171,19 @@ class Ledger:
         """Switch cells (calculation, date) to a new category, and record the attempts, in one
         transaction: the published result itself does not change."""
         with self.engine.begin() as conn:
+            to = {(calculation, date): category for calculation, date, category in moves}
+            upkeep = _rebuilds(
+                conn,
+                _cells_in(CELLS, list(to)),
+                lambda row: {"category": to[(row.calculation, row.date)]},
+            )
             for calculation, date, category in moves:
                 conn.execute(
                     update(CELLS)
                     .where(CELLS.c.calculation == calculation, CELLS.c.date == date)
                     .values(category=category)
                 )
+            upkeep.commit(conn)
             if attempts:
                 conn.execute(insert(ATTEMPTS), [dict(a) for a in attempts])
 
@@ -710,13 +1203,21 @@ class Ledger:
     ) -> int:
         """Put dead letters (optionally of one calculation / date) back in the loop: the next
         run retries them (RETRY) with a fresh attempt count. Returns how many."""
-        query = update(CELLS).where(CELLS.c.status == "DEAD_LETTER")
+        where = [CELLS.c.status == "DEAD_LETTER"]
         if calculation is not None:
-            query = query.where(CELLS.c.calculation == calculation)
+            where.append(CELLS.c.calculation == calculation)
         if date is not None:
-            query = query.where(CELLS.c.date == date)
+            where.append(CELLS.c.date == date)
         with self.engine.begin() as conn:
-            return conn.execute(query.values(status="FAILED", attempts=0)).rowcount or 0
+            upkeep = _rebuilds(conn, and_(*where), lambda row: {"status": "FAILED"})
+            count = (
+                conn.execute(
+                    update(CELLS).where(*where).values(status="FAILED", attempts=0)
+                ).rowcount
+                or 0
+            )
+            upkeep.commit(conn)
+            return count
 
     def collect_orphans(self) -> int:
         """Delete shards no published cell points at (left by a crashed attempt)."""
@@ -914,15 +1415,12 @@ class Ledger:
 
     def restamp_code(self, calculation: str, old: str, new: str) -> int:
         """Record a proven-cosmetic code change: cells built by ``old`` now carry ``new``."""
+        where = and_(CELLS.c.calculation == calculation, CELLS.c.code_hash == old)
         with self.engine.begin() as conn:
-            return (
-                conn.execute(
-                    update(CELLS)
-                    .where(CELLS.c.calculation == calculation, CELLS.c.code_hash == old)
-                    .values(code_hash=new)
-                ).rowcount
-                or 0
-            )
+            upkeep = _rebuilds(conn, where, lambda row: {"code_hash": new})
+            count = conn.execute(update(CELLS).where(where).values(code_hash=new)).rowcount or 0
+            upkeep.commit(conn)
+            return count
 
     def epoch_bumps(self) -> list[Any]:
         """Every bump, oldest first."""
