@@ -1310,15 +1310,12 @@ class _Expect:
         if hit is None:
             days = self.decider._root_dates.get(dataset, [])
             hashes = self.decider.request.root.get(dataset, {})
-            mask = ledger_digests.MASK
             terms = np.zeros((len(days) + 1, 2), dtype=_LANE)
             if days:
-                rows = []
-                for day in days:
-                    w = ledger_digests.root_weight(dataset, day.isoformat())
-                    v = ledger_digests.value(hashes[day])
-                    rows.append((w[0] * v[0] & mask, w[1] * v[1] & mask))
-                terms[1:] = np.array(rows, dtype=_LANE)
+                term = ledger_digests.root_term
+                terms[1:] = np.array(
+                    [term(dataset, day.isoformat(), hashes[day]) for day in days], dtype=_LANE
+                )
             ordinals = np.array([d.toordinal() for d in days], dtype=np.int64)
             ends = np.searchsorted(ordinals, self.axis.ordinals, side="right")
             hit = self._prefixes[dataset] = (np.cumsum(terms, axis=0, dtype=_LANE), ends)

@@ -25,7 +25,7 @@ import datetime as dt
 import json
 import os
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from typing import Any
 
 import pytest
@@ -854,7 +854,7 @@ def both(project: Project, target: dt.date, **kw: Any) -> tuple[Plan, Plan]:
     for full in (False, True):
         orch = project.orchestrator()
         try:
-            with full_plan() if full else contextlib_null():
+            with full_plan() if full else nullcontext():
                 now = dt.datetime.now(dt.UTC)
                 request = orch.request(orch.observe(now), target, **kw)
                 plan, _ = plan_with(request, orch.observe_more, orch.ledger)
@@ -864,11 +864,6 @@ def both(project: Project, target: dt.date, **kw: Any) -> tuple[Plan, Plan]:
         finally:
             orch.close()
     return plans[0], plans[1]
-
-
-@contextmanager
-def contextlib_null() -> Iterator[None]:
-    yield
 
 
 def assert_both_agree(project: Project, target: dt.date, **kw: Any) -> Plan:
@@ -887,7 +882,7 @@ def why_both(project: Project, calc: str, date: dt.date) -> None:
     for full in (False, True):
         orch = project.orchestrator()
         try:
-            with full_plan() if full else contextlib_null():
+            with full_plan() if full else nullcontext():
                 decision, stored, parts = orch.why(calc, date)
                 results.append((decision, stored, parts))
         finally:

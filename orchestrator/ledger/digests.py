@@ -124,6 +124,14 @@ def root_weight(dataset: str, day: str) -> Lanes:
     return ((TAU_ROOT[0] * b[0]) & MASK, (TAU_ROOT[1] * b[1]) & MASK)
 
 
+@lru_cache(maxsize=1 << 18)
+def root_term(dataset: str, day: str, h: str) -> Lanes:
+    """``root_weight(dataset, day) * value(h)``: one root day of a window, as summed (a day
+    is in ``lookback`` windows of every calculation reading it: computed once)."""
+    w, v = root_weight(dataset, day), value(h)
+    return ((w[0] * v[0]) & MASK, (w[1] * v[1]) & MASK)
+
+
 def row_inputs(
     iso: str,
     build: str,
@@ -142,9 +150,9 @@ def row_inputs(
         hi += w[1] * v[1]
     for dataset, window in root.items():
         for day, h in window.items():
-            w, v = root_weight(dataset, day), value(h)
-            lo += w[0] * v[0]
-            hi += w[1] * v[1]
+            t = root_term(dataset, day, h)
+            lo += t[0]
+            hi += t[1]
     a = date_atom(iso)
     return ((a[0] * lo) & MASK, (a[1] * hi) & MASK)
 

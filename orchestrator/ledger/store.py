@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import functools
 import itertools
 import json
 import socket
@@ -42,12 +43,10 @@ from sqlalchemy import (
     false,
     func,
     insert,
-    literal,
     or_,
     select,
     text,
     tuple_,
-    union_all,
     update,
 )
 from sqlalchemy.dialects.postgresql import insert as pg_insert
@@ -481,17 +480,36 @@ def _build_of(row: Any, **changed: Any) -> str:
     )
 
 
-def _buckets_in(keys: Iterable[BucketKey]) -> ColumnElement[bool]:
-    by_calc: dict[str, list[int]] = {}
-    for calc, bucket in keys:
-        by_calc.setdefault(calc, []).append(bucket)
-    if not by_calc:
-        return false()
-    return or_(
-        *(
-            and_(DIGESTS.c.calculation == calc, DIGESTS.c.bucket.in_(sorted(set(buckets))))
-            for calc, buckets in by_calc.items()
-        )
+def _date_param(conn: Connection, date: dt.date) -> Any:
+    """A date as a textual statement's parameter (SQLite stores dates as ISO text)."""
+    return date.isoformat() if conn.dialect.name == "sqlite" else date
+
+
+@functools.lru_cache(maxsize=256)
+def _neighbourhoods(n: int) -> Any:
+    """For ``n`` (calculation ``c{i}``, first date ``lo{i}``, last date ``hi{i}``): the
+    (i, date, result hash) of each calculation's stored rows from the one before ``lo{i}``
+    through the one after ``hi{i}``. Textual and cached per ``n``: built as expressions, this
+    statement cost more than the rest of a publish."""
+    branches = [
+        f"SELECT {i} AS k, date, result_hash FROM cells WHERE calculation = :c{i} "
+        f"AND date >= COALESCE((SELECT MAX(date) FROM cells WHERE calculation = :c{i} "
+        f"AND date < :lo{i}), :lo{i}) "
+        f"AND date <= COALESCE((SELECT MIN(date) FROM cells WHERE calculation = :c{i} "
+        f"AND date > :hi{i}), :hi{i})"
+        for i in range(n)
+    ]
+    return text(" UNION ALL ".join(branches))
+
+
+@functools.lru_cache(maxsize=256)
+def _digest_rows(n: int, lock: bool) -> Any:
+    """The digest rows of ``n`` (calculation ``c{i}``, bucket ``b{i}``) pairs (an OR of
+    equalities: each one an index search), locked on PostgreSQL."""
+    where = " OR ".join(f"(calculation = :c{i} AND bucket = :b{i})" for i in range(n))
+    return text(
+        "SELECT calculation, bucket, cells, sums, dirty, format FROM calc_digests "
+        f"WHERE {where}" + (" FOR UPDATE" if lock else "")
     )
 
 
@@ -566,29 +584,13 @@ class _Upkeep:
         # a few rows; dates far apart read the rows between (date and hash only).
         clusters = [(calc, sorted(changes)) for calc, changes in self.relinks.items()]
         for chunk in _chunks(clusters, 100):
-            selects: list[Select[Any]] = []
+            params: dict[str, Any] = {}
             for i, (calc, run) in enumerate(chunk):
-                lo, hi = run[0], run[-1]
-                before = (
-                    select(func.max(CELLS.c.date))
-                    .where(CELLS.c.calculation == calc, CELLS.c.date < lo)
-                    .scalar_subquery()
-                )
-                after = (
-                    select(func.min(CELLS.c.date))
-                    .where(CELLS.c.calculation == calc, CELLS.c.date > hi)
-                    .scalar_subquery()
-                )
-                selects.append(
-                    select(literal(i).label("k"), CELLS.c.date, CELLS.c.result_hash).where(
-                        CELLS.c.calculation == calc,
-                        CELLS.c.date >= func.coalesce(before, lo),
-                        CELLS.c.date <= func.coalesce(after, hi),
-                    )
-                )
+                params[f"c{i}"] = calc
+                params[f"lo{i}"] = _date_param(conn, run[0])
+                params[f"hi{i}"] = _date_param(conn, run[-1])
             stored: dict[int, dict[dt.date, str | None]] = {i: {} for i in range(len(chunk))}
-            query = selects[0] if len(selects) == 1 else union_all(*selects)
-            for k, date, result in conn.execute(query):
+            for k, date, result in conn.execute(_neighbourhoods(len(chunk)), params):
                 day = date if isinstance(date, dt.date) else dt.date.fromisoformat(str(date))
                 stored[k][day] = result
             for i, (calc, run) in enumerate(chunk):
@@ -607,15 +609,17 @@ class _Upkeep:
         if self.relinks:
             self.links(conn)
         keys = sorted(self.moves)
-        for chunk in _chunks(keys, 500):
-            query = select(DIGESTS).where(_buckets_in(chunk))
-            if conn.dialect.name == "postgresql":
-                query = query.with_for_update()
-            current = digests.current_format()
-            for row in conn.execute(query):
-                clean = not row.dirty and row.format == current
-                sums = digests.unpack(row.cells, row.sums)
-                self.before[(row.calculation, row.bucket)] = (sums, clean)
+        current = digests.current_format()
+        lock = conn.dialect.name == "postgresql"
+        for chunk in _chunks(keys, 200):
+            params = {f"c{i}": c for i, (c, _) in enumerate(chunk)} | {
+                f"b{i}": b for i, (_, b) in enumerate(chunk)
+            }
+            for calc, bucket, cells, sums, dirty, format_ in conn.execute(
+                _digest_rows(len(chunk), lock), params
+            ):
+                clean = not dirty and format_ == current
+                self.before[(calc, bucket)] = (digests.unpack(cells, sums), clean)
 
     def commit(self, conn: Connection) -> None:
         """Write the moved sums; a month stays dirty if it was before this transaction (or
@@ -656,13 +660,18 @@ def _rebuilds(
     return upkeep
 
 
-def _upsert_digests(conn: Connection, rows: list[dict[str, Any]]) -> None:
-    make = pg_insert if conn.dialect.name == "postgresql" else sqlite_insert
+@functools.lru_cache(maxsize=4)
+def _digest_upsert(dialect: str) -> Any:
+    make = pg_insert if dialect == "postgresql" else sqlite_insert
     stmt = make(DIGESTS)
-    stmt = stmt.on_conflict_do_update(
+    return stmt.on_conflict_do_update(
         index_elements=[DIGESTS.c.calculation, DIGESTS.c.bucket],
         set_={c: stmt.excluded[c] for c in ("cells", "sums", "dirty", "format")},
     )
+
+
+def _upsert_digests(conn: Connection, rows: list[dict[str, Any]]) -> None:
+    stmt = _digest_upsert(conn.dialect.name)
     for chunk in _chunks(rows, 1000):
         conn.execute(stmt, list(chunk))
 
