@@ -495,7 +495,11 @@ class Executor:
             for k in self.plan.order
             if self.decisions[k].status in (Status.RUNNABLE, Status.BLOCKED) and self.in_scope(k)
         ]
-        standard = {k[0] for k in work if self.manifest.calcs[k[0]].is_standard}
+        # Workers walk per-user standard cells; columnar blocks run in this process, so a
+        # run of columnar calculations only forks no pool (it would only cost memory).
+        standard = {
+            k[0] for k in work if self.manifest.calcs[k[0]].is_standard and not self._columnar(k[0])
+        }
         if self.workers <= 1 or not standard:
             return self._execute()
         # The users a cell walks come from its root data or, for a cell without root data,
