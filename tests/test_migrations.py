@@ -13,7 +13,7 @@ from orchestrator.ledger.store import Ledger, current_revision, downgrade, make_
 def test_upgrade_to_head_matches_models_and_downgrade_to_base(db_url: str) -> None:
     engine = make_engine(db_url)
     upgrade(engine)
-    assert current_revision(engine) == "0005"
+    assert current_revision(engine) == "0006"
     tables = set(inspect(engine).get_table_names()) - {"alembic_version"}
     assert tables == set(Base.metadata.tables)
     for name, table in Base.metadata.tables.items():
