@@ -22,17 +22,16 @@ multisets of (date, part, value) terms except with probability about 2**-126 per
 — the same kind of guarantee as the 128-bit hashes the fingerprints already compare.
 
 What the sums rely on: a row's ``inputs_digest`` is ``fingerprint.inputs_digest`` of its
-calculation's shape and of the input values stored with it (the executor writes both from
-one ``CellInputs``; a failed attempt keeps both), and a shape change is a code change (the
-shape is made of class attributes, which the code hash covers). So equal stored and current
-input values mean an equal inputs digest, and the planner compares values instead of
-re-hashing each cell. That relation is not taken on trust where
-it could fail: digests are stamped with a canary of the current rule (``current_format``), so
-a change of the rule makes every month untrusted, and a month is trusted again — after a
-write from outside the ledger's methods, after such a change, after migration 0006 — only
-once every row in it has been checked against the current rule (``Ledger.repair_digests``
-with ``planning.row_verifier``: run by every ``orchestrator run``). Until then its cells are
-decided one by one, by the full rule.
+calculation's shape and of the input values stored with it (the executor writes both from one
+``CellInputs``; a failed attempt keeps both), and a shape change is a code change (the shape
+is made of class attributes, which the code hash covers). So equal stored and current input
+values mean an equal inputs digest, and the planner compares values instead of re-hashing
+each cell. That relation is not taken on trust where it could fail: digests are stamped with
+a canary of the current rule (``current_format``), so a change of the rule makes every month
+untrusted; and a month is trusted again — after a write from outside the ledger's methods,
+after such a change, after migration 0006 — only once every row in it has been checked
+against the current rule (``Ledger.repair_digests`` with ``planning.row_verifier``, run by
+every ``orchestrator run``). Until then its cells are decided one by one, by the full rule.
 """
 
 from __future__ import annotations
