@@ -53,12 +53,14 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
-from typing import Any, Self
+from typing import Any
 
 import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_run import TreeRss
 
 HERE = Path(__file__).resolve().parent
 TEMPLATE = HERE / "symbols" / "indicators.py"
@@ -267,48 +269,6 @@ class Project:
 # --- timing ----------------------------------------------------------------------------------------
 
 
-class TreeRss:
-    """Peak of the summed RSS of a process and its descendants, polled with psutil."""
-
-    def __init__(self, pid: int, interval: float = 0.05):
-        import psutil
-
-        self._psutil = psutil
-        self.pid = pid
-        self.interval = interval
-        self.peak = 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._poll, daemon=True)
-
-    def __enter__(self) -> Self:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
-
-    def _poll(self) -> None:
-        ps = self._psutil
-        try:
-            root = ps.Process(self.pid)
-        except ps.NoSuchProcess:
-            return
-        while not self._stop.is_set():
-            try:
-                procs = [root, *root.children(recursive=True)]
-            except ps.NoSuchProcess:
-                return
-            total = 0
-            for p in procs:
-                try:
-                    total += p.memory_info().rss
-                except ps.NoSuchProcess:
-                    pass
-            self.peak = max(self.peak, total)
-            self._stop.wait(self.interval)
-
-
 def timed(cmd: list[str], env: dict[str, str], cwd: Path) -> dict[str, Any]:
     """Run ``cmd`` as a whole process, timed from outside.
 
@@ -325,7 +285,7 @@ def timed(cmd: list[str], env: dict[str, str], cwd: Path) -> dict[str, Any]:
     with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
         start = time.perf_counter()
         proc = subprocess.Popen(full, stdout=out, stderr=err, env=env, cwd=cwd)
-        with TreeRss(proc.pid) as poll:
+        with TreeRss(proc.pid, include_root=True) as poll:
             code = proc.wait()
         wall = time.perf_counter() - start
         out.seek(0)

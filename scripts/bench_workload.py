@@ -59,12 +59,14 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
-from typing import Any, Self
+from typing import Any
 
 import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_run import TreeRss
 
 HERE = Path(__file__).resolve().parent
 TEMPLATES = {
@@ -408,48 +410,6 @@ class Project:
 # --- timing ---------------------------------------------------------------------------------------
 
 
-class TreeRss:
-    """Peak of the summed RSS of a process and its descendants, polled with psutil."""
-
-    def __init__(self, pid: int, interval: float = 0.05):
-        import psutil
-
-        self._psutil = psutil
-        self.pid = pid
-        self.interval = interval
-        self.peak = 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._poll, daemon=True)
-
-    def __enter__(self) -> Self:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
-
-    def _poll(self) -> None:
-        ps = self._psutil
-        try:
-            root = ps.Process(self.pid)
-        except ps.NoSuchProcess:
-            return
-        while not self._stop.is_set():
-            total = 0
-            try:
-                procs = [root, *root.children(recursive=True)]
-            except ps.NoSuchProcess:
-                return
-            for p in procs:
-                try:
-                    total += p.memory_info().rss
-                except ps.NoSuchProcess:
-                    pass
-            self.peak = max(self.peak, total)
-            self._stop.wait(self.interval)
-
-
 def timed(cmd: list[str], env: dict[str, str], cwd: Path) -> dict[str, Any]:
     """Run ``cmd`` as a whole process, timed from outside.
 
@@ -470,7 +430,7 @@ def timed(cmd: list[str], env: dict[str, str], cwd: Path) -> dict[str, Any]:
             code = proc.wait()
             polled = None
         else:
-            with TreeRss(proc.pid) as poll:
+            with TreeRss(proc.pid, include_root=True) as poll:
                 code = proc.wait()
             polled = poll.peak / 2**20
         wall = time.perf_counter() - start
