@@ -11,7 +11,6 @@ import ast
 import contextlib
 import dataclasses
 import datetime as dt
-import importlib.metadata
 import os
 import re
 import sqlite3
@@ -31,6 +30,7 @@ from orchestrator.fingerprint import infra_hash
 from orchestrator.ledger.digests import CalcDigests
 from orchestrator.ledger.store import Ledger, LedgerCell, Snapshot, lock_holder
 from orchestrator.lineage import Lineage
+from orchestrator.lineage_cache import LineageCache
 from orchestrator.manifest import CalcSpec, Manifest, discover
 from orchestrator.planning import (
     Decider,
@@ -49,6 +49,7 @@ from orchestrator.rootstore import StoredDataset, build_store, store_path
 from orchestrator.simulation import Simulation, simulate, unverified_changes
 
 LOCK_TTL = dt.timedelta(minutes=15)
+LINEAGE_CACHE = "lineage-cache.json"  # in work_dir: lineages kept across runs
 
 
 def read_epoch(path: Path) -> int:
@@ -197,7 +198,8 @@ class Orchestrator:
 
     @cached_property
     def manifest(self) -> Manifest:
-        specs = discover(self.config.calculations, self.config.path.parent)
+        cache = LineageCache.load(self.config.work_dir / LINEAGE_CACHE)
+        specs = discover(self.config.calculations, self.config.path.parent, cache)
         if self.config.packages is not None:
             specs = [declared_packages(s, self.config.packages) for s in specs]
         manifest = Manifest.build(specs)
@@ -771,6 +773,8 @@ def declared_packages(spec: CalcSpec, names: Iterable[str]) -> CalcSpec:
     Raises:
         ConfigError: a configured distribution is not installed.
     """
+    import importlib.metadata  # here: a no-op run without 'packages' never reads metadata
+
     versions: dict[str, str] = {}
     for name in names:
         try:

@@ -19,11 +19,13 @@ from __future__ import annotations
 
 import ast
 import builtins
-import importlib.metadata
+import copy
 import importlib.util
 import inspect
+import linecache
 import sys
 import textwrap
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import cache
 from typing import Any
@@ -125,14 +127,28 @@ class Lineage:
 
 
 @cache
-def _module_source(module: str) -> ast.Module | None:
+def _module_text(module: str) -> tuple[str, str] | None:
+    """(file, text) of a module's Python source, read once per process; None without one."""
     spec = importlib.util.find_spec(module)
     if spec is None or not spec.origin or not spec.origin.endswith(".py"):
         return None
     with open(spec.origin, encoding="utf-8") as f:
-        return ast.parse(f.read())
+        return spec.origin, f.read()
 
 
+@cache
+def _module_source(module: str) -> ast.Module | None:
+    found = _module_text(module)
+    return None if found is None else ast.parse(found[1])
+
+
+@cache
+def _module_lines(module: str) -> _Lines | None:
+    found = _module_text(module)
+    return None if found is None else _Lines(found[1])
+
+
+@cache  # per tree (trees are cached per module): looked up for every name followed
 def _definitions(tree: ast.Module) -> dict[str, ast.stmt]:
     """Top-level name -> defining statement (function, class, assignment, import)."""
     defs: dict[str, ast.stmt] = {}
@@ -178,6 +194,8 @@ def _is_module(name: str) -> bool:
 
 @cache
 def _distribution_of(top_level: str) -> tuple[str, str] | None:
+    import importlib.metadata  # here: only a trace that is not cached reads distributions
+
     dists = importlib.metadata.packages_distributions().get(top_level)
     if not dists:
         return None
@@ -186,6 +204,152 @@ def _distribution_of(top_level: str) -> tuple[str, str] | None:
         return name, importlib.metadata.version(name)
     except importlib.metadata.PackageNotFoundError:
         return None
+
+
+def class_source_digest(cls: type) -> tuple[str, str]:
+    """(file, digest of its text) of the source ``inspect.getsource(cls)`` reads now: the
+    same lines, through ``linecache`` as ``inspect.findsource`` gets them.
+
+    Raises:
+        OSError / TypeError: ``cls`` has no source file (as ``inspect.getsource``).
+    """
+    file = inspect.getsourcefile(cls)
+    if file:
+        linecache.checkcache(file)
+    else:
+        file = inspect.getfile(cls)
+    module = inspect.getmodule(cls, file)
+    lines = linecache.getlines(file, module.__dict__) if module else linecache.getlines(file)
+    return file, digest("source-text", "".join(lines))
+
+
+def text_digest(module: str) -> tuple[str, str] | None:
+    """(file, digest of its text) of the source ``trace`` reads for ``module``; None when it
+    has no Python source."""
+    found = _module_text(module)
+    return None if found is None else (found[0], digest("source-text", found[1]))
+
+
+class _Lines:
+    """A source text as UTF-8 bytes with the offset of each line (AST columns count bytes)."""
+
+    def __init__(self, text: str):
+        self.data = text.encode("utf-8")
+        starts = [0]
+        at = self.data.find(b"\n")
+        while at >= 0:
+            starts.append(at + 1)
+            at = self.data.find(b"\n", at + 1)
+        self.starts = starts
+        # Line numbers of the parser and of this split agree only on plain "\n" endings.
+        self.plain = b"\r" not in self.data and b"\x0c" not in self.data
+
+    def standalone(self, stmt: ast.stmt) -> tuple[bytes, ast.stmt] | None:
+        """The source of ``stmt`` as a module of its own (its decorators and its lines from
+        the first one's start, under ``if 1:`` when indented) and that module's statement,
+        parsed afresh; None when it cannot be cut out alone (a statement after ``;``, or a
+        text whose line ends the split does not follow)."""
+        if not self.plain or stmt.end_lineno is None or stmt.end_col_offset is None:
+            return None
+        first = min([stmt.lineno, *(d.lineno for d in getattr(stmt, "decorator_list", ()))])
+        start = self.starts[first - 1]
+        end = self.starts[stmt.end_lineno - 1] + stmt.end_col_offset
+        text = self.data[start:end]
+        indented = text[:1] in (b" ", b"\t")
+        source = b"if 1:\n" + text if indented else text
+        try:
+            body = ast.parse(source).body
+        except SyntaxError:
+            return None
+        if indented:
+            body = body[0].body if len(body) == 1 and isinstance(body[0], ast.If) else []
+        if len(body) != 1 or type(body[0]) is not type(stmt):
+            return None
+        return source, body[0]
+
+
+class Reads:
+    """What one trace reads besides the class itself, recorded as it reads, so that a cached
+    lineage can be checked against the same reads later (``lineage_cache``); and a memo of
+    statement parts, keyed by each statement's own source text.
+
+    Attributes:
+        source: (file, digest) of the class's source (``class_source_digest``).
+        texts: module -> (file, digest) of the source read for it (``text_digest``), None
+            for a module without Python source.
+        modules: dotted name -> whether it is a module (``from pkg import x``: x a module?).
+        dists: top-level import name -> (distribution, version) or None.
+        used: memo keys read or written.
+    """
+
+    def __init__(
+        self,
+        memo: dict[str, Any] | None = None,
+        distribution: Callable[[str], tuple[str, str] | None] | None = None,
+    ):
+        self.memo = memo
+        self._distribution = distribution or _distribution_of
+        self.source: tuple[str, str] | None = None
+        self.texts: dict[str, tuple[str, str] | None] = {}
+        self.modules: dict[str, bool] = {}
+        self.dists: dict[str, tuple[str, str] | None] = {}
+        self.used: set[str] = set()
+
+    def class_source(self, cls: type) -> str:
+        source = inspect.getsource(cls)
+        self.source = class_source_digest(cls)
+        return source
+
+    def tree(self, module: str) -> tuple[ast.Module, _Lines] | None:
+        self.texts[module] = text_digest(module)
+        tree, lines = _module_source(module), _module_lines(module)
+        return None if tree is None or lines is None else (tree, lines)
+
+    def is_module(self, name: str) -> bool:
+        found = self.modules[name] = _is_module(name)
+        return found
+
+    def distribution(self, top: str) -> tuple[str, str] | None:
+        found = self.dists[top] = self._distribution(top)
+        return found
+
+    def parts(
+        self, stmt: ast.stmt, lines: _Lines, home: bool
+    ) -> tuple[list[str] | None, ProofForm | None, str]:
+        """(statement digests of a function, proof form, normal form) of ``stmt``: for a
+        definition of the class's own module (``home``) all three, else only the normal
+        form. Computed on a fresh parse of the statement's own source, never on ``stmt``
+        (a cached module tree): so they are the same in every trace, whatever an earlier one
+        did to the tree; and they are memoised under that source, of which they are a
+        function."""
+        function = home and isinstance(stmt, (ast.FunctionDef, ast.AsyncFunctionDef))
+        cut = lines.standalone(stmt)
+        key = None
+        if cut is not None and self.memo is not None:
+            key = digest("lineage-part", [home, cut[0]])
+            known = self.memo.get(key)
+            if isinstance(known, dict):
+                try:
+                    proof = ProofForm(known["p"][0], tuple(known["p"][1])) if home else None
+                    out = (list(known["s"]) if function else None, proof, str(known["n"]))
+                except (KeyError, TypeError, IndexError):
+                    pass  # a damaged entry: computed again below
+                else:
+                    self.used.add(key)
+                    return out
+        node = cut[1] if cut is not None else copy.deepcopy(stmt)
+        statements = [d for d, _ in statement_digests(node)] if function else None  # type: ignore[arg-type]
+        proof = proof_form(node) if home else None
+        normal = normalise(node)
+        if key is not None and self.memo is not None:
+            entry: dict[str, Any] = {"n": normal}
+            if home:
+                entry["p"] = [proof.text, list(proof.tokens)]  # type: ignore[union-attr]
+            if function:
+                entry["s"] = statements
+            self.memo[key] = entry
+            self.used.add(key)
+        return statements, proof, normal
 
 
 def statement_digests(function: ast.FunctionDef | ast.AsyncFunctionDef) -> list[tuple[str, int]]:
@@ -222,18 +386,23 @@ def _is_placement(stmt: ast.stmt) -> bool:
     return False
 
 
-def trace(cls: type, local_prefix: str | None = None) -> Lineage:
+def trace(cls: type, local_prefix: str | None = None, reads: Reads | None = None) -> Lineage:
     """The lineage of calculation class ``cls``.
 
     Args:
         cls: the calculation class.
         local_prefix: top-level package whose modules are project-local layers (default: the
             top-level package of ``cls``'s module). ``orchestrator`` itself never is.
+        reads: records what the trace reads (and memoises statement parts); a fresh one by
+            default. The lineage is a function of the class's module and qualified name,
+            ``local_prefix``, the engine's code and Python version, and what ``reads``
+            records — what ``lineage_cache`` checks before reusing one.
 
     Raises:
         OSError / TypeError: the source of ``cls`` cannot be found (e.g. defined in a REPL).
         SyntaxError: a source does not parse (never treated as "unchanged").
     """
+    reads = reads if reads is not None else Reads()
     home = cls.__module__
     prefix = local_prefix or home.split(".")[0]
 
@@ -242,7 +411,9 @@ def trace(cls: type, local_prefix: str | None = None) -> Lineage:
             "orchestrator"
         )
 
-    class_tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
+    class_text = textwrap.dedent(reads.class_source(cls))
+    class_tree = ast.parse(class_text)
+    class_lines = _Lines(class_text)
     lineage = Lineage()
     for node in class_tree.body:
         if isinstance(node, ast.ClassDef):
@@ -258,10 +429,11 @@ def trace(cls: type, local_prefix: str | None = None) -> Lineage:
             lineage.code[cls.__qualname__] = normalise(node)
             for member in members:
                 key = f"{cls.__qualname__}.{_member_name(member)}"
-                if isinstance(member, (ast.FunctionDef, ast.AsyncFunctionDef)):
-                    lineage.statements[key] = [d for d, _ in statement_digests(member)]
-                lineage.proof[key] = proof_form(member)
-                lineage.code[key] = normalise(member)
+                statements, proof, normal = reads.parts(member, class_lines, home=True)
+                if statements is not None:
+                    lineage.statements[key] = statements
+                lineage.proof[key] = proof  # type: ignore[assignment]
+                lineage.code[key] = normal
             node.body = members or [ast.Pass()]
 
     seen: set[tuple[str, str]] = {(home, cls.__name__)}
@@ -278,9 +450,10 @@ def trace(cls: type, local_prefix: str | None = None) -> Lineage:
         if (module, name) in seen:
             continue
         seen.add((module, name))
-        tree = _module_source(module)
-        if tree is None:
+        source = reads.tree(module)
+        if source is None:
             continue
+        tree, lines = source
         defs = _definitions(tree)
         head, _, attribute = name.partition(".")
         stmt = defs.get(head)
@@ -288,7 +461,7 @@ def trace(cls: type, local_prefix: str | None = None) -> Lineage:
             continue
         key = head if module == home else f"{_relative(module, prefix)}:{head}"
         if isinstance(stmt, (ast.Import, ast.ImportFrom)):
-            binding = _follow_import(stmt, module, head, attribute, local, lineage, pending)
+            binding = _follow_import(stmt, module, head, attribute, local, lineage, pending, reads)
             if binding is not None:
                 # What a name imported from outside the project is bound to is part of the
                 # code: ``from math import floor as rnd`` -> ``ceil as rnd`` changes behaviour
@@ -300,11 +473,12 @@ def trace(cls: type, local_prefix: str | None = None) -> Lineage:
         if attribute:  # an attribute of a local object: the object itself is the part
             pending.append((module, head))
             continue
+        statements, proof, normal = reads.parts(stmt, lines, home=module == home)
         if module == home:
-            if isinstance(stmt, (ast.FunctionDef, ast.AsyncFunctionDef)):
-                lineage.statements[key] = [d for d, _ in statement_digests(stmt)]
-            lineage.proof[key] = proof_form(stmt)
-        (lineage.code if module == home else lineage.layers)[key] = normalise(stmt)
+            if statements is not None:
+                lineage.statements[key] = statements
+            lineage.proof[key] = proof  # type: ignore[assignment]
+        (lineage.code if module == home else lineage.layers)[key] = normal
         enqueue(module, stmt)
     return lineage
 
@@ -317,6 +491,7 @@ def _follow_import(
     local: object,
     lineage: Lineage,
     pending: list[tuple[str, str]],
+    reads: Reads,
 ) -> ast.stmt | None:
     """Resolve ``name`` (optionally ``name.attribute``) bound by an import statement.
 
@@ -334,7 +509,7 @@ def _follow_import(
         if isinstance(stmt, ast.ImportFrom):
             source = _absolute(stmt, module)
             submodule = f"{source}.{alias.name}"
-            if _is_module(submodule):  # ``from pkg import module``
+            if reads.is_module(submodule):  # ``from pkg import module``
                 target, wanted = submodule, attribute
             else:
                 target, wanted = source, alias.name + (f".{attribute}" if attribute else "")
@@ -345,15 +520,15 @@ def _follow_import(
             if wanted:
                 pending.append((target, wanted))
             else:  # the module itself is used as a value: all of it counts
-                tree = _module_source(target)
-                pending.extend((target, n) for n in (_definitions(tree) if tree else {}))
+                parsed = reads.tree(target)
+                pending.extend((target, n) for n in (_definitions(parsed[0]) if parsed else {}))
         else:
             external.append(ast.alias(alias.name, alias.asname))
             top = target.split(".")[0]
             # The engine's own version is not the calculation's infrastructure: our result
             # and hash formats (in every infra hash) are what a new engine may change.
             if top and top != "orchestrator" and top not in sys.stdlib_module_names:
-                found = _distribution_of(top)
+                found = reads.distribution(top)
                 if found:
                     lineage.packages[found[0]] = found[1]
     if not external:

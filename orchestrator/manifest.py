@@ -26,6 +26,7 @@ from orchestrator.calculation import Calculation, MetaCalculation, StandardCalcu
 from orchestrator.errors import CycleError, ManifestError
 from orchestrator.fingerprint import digest, infra_hash
 from orchestrator.lineage import Lineage, trace
+from orchestrator.lineage_cache import LineageCache
 from orchestrator.validation import Rules
 
 EMPTY_LAYER = digest("layer", {})
@@ -74,9 +75,15 @@ class CalcSpec:
         return self.kind == "standard"
 
     @classmethod
-    def from_class(cls, calc: type[Calculation], local_prefix: str | None = None) -> CalcSpec:
+    def from_class(
+        cls,
+        calc: type[Calculation],
+        local_prefix: str | None = None,
+        tracer: Callable[[type, str | None], Lineage] = trace,
+    ) -> CalcSpec:
         """Read and check the class attributes of ``calc`` and trace its lineage (code,
-        layers under ``local_prefix``, packages).
+        layers under ``local_prefix``, packages) with ``tracer`` (``lineage.trace``, or
+        ``LineageCache.trace``: the same lineage).
 
         Raises:
             ManifestError: a metadata attribute has the wrong type or value.
@@ -131,7 +138,7 @@ class CalcSpec:
                 f"{where}: 'cosmetic_verdict' must be 'proof' or 'simulation', found {verdict!r}"
             )
         try:
-            lineage = trace(calc, local_prefix)
+            lineage = tracer(calc, local_prefix)
         except (OSError, TypeError, SyntaxError) as e:
             raise ManifestError(f"{where}: cannot read its source to hash it: {e}") from e
         return cls(
@@ -412,12 +419,16 @@ def _package_for_folder(folder: Path) -> str:
     return ".".join(parts)
 
 
-def discover(source: str, anchor: Path | None = None) -> list[CalcSpec]:
+def discover(
+    source: str, anchor: Path | None = None, cache: LineageCache | None = None
+) -> list[CalcSpec]:
     """Import every module of ``source`` and return the calculation classes found.
 
     Args:
         source: a dotted package name, or an absolute folder path.
         anchor: a folder put on ``sys.path`` first, so a package next to the config imports.
+        cache: lineages kept across processes (``lineage_cache``), saved after discovery;
+            None: every lineage is traced.
 
     Raises:
         ManifestError: the package cannot be imported, or a class has invalid metadata.
@@ -436,5 +447,9 @@ def discover(source: str, anchor: Path | None = None) -> list[CalcSpec]:
                 and not value.__name__.startswith("_")
                 and value not in found
             ):
-                found[value] = CalcSpec.from_class(value, name.split(".")[0])
+                found[value] = CalcSpec.from_class(
+                    value, name.split(".")[0], cache.trace if cache is not None else trace
+                )
+    if cache is not None:
+        cache.save()
     return sorted(found.values(), key=lambda s: s.name)
