@@ -41,7 +41,8 @@ from orchestrator.equivalence import ProofForm
 from orchestrator.fingerprint import digest
 from orchestrator.lineage import Lineage, Reads, _distribution_of, _is_module
 
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2
+SITES = 4  # site keys kept, newest first
 _METADATA_FILES = ("METADATA", "PKG-INFO", "RECORD", "top_level.txt", "SOURCES.txt")
 
 
@@ -109,12 +110,17 @@ class LineageCache:
         self.path = path
         self.engine = engine_key()
         data = data if data is not None and data.get("engine") == self.engine else {}
-        entries, memo, site = data.get("entries"), data.get("memo"), data.get("site")
+        entries, memo, sites = data.get("entries"), data.get("memo"), data.get("sites")
         self._entries: dict[str, Any] = entries if isinstance(entries, dict) else {}
         self._memo: dict[str, Any] = memo if isinstance(memo, dict) else {}
-        site = site if isinstance(site, dict) else {}
-        self._site_dists: dict[str, Any] = site.get("dists") or {}
-        self._site_stored: str | None = site.get("key")
+        # site key -> top-level name -> distribution: a few, since one project is run from
+        # interpreters whose sys.path differ (the console script, ``python -m``, tests)
+        self._sites: dict[str, dict[str, Any]] = {
+            k: v
+            for k, v in (sites if isinstance(sites, dict) else {}).items()
+            if isinstance(v, dict)
+        }
+        self._site_dists: dict[str, Any] = {}
         self._site_now: str | None = None
         self._used_entries: dict[str, Any] = {}
         self._used_memo: set[str] = set()
@@ -137,13 +143,14 @@ class LineageCache:
     def _site(self) -> str:
         if self._site_now is None:
             self._site_now = site_key()
-            if self._site_now != self._site_stored:
-                self._site_dists = {}
+            if self._site_now not in self._sites:
                 self._changed = True
+            self._site_dists = self._sites.pop(self._site_now, {})
+            self._sites = {self._site_now: self._site_dists, **self._sites}  # newest first
         return self._site_now
 
     def distribution(self, top: str) -> tuple[str, str] | None:
-        """``lineage._distribution_of(top)``, remembered while ``site_key`` is unchanged."""
+        """``lineage._distribution_of(top)``, remembered per ``site_key``."""
         self._site()
         if top in self._site_dists:
             try:
@@ -245,7 +252,7 @@ class LineageCache:
         data = {
             "format": CACHE_FORMAT,
             "engine": self.engine,
-            "site": {"key": self._site(), "dists": self._site_dists},
+            "sites": {k: self._sites[k] for k in [self._site(), *self._sites][:SITES]},
             "entries": self._used_entries,
             "memo": memo,
         }
