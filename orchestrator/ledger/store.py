@@ -35,6 +35,7 @@ from sqlalchemy import (
     String,
     Table,
     and_,
+    bindparam,
     cast,
     create_engine,
     delete,
@@ -676,6 +677,16 @@ def _upsert_digests(conn: Connection, rows: list[dict[str, Any]]) -> None:
         conn.execute(stmt, list(chunk))
 
 
+# Cached statements of ``Ledger._publish``'s executemany groups (the SET clause of the
+# update comes from the keys of its parameter rows; ``b_``: names no column has).
+_UPDATE_BY_ID = update(CELLS).where(CELLS.c.id == bindparam("b_id"))
+_DELETE_SHARDS_OF = delete(SHARDS).where(
+    SHARDS.c.calculation == bindparam("b_calc"),
+    SHARDS.c.date == bindparam("b_date"),
+    SHARDS.c.generation == bindparam("b_gen"),
+)
+
+
 def _digest_calculations(
     conn: Connection,
     calculations: Iterable[str] | None,
@@ -1071,6 +1082,9 @@ class Ledger:
             )
         upkeep.lock(conn)
         inserts: list[dict[str, Any]] = []
+        updates: list[dict[str, Any]] = []
+        kept: list[dict[str, Any]] = []
+        superseded: list[dict[str, Any]] = []
         failures: list[dict[str, Any]] = []
         for w in writes:
             old = existing.get((w.calculation, w.date))
@@ -1082,18 +1096,17 @@ class Ledger:
                 for f in w.failures
             ]
             if w.generation is None and old is not None:  # nothing published: keep the old
-                conn.execute(
-                    update(CELLS)
-                    .where(CELLS.c.id == old.id)
-                    .values(
-                        status=w.status,
-                        attempts=attempts,
-                        error=w.error,
-                        run_id=w.run_id,
-                        users_failed=w.users_failed,
-                        attempted_digest=w.inputs_digest,
-                        updated_at=now,
-                    )
+                kept.append(
+                    {
+                        "b_id": old.id,
+                        "status": w.status,
+                        "attempts": attempts,
+                        "error": w.error,
+                        "run_id": w.run_id,
+                        "users_failed": w.users_failed,
+                        "attempted_digest": w.inputs_digest,
+                        "updated_at": now,
+                    }
                 )
                 continue
             values = {
@@ -1125,15 +1138,20 @@ class Ledger:
             if old is None:
                 inserts.append(values)
                 continue
-            conn.execute(update(CELLS).where(CELLS.c.id == old.id).values(**values))
+            updates.append({"b_id": old.id, **values})
             if old.generation and old.generation != w.generation:
-                conn.execute(
-                    delete(SHARDS).where(
-                        SHARDS.c.calculation == w.calculation,
-                        SHARDS.c.date == w.date,
-                        SHARDS.c.generation == old.generation,
-                    )
+                superseded.append(
+                    {"b_calc": w.calculation, "b_date": w.date, "b_gen": old.generation}
                 )
+        # One executemany per statement shape (a statement per cell cost more than the rest
+        # of a re-run's publish): every row of a group has the same keys, which SQLAlchemy
+        # turns into the SET clause. Still one transaction: a crash leaves nothing visible.
+        if updates:
+            conn.execute(_UPDATE_BY_ID, updates)
+        if kept:
+            conn.execute(_UPDATE_BY_ID, kept)
+        if superseded:
+            conn.execute(_DELETE_SHARDS_OF, superseded)
         if inserts:
             conn.execute(insert(CELLS), inserts)
         attempts_rows = [dict(w.attempt) for w in writes if w.attempt]
