@@ -19,13 +19,12 @@ from collections.abc import Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy.exc import SQLAlchemyError
 
 from orchestrator.config import Config, load_config
 from orchestrator.errors import ConfigError, DefinitionError, StorageError
-from orchestrator.execution import Executor, RunSummary
 from orchestrator.fingerprint import infra_hash
 from orchestrator.ledger.digests import CalcDigests
 from orchestrator.ledger.store import Ledger, LedgerCell, Snapshot, lock_holder
@@ -47,6 +46,9 @@ from orchestrator.results import StoredResult, assemble, decode_shards
 from orchestrator.rootdata import FileSource, RootData
 from orchestrator.rootstore import StoredDataset, build_store, store_path
 from orchestrator.simulation import Simulation, simulate, unverified_changes
+
+if TYPE_CHECKING:  # the executor (and its block engine) is imported by ``run`` alone
+    from orchestrator.execution import RunSummary
 
 LOCK_TTL = dt.timedelta(minutes=15)
 LINEAGE_CACHE = "lineage-cache.json"  # in work_dir: lineages kept across runs
@@ -442,9 +444,14 @@ class Orchestrator:
     def register_versions(self, manifest: Manifest, now: dt.datetime) -> None:
         """Record what each current code, layer and infra hash is made of (the registry),
         with the simulation hash of each new code version."""
-        known = self.ledger.load_versions(("code", s.code_hash) for s in manifest.calcs.values())
-        new = {n for n, s in manifest.calcs.items() if ("code", s.code_hash) not in known}
-        simulable = {n for n in new if self.verdict_rule(n) == "simulation"}
+        # Only a new code version judged by simulation needs its simulation hash now; which
+        # versions are new the ledger decides below (known ones are skipped).
+        simulable = {n for n in manifest.calcs if self.verdict_rule(n) == "simulation"}
+        if simulable:
+            known = self.ledger.load_versions(
+                ("code", manifest.calcs[n].code_hash) for n in simulable
+            )
+            simulable = {n for n in simulable if ("code", manifest.calcs[n].code_hash) not in known}
         sims = {
             manifest.calcs[n].code_hash: sim.sim_hash
             for n, sim in (self.simulations(simulable) if simulable else {}).items()
@@ -518,6 +525,8 @@ class Orchestrator:
         Raises:
             RunLockedError: another run is in progress.
         """
+        from orchestrator.execution import Executor
+
         now = dt.datetime.now(dt.UTC)
         target = target or default_target(now)
         names = list(calculations)
