@@ -56,6 +56,9 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.csv as pa_csv
 import xxhash
 
 from orchestrator.config import RootDataConfig
@@ -77,7 +80,7 @@ read_error_types = (OSError, UnicodeDecodeError, csv.Error, EOFError, gzip.BadGz
 # the malformed rows' locations.
 ROOT_HASH_FORMAT = 2
 # Version of the parsed copy ``FileSource.load_cached`` keeps (the ``Dataset`` layout).
-PARSED_FORMAT = 1
+PARSED_FORMAT = 2
 
 
 @dataclass(frozen=True, slots=True)
@@ -128,9 +131,19 @@ class DateHasher:
         if group is None:
             group = self._groups[schema] = [0, xxhash.xxh3_128()]
         group[0] += len(texts)
-        update = group[1].update
-        for text in texts:
-            update(text.encode() + b"\n")
+        if texts:  # one update of the joined texts: the same bytes as one update per text
+            group[1].update("\n".join(texts).encode() + b"\n")
+
+    def extend_encoded(self, schema: Schema, texts: list[bytes]) -> None:
+        """``extend`` with the texts already UTF-8 encoded (ascending byte order, which is
+        code point order)."""
+        group = self._groups.get(schema)
+        if group is None:
+            group = self._groups[schema] = [0, xxhash.xxh3_128()]
+        group[0] += len(texts)
+        if texts:
+            group[1].update(b"\n".join(texts))
+            group[1].update(b"\n")
 
     def finish(self, locations: Iterable[str]) -> DateEntry:
         """The date's entry, given the locations of its malformed rows (any order)."""
@@ -264,22 +277,158 @@ def parse_int(text: str) -> int | None:
         return None
 
 
-@dataclass(slots=True)
+@dataclass(frozen=True, slots=True)
+class TypedColumn:
+    """One column of a file's well-formed rows, typed by the module docstring's rules, held
+    without a Python object per value.
+
+    Attributes:
+        kind: "int", "float" or "str" (the schema's kind; the date and user columns are "str"
+            here: they keep their text).
+        values: ``int``: int64, ``float``: float64 (0 where ``missing``); ``str``: int32 codes
+            into ``labels``; or an object array of the final values (``None`` included), for
+            integers beyond int64.
+        missing: bool, True where the value is None (an empty field or a malformed value);
+            None when no value is missing or ``values`` is an object / code array.
+        labels: ``str`` only: the distinct values (``None`` for an empty field), object array.
+    """
+
+    kind: str
+    values: np.ndarray
+    missing: np.ndarray | None = None
+    labels: np.ndarray | None = None
+
+    def __len__(self) -> int:
+        return len(self.values)
+
+    def tolist(self) -> list[Any]:
+        """The values as the per-user rows hold them: Python ``int`` / ``float`` / ``str`` or
+        ``None``, one per row (a new list each call)."""
+        if self.labels is not None:
+            return self.labels[self.values].tolist()  # type: ignore[no-any-return]
+        if self.missing is None:
+            return self.values.tolist()  # type: ignore[no-any-return]
+        out = self.values.astype(object)  # Python int / float, exactly as tolist() gives
+        out[self.missing] = None
+        return out.tolist()  # type: ignore[no-any-return]
+
+    def floats(self) -> np.ndarray:
+        """A numeric column as float64, NaN where the value is None (for vectorised readers).
+
+        Raises:
+            TypeError: a ``str`` column.
+        """
+        if self.kind == "str":
+            raise TypeError("a str column has no float values")
+        if self.values.dtype == object:
+            return np.array([np.nan if v is None else v for v in self.values], dtype=np.float64)
+        out = self.values.astype(np.float64)
+        if self.missing is not None:
+            out[self.missing] = np.nan
+        return out
+
+
+class _ColumnLists(Sequence[list[Any]]):
+    """``FileRows.columns``: column ``c`` as a list of Python values, built on each access
+    (read a column once, then index the list; ``FileRows.typed`` has the arrays)."""
+
+    __slots__ = ("_typed",)
+
+    def __init__(self, typed: list[TypedColumn]) -> None:
+        self._typed = typed
+
+    def __len__(self) -> int:
+        return len(self._typed)
+
+    def __getitem__(self, c: int) -> list[Any]:  # type: ignore[override]
+        return self._typed[c].tolist()
+
+
 class FileRows:
-    """One file's rows given to users, as typed columns (``_type_columns``).
+    """One file's rows given to users, as typed columns (``TypedColumn``).
 
     Attributes:
         header: column names.
-        columns: per column, the typed values of the file's well-formed rows.
-        kept: positions (into ``columns``) of the rows given to a user, file order.
-        dates / users: each kept row's date and user.
+        typed: per column, the typed values of the file's well-formed rows (the rows with as
+            many fields as the header, skipped and malformed ones included).
+        kept_positions: int64 positions (into ``typed``) of the rows given to a user, file
+            order; None when every well-formed row is given.
+        date_codes / user_codes: int32, per kept row, its date's index into ``date_values``
+            and its user's into ``user_values``.
+        date_values / user_values: the file's distinct dates (``datetime.date``, None for a
+            text that is not a date: no kept row has it) and user ids.
+
+    Views (built on each access, for readers that want Python objects): ``columns`` (per
+    column a list of values), ``kept`` (positions), ``dates`` and ``users`` (per kept row).
     """
 
-    header: list[str]
-    columns: list[list[Any]]
-    kept: list[int]
-    dates: list[dt.date]
-    users: list[str]
+    __slots__ = (
+        "date_codes",
+        "date_values",
+        "header",
+        "kept_positions",
+        "typed",
+        "user_codes",
+        "user_values",
+    )
+
+    def __init__(
+        self,
+        header: list[str],
+        typed: list[TypedColumn],
+        kept_positions: np.ndarray | None,
+        date_codes: np.ndarray,
+        date_values: list[dt.date | None],
+        user_codes: np.ndarray,
+        user_values: list[str],
+    ) -> None:
+        self.header = header
+        self.typed = typed
+        self.kept_positions = kept_positions
+        self.date_codes = date_codes
+        self.date_values = date_values
+        self.user_codes = user_codes
+        self.user_values = user_values
+
+    def __getstate__(self) -> tuple[Any, ...]:
+        return tuple(getattr(self, name) for name in self.__slots__)
+
+    def __setstate__(self, state: tuple[Any, ...]) -> None:
+        for name, value in zip(self.__slots__, state, strict=True):
+            setattr(self, name, value)
+
+    @property
+    def columns(self) -> Sequence[list[Any]]:
+        """Per column, its values as a list (``TypedColumn.tolist``), built on each access."""
+        return _ColumnLists(self.typed)
+
+    @property
+    def kept(self) -> Sequence[int]:
+        """Positions (into the columns) of the rows given to a user, file order."""
+        if self.kept_positions is None:
+            return range(len(self.date_codes))
+        return self.kept_positions.tolist()  # type: ignore[no-any-return]
+
+    @property
+    def dates(self) -> list[dt.date]:
+        """Each kept row's date."""
+        return _objects(self.date_values)[self.date_codes].tolist()  # type: ignore[no-any-return]
+
+    @property
+    def users(self) -> list[str]:
+        """Each kept row's user."""
+        return _objects(self.user_values)[self.user_codes].tolist()  # type: ignore[no-any-return]
+
+    def kept_users(self) -> list[str]:
+        """The distinct users of the kept rows."""
+        return [self.user_values[k] for k in np.unique(self.user_codes).tolist()]
+
+
+def _objects(values: Sequence[Any]) -> np.ndarray:
+    """``values`` as a 1-D object array (never a 2-D one, whatever the values are)."""
+    out = np.empty(len(values), dtype=object)
+    out[:] = values
+    return out
 
 
 @dataclass(slots=True)
@@ -325,13 +474,17 @@ class Dataset:
         if self._by_date is None:
             by_date: dict[dt.date, dict[str, list[Row]]] = {d: {} for d in self.dates}
             for part in self.files:
-                header, columns = part.header, part.columns
-                for j, date, user in zip(part.kept, part.dates, part.users, strict=True):
+                header = part.header
+                columns = [column.tolist() for column in part.typed]  # each column once
+                if part.kept_positions is not None:
+                    keep = part.kept_positions.tolist()
+                    columns = [[column[j] for j in keep] for column in columns]
+                for values, date, user in zip(zip(*columns), part.dates, part.users, strict=True):
                     per_user = by_date[date]
                     rows = per_user.get(user)
                     if rows is None:
                         rows = per_user[user] = []
-                    rows.append(dict(zip(header, [column[j] for column in columns])))
+                    rows.append(dict(zip(header, values)))
             self._by_date = {d: dict(sorted(by_date[d].items())) for d in self.dates}
         return self._by_date
 
@@ -372,7 +525,8 @@ class Dataset:
 
     def user_sample(self, limit: int = 10_000) -> list[str]:
         """Up to about ``limit`` distinct users, evenly spaced in id order (for partitions)."""
-        users = sorted({u for per_user in self.by_date.values() for u in per_user})
+        # From the files' user codes: a columnar run never builds ``by_date``.
+        users = sorted({u for part in self.files for u in part.kept_users()})
         return users[:: max(1, len(users) // limit)]
 
     def history(self, user: str, date: dt.date, lookback: int) -> list[Row]:
@@ -612,7 +766,7 @@ class FileSource:
             return self._load()
 
     def _load(self) -> Dataset:
-        texts: dict[dt.date, dict[Schema, list[str]]] = {}  # row texts to hash, per schema
+        texts: dict[dt.date, dict[Schema, list[bytes]]] = {}  # row texts to hash, per schema
         locations: dict[dt.date, list[str]] = {}
         malformed = 0
         problems: list[str] = []
@@ -621,7 +775,7 @@ class FileSource:
         bad: dict[tuple[dt.date, str], list[tuple[int, int, str]]] = {}
         known: set[str] = set()  # users of the rows of the right width
         # Rows of the wrong width, given to a user once every file is read (``readings``).
-        pending: list[tuple[int, Schema, str, str, int, int, int, list[tuple[str, str]]]] = []
+        pending: list[tuple[int, Schema, bytes, str, int, int, int, list[tuple[str, str]]]] = []
         parsed_dates: dict[str, dt.date | None] = {}
         files_rows: list[FileRows] = []
 
@@ -633,15 +787,6 @@ class FileSource:
                     parsed_dates[text] = None
             return parsed_dates[text]
 
-        def add_text(date: dt.date, file_schema: Schema, text: str) -> None:
-            per_schema = texts.get(date)
-            if per_schema is None:
-                per_schema = texts[date] = {}
-            group = per_schema.get(file_schema)
-            if group is None:
-                group = per_schema[file_schema] = []
-            group.append(text)  # every row counts: a corrected row changes the hash
-
         def add_bad(date: dt.date, user: str, f: int, line: int, where: str) -> None:
             bad.setdefault((date, user), []).append((f, line, where))
             locations.setdefault(date, []).append(where)
@@ -649,7 +794,7 @@ class FileSource:
         files = files_of(self.config.path)
         for f, path in enumerate(files):
             try:
-                header, raw_rows, row_texts, numbers = self._read(path)
+                raw = self._read(path)
             except RootDataError as e:
                 if len(files) == 1:
                     raise
@@ -657,6 +802,7 @@ class FileSource:
                 # and the reason is reported; the other files still count.
                 problems.append(f"{path.name}: unreadable, skipped ({e})")
                 continue
+            header = raw.header
             for column in (self.config.date_column, self.config.user_column):
                 if column not in header:
                     raise RootDataError(
@@ -666,99 +812,111 @@ class FileSource:
             width = len(header)
             di = header.index(self.config.date_column)
             ui = header.index(self.config.user_column)
-            # Rows with the wrong number of fields are malformed, never padded or cut: they
-            # take no part in typing the columns (their fields may be shifted).
-            fitting = [i for i, r in enumerate(raw_rows) if len(r) == width]
-            wrong = (
-                [
-                    (i, len(raw_rows[i]), readings(raw_rows[i], di, ui, width))
-                    for i in sorted(set(range(len(raw_rows))) - set(fitting))
-                ]
-                if len(fitting) != len(raw_rows)
-                else []
-            )
-            good = raw_rows if not wrong else [raw_rows[i] for i in fitting]
-            columns = [list(c) for c in zip(*good)] if good else [[] for _ in header]
-            # The raw rows are not needed past this point: freeing them before typing halves
-            # the parse's peak memory (the typed columns replace them).
-            del good, raw_rows
-            bad_cells = _type_columns(header, columns, (di, ui), path, numbers, fitting)
-            kinds = [
-                "date" if c == di else "user" if c == ui else _kind(columns[c])
-                for c in range(width)
-            ]
+            lines = raw.lines
+            n = len(lines)
+            # The date and user columns keep their text: their distinct values, and per row
+            # the index of its value.
+            date_codes, date_texts = _encode(raw.columns[di])
+            user_codes, user_values = _encode(raw.columns[ui])
+            date_values = [parse_date(t) for t in date_texts]
+            skip = np.zeros(n, dtype=bool)
+            if None in date_values:
+                skip |= np.array([d is None for d in date_values], dtype=bool)[date_codes]
+            if "" in user_values:
+                skip |= np.array([not u for u in user_values], dtype=bool)[user_codes]
+            skipped = np.flatnonzero(skip).tolist()
+            malformed += len(skipped)
+            for j in skipped[: max(0, 20 - len(problems))]:
+                date_text = date_texts[date_codes[j]]
+                problems.append(
+                    skip_problem(path.name, lines[j], date_text, parse_date(date_text) is not None)
+                )
+            typed: list[TypedColumn] = []
+            kinds: list[str] = []
+            bad_cells: dict[int, str] = {}  # row -> its first malformed value, header order
+            for c, name in enumerate(header):
+                if c in (di, ui):  # their text as it is, "" included
+                    codes, labels = (
+                        (date_codes, date_texts) if c == di else (user_codes, user_values)
+                    )
+                    typed.append(TypedColumn("str", codes, labels=_objects(labels)))
+                    kinds.append("date" if c == di else "user")
+                else:
+                    typed_column, failures = _type_column(raw.columns[c])
+                    typed.append(typed_column)
+                    kinds.append(typed_column.kind)
+                    for j, value in failures:
+                        if j not in bad_cells:
+                            bad_cells[j] = (
+                                f"{path.name}:{lines[j]}: {name}={value!r} is not a number"
+                            )
+                raw.columns[c] = None  # type: ignore[call-overload]  # freed as typed
             for name, kind in zip(header, kinds):
                 if schema.get(name) in (None, "int") or kind == "str":
                     schema[name] = kind  # across files, the widest type wins
             file_schema: Schema = tuple(zip(header, kinds))
             pending.extend(
-                (f, file_schema, row_texts[i], path.name, numbers[i], n, width, options)
-                for i, n, options in wrong
+                (
+                    f,
+                    file_schema,
+                    text,
+                    path.name,
+                    line,
+                    len(fields),
+                    width,
+                    readings(fields, di, ui, width),
+                )
+                for fields, text, line in raw.wrong
             )
-            # The rows given to users, kept as columns (``FileRows``): ``by_date`` builds
-            # dicts from them only when a per-user calculation asks.
-            part = FileRows(list(header), columns, [], [], [])
-            files_rows.append(part)
-            date_texts, user_texts = columns[di], columns[ui]  # both columns keep their text
-            # Column-wise (C-level map and NumPy), as the parse runs over every row.
-            parsed = {t: parse_date(t) for t in set(date_texts)}
-            row_dates = list(map(parsed.__getitem__, date_texts))
-            skipped: set[int] = set()
-            if None in parsed.values() or not all(user_texts):
-                for j, (date, user) in enumerate(zip(row_dates, user_texts)):
-                    if date is None or not user:
-                        skipped.add(j)
-                        malformed += 1
-                        if len(problems) < 20:
-                            problems.append(
-                                skip_problem(
-                                    path.name, numbers[fitting[j]], date_texts[j], date is not None
-                                )
-                            )
-            valid = [j for j in range(len(fitting)) if j not in skipped] if skipped else None
-            known.update(user_texts if valid is None else (user_texts[j] for j in valid))
-            texts_here = row_texts if not wrong else [row_texts[i] for i in fitting]
-            if texts_here:
-                dates_in = list(parsed)
-                code_of = {t: k for k, t in enumerate(dates_in)}
-                codes = np.fromiter(map(code_of.__getitem__, date_texts), np.int64, len(fitting))
-                if valid is not None:
-                    keep = np.ones(len(fitting), dtype=bool)
-                    keep[list(skipped)] = False
-                    codes = np.where(keep, codes, -1)
-                order = np.argsort(codes, kind="stable")
-                ordered = codes[order]
-                bounds = (np.flatnonzero(np.diff(ordered)) + 1).tolist()
-                text_array = np.array(texts_here, dtype=object)[order]
-                starts = [0, *bounds]
-                for start, stop in zip(starts, [*bounds, len(ordered)], strict=True):
-                    code = int(ordered[start])
-                    if code < 0:
-                        continue  # skipped rows: no date to hash them under
-                    group_date = parsed[dates_in[code]]
-                    assert group_date is not None
-                    per_schema = texts.setdefault(group_date, {})
-                    per_schema.setdefault(file_schema, []).extend(text_array[start:stop].tolist())
-            position = {i: j for j, i in enumerate(fitting)} if wrong else None
-            failed_rows: set[int] = set()
-            for i in sorted(bad_cells):  # the user fails that date, with the row's location
-                j = i if position is None else position[i]
-                if j in skipped:
+            valid = np.flatnonzero(~skip) if skipped else None
+            known.update(
+                user_values[k]
+                for k in np.unique(user_codes if valid is None else user_codes[valid]).tolist()
+            )
+            # Every row whose date and user are readable is hashed (a corrected row changes
+            # the hash), grouped by date: one stable sort of the rows by date code.
+            codes = np.where(skip, -1, date_codes) if skipped else date_codes
+            order = np.argsort(codes, kind="stable")
+            ordered = codes[order]
+            bounds = (np.flatnonzero(np.diff(ordered)) + 1).tolist()
+            text_array = _objects(raw.texts)
+            raw.texts = []
+            for start, stop in zip([0, *bounds], [*bounds, n], strict=True):
+                if start == stop:
+                    continue
+                code = int(ordered[start])
+                if code < 0:
+                    continue  # skipped rows: no date to hash them under
+                group_date = date_values[code]
+                assert group_date is not None
+                per_schema = texts.setdefault(group_date, {})
+                per_schema.setdefault(file_schema, []).extend(
+                    text_array[order[start:stop]].tolist()
+                )
+            del text_array, order, ordered, codes
+            failed = np.zeros(n, dtype=bool)
+            for j in sorted(bad_cells):  # the user fails that date, with the row's location
+                if skip[j]:
                     continue
                 malformed += 1
-                failed_rows.add(j)
-                add_bad(row_dates[j], user_texts[j], f, numbers[i], bad_cells[i])  # type: ignore[arg-type]
-            if valid is None and not failed_rows:
-                part.kept = list(range(len(fitting)))
-                part.dates = row_dates  # type: ignore[assignment]
-                part.users = list(user_texts)
-            else:
-                rows_in = valid if valid is not None else range(len(fitting))
-                kept = [j for j in rows_in if j not in failed_rows]
-                part.kept = kept
-                part.dates = [row_dates[j] for j in kept]  # type: ignore[misc]
-                part.users = [user_texts[j] for j in kept]
-        for f, file_schema, text, name, line, n, width, options in pending:
+                failed[j] = True
+                date = date_values[date_codes[j]]
+                assert date is not None
+                add_bad(date, user_values[user_codes[j]], f, lines[j], bad_cells[j])
+            given = ~(skip | failed)
+            kept = None if given.all() else np.flatnonzero(given)
+            files_rows.append(
+                FileRows(
+                    list(header),
+                    typed,
+                    kept,
+                    date_codes if kept is None else date_codes[kept],
+                    date_values,
+                    user_codes if kept is None else user_codes[kept],
+                    user_values,
+                )
+            )
+        for f, file_schema, text, name, line, n_fields, width, options in pending:
             malformed += 1
             owners = {
                 (date, user)
@@ -767,17 +925,17 @@ class FileSource:
             }
             if len(owners) != 1:
                 if len(problems) < 20:
-                    problems.append(unowned_problem(name, line, n, width))
+                    problems.append(unowned_problem(name, line, n_fields, width))
                 continue
             ((date, user),) = owners
-            add_text(date, file_schema, text)
-            add_bad(date, user, f, line, width_problem(name, line, n, width))
+            texts.setdefault(date, {}).setdefault(file_schema, []).append(text)
+            add_bad(date, user, f, line, width_problem(name, line, n_fields, width))
         index = {}
         for date, per_schema in texts.items():
             hasher = DateHasher()
             for group_schema, group in per_schema.items():
-                group.sort()
-                hasher.extend(group_schema, group)
+                group.sort()  # UTF-8 byte order is code point order
+                hasher.extend_encoded(group_schema, group)
             index[date] = hasher.finish(locations.get(date, ()))
         dates = sorted(texts)
         return Dataset(
@@ -791,16 +949,137 @@ class FileSource:
             bad_rows={key: [w for *_, w in sorted(found)] for key, found in bad.items()},
         )
 
-    def _read(self, path: Path) -> tuple[list[str], list[list[str]], list[str], list[int]]:
-        """Header, rows of raw field text (as many fields as the row has), one canonical text
-        per row for hashing, and each row's line number in the file."""
+    def _read(self, path: Path) -> _RawFile:
+        """The file's fields and row texts (``_RawFile``).
+
+        Raises:
+            RootDataError: the file cannot be read (or decoded as UTF-8).
+        """
         fmt = self.config.format or ("parquet" if path.name.endswith(".parquet") else "csv")
         try:
             if fmt == "parquet":
-                return _read_parquet(path)
-            return _read_csv(path)
+                return _raw_file(*_read_parquet(path))
+            found = _read_plain_csv(path, (self.config.date_column, self.config.user_column))
+            return found if found is not None else _raw_file(*_read_csv(path))
         except read_error_types as e:
             raise RootDataError(f"cannot read root data file {path}: {e}") from e
+
+
+@dataclass(slots=True)
+class _RawFile:
+    """A file as read, before typing.
+
+    Attributes:
+        header: column names.
+        columns: per column, the field texts of the rows with as many fields as the header
+            (the *well-formed* rows), as Arrow large strings.
+        texts: each well-formed row's canonical text (module docstring), UTF-8.
+        lines: each well-formed row's line number.
+        wrong: the other rows: (fields, canonical text, line number), file order.
+    """
+
+    header: list[str]
+    columns: list[pa.Array]
+    texts: list[bytes]
+    lines: Sequence[int]
+    wrong: list[tuple[list[str], bytes, int]]
+
+
+def _raw_file(
+    header: list[str], rows: list[list[str]], texts: list[str], numbers: list[int]
+) -> _RawFile:
+    """A ``_RawFile`` from rows of fields (as ``_read_csv`` gives them)."""
+    width = len(header)
+    fitting = [i for i, r in enumerate(rows) if len(r) == width]
+    wrong = [(r, texts[i].encode(), numbers[i]) for i, r in enumerate(rows) if len(r) != width]
+    good = rows if not wrong else [rows[i] for i in fitting]
+    fields = list(zip(*good)) if good else [()] * width
+    columns = [pa.array(list(c), type=pa.large_string()) for c in fields]
+    return _RawFile(
+        list(header),
+        columns,
+        [texts[i].encode() for i in fitting],
+        [numbers[i] for i in fitting],
+        wrong,
+    )
+
+
+def _read_plain_csv(path: Path, needed: tuple[str, str]) -> _RawFile | None:
+    """A *plain* CSV file read fast (Arrow splits the fields, in C++, on several threads), or
+    None when the file is not plain: then ``_read_csv`` reads it, by the same rules.
+
+    Plain means: UTF-8, no quote and no carriage return anywhere, no blank line, a header
+    holding the ``needed`` columns and at least two names, and every row with as many fields
+    as the header. Then a line is a row, its fields are its text split at every comma, and
+    its canonical text is the line itself (what ``_read_csv``'s own fast path does): Arrow
+    with quoting, escapes and newlines in values off splits exactly so. The row count is
+    checked against the lines so that any other reading falls back rather than differs.
+    """
+    try:
+        if path.name.endswith(".gz"):
+            with gzip.open(path, "rb") as f:
+                data = f.read()
+        else:
+            data = path.read_bytes()
+    except read_error_types:
+        return None  # ``_read_csv`` raises the error, with its usual message
+    if b'"' in data or b"\r" in data or b"\n\n" in data:
+        return None
+    if not data.isascii():
+        try:
+            data.decode("utf-8")
+        except UnicodeDecodeError:
+            return None
+    lines = data.split(b"\n")
+    if lines[-1] == b"":
+        lines.pop()  # the newline ending the last line
+    header = lines[0].decode("utf-8").split(",")
+    width = len(header)
+    if width < 2 or any(column not in header for column in needed):
+        return None
+    names = [f"c{i}" for i in range(width)]
+    irregular: list[Any] = []
+
+    def wrong_width(row: Any) -> str:
+        irregular.append(row)
+        return "skip"
+
+    try:
+        table = pa_csv.read_csv(
+            pa.py_buffer(data),
+            read_options=pa_csv.ReadOptions(
+                column_names=names,
+                skip_rows=1,
+                use_threads=True,
+                # A few big blocks, not Arrow's 1 MiB ones: as parallel on this machine's
+                # cores, and far fewer chunks to join and fresh pages to fault in.
+                block_size=min(max(len(data) // 4 + 1, 1 << 20), 1 << 30),
+            ),
+            parse_options=pa_csv.ParseOptions(
+                delimiter=",",
+                quote_char=False,
+                double_quote=False,
+                escape_char=False,
+                newlines_in_values=False,
+                ignore_empty_lines=False,
+                invalid_row_handler=wrong_width,
+            ),
+            convert_options=pa_csv.ConvertOptions(
+                column_types=dict.fromkeys(names, pa.large_string()),
+                strings_can_be_null=False,
+                quoted_strings_can_be_null=False,
+                check_utf8=False,
+            ),
+        )
+    except (pa.ArrowException, ValueError):
+        return None
+    del data
+    rows = len(lines) - 1
+    if irregular or table.num_rows != rows or table.num_columns != width:
+        return None
+    columns = [table.column(c).combine_chunks() for c in range(width)]
+    del table
+    return _RawFile(header, columns, lines[1:], range(2, rows + 2), [])
 
 
 def _read_csv(path: Path) -> tuple[list[str], list[list[str]], list[str], list[int]]:
@@ -861,14 +1140,6 @@ def _read_parquet(path: Path) -> tuple[list[str], list[list[str]], list[str], li
     )
 
 
-def _kind(values: list[Any]) -> str:
-    """The type name of a typed column: that of its first non-empty value."""
-    for value in values:
-        if value is not None:
-            return "int" if type(value) is int else "float" if type(value) is float else "str"
-    return "str"
-
-
 def _to_float(text: str) -> float | None:
     try:
         return float(text)
@@ -876,49 +1147,160 @@ def _to_float(text: str) -> float | None:
         return None
 
 
-def _type_columns(
-    header: list[str],
-    columns: list[list[Any]],
-    keep: tuple[int, ...],
-    path: Path,
-    numbers: list[int],
-    rows: list[int],
-) -> dict[int, str]:
-    """Type the columns in place (except ``keep``), by the module docstring's rules.
+# Field shapes that Python's ``int`` / ``float`` read exactly as Arrow's casts do, so those
+# fields are converted in C++ and only the rest go through Python one by one. RE2 classes
+# are ASCII and ``$`` is the end of the text (no trailing newline allowance).
+# An integer of at most 18 digits fits int64; Arrow's cast reads it (after a "+" is dropped)
+# as ``int`` does, leading zeros and "-0" included.
+_INT64 = r"^[+-]?[0-9]{1,18}$"
+# Every such text is what ``int`` reads; the others of ``_NUMBER`` hold "." or an exponent.
+_INT = r"^[+-]?[0-9]+$"
+# A plain decimal number, small enough that it neither overflows nor underflows a double
+# (below 1e120, above 1e-120 unless 0): Python's ``float`` and Arrow's cast (fast_float)
+# both round it correctly, so to the same double.
+_NUMBER = r"^[+-]?([0-9]{1,20}\.?[0-9]{0,20}|\.[0-9]{1,20})([eE][+-]?[0-9]{1,2})?$"
 
-    ``columns`` hold the rows numbered ``rows`` (indexes into ``numbers``, the line numbers).
-    A column is numeric when at least 90 % of its non-empty values parse as numbers (a text
-    column parses almost never); the others are malformed values. Returns row index ->
-    "file:line: column='value' is not a number" for each row holding one.
+
+# NumPy types of the Arrow arrays ``_numpy`` converts.
+_NUMPY_TYPES = {pa.int32(): np.int32, pa.int64(): np.int64, pa.float64(): np.float64}
+
+
+def _numpy(values: pa.Array) -> np.ndarray:
+    """A null-free Arrow array of booleans or numbers as a NumPy array, read from its buffers
+    (pyarrow's own ``to_numpy`` imports pandas: a third of a second of a run's start)."""
+    if values.null_count:
+        raise ValueError("an Arrow array with nulls")  # never: no field text is null
+    n, buffer = len(values), values.buffers()[1]
+    if pa.types.is_boolean(values.type):
+        bits = np.unpackbits(np.frombuffer(buffer, np.uint8), bitorder="little")
+        return bits[values.offset : values.offset + n].view(bool)
+    dtype = np.dtype(_NUMPY_TYPES[values.type])
+    return np.frombuffer(buffer, dtype, n, values.offset * dtype.itemsize)
+
+
+def _arrow(positions: np.ndarray) -> pa.Array:
+    """int64 positions as an Arrow array, for ``take`` (from the buffer, as ``_numpy``)."""
+    positions = np.ascontiguousarray(positions, dtype=np.int64)
+    return pa.Array.from_buffers(pa.int64(), len(positions), [None, pa.py_buffer(positions)])
+
+
+def _matches(values: pa.Array, pattern: str) -> np.ndarray:
+    return _numpy(pc.match_substring_regex(values, pattern))
+
+
+def _encode(values: pa.Array) -> tuple[np.ndarray, list[str]]:
+    """Dictionary-encode field texts: (int32 code per value, distinct texts)."""
+    encoded = pc.dictionary_encode(values)
+    return (
+        _numpy(encoded.indices).astype(np.int32, copy=False),
+        encoded.dictionary.to_pylist(),
+    )
+
+
+def _text_column(values: pa.Array) -> TypedColumn:
+    """A text column: each value its field's text, None for an empty field."""
+    codes, distinct = _encode(values)
+    return TypedColumn("str", codes, labels=_objects([t if t else None for t in distinct]))
+
+
+def _type_column(values: pa.Array) -> tuple[TypedColumn, list[tuple[int, str]]]:
+    """Type one column of field texts by the module docstring's rules.
+
+    A column is numeric when at least 90 % of its non-empty values parse as numbers
+    (Python's ``float``; a text column parses almost never); ``int`` when every such value is
+    an integer as Python's ``int`` reads it, else ``float``; empty fields and the malformed
+    values become None. Returns the column and, for a numeric one, (row, text) of each
+    malformed value (a non-empty text that is not a number), rows ascending.
     """
-    bad: dict[int, str] = {}
-    for c, name in enumerate(header):
-        if c in keep:
-            continue
-        values = columns[c]
-        try:  # fast paths: every value an integer, or every value a number
-            columns[c] = list(map(int, values))
-            continue
-        except ValueError:
-            pass
-        try:
-            columns[c] = list(map(float, values))
-            continue
-        except ValueError:
-            pass  # empty fields or text: the careful path below
-        parsed = [_to_float(v) if v else None for v in values]
-        filled = sum(1 for v in values if v)
-        failures = [i for i, (v, p) in enumerate(zip(values, parsed)) if v and p is None]
-        if filled == 0 or len(failures) > 0.1 * filled:
-            columns[c] = [v if v else None for v in values]  # a text column
-            continue
-        if all(parse_int(v) is not None for v, p in zip(values, parsed) if p is not None):
-            parsed = [None if p is None else int(v) for v, p in zip(values, parsed)]
-        columns[c] = parsed
-        for i in failures:
-            row = rows[i]
-            bad.setdefault(row, f"{path.name}:{numbers[row]}: {name}={values[i]!r} is not a number")
-    return bad
+    n = len(values)
+    empty = _numpy(pc.binary_length(values)) == 0
+    filled = n - int(np.count_nonzero(empty))
+    if filled == 0:
+        return _text_column(values), []
+    # Integers only (the common case): a look at the first values tells a column that is
+    # not, without scanning it all.
+    head = min(n, 64)
+    if (_matches(values.slice(0, head), _INT64) | empty[:head]).all():
+        short = _matches(values, _INT64)
+        if (short | empty).all():
+            return _int_column(values, short, empty, [], []), []
+    number = _matches(values, _NUMBER)
+    # The fields Python reads, one by one: text, blanks, "nan", "1_000", long digit runs ...
+    others = np.flatnonzero(~(number | empty))
+    other_texts: list[str] = values.take(_arrow(others)).to_pylist() if len(others) else []
+    other_floats = [_to_float(t) for t in other_texts]
+    failures = [(j, t) for j, t, p in zip(others.tolist(), other_texts, other_floats) if p is None]
+    if len(failures) > 0.1 * filled:
+        return _text_column(values), []
+    parsed = [
+        (j, t, p) for j, t, p in zip(others.tolist(), other_texts, other_floats) if p is not None
+    ]
+    missing = empty.copy()
+    missing[[j for j, _ in failures]] = True
+    if all(parse_int(t) is not None for _, t, _ in parsed) and _all_integers(values, number):
+        short = _matches(values, _INT64) if number.any() else number
+        # The other integers (19 digits and more, or read by Python): ``int`` of the text.
+        rows = [j for j, _ in _texts_at(values, number & ~short)] + [j for j, _, _ in parsed]
+        ints = [int(t) for _, t in _texts_at(values, number & ~short)] + [
+            int(t) for _, t, _ in parsed
+        ]
+        return _int_column(values, short, missing, rows, ints), failures
+    out = np.zeros(n, dtype=np.float64)
+    if number.any():
+        out[number] = _cast(values, number, pa.float64())
+    if parsed:
+        out[[j for j, _, _ in parsed]] = [p for _, _, p in parsed]
+    return TypedColumn("float", out, missing if missing.any() else None), failures
+
+
+def _all_integers(values: pa.Array, number: np.ndarray) -> bool:
+    """Whether every ``number`` field is an integer (as ``int`` reads it): a float column is
+    usually told by its first values, so those are looked at first."""
+    where = np.flatnonzero(number)
+    for part in (where[:64], where[64:]):
+        if len(part) and not _matches(values.take(_arrow(part)), _INT).all():
+            return False
+    return True
+
+
+def _texts_at(values: pa.Array, mask: np.ndarray) -> list[tuple[int, str]]:
+    where = np.flatnonzero(mask)
+    if not len(where):
+        return []
+    return list(zip(where.tolist(), values.take(_arrow(where)).to_pylist(), strict=True))
+
+
+def _cast(values: pa.Array, mask: np.ndarray, to: pa.DataType) -> np.ndarray:
+    """The ``mask`` fields of ``values`` cast to ``to`` by Arrow (a "+" sign dropped first,
+    which Arrow's integer parser does not take)."""
+    chosen = values if mask.all() else values.take(_arrow(np.flatnonzero(mask)))
+    if pa.types.is_integer(to) and pc.any(pc.starts_with(chosen, "+")).as_py():
+        chosen = pc.utf8_ltrim(chosen, characters="+")  # one "+" at most: ``_INT64``
+    return _numpy(pc.cast(chosen, to))
+
+
+def _int_column(
+    values: pa.Array,
+    short: np.ndarray,
+    missing: np.ndarray,
+    rows: Sequence[int],
+    ints: Sequence[int],
+) -> TypedColumn:
+    """An ``int`` column: the ``short`` fields cast by Arrow, ``ints`` (Python's ``int`` of
+    the other numbers) at ``rows``; int64 when every value fits, else Python ints."""
+    n = len(values)
+    out = np.zeros(n, dtype=np.int64)
+    if short.any():
+        out[short] = _cast(values, short, pa.int64())
+    if ints:
+        if all(-(2**63) <= v < 2**63 for v in ints):
+            out[list(rows)] = ints
+        else:  # beyond int64: the values themselves
+            objects = out.astype(object)
+            objects[list(rows)] = list(ints)
+            objects[missing] = None
+            return TypedColumn("int", objects)
+    return TypedColumn("int", out, missing if missing.any() else None)
 
 
 __all__ = [
