@@ -1065,7 +1065,10 @@ def _read_plain_csv(path: Path, needed: tuple[str, str]) -> _RawFile | None:
                 invalid_row_handler=wrong_width,
             ),
             convert_options=pa_csv.ConvertOptions(
-                column_types=dict.fromkeys(names, pa.large_string()),
+                # 32-bit offsets (half the memory) while no column can reach 2 GiB
+                column_types=dict.fromkeys(
+                    names, pa.string() if len(data) < 2**31 else pa.large_string()
+                ),
                 strings_can_be_null=False,
                 quoted_strings_can_be_null=False,
                 check_utf8=False,
@@ -1077,7 +1080,10 @@ def _read_plain_csv(path: Path, needed: tuple[str, str]) -> _RawFile | None:
     rows = len(lines) - 1
     if irregular or table.num_rows != rows or table.num_columns != width:
         return None
-    columns = [table.column(c).combine_chunks() for c in range(width)]
+    columns = [
+        chunks.chunk(0) if chunks.num_chunks == 1 else chunks.combine_chunks()
+        for chunks in table.columns
+    ]
     del table
     return _RawFile(header, columns, lines[1:], range(2, rows + 2), [])
 
@@ -1213,10 +1219,14 @@ def _type_column(values: pa.Array) -> tuple[TypedColumn, list[tuple[int, str]]]:
     malformed value (a non-empty text that is not a number), rows ascending.
     """
     n = len(values)
-    empty = _numpy(pc.binary_length(values)) == 0
+    lengths = _numpy(pc.binary_length(values))
+    empty = lengths == 0
     filled = n - int(np.count_nonzero(empty))
     if filled == 0:
         return _text_column(values), []
+    plain = _plain_column(values, lengths, empty)
+    if plain is not None:
+        return plain, []
     # Integers only (the common case): a look at the first values tells a column that is
     # not, without scanning it all.
     head = min(n, 64)
@@ -1251,6 +1261,46 @@ def _type_column(values: pa.Array) -> tuple[TypedColumn, list[tuple[int, str]]]:
     if parsed:
         out[[j for j, _, _ in parsed]] = [p for _, _, p in parsed]
     return TypedColumn("float", out, missing if missing.any() else None), failures
+
+
+# The bytes of a *plain* number: digits, "-" and ".".
+_PLAIN_BYTES = np.zeros(256, dtype=bool)
+_PLAIN_BYTES[list(b"0123456789-.")] = True
+
+
+def _plain_column(values: pa.Array, lengths: np.ndarray, empty: np.ndarray) -> TypedColumn | None:
+    """The column when its non-empty fields are all *plain* numbers, by one Arrow cast, else
+    None (``_type_column`` then looks at each shape).
+
+    Plain: at most 40 bytes, each a digit, "-" or "." (no blank, "+", exponent, "nan" ...: so
+    no overflow nor underflow either), and the cast succeeds. Over these bytes Arrow's casts
+    accept exactly the texts Python's ``int`` / ``float`` accept (tests/test_parse_equivalence
+    tries every text of up to 6 such bytes) and give the same value: an integer exactly, a
+    decimal correctly rounded by both. Without a "." anywhere (and at most 18 bytes, within
+    int64) the column is ``int``; with one, a value is not an integer, so it is ``float``.
+    """
+    if int(lengths.max()) > 40:
+        return None
+    width = 8 if pa.types.is_large_string(values.type) else 4
+    offsets = np.frombuffer(
+        values.buffers()[1], f"<i{width}", len(values) + 1, values.offset * width
+    )
+    data = np.frombuffer(values.buffers()[2], np.uint8)[int(offsets[0]) : int(offsets[-1])]
+    if not _PLAIN_BYTES[data].all():
+        return None
+    dot = bool((data == ord(".")).any())
+    if not dot and int(lengths.max()) > 18:
+        return None
+    chosen = values.take(_arrow(np.flatnonzero(~empty))) if empty.any() else values
+    try:
+        cast = _numpy(pc.cast(chosen, pa.float64() if dot else pa.int64()))
+    except pa.ArrowInvalid:
+        return None  # "1-2", "1.2.3", "-", "." ...: not all numbers
+    if not empty.any():
+        return TypedColumn("float" if dot else "int", cast)
+    out = np.zeros(len(values), dtype=cast.dtype)
+    out[~empty] = cast
+    return TypedColumn("float" if dot else "int", out, empty)
 
 
 def _all_integers(values: pa.Array, number: np.ndarray) -> bool:

@@ -16,6 +16,7 @@ import csv
 import datetime as dt
 import gzip
 import io
+import itertools
 import json
 from pathlib import Path
 from typing import Any
@@ -327,6 +328,8 @@ USERS = ["A", "B", "C", "d", "Zed", "ü"]
 LEANINGS = {
     "int": INTS,
     "int_dot": INTS * 3 + ["1.", "2e0"],  # integers but for a few: a float column
+    "plain_int": ["0", "7", "-1", "007", "-0", "42", "123456789012345678"],
+    "plain": ["1.5", "-2.25", "109.65", "0.1", "3", "-0", "007", ".5", "1.", "-.0"],
     "bigint": INTS + BIG_INTS,
     "float": FLOATS + INTS,
     "odd": FLOATS + ODD_NUMBERS,
@@ -510,3 +513,44 @@ def test_a_parquet_file_equals_its_csv(tmp_path: Path) -> None:
     assert rows["A"][0] == {"date": "2024-01-02", "user": "A", "v": 1.5, "n": 1}
     assert rows["B"][0]["v"] is None
     assert got.malformed == 1
+
+
+def _python(read: Any, text: str) -> Any:
+    try:
+        return repr(read(text))
+    except ValueError:
+        return None
+
+
+def _arrow(to: Any, text: str) -> Any:
+    pa = pytest.importorskip("pyarrow")
+    try:
+        return repr(pa.compute.cast(pa.array([text]), to).to_pylist()[0])
+    except pa.ArrowInvalid:
+        return None
+
+
+def test_arrow_reads_every_short_plain_text_as_python_does() -> None:
+    """``rootdata._plain_column`` relies on it: over digits, "-" and ".", Arrow's int64 and
+    float64 casts accept exactly the texts ``int`` / ``float`` accept, with equal values."""
+    pa = pytest.importorskip("pyarrow")
+    for size in range(1, 7):
+        for chars in itertools.product("09-.", repeat=size):
+            text = "".join(chars)
+            assert _arrow(pa.float64(), text) == _python(float, text), text
+            if "." not in text:
+                assert _arrow(pa.int64(), text) == _python(int, text), text
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.one_of(
+        st.text("0123456789-.", min_size=1, max_size=40),
+        st.from_regex(r"-?[0-9]{0,20}\.?[0-9]{0,19}", fullmatch=True).filter(bool),
+    )
+)
+def test_arrow_reads_plain_texts_up_to_40_bytes_as_python_does(text: str) -> None:
+    pa = pytest.importorskip("pyarrow")
+    assert _arrow(pa.float64(), text) == _python(float, text)
+    if "." not in text and len(text) <= 18:
+        assert _arrow(pa.int64(), text) == _python(int, text)
