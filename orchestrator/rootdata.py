@@ -1023,7 +1023,7 @@ def _read_plain_csv(path: Path, needed: tuple[str, str]) -> _RawFile | None:
             data = path.read_bytes()
     except read_error_types:
         return None  # ``_read_csv`` raises the error, with its usual message
-    if b'"' in data or b"\r" in data or b"\n\n" in data:
+    if b'"' in data or b"\r" in data:
         return None
     if not data.isascii():
         try:
@@ -1033,6 +1033,8 @@ def _read_plain_csv(path: Path, needed: tuple[str, str]) -> _RawFile | None:
     lines = data.split(b"\n")
     if lines[-1] == b"":
         lines.pop()  # the newline ending the last line
+    if not lines or b"" in lines:
+        return None  # an empty file, or a blank line (Arrow would read it as a row of empty fields)
     header = lines[0].decode("utf-8").split(",")
     width = len(header)
     if width < 2 or any(column not in header for column in needed):

@@ -554,3 +554,10 @@ def test_arrow_reads_plain_texts_up_to_40_bytes_as_python_does(text: str) -> Non
     assert _arrow(pa.float64(), text) == _python(float, text)
     if "." not in text and len(text) <= 18:
         assert _arrow(pa.int64(), text) == _python(int, text)
+
+
+@pytest.mark.parametrize("text", ["", "\n", "\n\n", " \n", "date,user\n", "date,user", "\x1c\n"])
+def test_empty_and_header_only_files_read_as_before(tmp_path: Path, text: str) -> None:
+    path = tmp_path / "p.csv"
+    path.write_text(text, newline="")
+    assert_same(_config(path))
