@@ -44,11 +44,10 @@ from orchestrator.planning import (
 )
 from orchestrator.results import StoredResult, assemble, decode_shards
 from orchestrator.rootdata import FileSource, RootData
-from orchestrator.rootstore import StoredDataset, build_store, store_path
-from orchestrator.simulation import Simulation, simulate, unverified_changes
 
-if TYPE_CHECKING:  # the executor (and its block engine) is imported by ``run`` alone
-    from orchestrator.execution import RunSummary
+if TYPE_CHECKING:  # imported where used: a no-op run needs none of them
+    from orchestrator.execution import RunSummary  # ``run`` alone: the block engine, workers
+    from orchestrator.simulation import Simulation  # code changes judged by simulation
 
 LOCK_TTL = dt.timedelta(minutes=15)
 LINEAGE_CACHE = "lineage-cache.json"  # in work_dir: lineages kept across runs
@@ -248,6 +247,8 @@ class Orchestrator:
                     self.config.work_dir / "parsed", self._digest(name)
                 )
             else:
+                from orchestrator.rootstore import StoredDataset, build_store, store_path
+
                 folder = self.config.work_dir / "root"
                 path = store_path(folder, name, self._digest(name))
                 try:
@@ -319,6 +320,8 @@ class Orchestrator:
 
     def simulations(self, names: set[str]) -> dict[str, Simulation]:
         """Simulations of ``names`` (and their upstream) on the fabricated world, once each."""
+        from orchestrator.simulation import simulate
+
         missing = {n for n in names if n not in self._sims}
         if missing:
             schemas = self.ledger.load_root_schemas()
@@ -766,6 +769,8 @@ def _verdict(
         return Verdict(False, "simulation", "its simulated behaviour changed")
     now = lineage.digests()["code"]
     changed = {k for k in now if before.get(k) != now[k]}
+    from orchestrator.simulation import unverified_changes
+
     unverified = unverified_changes(spec, changed, sim.lines, before.get("__stmts__") or {})
     if unverified:
         return Verdict(

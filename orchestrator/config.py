@@ -8,7 +8,6 @@ so a cron job and a developer see the same files.
 
 from __future__ import annotations
 
-import difflib
 import os
 import tomllib
 from dataclasses import dataclass, field
@@ -169,6 +168,8 @@ class _Checker:
             ConfigError: an unknown key.
         """
         for key in sorted(set(table) - set(keys)):
+            import difflib  # here: only a config with an unknown key needs a hint
+
             close = difflib.get_close_matches(key, keys, n=1)
             hint = (
                 f"did you mean '{prefix}{close[0]}'?" if close else "known keys: " + ", ".join(keys)
