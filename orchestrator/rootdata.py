@@ -312,6 +312,14 @@ class TypedColumn:
         out[self.missing] = None
         return out.tolist()  # type: ignore[no-any-return]
 
+    def objects(self) -> np.ndarray:
+        """The values of ``tolist`` as an object array."""
+        if self.labels is not None:
+            return self.labels[self.values]  # type: ignore[no-any-return]
+        if self.values.dtype == object:
+            return self.values
+        return _objects(self.tolist())
+
     def floats(self) -> np.ndarray:
         """A numeric column as float64, NaN where the value is None (for vectorised readers).
 
@@ -497,6 +505,54 @@ class Dataset:
     def skipped(self) -> int:
         """Rows given to no user (the malformed rows that are not some user's bad rows)."""
         return self.malformed - sum(len(found) for found in self.bad_rows.values())
+
+    def kept_rows(self) -> tuple[np.ndarray, list[str], np.ndarray]:
+        """Every row given to a user (files in order, each in file order), vectorised:
+        ``(date_pos, users, user_pos)``: int64 position of the row's date in ``dates``, the
+        distinct users of those rows (ascending), int64 position of the row's user in them.
+        Same rows and order as ``FileRows.dates`` / ``users`` of ``files`` one after another.
+        """
+        position = {d: i for i, d in enumerate(self.dates)}
+        users = sorted({u for part in self.files for u in part.kept_users()})
+        user_position = {u: i for i, u in enumerate(users)}
+        date_pos, user_pos = [], []
+        for part in self.files:
+            # a date or user of the file's other rows (skipped ones) gets -1: no kept row has it
+            of_date = np.array(
+                [-1 if d is None else position.get(d, -1) for d in part.date_values], np.int64
+            )
+            of_user = np.array([user_position.get(u, -1) for u in part.user_values], np.int64)
+            date_pos.append(of_date[part.date_codes])
+            user_pos.append(of_user[part.user_codes])
+        empty = np.zeros(0, dtype=np.int64)
+        return (
+            np.concatenate(date_pos) if date_pos else empty,
+            users,
+            np.concatenate(user_pos) if user_pos else empty,
+        )
+
+    def kept_values(self, name: str) -> np.ndarray:
+        """Column ``name`` of every row given to a user, in ``kept_rows`` order: float64 with
+        NaN for None when the schema's kind of ``name`` is ``int`` or ``float``, else an
+        object array of the values (None where a file has no such column).
+
+        Raises:
+            KeyError: no file has a column ``name``.
+        """
+        kind = self.schema[name]
+        numeric = kind in ("int", "float")
+        parts = []
+        for part in self.files:
+            count = len(part.date_codes)
+            if name not in part.header:
+                parts.append(np.full(count, np.nan) if numeric else np.full(count, None, object))
+                continue
+            column = part.typed[part.header.index(name)]
+            values = column.floats() if numeric else column.objects()
+            parts.append(values if part.kept_positions is None else values[part.kept_positions])
+        if not parts:
+            return np.zeros(0, dtype=np.float64 if numeric else object)
+        return np.concatenate(parts)
 
     def stream(
         self, date: dt.date, lo: str | None = None, hi: str | None = None

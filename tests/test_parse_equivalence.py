@@ -308,6 +308,23 @@ def assert_same(config: RootDataConfig) -> rootdata.Dataset | None:
         d: {u: _exact(r) for u, r in p.items()} for d, p in want["by_date"].items()
     }
     assert got.user_sample() == want["users"]
+    # the vectorised view of the kept rows (what a columnar reader takes)
+    date_pos, users, user_pos = got.kept_rows()
+    parts = want["files"]
+    assert [got.dates[i] for i in date_pos.tolist()] == [d for p in parts for d in p["dates"]]
+    assert [users[i] for i in user_pos.tolist()] == [u for p in parts for u in p["users"]]
+    assert users == want["users"]
+    for name, kind in want["schema"].items():
+        values = []
+        for p in parts:
+            if name in p["header"]:
+                column = p["columns"][p["header"].index(name)]
+                values += [column[j] for j in p["kept"]]
+            else:
+                values += [None] * len(p["kept"])
+        if kind in ("int", "float"):
+            values = [float("nan") if v is None else float(v) for v in values]
+        assert _exact(got.kept_values(name).tolist()) == _exact(values), name
     return got
 
 
