@@ -18,15 +18,18 @@ failure marker upstream or on the previous date (historical) fails it too, namin
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import Mapping, Sequence
+import traceback
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
 import numpy as np
 
-from orchestrator.calculation import Frame
+from orchestrator import faults
+from orchestrator.calculation import Frame, StandardContext
 from orchestrator.columns import Column, Table, column_of
-from orchestrator.results import FAILED_KEY, describe_failure
+from orchestrator.fingerprint import result_line
+from orchestrator.results import FAILED_KEY, describe_failure, failure_marker, failure_of
 from orchestrator.rootdata import Dataset, RootData
 
 NUMERIC = ("int", "float")
@@ -548,6 +551,14 @@ class DateOutcome:
     failures: int
     inherited: int
     failed_users: list[dict[str, str]]
+    aborted: str | None = None  # the circuit breaker tripped: the date fails with this
+
+
+def inherited_failure(name: str, user: str, origin: dict[str, str]) -> dict[str, str]:
+    """The stored failed-user entry of ``user``, whose upstream or previous result (of
+    ``name`` itself: "previous") is the failure marker ``origin``."""
+    kind = "previous" if origin.get("calculation") == name else "upstream"
+    return {"user": user, "kind": "upstream", "error": f"{kind} " + describe_failure(user, origin)}
 
 
 def block_tables(
@@ -589,14 +600,7 @@ def block_tables(
                     markers.append(origin)
                     inherited += 1
                     if inherited <= limit:
-                        kind = "previous" if origin.get("calculation") == name else "upstream"
-                        failed_users.append(
-                            {
-                                "user": user,
-                                "kind": "upstream",
-                                "error": f"{kind} " + describe_failure(user, origin),
-                            }
-                        )
+                        failed_users.append(inherited_failure(name, user, origin))
                 else:
                     markers.append(None)
             marker = column_of(markers)
@@ -634,6 +638,8 @@ class BlockTask:
         previous_date: the calculation's date before ``dates[0]``, or None.
         historical / meta: the calculation's kind.
         stored_failures: failed users kept per kind and date (the rest are counted).
+        per_user: run the per-user form, ``process(ctx)`` once per user and date of the
+            block (standard calculations only); else ``compute(frame)``.
     """
 
     name: str
@@ -646,6 +652,7 @@ class BlockTask:
     historical: bool
     meta: bool
     stored_failures: int = 20
+    per_user: bool = False
 
 
 @dataclass
@@ -673,10 +680,11 @@ class BlockOutcome:
 
 
 def run_block(task: BlockTask) -> BlockOutcome:
-    """Compute one block: build its frame, call ``compute``, check and split the outputs
-    per date, with the failure markers the per-user rules give. Never raises for user code."""
-    import traceback
-
+    """Compute one block: build its frame, call ``compute`` (or ``process`` per user, see
+    ``BlockTask.per_user``), check and split the outputs per date, with the failure markers
+    the per-user rules give. Never raises for user code."""
+    if task.per_user:
+        return _run_users(task)
     block = frame_for(
         task.name,
         task.dates,
@@ -713,3 +721,181 @@ def run_block(task: BlockTask) -> BlockOutcome:
     return BlockOutcome(
         None, len(frame.users), processed, results=meta_results(outputs, n), upstream_failed=failed
     )
+
+
+# Value types a per-user result may hold without a closer look (others: ``result_line``).
+PLAIN = frozenset({float, int, str, bool, type(None)})
+
+
+class LazyHistory(Mapping[str, list[Any]]):
+    """``ctx.history``, read only when a calculation asks for it: historical calculations
+    usually carry their state in ``ctx.previous`` and touch their history only to re-seed."""
+
+    __slots__ = ("_datasets", "_date", "_lookback", "_names", "_user")
+
+    def __init__(
+        self,
+        datasets: Mapping[str, RootData],
+        names: tuple[str, ...],
+        user: str,
+        date: dt.date,
+        lookback: int,
+    ):
+        self._datasets = datasets
+        self._names = names
+        self._user = user
+        self._date = date
+        self._lookback = lookback
+
+    def __getitem__(self, name: str) -> list[Any]:
+        if name not in self._names:
+            raise KeyError(name)
+        return self._datasets[name].history(self._user, self._date, self._lookback)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._names)
+
+    def __len__(self) -> int:
+        return len(self._names)
+
+
+def checked_result(user: str, result: Any) -> dict[str, Any]:
+    """A per-user ``process`` return value that is not None, checked.
+
+    Raises:
+        TypeError: not a dict, or a value JSON cannot hold.
+        ValueError: it uses the reserved failure key.
+    """
+    if type(result) is not dict:
+        raise TypeError(f"process() must return a dict or None, not {type(result).__name__}")
+    if FAILED_KEY in result:
+        raise ValueError(f"{FAILED_KEY!r} is a reserved result key")
+    if not PLAIN.issuperset(map(type, result.values())):
+        result_line(user, result)  # TypeError: a value JSON cannot hold
+    return result
+
+
+def _per_user(results: Sequence[Any]) -> list[dict[str, Any]]:
+    """Per date: a standard result as ``{user: result dict}`` (failure markers as
+    ``{FAILED_KEY: origin}``), as the per-user form reads it; a meta result as it is."""
+    return [dict(r.pairs()) if isinstance(r, Table) else r for r in results]
+
+
+def _run_users(task: BlockTask) -> BlockOutcome:
+    """The per-user form over a block: ``process(ctx)`` for each user of each date, in
+    date then user order, with the per-user walk's rules (``execution``): a malformed root
+    row fails the user; a failed previous result, then a failed upstream result, is
+    inherited; an exception, a non-dict or a value JSON cannot hold fails the user alone; the
+    circuit breaker fails the date once ``breaker_min_users`` users were processed and more
+    than ``max_failure_rate`` of them failed. A historical user's previous result is its
+    result of the block's previous date (``task.previous`` before the first)."""
+    cls: Any = task.calculation
+    name, limit = task.name, task.stored_failures
+    # Previous-date failures are followed here, date by date, as results come out.
+    block = frame_for(
+        name, task.dates, task.root, task.upstream, None, None, historical=False, meta=False
+    )
+    frame = block.frame
+    users = frame.users.tolist()
+    datasets = {ds: matrix.dataset for ds, (matrix, _) in task.root.items()}
+    names = tuple(task.root)
+    lookback = max((lb for _, lb in task.root.values()), default=1)
+    deps = [
+        (dep, up, _per_user(up.results) if not up.meta else list(up.results))
+        for dep, up in task.upstream.items()
+    ]
+    previous: dict[str, Any] = (
+        dict(task.previous.pairs()) if isinstance(task.previous, Table) else {}
+    )
+    min_users, max_rate = cls.breaker_min_users, cls.max_failure_rate
+    historical, armed = task.historical, faults.armed("user")
+    outcomes: list[DateOutcome] = []
+    processed_all = 0
+    for i, date in enumerate(task.dates):
+        instance = cls()  # one per cell, as the per-user walk makes
+        rows_today = {ds: dict(datasets[ds].stream(date)) for ds in names}
+        whole: dict[str, Any] = {}
+        lookups: list[tuple[str, Any, list[Any]]] = []
+        for dep, up, per_date in deps:
+            row = int(up.rows[i])
+            picked = per_date[max(0, row - up.width + 1) : row + 1]
+            if up.meta:
+                whole[dep] = picked if up.width > 1 else picked[-1]
+            else:
+                lookups.append((dep, up.width > 1, [p or {} for p in picked]))
+        entries = np.flatnonzero(frame.present[i] | block.bad[i] | block.inherited[i])
+        bad, heir = block.bad[i].tolist(), block.inherited[i].tolist()
+        one = rows_today[names[0]] if len(names) == 1 else None
+        done_users: list[str] = []
+        done: list[dict[str, Any]] = []
+        failed_users: list[dict[str, str]] = []
+        processed = failures = inherited = 0
+        aborted = None
+        for k in entries.tolist():
+            user = users[k]
+            processed += 1
+            if armed:
+                faults.reached("user")
+            marker: dict[str, Any] | None = None
+            before = previous.get(user) if historical else None
+            origin = failure_of(before) if before is not None else None
+            if bad[k]:
+                error = block.bad_where[(i, k)]
+                origin = None
+                failures += 1
+                if failures <= limit:
+                    failed_users.append({"user": user, "kind": "own", "error": error})
+                marker = failure_marker(name, date, error)
+            elif origin is not None or heir[k]:
+                origin = origin or block.origin[(i, k)]
+                inherited += 1
+                if inherited <= limit:
+                    failed_users.append(inherited_failure(name, user, origin))
+                marker = {FAILED_KEY: origin}
+            else:
+                upstream = dict(whole)
+                for dep, windowed, got in lookups:
+                    upstream[dep] = [g.get(user) for g in got] if windowed else got[-1].get(user)
+                if one is not None:
+                    root = {names[0]: one[user][0] if user in one else []}
+                else:
+                    root = {ds: rows_today[ds].get(user, ([], []))[0] for ds in names}
+                history: Mapping[str, list[Any]] = (
+                    LazyHistory(datasets, names, user, date, lookback) if lookback > 1 else root
+                )
+                ctx = StandardContext(date, user, root, history, upstream, before)
+                try:
+                    result = instance.process(ctx)
+                    if result is not None:
+                        if not (
+                            type(result) is dict
+                            and FAILED_KEY not in result
+                            and PLAIN.issuperset(map(type, result.values()))
+                        ):
+                            checked_result(user, result)  # raises with the reason
+                        done_users.append(user)
+                        done.append(result)
+                except Exception as e:  # noqa: BLE001 - user code: a per-user failure
+                    failures += 1
+                    if failures <= limit:
+                        failed_users.append(
+                            {"user": user, "kind": "own", "error": traceback.format_exc()}
+                        )
+                    last = traceback.format_exception_only(e)[-1].strip()
+                    marker = failure_marker(name, date, last)
+            if marker is not None:
+                done_users.append(user)
+                done.append(marker)
+                own = origin is None  # inherited failures do not count for the breaker
+                if own and processed >= min_users and failures / processed > max_rate:
+                    aborted = (
+                        f"circuit breaker: {failures} of {processed} users failed "
+                        f"({failures / processed:.0%} > {max_rate:.0%})"
+                    )
+                    break
+        processed_all += processed
+        table = Table.from_results(done_users, done)
+        outcomes.append(DateOutcome(table, processed, failures, inherited, failed_users, aborted))
+        if historical:
+            previous = dict(zip(done_users, done))
+    return BlockOutcome(None, len(users), processed_all, tables=outcomes)

@@ -46,7 +46,15 @@ import numpy as np
 import psutil
 
 from orchestrator import faults, validation
-from orchestrator.blocks import BlockTask, RootMatrix, UpstreamInput, run_block
+from orchestrator.blocks import (
+    BlockTask,
+    LazyHistory,
+    RootMatrix,
+    UpstreamInput,
+    checked_result,
+    inherited_failure,
+    run_block,
+)
 from orchestrator.calculation import MetaContext, StandardContext
 from orchestrator.columns import Table
 from orchestrator.fingerprint import result_line
@@ -65,7 +73,7 @@ from orchestrator.results import (
     failure_marker,
     failure_of,
 )
-from orchestrator.rootdata import RootData, Row
+from orchestrator.rootdata import Dataset, RootData, Row
 
 MEMORY_CHECK_EVERY = 1000  # users between two looks at the process's memory
 # A cell's whole result is kept in memory for its dependents only up to this many users;
@@ -82,7 +90,6 @@ STORED_FAILURES = 20
 # most this many dates at once, so its arrays are bounded by dates × users × fields.
 BLOCK_DATES = 256
 # Value types a result holds without a closer look (anything else must be JSON-encodable).
-_PLAIN = frozenset({float, int, str, bool, type(None)})
 
 
 @dataclass(slots=True)
@@ -239,38 +246,6 @@ def _failure_in(value: Any) -> dict[str, str] | None:
     if type(value) is list:
         return next((o for v in value if (o := failure_of(v)) is not None), None)
     return failure_of(value)
-
-
-class _LazyHistory(Mapping[str, list[Any]]):
-    """``ctx.history``, read only when a calculation asks for it: historical calculations
-    usually carry their state in ``ctx.previous`` and touch their history only to re-seed."""
-
-    __slots__ = ("_datasets", "_date", "_lookback", "_names", "_user")
-
-    def __init__(
-        self,
-        datasets: Mapping[str, RootData],
-        names: tuple[str, ...],
-        user: str,
-        date: dt.date,
-        lookback: int,
-    ):
-        self._datasets = datasets
-        self._names = names
-        self._user = user
-        self._date = date
-        self._lookback = lookback
-
-    def __getitem__(self, name: str) -> list[Any]:
-        if name not in self._names:
-            raise KeyError(name)
-        return self._datasets[name].history(self._user, self._date, self._lookback)
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._names)
-
-    def __len__(self) -> int:
-        return len(self._names)
 
 
 class ResultCache:
@@ -498,7 +473,7 @@ class Executor:
         # Workers walk per-user standard cells; columnar blocks run in this process, so a
         # run of columnar calculations only forks no pool (it would only cost memory).
         standard = {
-            k[0] for k in work if self.manifest.calcs[k[0]].is_standard and not self._columnar(k[0])
+            k[0] for k in work if self.manifest.calcs[k[0]].is_standard and not self._blocked(k[0])
         }
         if self.workers <= 1 or not standard:
             return self._execute()
@@ -597,7 +572,7 @@ class Executor:
         for start in range(0, len(dates), step):
             chunk = dates[start : start + step]
             for members in self.manifest.passes:
-                blocked = [n for n in members if self._columnar(n)]
+                blocked = [n for n in members if self._blocked(n)]
                 walked = tuple(n for n in members if n not in blocked)
                 if walked:
                     for date in chunk:
@@ -625,6 +600,27 @@ class Executor:
     def _columnar(self, name: str) -> bool:
         """Whether ``name`` runs in its columnar form (it has one, and it is not disabled)."""
         return self.columnar and self.manifest.calcs[name].columnar
+
+    def _blocked(self, name: str) -> bool:
+        """Whether ``name``'s cells run in blocks: its columnar form, or a standard
+        calculation's per-user form when the root data of it and of its standard upstream
+        closure are held in memory. Users of a dataset read from its root store are streamed
+        instead (``_walk``), so memory stays flat in the number of users."""
+        if self._columnar(name):
+            return True
+        calcs = self.manifest.calcs
+        if not calcs[name].is_standard:
+            return False
+        seen, stack = set(), [name]
+        while stack:
+            spec = calcs[stack.pop()]
+            if spec.name in seen:
+                continue
+            seen.add(spec.name)
+            if not all(isinstance(self.dataset(ds), Dataset) for ds in spec.root_data):
+                return False
+            stack.extend(d for d in spec.dependencies if calcs[d].is_standard)
+        return True
 
     def _count(self, decision: Decision, key: CellKey) -> None:
         s = self.summary
@@ -828,6 +824,7 @@ class Executor:
                 spec.historical,
                 not spec.is_standard,
                 STORED_FAILURES,
+                per_user=not self._columnar(name),
             )
         )
         writes: list[CellWrite] = []
@@ -845,7 +842,7 @@ class Executor:
                 run = self._block_run(spec, decision, started, day.processed)
                 run.failures, run.inherited = day.failures, day.inherited
                 run.failed_users = day.failed_users
-                write, rows = self._finish_block(spec, decision, run, day.table)
+                write, rows = self._finish_block(spec, decision, run, day.table, day.aborted)
             else:
                 assert outcome.results is not None and outcome.upstream_failed is not None
                 run = self._block_run(spec, decision, started, 0)
@@ -869,6 +866,7 @@ class Executor:
         self.summary.users_processed += outcome.processed
         self._sample_memory()
         self._stage(writes, shard_rows)
+        faults.reached("block")  # computed, leased and staged; not published yet
 
     def _block_run(
         self, spec: CalcSpec, decision: Decision, started: dt.datetime, processed: int
@@ -892,24 +890,38 @@ class Executor:
         return run
 
     def _finish_block(
-        self, spec: CalcSpec, decision: Decision, run: _CellRun, table: Table
+        self,
+        spec: CalcSpec,
+        decision: Decision,
+        run: _CellRun,
+        table: Table,
+        aborted: str | None = None,
     ) -> tuple[CellWrite, list[dict[str, Any]]]:
-        """Validate and record one standard block date (``_finish``'s rules)."""
+        """Validate and record one standard block date (``_finish``'s rules; ``aborted``: the
+        circuit breaker's error)."""
         date = decision.date
-        if run.processed and run.failures / run.processed > spec.max_failure_rate:
+        error = aborted
+        if error is None and run.processed and run.failures / run.processed > spec.max_failure_rate:
+            error = (
+                f"{run.failures} of {run.processed} users failed "
+                f"({run.failures / run.processed:.0%} > {spec.max_failure_rate:.0%})"
+            )
+        if error is not None:
             own = [
                 f"user {f['user']}: {f['error']}" for f in run.failed_users if f["kind"] == "own"
             ]
-            error = (
-                f"{run.failures} of {run.processed} users failed "
-                f"({run.failures / run.processed:.0%} > {spec.max_failure_rate:.0%})\n"
-                + "\n".join(own[:5])
-            )
+            error = error + "\n" + "\n".join(own[:5])
             return self._failure(spec, date, decision, error, run), []
         found = validation.problems(spec.rules, validation.collect_table(table))
         if found:
             return self._failure(spec, date, decision, "VALIDATION: " + "; ".join(found), run), []
-        run.writer.add_table(table)
+        step = max(1, self.flush_users)  # a shard holds at most ``flush_users`` users
+        for lo in range(0, len(table), step):
+            run.writer.add_table(
+                table.take(np.arange(lo, min(lo + step, len(table))))
+                if len(table) > step
+                else table
+            )
         rows = run.writer.cut()
         run.flushes = len(rows)
         run.flush_reasons = {"FINAL": 1} if rows else {}
@@ -1220,7 +1232,7 @@ class Executor:
                             self._flush_if_full(run)
                             continue
                     history: Mapping[str, list[Any]] = (
-                        _LazyHistory(datasets, root_names, user, date, lookback)
+                        LazyHistory(datasets, root_names, user, date, lookback)
                         if lookback > 1
                         else root
                     )
@@ -1244,15 +1256,7 @@ class Executor:
                 try:
                     result = run.instance.process(ctx)
                     if result is not None:
-                        if type(result) is not dict:
-                            raise TypeError(
-                                f"process() must return a dict or None, not {type(result).__name__}"
-                            )
-                        if FAILED_KEY in result:
-                            raise ValueError(f"{FAILED_KEY!r} is a reserved result key")
-                        if not _PLAIN.issuperset(map(type, result.values())):
-                            result_line(user, result)  # TypeError: a value JSON cannot hold
-                        run.writer.add(user, result)
+                        run.writer.add(user, checked_result(user, result))
                         run.recent.append(result)
                         if run.keep is not None:
                             run.keep[user] = result
@@ -1539,10 +1543,7 @@ def _user_inherited(run: _CellRun, user: str, origin: dict[str, str]) -> None:
     when the origin does, its inputs then changing."""
     run.inherited += 1
     if run.inherited <= STORED_FAILURES:
-        kind = "previous" if origin["calculation"] == run.spec.name else "upstream"
-        run.failed_users.append(
-            {"user": user, "kind": "upstream", "error": f"{kind} " + describe_failure(user, origin)}
-        )
+        run.failed_users.append(inherited_failure(run.spec.name, user, origin))
     _add_marker(run, user, {FAILED_KEY: origin})
 
 

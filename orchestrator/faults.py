@@ -1,5 +1,7 @@
 """Fault injection for crash tests: ``ORCHESTRATOR_FAULT=point:n`` kills this process with
-SIGKILL the n-th time execution reaches ``point`` ("import", "user", "flush", "publish").
+SIGKILL the n-th time execution reaches ``point``: "import" (root data), "user" (a user
+of a per-user cell, in a block or a walk), "flush" (a walk's mid-cell shards written),
+"block" (a block's cells computed, leased and staged), "publish" (inside the transaction).
 
 Used by ``tests/test_faults.py`` to prove that a kill at any of those moments loses nothing
 published and never exposes a partial cell. Without the variable, ``reached`` is a dictionary
@@ -21,3 +23,8 @@ def reached(point: str) -> None:
         _remaining[point] -= 1
         if _remaining[point] <= 0:
             os.kill(os.getpid(), signal.SIGKILL)
+
+
+def armed(point: str) -> bool:
+    """Whether ``point`` is the configured one (a hot loop then skips ``reached``)."""
+    return point in _remaining

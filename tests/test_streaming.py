@@ -87,6 +87,9 @@ def test_results_past_the_keep_limit_are_read_shard_by_shard(
     setup(project, "flush_users = 4\nshard_bytes = 1024\n")
     assert run(project).ok
     in_memory = project.result_hashes()
+    # the per-user walk over the root store (in memory, the cells would run in blocks)
+    project.extra_config += "root_memory_mb = 0\n"
+    project.write_config()
 
     streamed: list[int] = []
     items = StoredResult.items
@@ -131,7 +134,10 @@ def test_workers_that_write_their_own_shards_publish_the_serial_results(
     orch = project.orchestrator()
     serial_shards = len(orch.ledger.shard_index("rsi", TARGET) or [])
     orch.close()
-    # Every worker writes its shards itself instead of handing them over in memory.
+    # Workers walk the users of the root store (held in memory, cells run in blocks), and
+    # every worker writes its shards itself instead of handing them over in memory.
+    project.extra_config += "root_memory_mb = 0\n"
+    project.write_config()
     monkeypatch.setattr(execution, "WORKER_INLINE_BYTES", 0)
     forced = run(project, calculations=ALL, force=True, workers=2)
     assert forced.ok and len(forced.executed) == len(ALL) * len(DATES)
