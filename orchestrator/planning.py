@@ -326,6 +326,9 @@ class Decider:
         # entry is current when a dependent asks). A memo, not a decision input.
         self._causes: dict[CellKey, CellKey] = {}
         self._window_cache: dict[tuple[str, int, dt.date], str] = {}
+        # (kind, stored hash, calculation) -> ``_definitions_change`` text: the same for every
+        # cell of a calculation stored with that hash (a code change re-decides them all).
+        self._definition_changes: dict[tuple[str, str, str], str] = {}
         self._window_columns: dict[tuple[str, int], list[str]] = {}
         # Possible dates per calculation, in pass order (impossibility propagates down).
         self.impossible: dict[CellKey, Decision] = {}
@@ -761,9 +764,7 @@ class Decider:
             )
         if current.digest == stored.inputs_digest and self._cosmetic(spec, stored):
             verdict = self.request.cosmetic[(spec.name, stored.code_hash)]
-            what = _definitions_change(
-                self.request.registry.get(("code", stored.code_hash)), spec, "code"
-            )
+            what = self._changed_definitions(spec, "code", stored.code_hash)
             return Decision(
                 *key,
                 Reason.COSMETIC_CHANGE,
@@ -809,6 +810,17 @@ class Decider:
             return Reason.ROOT_DATA_CHANGED, f"{root_change}; {why}"
         return Reason.UPSTREAM_CHANGED, f"{_upstream_change(spec, stored, current)}; {why}"
 
+    def _changed_definitions(self, spec: CalcSpec, kind: str, stored_hash: str) -> str:
+        """``_definitions_change`` from the registered ``kind`` version ``stored_hash`` to
+        ``spec``'s, computed once per (kind, hash, calculation): it digests every definition
+        of the lineage, and every cell stored with that hash asks the same."""
+        key = (kind, stored_hash, spec.name)
+        text = self._definition_changes.get(key)
+        if text is None:
+            before = self.request.registry.get((kind, stored_hash))
+            text = self._definition_changes[key] = _definitions_change(before, spec, kind)
+        return text
+
     def _own_reason(
         self, spec: CalcSpec, date: dt.date, stored: LedgerCell | None
     ) -> tuple[Reason, str] | None:
@@ -850,8 +862,7 @@ class Decider:
                 f"infrastructure {stored.infra_hash[:8]} -> {spec.infra_hash[:8]}"
             )
         if stored.code_hash != spec.code_hash and not self._cosmetic(spec, stored):
-            before = req.registry.get(("code", stored.code_hash))
-            what = _definitions_change(before, spec, "code") or (
+            what = self._changed_definitions(spec, "code", stored.code_hash) or (
                 f"code {stored.code_hash[:8]} -> {spec.code_hash[:8]}"
             )
             verdict = req.cosmetic.get((spec.name, stored.code_hash))
@@ -859,8 +870,8 @@ class Decider:
                 f" ({verdict.rule}: {verdict.detail})" if verdict else ""
             )
         if stored.layer_hash != spec.layer_hash:
-            before = req.registry.get(("layer", stored.layer_hash))
-            return Reason.LAYER_CHANGED, _definitions_change(before, spec, "layer") or (
+            what = self._changed_definitions(spec, "layer", stored.layer_hash)
+            return Reason.LAYER_CHANGED, what or (
                 f"helper layers {stored.layer_hash[:8]} -> {spec.layer_hash[:8]}"
             )
         return None
