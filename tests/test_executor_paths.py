@@ -18,7 +18,7 @@ import pytest
 from click.testing import CliRunner
 
 from orchestrator.cli import main
-from orchestrator.parallel import Partition
+from orchestrator.execution.workers import Partition
 from tests.conftest import Project, price_rows, scratch_hashes, weekdays
 
 DATES = weekdays(dt.date(2024, 3, 1), 8)

@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from orchestrator import execution
+from orchestrator.execution import walk
 from orchestrator.results import StoredResult
 from orchestrator.rootdata import Dataset
 from orchestrator.rootstore import StoredDataset
@@ -99,7 +99,7 @@ def test_results_past_the_keep_limit_are_read_shard_by_shard(
         return items(self, *args)
 
     monkeypatch.setattr(StoredResult, "items", counting)
-    monkeypatch.setattr(execution, "KEEP_LIMIT", 3)  # every standard result is "too big"
+    monkeypatch.setattr(walk, "KEEP_LIMIT", 3)  # every standard result is "too big"
     forced = run(project, calculations=ALL, force=True, workers=workers)
     assert forced.ok and len(forced.executed) == len(ALL) * len(DATES)
     assert project.result_hashes() == in_memory
@@ -138,7 +138,7 @@ def test_workers_that_write_their_own_shards_publish_the_serial_results(
     # every worker writes its shards itself instead of handing them over in memory.
     project.extra_config += "root_memory_mb = 0\n"
     project.write_config()
-    monkeypatch.setattr(execution, "WORKER_INLINE_BYTES", 0)
+    monkeypatch.setattr(walk, "WORKER_INLINE_BYTES", 0)
     forced = run(project, calculations=ALL, force=True, workers=2)
     assert forced.ok and len(forced.executed) == len(ALL) * len(DATES)
     assert project.result_hashes() == serial

@@ -27,10 +27,12 @@ from typing import TYPE_CHECKING, Any, NamedTuple, Self
 
 from orchestrator import validation
 from orchestrator.errors import OrchestratorError
+from orchestrator.execution.record import _CellRun
+from orchestrator.execution.walk import STORED_FAILURES
 from orchestrator.rootdata import Dataset
 
 if TYPE_CHECKING:
-    from orchestrator.execution import Executor, _CellRun
+    from orchestrator.execution.walk import UserWalk
     from orchestrator.planning import Decision
 
 
@@ -124,7 +126,7 @@ class WorkerError(OrchestratorError):
 
 
 def _serve(
-    executor: Executor, conn: Connection, index: int, partition: Partition, send_results: set[str]
+    executor: UserWalk, conn: Connection, index: int, partition: Partition, send_results: set[str]
 ) -> None:
     # The parent's pooled connections must not be shared: drop them here, open our own.
     executor.ledger.engine.dispose(close=False)
@@ -193,7 +195,7 @@ class WorkerPool:
             ranges; any ranges give the same results).
     """
 
-    def __init__(self, executor: Executor, count: int, users: set[str]):
+    def __init__(self, executor: UserWalk, count: int, users: set[str]):
         context = multiprocessing.get_context("fork")
         self.partition = Partition.balanced(users, count)
         # Standard results the parent needs whole: those a meta calculation reads.
@@ -215,7 +217,7 @@ class WorkerPool:
             self.connections.append(parent)
             self.processes.append(process)
 
-    def compute(self, date: dt.date, runs: list[_CellRun], executor: Executor) -> None:
+    def compute(self, date: dt.date, runs: list[_CellRun], executor: UserWalk) -> None:
         """Run the standard cells ``runs`` of ``date`` on every worker and gather their parts
         into ``runs``: shards in user order (worker ranges ascend), counts, whole results
         where a meta calculation needs them.
@@ -223,8 +225,6 @@ class WorkerPool:
         Raises:
             WorkerError: a worker died or failed outside user code.
         """
-        from orchestrator.execution import STORED_FAILURES  # a cycle at import time
-
         cells: list[tuple[str, Decision]] = [(r.spec.name, r.decision) for r in runs]
         # Meta upstream results of this date come with the task: they are not published yet
         # (a date is published as a whole), and the workers do not compute them.

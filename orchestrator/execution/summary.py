@@ -1,0 +1,99 @@
+"""What a run did: ``RunSummary``, its verdict and its report lines."""
+
+from __future__ import annotations
+
+import datetime as dt
+from dataclasses import dataclass, field
+
+
+@dataclass(slots=True)
+class RunSummary:
+    """What a run did, and whether the range it covered is complete and clean.
+
+    ``failed`` lists (calculation, date, error's last line) of the cells this run could not
+    publish; ``executed`` maps every cell that ran (successfully or not) to the reason it ran;
+    ``reasons`` counts final reasons; ``notes`` are problems of the root data this run uses
+    (skipped rows and unreadable files, as stored with each dataset's index, whether or not
+    this run re-read it; users failed by malformed rows), each with its location.
+
+    The verdict covers the whole range after the run, not only what ran: ``users_failed``
+    lists (calculation, date, status, failed users) of the published cells whose last attempt
+    had failed users (status PARTIAL: errors of their own; COMPLETED: failures inherited from
+    upstream or from the previous date); ``dead_letters`` the dead-lettered
+    cells; ``blocked_by_failure`` the cells blocked by a failure, each with the failed or dead-lettered
+    cell at the top of its chain. ``ok`` (exit code 0) only when all of these are empty.
+    """
+
+    run_id: str
+    completed: int = 0
+    skipped: int = 0
+    failed: list[tuple[str, dt.date, str]] = field(default_factory=list)
+    blocked: int = 0
+    impossible: int = 0
+    not_in_scope: int = 0
+    users_processed: int = 0
+    seconds: float = 0.0
+    peak_memory: int = 0
+    reasons: dict[str, int] = field(default_factory=dict)
+    executed: dict[tuple[str, dt.date], str] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+    users_failed: list[tuple[str, dt.date, str, int]] = field(default_factory=list)
+    dead_letters: list[tuple[str, dt.date]] = field(default_factory=list)
+    blocked_by_failure: list[tuple[tuple[str, dt.date], tuple[str, dt.date]]] = field(
+        default_factory=list
+    )
+
+    @property
+    def ok(self) -> bool:
+        """Every cell of the range is complete and clean."""
+        return not (
+            self.failed or self.users_failed or self.dead_letters or self.blocked_by_failure
+        )
+
+    @property
+    def exit_code(self) -> int:
+        """What ``run`` exits with: 0 when ``ok``, else 1 (see the CLI's exit-code table)."""
+        return 0 if self.ok else 1
+
+    def lines(self) -> list[str]:
+        """One line per kind of problem, each naming the command that shows more."""
+        out = []
+        if self.failed:
+            out.append(
+                f"{_count(len(self.failed), 'cell')} failed: {_cells([(c, d) for c, d, _ in self.failed])}"
+                " (orchestrator runs --run ID)"
+            )
+        own = [f for f in self.users_failed if f[2] != "COMPLETED"]
+        inherited = [f for f in self.users_failed if f[2] == "COMPLETED"]
+        if own:
+            out.append(
+                f"{_count(sum(f[3] for f in own), 'user')} failed in {_count(len(own), 'cell')}: "
+                f"{_cells([(c, d) for c, d, _, _ in own])} (orchestrator failures)"
+            )
+        if inherited:
+            out.append(
+                f"{_count(sum(f[3] for f in inherited), 'user')} failed upstream or on an "
+                f"earlier date in {_count(len(inherited), 'more cell')}: "
+                f"{_cells([(c, d) for c, d, _, _ in inherited])} (orchestrator failures)"
+            )
+        if self.dead_letters:
+            out.append(
+                f"{_count(len(self.dead_letters), 'dead letter')}: {_cells(self.dead_letters)}"
+                " (orchestrator dlq list)"
+            )
+        if self.blocked_by_failure:
+            causes = list(dict.fromkeys(cause for _, cause in self.blocked_by_failure))
+            out.append(
+                f"{_count(len(self.blocked_by_failure), 'cell')} blocked by a failure upstream, caused by "
+                f"{_cells(causes)} (orchestrator plan)"
+            )
+        return out
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}{'' if n == 1 else 's'}"
+
+
+def _cells(keys: list[tuple[str, dt.date]], limit: int = 3) -> str:
+    shown = ", ".join(f"{c} {d}" for c, d in keys[:limit])
+    return shown + (f" and {len(keys) - limit} more" if len(keys) > limit else "")
