@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from orchestrator.execution import walk
+from orchestrator.execution import caches, walk
 from orchestrator.results import StoredResult
 from orchestrator.rootdata import Dataset
 from orchestrator.rootstore import StoredDataset
@@ -99,7 +99,7 @@ def test_results_past_the_keep_limit_are_read_shard_by_shard(
         return items(self, *args)
 
     monkeypatch.setattr(StoredResult, "items", counting)
-    monkeypatch.setattr(walk, "KEEP_LIMIT", 3)  # every standard result is "too big"
+    monkeypatch.setattr(caches, "KEEP_LIMIT", 3)  # every standard result is "too big"
     forced = run(project, calculations=ALL, force=True, workers=workers)
     assert forced.ok and len(forced.executed) == len(ALL) * len(DATES)
     assert project.result_hashes() == in_memory

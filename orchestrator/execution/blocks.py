@@ -79,14 +79,12 @@ class RootMatrix:
     def _from_files(cls, dataset: Dataset) -> RootMatrix:
         dates = dataset.dates
         position = {d: i for i, d in enumerate(dates)}
-        d_idx = np.array(
-            [position[d] for part in dataset.files for d in part.dates], dtype=np.int64
-        )
-        names = [u for part in dataset.files for u in part.users]
+        # vectorised: per kept row its date position and its user's position in ``names``
+        d_idx, names, kept_user = dataset.kept_rows()
         bad_keys = sorted(dataset.bad_rows)
         everyone = np.array(names + [u for _, u in bad_keys], dtype=str)
         users, inverse = np.unique(everyone, return_inverse=True)
-        u_idx = inverse[: len(names)]
+        u_idx = inverse[: len(names)][kept_user]
         shape = (len(dates), len(users))
         # A user's last row of a date wins: the last occurrence of each (date, user).
         key = d_idx * max(len(users), 1) + u_idx
@@ -170,23 +168,14 @@ class RootMatrix:
 
     def _column_from_files(self, name: str, kind: str, shape: tuple[int, int]) -> np.ndarray:
         assert isinstance(self.dataset, Dataset) and self._cells is not None
-        values: list[Any] = []
-        for part in self.dataset.files:
-            if name in part.header:
-                column = part.columns[part.header.index(name)]
-                values.extend([column[j] for j in part.kept])
-            else:
-                values.extend([None] * len(part.kept))
+        values = self.dataset.kept_values(name)  # NaN for None when numeric
         d, u, chosen = self._cells
         if kind in NUMERIC:
             out = np.full(shape, np.nan)
-            taken = [values[k] for k in chosen.tolist()]
-            out[d, u] = np.array([np.nan if v is None else v for v in taken], dtype=np.float64)
+            out[d, u] = values[chosen]
             return out
         out = np.full(shape, None, dtype=object)
-        for k, dd, uu in zip(chosen.tolist(), d.tolist(), u.tolist(), strict=True):
-            v = values[k]
-            out[dd, uu] = v.isoformat() if isinstance(v, dt.date) else v
+        out[d, u] = values[chosen]  # texts (a CSV / Parquet value is never a date object)
         return out
 
 

@@ -8,7 +8,6 @@ from collections.abc import Iterable
 from typing import Any
 
 from orchestrator.columns import Table
-from orchestrator.execution.walk import KEEP_LIMIT
 from orchestrator.ledger.store import Ledger
 from orchestrator.manifest import Manifest
 from orchestrator.planning import CellKey
@@ -18,6 +17,10 @@ from orchestrator.results import (
     decode_shards,
     decode_tables,
 )
+
+# A cell's whole result is kept in memory for its dependents only up to this many users;
+# beyond, memory stays bounded by the flush thresholds and dependents read the shards.
+KEEP_LIMIT = 20_000
 
 
 class ResultCache:

@@ -41,7 +41,7 @@ from orchestrator.execution.blocks import (
     run_block,
 )
 from orchestrator.execution.caches import ResultCache, TableCache
-from orchestrator.execution.record import _PROCESS, _CellRun
+from orchestrator.execution.record import _PROCESS, _CellRun, too_many_failed
 from orchestrator.execution.summary import RunSummary
 from orchestrator.execution.walk import STORED_FAILURES, UserWalk
 from orchestrator.execution.workers import WorkerPool
@@ -565,17 +565,8 @@ class Executor(UserWalk):
         """Validate and record one standard block date (``_finish``'s rules; ``aborted``: the
         circuit breaker's error)."""
         date = decision.date
-        error = aborted
-        if error is None and run.processed and run.failures / run.processed > spec.max_failure_rate:
-            error = (
-                f"{run.failures} of {run.processed} users failed "
-                f"({run.failures / run.processed:.0%} > {spec.max_failure_rate:.0%})"
-            )
+        error = too_many_failed(run, aborted)
         if error is not None:
-            own = [
-                f"user {f['user']}: {f['error']}" for f in run.failed_users if f["kind"] == "own"
-            ]
-            error = error + "\n" + "\n".join(own[:5])
             return self._failure(spec, date, decision, error, run), []
         found = validation.problems(spec.rules, validation.collect_table(table))
         if found:

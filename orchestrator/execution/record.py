@@ -56,6 +56,22 @@ class _CellRun:
     spilled: bool = False  # more than KEEP_LIMIT results: not kept in memory
 
 
+def too_many_failed(run: _CellRun, aborted: str | None) -> str | None:
+    """Why the cell fails as a whole — the circuit breaker tripped (``aborted``) or more
+    than ``max_failure_rate`` of its processed users failed — with its first own failures;
+    None when it may be published."""
+    spec, error = run.spec, aborted
+    if error is None and run.processed and run.failures / run.processed > spec.max_failure_rate:
+        error = (
+            f"{run.failures} of {run.processed} users failed "
+            f"({run.failures / run.processed:.0%} > {spec.max_failure_rate:.0%})"
+        )
+    if error is None:
+        return None
+    own = [f"user {f['user']}: {f['error']}" for f in run.failed_users if f["kind"] == "own"]
+    return error + "\n" + "\n".join(own[:5])
+
+
 class RunState:
     """The state of a run the ``Executor``'s parts share (set by ``Executor.__init__``)."""
 

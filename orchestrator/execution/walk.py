@@ -27,12 +27,13 @@ from typing import Any
 
 from orchestrator import faults, validation
 from orchestrator.calculation import MetaContext, StandardContext
+from orchestrator.execution import caches
 from orchestrator.execution.blocks import (
     LazyHistory,
     checked_result,
     inherited_failure,
 )
-from orchestrator.execution.record import _PROCESS, Recorder, _CellRun
+from orchestrator.execution.record import _PROCESS, Recorder, _CellRun, too_many_failed
 from orchestrator.fingerprint import result_line
 from orchestrator.ledger.store import CellWrite
 from orchestrator.manifest import CalcSpec
@@ -48,9 +49,6 @@ from orchestrator.results import (
 from orchestrator.rootdata import Row
 
 MEMORY_CHECK_EVERY = 1000  # users between two looks at the process's memory
-# A cell's whole result is kept in memory for its dependents only up to this many users;
-# beyond, memory stays bounded by the flush thresholds and dependents read the shards.
-KEEP_LIMIT = 20_000
 # A worker hands a cell's shards to the parent in memory up to this many raw bytes; beyond, it
 # writes them itself (the parent reads them back, one at a time, for the result hash).
 WORKER_INLINE_BYTES = 8 * 2**20
@@ -373,7 +371,9 @@ class UserWalk(Recorder):
                         run.recent.append(result)
                         if run.keep is not None:
                             run.keep[user] = result
-                            if len(run.keep) > KEEP_LIMIT:  # too big to cache: readers stream it
+                            if (
+                                len(run.keep) > caches.KEEP_LIMIT
+                            ):  # too big to cache: readers stream it
                                 run.keep = None
                                 run.spilled = True
                 except Exception as e:  # noqa: BLE001 - user code: a per-user failure
@@ -394,17 +394,8 @@ class UserWalk(Recorder):
 
     def _finish(self, run: _CellRun, date: dt.date) -> tuple[CellWrite, list[dict[str, Any]]]:
         spec = run.spec
-        error = run.aborted
-        if error is None and run.processed and run.failures / run.processed > spec.max_failure_rate:
-            error = (
-                f"{run.failures} of {run.processed} users failed "
-                f"({run.failures / run.processed:.0%} > {spec.max_failure_rate:.0%})"
-            )
+        error = too_many_failed(run, run.aborted)
         if error is not None:
-            own = [
-                f"user {f['user']}: {f['error']}" for f in run.failed_users if f["kind"] == "own"
-            ]
-            error = error + "\n" + "\n".join(own[:5])
             return self._failure(spec, date, run.decision, error, run), []
         if run.stats is None:
             run.stats = validation.Stats()
@@ -563,6 +554,6 @@ def _add_marker(run: _CellRun, user: str, marker: dict[str, Any]) -> None:
     run.writer.add(user, marker)
     if run.keep is not None:
         run.keep[user] = marker
-        if len(run.keep) > KEEP_LIMIT:
+        if len(run.keep) > caches.KEEP_LIMIT:
             run.keep = None
             run.spilled = True
