@@ -239,8 +239,16 @@ class ResultView:
             return
         self.present = np.zeros((n, len(users)), dtype=bool)
         self.failed = np.zeros_like(self.present)
+        frame_list = users.tolist()
+        last: tuple[list[str], tuple[np.ndarray, np.ndarray]] | None = None
         for i, table in enumerate(results):
-            idx, ok = _align(table.users if table is not None else [], users)
+            table_users = table.users if table is not None else []
+            # dates of a dependency mostly share their users: align each distinct list once
+            if last is not None and (table_users is last[0] or table_users == last[0]):
+                idx, ok = last[1]
+            else:
+                idx, ok = _align(table_users, users, frame_list)
+                last = (table_users, (idx, ok))
             self._index.append((idx, ok))
             if table is None or not len(table):
                 continue
@@ -298,11 +306,16 @@ class ResultView:
         return hit
 
 
-def _align(users: list[str], frame_users: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Positions of ``users`` among ``frame_users`` (sorted), and which are there."""
+def _align(
+    users: list[str], frame_users: np.ndarray, frame_list: list[str] | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """Positions of ``users`` among ``frame_users`` (sorted; ``frame_list``: the same as a
+    list, if at hand), and which are there."""
     if not users:
         return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=bool)
-    if len(users) == len(frame_users) and users == frame_users.tolist():
+    if len(users) == len(frame_users) and users == (
+        frame_list if frame_list is not None else frame_users.tolist()
+    ):
         return np.arange(len(users)), np.ones(len(users), dtype=bool)
     arr = np.array(users, dtype=str)
     idx = np.searchsorted(frame_users, arr)
@@ -387,13 +400,20 @@ def frame_for(
         user_sets.append(matrix.users[on_dates.any(axis=0)])
     std = {dep: up for dep, up in upstream.items() if not up.meta}
     if not root:  # users with a same-date result of a standard dependency
+        distinct: list[list[str]] = []
         for up in std.values():
             for r in up.rows.tolist():
                 table = up.results[r]
-                if table is not None and len(table):
-                    user_sets.append(np.array(table.users, dtype=str))
-    if len(user_sets) == 1 and root:
-        users = user_sets[0]  # a matrix's users: sorted and unique already
+                # mostly the same users date after date: each distinct list once
+                if (
+                    table is not None
+                    and len(table)
+                    and not any(table.users is d or table.users == d for d in distinct[-2:])
+                ):
+                    distinct.append(table.users)
+        user_sets = [np.array(d, dtype=str) for d in distinct]
+    if len(user_sets) == 1:
+        users = user_sets[0]  # a matrix's or a table's users: sorted and unique already
     elif user_sets:
         users = np.unique(np.concatenate(user_sets))
     else:
