@@ -61,7 +61,7 @@ def store_path(folder: Path, name: str, digest: str) -> Path:
 
 class _ColumnStats:
     """What decides a column's type over a whole file, gathered chunk by chunk (the same rules
-    as ``rootdata._type_columns``, which sees the whole column at once)."""
+    as ``rootdata._type_column``, which sees the whole column at once)."""
 
     __slots__ = ("all_float", "all_int", "failures", "filled", "integral")
 
