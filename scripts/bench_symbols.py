@@ -50,7 +50,6 @@ import json
 import os
 import re
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -60,7 +59,7 @@ from typing import Any
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_run import TreeRss
+from bench_run import orchestrator_exe, timed
 
 HERE = Path(__file__).resolve().parent
 TEMPLATE = HERE / "symbols" / "indicators.py"
@@ -79,10 +78,6 @@ FIELDS = {
 BLOCK_DATES = 256  # the engine's default chunk (config ``block_dates``)
 TARGET_S = 30.0  # seed 003 §9.1, stated for 4 cores
 
-TIME_WALL = re.compile(r"Elapsed \(wall clock\) time.*: (?:(\d+):)?(\d+):([\d.]+)")
-TIME_RSS = re.compile(r"Maximum resident set size \(kbytes\): (\d+)")
-TIME_CPU = re.compile(r"(?:User|System) time \(seconds\): ([\d.]+)")
-TIME_EXIT = re.compile(r"Command exited with non-zero status \d+\s*$")
 SUMMARY = re.compile(r"^run \w+: (\d+) completed, (\d+) failed.*$", re.MULTILINE)
 
 
@@ -267,63 +262,6 @@ class Project:
 
 
 # --- timing ----------------------------------------------------------------------------------------
-
-
-def timed(cmd: list[str], env: dict[str, str], cwd: Path) -> dict[str, Any]:
-    """Run ``cmd`` as a whole process, timed from outside.
-
-    Returns:
-        ``{"wall_s", "cpu_s", "peak_rss_mb", "peak_tree_rss_mb", "exit_code", "stdout",
-        "stderr"}``: wall clock, user + system CPU seconds (of the process and the children
-        it waited for) and the largest process's maximum RSS from ``/usr/bin/time -v`` when
-        it exists (else ``time.perf_counter``, no CPU figure, and the polled tree), the polled
-        tree's peak summed RSS (MiB).
-    """
-    timer = Path("/usr/bin/time")
-    use_time = timer.exists()
-    full = ([str(timer), "-v"] if use_time else []) + cmd
-    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
-        start = time.perf_counter()
-        proc = subprocess.Popen(full, stdout=out, stderr=err, env=env, cwd=cwd)
-        with TreeRss(proc.pid, include_root=True) as poll:
-            code = proc.wait()
-        wall = time.perf_counter() - start
-        out.seek(0)
-        err.seek(0)
-        stdout, stderr = out.read(), err.read()
-    tree = poll.peak / 2**20
-    result: dict[str, Any] = {
-        "wall_s": wall,
-        "peak_rss_mb": tree,
-        "peak_tree_rss_mb": tree,
-        "exit_code": code,
-        "cpu_s": None,
-    }
-    if use_time:
-        report = stderr.rsplit("\tCommand being timed", 1)
-        stderr = TIME_EXIT.sub("", report[0]).rstrip()
-        m = TIME_WALL.search(report[-1])
-        if m:
-            h, mnt, s = m.groups()
-            result["wall_s"] = int(h or 0) * 3600 + int(mnt) * 60 + float(s)
-        m = TIME_RSS.search(report[-1])
-        if m:
-            result["peak_rss_mb"] = int(m.group(1)) / 1024
-        cpu = TIME_CPU.findall(report[-1])
-        if cpu:
-            result["cpu_s"] = sum(float(x) for x in cpu)
-    result["stdout"], result["stderr"] = stdout, stderr
-    return result
-
-
-def orchestrator_exe() -> str:
-    here = Path(sys.executable).parent / "orchestrator"
-    if here.exists():
-        return str(here)
-    found = shutil.which("orchestrator")
-    if found is None:
-        sys.exit("cannot find the `orchestrator` console script; install the project first")
-    return found
 
 
 def run_orchestrator(project: Project, label: str, last: str, env: dict[str, str]) -> dict:

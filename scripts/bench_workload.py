@@ -56,7 +56,6 @@ import os
 import re
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -66,7 +65,7 @@ from typing import Any
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_run import TreeRss
+from bench_run import orchestrator_exe, timed
 
 HERE = Path(__file__).resolve().parent
 TEMPLATES = {
@@ -123,9 +122,6 @@ CHECKSUMS: dict[tuple[int, int], dict[str, tuple[float, int]]] = {
 # The checksums are printed with 10 significant digits.
 CHECKSUM_RTOL = 1e-9
 
-TIME_WALL = re.compile(r"Elapsed \(wall clock\) time.*: (?:(\d+):)?(\d+):([\d.]+)")
-TIME_EXIT = re.compile(r"Command exited with non-zero status \d+\s*$")
-TIME_RSS = re.compile(r"Maximum resident set size \(kbytes\): (\d+)")
 SUMMARY = re.compile(r"^run \w+: .*$", re.MULTILINE)
 
 
@@ -408,61 +404,6 @@ class Project:
 
 
 # --- timing ---------------------------------------------------------------------------------------
-
-
-def timed(cmd: list[str], env: dict[str, str], cwd: Path) -> dict[str, Any]:
-    """Run ``cmd`` as a whole process, timed from outside.
-
-    With ``/usr/bin/time -v``: its wall clock and maximum resident set size (the largest
-    process of the tree; our runs are one process). Without it: ``time.perf_counter`` around
-    the process and psutil polling of the process tree every 50 ms.
-
-    Returns:
-        ``{"wall_s", "peak_rss_mb", "exit_code", "stdout", "stderr"}`` (MiB).
-    """
-    timer = Path("/usr/bin/time")
-    use_time = timer.exists()
-    full = ([str(timer), "-v"] if use_time else []) + cmd
-    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
-        start = time.perf_counter()
-        proc = subprocess.Popen(full, stdout=out, stderr=err, env=env, cwd=cwd)
-        if use_time:
-            code = proc.wait()
-            polled = None
-        else:
-            with TreeRss(proc.pid, include_root=True) as poll:
-                code = proc.wait()
-            polled = poll.peak / 2**20
-        wall = time.perf_counter() - start
-        out.seek(0)
-        err.seek(0)
-        stdout, stderr = out.read(), err.read()
-    result: dict[str, Any] = {"wall_s": wall, "peak_rss_mb": polled, "exit_code": code}
-    if use_time:
-        report = stderr.rsplit("\tCommand being timed", 1)
-        stderr = TIME_EXIT.sub("", report[0]).rstrip()
-        m = TIME_WALL.search(report[-1])
-        if m:
-            h, mnt, s = m.groups()
-            result["wall_s"] = int(h or 0) * 3600 + int(mnt) * 60 + float(s)
-        m = TIME_RSS.search(report[-1])
-        if m:
-            result["peak_rss_mb"] = int(m.group(1)) / 1024
-    result["stdout"], result["stderr"] = stdout, stderr
-    return result
-
-
-def orchestrator_exe() -> str:
-    here = Path(sys.executable).parent / "orchestrator"
-    if here.exists():
-        return str(here)
-    found = shutil.which("orchestrator")
-    if found is None:
-        sys.exit("cannot find the `orchestrator` console script; install the project first")
-    return found
-
-
-# --- checking stored values --------------------------------------------------------------------
 
 
 def compare(name: str, got: np.ndarray, want: np.ndarray) -> str | None:
