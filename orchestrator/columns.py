@@ -333,12 +333,51 @@ def encode_table(table: Table) -> bytes:
         if has_present:
             buffers.append(col.present.astype(np.uint8).tobytes())  # type: ignore[union-attr]
         header_cols.append(entry)
-    header = json.dumps(
-        {"n": len(table.users), "users": table.users, "columns": header_cols},
-        separators=(",", ":"),
-        allow_nan=True,
-    ).encode()
+    # the bytes json.dumps({"n": .., "users": .., "columns": ..}) writes, users memoised
+    header = b"".join(
+        [
+            b'{"n":%d,"users":' % len(table.users),
+            _users_json(table.users),
+            b',"columns":',
+            _HEADER_JSON.encode(header_cols).encode(),
+            b"}",
+        ]
+    )
     return b"".join([MAGIC, len(header).to_bytes(4, "little"), header, *buffers])
+
+
+_HEADER_JSON = json.JSONEncoder(separators=(",", ":"), allow_nan=True)
+# (users list, its length, JSON bytes): a block's dates mostly share one users list object
+_users_json_memo: tuple[Any, int, bytes] = ((), 0, b"[]")
+
+
+def _users_json(users: list[str]) -> bytes:
+    """The JSON array of ``users``, memoised on the list's identity (the memo holds the list,
+    so its id cannot be reused; tables never change their users in place)."""
+    global _users_json_memo
+    memo = _users_json_memo
+    if memo[0] is not users or memo[1] != len(users):
+        memo = _users_json_memo = (users, len(users), _HEADER_JSON.encode(users).encode())
+    return memo[2]
+
+
+# header bytes -> parsed header: the dates of a calculation mostly share one header (same
+# users, columns of fixed-width kinds), so their tables also share one users list object.
+# Only headers without str/json values are kept: those values reach per-user code, which
+# may change them in place.
+_HEADER_MEMO: dict[bytes, Any] = {}
+_HEADER_MEMO_SIZE = 8
+
+
+def _parse_header(raw: bytes) -> Any:
+    header = _HEADER_MEMO.get(raw)
+    if header is None:
+        header = json.loads(raw)
+        if all(len(entry) == 4 for entry in header["columns"]):
+            if len(_HEADER_MEMO) >= _HEADER_MEMO_SIZE:
+                _HEADER_MEMO.pop(next(iter(_HEADER_MEMO)))
+            _HEADER_MEMO[raw] = header
+    return header
 
 
 def is_table(raw: bytes) -> bool:
@@ -356,7 +395,7 @@ def decode_table(raw: bytes) -> Table:
         raise ValueError("not a stored result table (no OCOL1 header)")
     start = len(MAGIC) + 4
     size = int.from_bytes(raw[len(MAGIC) : start], "little")
-    header = json.loads(raw[start : start + size])
+    header = _parse_header(raw[start : start + size])
     n = header["n"]
     pos = start + size
     view = memoryview(raw)

@@ -238,6 +238,22 @@ def records(col: Any) -> tuple[bytes, bytes]:
     return rec.tobytes(), side
 
 
+# (users list, its length, records, side): a block's dates mostly share one users list object
+_users_memo: tuple[Any, int, bytes, bytes] = ((), 0, b"", b"")
+
+
+def _users_records(users: Sequence[str]) -> tuple[bytes, bytes]:
+    """``_str_records`` of a table's users, memoised on the list's identity (the memo holds
+    the list, so its id cannot be reused; tables never change their users in place)."""
+    global _users_memo
+    memo = _users_memo
+    if memo[0] is users and memo[1] == len(users):
+        return memo[2], memo[3]
+    rec, side = _str_records(users)
+    _users_memo = (users, len(users), rec.tobytes(), side)
+    return _users_memo[2], side
+
+
 _MISSING_RECORD = np.array([(_M, 0)], dtype=_RECORD).tobytes()
 
 
@@ -267,8 +283,8 @@ class ColumnHasher:
         n = len(table)
         if not n:
             return
-        rec, side = _str_records(table.users)
-        self._users[0].update(rec.tobytes())
+        rec, side = _users_records(table.users)
+        self._users[0].update(rec)
         self._users[1].update(side)
         for name, col in table.columns.items():
             state = self._cols.get(name)

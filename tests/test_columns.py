@@ -35,7 +35,15 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from orchestrator import validation
-from orchestrator.columns import Column, Table, column_of, concat, decode_table, encode_table
+from orchestrator.columns import (
+    MAGIC,
+    Column,
+    Table,
+    column_of,
+    concat,
+    decode_table,
+    encode_table,
+)
 from orchestrator.fingerprint import ColumnHasher, table_hash
 from orchestrator.results import (
     ShardWriter,
@@ -182,6 +190,30 @@ def test_a_table_gives_its_results_back_in_memory_and_through_its_bytes(
     assert table_hash([stored]) == table_hash([table])
     # The bytes are canonical for the table: storing what was read back gives the same bytes.
     assert encode_table(stored) == encode_table(table)
+
+
+@PROPERTY
+@given(results_of(), results_of())
+def test_stored_bytes_and_hash_do_not_depend_on_shared_users_lists(
+    first: tuple[list[str], list[dict[str, Any]]], second: tuple[list[str], list[dict[str, Any]]]
+) -> None:
+    # A block's tables share one users list object and its encodings are memoised on it;
+    # the header stays json.dumps of {"n", "users", "columns"} byte for byte (format 2), and
+    # tables read back share a memoised header: neither may change bytes, pairs or hashes.
+    for users, results in (first, second, first):
+        table = Table.from_results(users, results)
+        raw = encode_table(table)
+        start = len(MAGIC) + 4
+        header = raw[start : start + int.from_bytes(raw[len(MAGIC) : start], "little")]
+        assert header == json.dumps(json.loads(header), separators=(",", ":")).encode()
+        assert json.loads(header)["users"] == users
+        twin = Table(list(users), table.columns)  # equal users, another list object
+        assert encode_table(twin) == raw
+        assert table_hash([twin]) == table_hash([table])
+        for _ in range(2):
+            stored = decode_table(raw)
+            assert stored.users == users
+            assert same(stored.pairs(), list(zip(users, read_back(results))))
 
 
 def test_every_kind_round_trips_with_its_nulls_and_missing_keys() -> None:

@@ -577,6 +577,9 @@ def block_tables(
     for the users failed by malformed rows or inherited failures."""
     frame = block.frame
     users = frame.users
+    # one list object for every date holding all of the frame's users, so the users'
+    # encodings (stored header, result hash) are built once per block, not once per date
+    all_users: list[str] = users.tolist()
     out = []
     for i, date in enumerate(frame.dates):
         ok_all = frame.present[i]
@@ -597,7 +600,7 @@ def block_tables(
         if failed_all.any():
             markers: list[Any] = []
             for k in entries.tolist():
-                user = str(users[k])
+                user = all_users[k]
                 if block.bad[i, k]:
                     error = block.bad_where[(i, k)]
                     markers.append({"calculation": name, "date": date.isoformat(), "error": error})
@@ -615,7 +618,11 @@ def block_tables(
             marker = column_of(markers)
             marker.present = ~ok
             columns[FAILED_KEY] = marker
-        table = Table([str(u) for u in users[entries]], columns)
+        if len(entries) == len(all_users):
+            table_users = all_users
+        else:
+            table_users = [all_users[k] for k in entries.tolist()]
+        table = Table(table_users, columns)
         out.append(DateOutcome(table, len(entries), own, inherited, failed_users))
     return out
 
