@@ -131,11 +131,15 @@ def _outcome(project: Project, target: dt.date) -> dict[tuple[str, dt.date], Any
 
 
 def _twins(
-    base: Path, db_url: str | None, source: str, rows: list[dict[str, Any]]
+    base: Path,
+    db_url: str | None,
+    source: str,
+    rows: list[dict[str, Any]],
+    nightly: bool = False,
 ) -> tuple[dict[Any, Any], dict[Any, Any]]:
     """Run the same project with its prices in memory (blocks, into ``db_url``, else a fresh
     SQLite file) and from the root store (the walk, into a fresh SQLite file); return both
-    outcomes."""
+    outcomes. ``nightly``: one run per date, each block one date (else one run of all)."""
     out = []
     for memory in (64, 0):
         root = base / f"{uuid.uuid4().hex[:8]}-{memory}"
@@ -148,7 +152,8 @@ def _twins(
         orch = project.orchestrator()
         assert orch.holds_in_memory("prices") is bool(memory)
         orch.close()
-        project.run(DATES[-1])
+        for day in DATES if nightly else DATES[-1:]:
+            project.run(day)
         project.run(DATES[-1])  # reconciliation and retries: both engines again
         out.append(_outcome(project, DATES[-1]))
     return out[0], out[1]
@@ -181,6 +186,19 @@ def test_failures_of_every_kind_give_the_walks_cells(tmp_path: Path, db_url: str
     assert ("trend", DATES[3]) in failed and ("smooth", DATES[4]) in failed
 
 
+def test_a_malformed_row_before_the_block_of_a_user_absent_from_it(
+    tmp_path: Path, db_url: str
+) -> None:
+    # Nightly runs: U5 (the last user) and U2 have a malformed row, then no rows for days.
+    # Their rows sit in the history window of later blocks that do not hold them; the
+    # window's rule fails only a user with rows on the date, never a neighbour.
+    gaps = {(5, d) for d in range(1, 5)} | {(2, d) for d in range(3, 6)}
+    rows = _rows(bad={(5, 0), (2, 2)}, gaps=gaps)
+    blocks, walk = _twins(tmp_path, db_url, _source(set(), set(), 100), rows, nightly=True)
+    assert blocks == walk
+    assert blocks[("momentum", DATES[3])][2] == 0  # nobody on day 3 has U2's bad row
+
+
 def test_the_circuit_breaker_trips_on_the_same_dates(tmp_path: Path, db_url: str) -> None:
     # 3 of the first 4 users fail on day 1: past 2 users and 40 %, the cell is aborted.
     fails = {("U0", 1), ("U1", 1), ("U3", 1), ("U5", 4)}
@@ -207,6 +225,7 @@ cells = st.sets(st.tuples(st.integers(0, len(SYMBOLS) - 1), st.integers(0, len(D
     gaps=cells.filter(lambda s: len(s) <= 4),
     breaker=st.sampled_from([2, 100]),
     rate=st.sampled_from([0.1, 0.9]),
+    nightly=st.booleans(),
 )
 def test_any_failures_give_the_walks_cells(
     tmp_path: Path,
@@ -216,7 +235,8 @@ def test_any_failures_give_the_walks_cells(
     gaps: set[tuple[int, int]],
     breaker: int,
     rate: float,
+    nightly: bool,
 ) -> None:
     source = _source(fails, flaky, breaker, rate)
-    blocks, walk = _twins(tmp_path, None, source, _rows(bad, gaps - bad))
+    blocks, walk = _twins(tmp_path, None, source, _rows(bad, gaps - bad), nightly)
     assert blocks == walk

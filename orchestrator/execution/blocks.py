@@ -435,6 +435,8 @@ def frame_for(
             lookback = root[ds][1]
             for (d, u), locs in sorted(matrix.where.items()):
                 k = int(np.searchsorted(users, matrix.users[u]))
+                if k == len(users) or users[k] != matrix.users[u]:
+                    continue  # a user without rows on the block's dates is not in it
                 for i, p in enumerate(positions.tolist()):
                     if d == p:
                         on_date.setdefault((i, k), []).extend(locs)
