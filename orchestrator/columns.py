@@ -280,6 +280,10 @@ class Table:
         return out
 
 
+def _flags(mask: np.ndarray | None, n: int) -> np.ndarray:
+    return np.ones(n, dtype=bool) if mask is None else mask
+
+
 def concat(tables: Sequence[Table]) -> Table:
     """One table of consecutive slices (users ascending across them), e.g. a cell's shards.
     Kinds are re-inferred from the values, so slices stored with different kinds join."""
@@ -289,8 +293,16 @@ def concat(tables: Sequence[Table]) -> Table:
     columns = {}
     for name in sorted({n for t in tables for n in t.columns}):
         parts = [t.columns.get(name) for t in tables]
-        if all(c is not None and c.kind == "f8" and c.present is None for c in parts):
-            columns[name] = Column("f8", np.concatenate([c.values for c in parts]))  # type: ignore[union-attr]
+        kinds = {c.kind if c is not None else None for c in parts}
+        if len(kinds) == 1 and kinds <= {"f8", "i8", "b1"}:  # fixed width: join the arrays
+            cols: list[Column] = parts  # type: ignore[assignment]
+            merged = Column(cols[0].kind, np.concatenate([c.values for c in cols]))
+            merged.nans = sum(c.nans for c in cols)
+            if any(c.valid is not None for c in cols):
+                merged.valid = np.concatenate([_flags(c.valid, len(c.values)) for c in cols])
+            if any(c.present is not None for c in cols):
+                merged.present = np.concatenate([_flags(c.present, len(c.values)) for c in cols])
+            columns[name] = merged
             continue
         values: list[Any] = []
         present: list[bool] = []

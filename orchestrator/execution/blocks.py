@@ -374,6 +374,7 @@ def frame_for(
     previous_date: dt.date | None,
     historical: bool,
     meta: bool,
+    user_range: tuple[str | None, str | None] = (None, None),
 ) -> Block:
     """The frame of a block over ``dates``.
 
@@ -385,6 +386,8 @@ def frame_for(
         upstream: dependency -> its results (``UpstreamInput``).
         previous: the own result on ``previous_date`` (historical only).
         meta: a meta calculation (users: those of its standard dependencies).
+        user_range: only the users ``lo <= user < hi`` (None: unbounded), for a standard
+            calculation split over workers.
     """
     n = len(dates)
     spans: dict[str, tuple[RootMatrix, int, int, np.ndarray]] = {}
@@ -418,6 +421,11 @@ def frame_for(
         users = np.unique(np.concatenate(user_sets))
     else:
         users = np.zeros(0, dtype=str)
+    lo_user, hi_user = user_range
+    if lo_user is not None or hi_user is not None:
+        a = 0 if lo_user is None else int(np.searchsorted(users, lo_user, "left"))
+        b = len(users) if hi_user is None else int(np.searchsorted(users, hi_user, "left"))
+        users = users[a:b]
     views = {dep: ResultView(up.results, users, up.meta) for dep, up in upstream.items()}
     for dep, view in views.items():
         view.rows, view.dates = upstream[dep].rows, upstream[dep].dates
@@ -563,6 +571,9 @@ class DateOutcome:
     inherited: int
     failed_users: list[dict[str, str]]
     aborted: str | None = None  # the circuit breaker tripped: the date fails with this
+    # per-user form: (processed, failures, inherited, len(failed_users)) after each own
+    # failure, in user order: where the circuit breaker would trip over merged user ranges
+    events: list[tuple[int, int, int, int]] = field(default_factory=list)
 
 
 def inherited_failure(name: str, user: str, origin: dict[str, str]) -> dict[str, str]:
@@ -658,6 +669,13 @@ class BlockTask:
         stored_failures: failed users kept per kind and date (the rest are counted).
         per_user: run the per-user form, ``process(ctx)`` once per user and date of the
             block (standard calculations only); else ``compute(frame)``.
+        user_range: standard only: compute the users ``lo <= user < hi`` alone (None:
+            unbounded). A standard calculation treats users independently, so the ranges
+            of a partition give the whole block's results when concatenated
+            (``blockpool.merge_outcomes``); ``upstream`` and ``previous`` may then hold
+            only the range's users.
+        breaker: the per-user form stops a date at the circuit breaker; False leaves that
+            to whoever merges the ranges (``DateOutcome.events``).
     """
 
     name: str
@@ -671,6 +689,8 @@ class BlockTask:
     meta: bool
     stored_failures: int = 20
     per_user: bool = False
+    user_range: tuple[str | None, str | None] = (None, None)
+    breaker: bool = True
 
 
 @dataclass
@@ -712,6 +732,7 @@ def run_block(task: BlockTask) -> BlockOutcome:
         task.previous_date,
         task.historical,
         task.meta,
+        task.user_range,
     )
     frame = block.frame
     n = len(task.dates)
@@ -811,7 +832,15 @@ def _run_users(task: BlockTask) -> BlockOutcome:
     name, limit = task.name, task.stored_failures
     # Previous-date failures are followed here, date by date, as results come out.
     block = frame_for(
-        name, task.dates, task.root, task.upstream, None, None, historical=False, meta=False
+        name,
+        task.dates,
+        task.root,
+        task.upstream,
+        None,
+        None,
+        historical=False,
+        meta=False,
+        user_range=task.user_range,
     )
     frame = block.frame
     users = frame.users.tolist()
@@ -826,7 +855,7 @@ def _run_users(task: BlockTask) -> BlockOutcome:
         dict(task.previous.pairs()) if isinstance(task.previous, Table) else {}
     )
     min_users, max_rate = cls.breaker_min_users, cls.max_failure_rate
-    historical, armed = task.historical, faults.armed("user")
+    historical, armed, breaker = task.historical, faults.armed("user"), task.breaker
     outcomes: list[DateOutcome] = []
     processed_all = 0
     for i, date in enumerate(task.dates):
@@ -849,6 +878,7 @@ def _run_users(task: BlockTask) -> BlockOutcome:
         failed_users: list[dict[str, str]] = []
         processed = failures = inherited = 0
         aborted = None
+        events: list[tuple[int, int, int, int]] = []
         for k in entries.tolist():
             user = users[k]
             processed += 1
@@ -905,7 +935,9 @@ def _run_users(task: BlockTask) -> BlockOutcome:
                 done_users.append(user)
                 done.append(marker)
                 own = origin is None  # inherited failures do not count for the breaker
-                if own and processed >= min_users and failures / processed > max_rate:
+                if own:
+                    events.append((processed, failures, inherited, len(failed_users)))
+                if own and breaker and processed >= min_users and failures / processed > max_rate:
                     aborted = (
                         f"circuit breaker: {failures} of {processed} users failed "
                         f"({failures / processed:.0%} > {max_rate:.0%})"
@@ -913,7 +945,9 @@ def _run_users(task: BlockTask) -> BlockOutcome:
                     break
         processed_all += processed
         table = Table.from_results(done_users, done)
-        outcomes.append(DateOutcome(table, processed, failures, inherited, failed_users, aborted))
+        outcomes.append(
+            DateOutcome(table, processed, failures, inherited, failed_users, aborted, events)
+        )
         if historical:
             previous = dict(zip(done_users, done))
     return BlockOutcome(None, len(users), processed_all, tables=outcomes)

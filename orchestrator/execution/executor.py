@@ -28,12 +28,14 @@ import sys
 import time
 import uuid
 from collections.abc import Callable
+from contextlib import ExitStack
 from typing import Any
 
 import numpy as np
 
 from orchestrator import faults, validation
 from orchestrator.columns import Table
+from orchestrator.execution.blockpool import BlockPool
 from orchestrator.execution.blocks import (
     BlockTask,
     RootMatrix,
@@ -132,6 +134,7 @@ class Executor(UserWalk):
         self.tables = TableCache(ledger, capacity=max(256, 4 * block_dates))
         self._matrices: dict[str, RootMatrix] = {}
         self.pool: WorkerPool | None = None
+        self.block_pool: BlockPool | None = None
         self.in_worker = False
         self.decisions: dict[CellKey, Decision] = dict(plan.decisions)
         self.hashes: dict[CellKey, str | None] = {}  # published during this run
@@ -181,12 +184,40 @@ class Executor(UserWalk):
             for k in self.plan.order
             if self.decisions[k].status in (Status.RUNNABLE, Status.BLOCKED) and self.in_scope(k)
         ]
-        # Workers walk per-user standard cells; columnar blocks run in this process, so a
-        # run of columnar calculations only forks no pool (it would only cost memory).
+        if self.workers <= 1:
+            return self._execute()
+        with ExitStack() as stack:
+            self._start_block_pool(work, stack)
+            try:
+                return self._execute_walked(work)
+            finally:
+                self.block_pool = None
+
+    def _start_block_pool(self, work: list[CellKey], stack: ExitStack) -> None:
+        """Fork the block workers when standard cells of the work run in blocks over data
+        held in memory: their matrices are built first, so the workers share them."""
+        calcs = self.manifest.calcs
+        blocked = {k[0] for k in work if calcs[k[0]].is_standard and self._blocked(k[0])}
+        # (a block over a root store streams its users in this process)
+        held = {
+            ds
+            for name in blocked
+            for ds in calcs[name].root_data
+            if isinstance(self.dataset(ds), Dataset)
+        }
+        if not blocked:
+            return
+        matrices = {ds: self._matrix(ds) for ds in sorted(held)}
+        self.block_pool = stack.enter_context(BlockPool(matrices, self.manifest, self.workers))
+
+    def _execute_walked(self, work: list[CellKey]) -> RunSummary:
+        """``_execute``, with the walk's worker pool when per-user cells are walked."""
+        # Workers walk per-user standard cells over root stores; blocks have their own pool
+        # (or none), so a run without walked cells forks no walk pool.
         standard = {
             k[0] for k in work if self.manifest.calcs[k[0]].is_standard and not self._blocked(k[0])
         }
-        if self.workers <= 1 or not standard:
+        if not standard:
             return self._execute()
         # The users a cell walks come from its root data or, for a cell without root data,
         # from its standard upstream results, whose users came from root data further up:
@@ -477,21 +508,24 @@ class Executor(UserWalk):
             previous = (
                 tables[(name, prev_date)] if spec.is_standard else self.cache.get((name, prev_date))
             )
-        outcome = run_block(
-            BlockTask(
-                name,
-                spec.cls,
-                tuple(dates),
-                {ds: (self._matrix(ds), spec.lookback) for ds in spec.root_data},
-                upstream,
-                previous,
-                prev_date,
-                spec.historical,
-                not spec.is_standard,
-                STORED_FAILURES,
-                per_user=not self._columnar(name),
-            )
+        task = BlockTask(
+            name,
+            spec.cls,
+            tuple(dates),
+            {ds: (self._matrix(ds), spec.lookback) for ds in spec.root_data},
+            upstream,
+            previous,
+            prev_date,
+            spec.historical,
+            not spec.is_standard,
+            STORED_FAILURES,
+            per_user=not self._columnar(name),
         )
+        if self.block_pool is not None and self.block_pool.takes(task):
+            breaker = (spec.cls.breaker_min_users, spec.cls.max_failure_rate)
+            outcome = self.block_pool.run(task, breaker if task.per_user else None)
+        else:
+            outcome = run_block(task)
         writes: list[CellWrite] = []
         shard_rows: list[dict[str, Any]] = []
         rows: list[dict[str, Any]]

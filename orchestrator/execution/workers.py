@@ -22,6 +22,7 @@ from __future__ import annotations
 import datetime as dt
 import multiprocessing
 import traceback
+from collections.abc import Callable
 from multiprocessing.connection import Connection
 from typing import TYPE_CHECKING, Any, NamedTuple, Self
 
@@ -185,7 +186,52 @@ def _serve(
             return
 
 
-class WorkerPool:
+class ForkedPool:
+    """Forked worker processes, one pipe each (``connections[i]`` talks to
+    ``processes[i]``); a worker stops when it receives None. Use as a context manager."""
+
+    connections: list[Connection]
+    processes: list[Any]
+
+    def _fork(
+        self,
+        count: int,
+        target: Callable[..., None],
+        args: Callable[[int, Connection], tuple[Any, ...]],
+        label: str,
+    ) -> None:
+        """Start ``count`` processes running ``target(*args(index, pipe end))``."""
+        context = multiprocessing.get_context("fork")
+        self.connections, self.processes = [], []
+        for index in range(count):
+            parent, child = context.Pipe()
+            process = context.Process(
+                target=target, args=args(index, child), daemon=True, name=f"{label}-{index}"
+            )
+            process.start()
+            child.close()
+            self.connections.append(parent)
+            self.processes.append(process)
+
+    def close(self) -> None:
+        for conn in self.connections:
+            try:
+                conn.send(None)
+            except (BrokenPipeError, OSError):
+                pass
+        for process in self.processes:
+            process.join(timeout=5)
+            if process.is_alive():
+                process.terminate()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class WorkerPool(ForkedPool):
     """``count`` forked workers serving one executor. Use as a context manager.
 
     Args:
@@ -196,26 +242,17 @@ class WorkerPool:
     """
 
     def __init__(self, executor: UserWalk, count: int, users: set[str]):
-        context = multiprocessing.get_context("fork")
         self.partition = Partition.balanced(users, count)
         # Standard results the parent needs whole: those a meta calculation reads.
         send = {
             d for s in executor.manifest.calcs.values() if not s.is_standard for d in s.dependencies
         }
-        self.connections: list[Connection] = []
-        self.processes: list[Any] = []
-        for index in range(count):
-            parent, child = context.Pipe()
-            process = context.Process(
-                target=_serve,
-                args=(executor, child, index, self.partition, send),
-                daemon=True,
-                name=f"orchestrator-worker-{index}",
-            )
-            process.start()
-            child.close()
-            self.connections.append(parent)
-            self.processes.append(process)
+        self._fork(
+            count,
+            _serve,
+            lambda index, child: (executor, child, index, self.partition, send),
+            "orchestrator-worker",
+        )
 
     def compute(self, date: dt.date, runs: list[_CellRun], executor: UserWalk) -> None:
         """Run the standard cells ``runs`` of ``date`` on every worker and gather their parts
@@ -288,20 +325,3 @@ class WorkerPool:
                     run.keep.update(p.keep or {})
             else:
                 run.keep = None  # not needed whole by the parent; readers load it if ever
-
-    def close(self) -> None:
-        for conn in self.connections:
-            try:
-                conn.send(None)
-            except (BrokenPipeError, OSError):
-                pass
-        for process in self.processes:
-            process.join(timeout=5)
-            if process.is_alive():
-                process.terminate()
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
