@@ -194,10 +194,15 @@ class Executor(UserWalk):
                 self.block_pool = None
 
     def _start_block_pool(self, work: list[CellKey], stack: ExitStack) -> None:
-        """Fork the block workers when standard cells of the work run in blocks over data
-        held in memory: their matrices are built first, so the workers share them."""
+        """Fork the block workers when per-user standard cells of the work run in blocks
+        (columnar ones stay here: ``BlockPool.takes``); the matrices are built first, so the
+        workers share them."""
         calcs = self.manifest.calcs
-        blocked = {k[0] for k in work if calcs[k[0]].is_standard and self._blocked(k[0])}
+        blocked = {
+            k[0]
+            for k in work
+            if calcs[k[0]].is_standard and self._blocked(k[0]) and not self._columnar(k[0])
+        }
         # (a block over a root store streams its users in this process)
         held = {
             ds
