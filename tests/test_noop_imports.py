@@ -35,8 +35,9 @@ print(json.dumps({"status": status, "heavy": heavy}))
 def test_a_noop_run_imports_no_alembic_pyarrow_or_orm(project: Project) -> None:
     setup(project)
     assert project.run(TARGET).ok  # computes everything: the next run is a no-op
+    command = ["--config", str(project.config), "run", "--date", str(TARGET)]
     done = subprocess.run(
-        [sys.executable, "-c", PROBE, "--config", str(project.config), "run", "--date", str(TARGET)],
+        [sys.executable, "-c", PROBE, *command],
         capture_output=True,
         text=True,
         check=False,

@@ -1667,7 +1667,9 @@ class Ledger:
                     CELLS.c.users_failed,
                     CELLS.c.error,
                 )
-                .where(text(UNCLEAN_EXPRESSION), CELLS.c.date >= low, CELLS.c.date <= high)
+                # (in parentheses: its OR must not take the date range's ANDs, and the
+                # partial index is used only for the expression as a whole)
+                .where(text(f"({UNCLEAN_EXPRESSION})"), CELLS.c.date >= low, CELLS.c.date <= high)
                 .order_by(CELLS.c.date, CELLS.c.calculation)
             ).all()
         return [r for r in rows if r.calculation in wanted]
