@@ -1268,8 +1268,14 @@ class Ledger:
             )
         )
         with self.engine.begin() as conn:
-            deleted = conn.execute(delete(s).where(~published))  # type: ignore[arg-type]
-            return deleted.rowcount or 0
+            # Found first, on the shards' covering index: a DELETE of the same condition scans
+            # the table itself, every shard's data (most of the database), on every run.
+            orphans = conn.execute(select(s.c.id).where(~published)).scalars().all()
+            deleted = 0
+            for chunk in _chunks(orphans, 500):
+                result = conn.execute(delete(s).where(s.c.id.in_(chunk), ~published))  # type: ignore[arg-type]
+                deleted += result.rowcount or 0
+            return deleted
 
     # --- results --------------------------------------------------------------------------
 
