@@ -53,18 +53,20 @@ import pickle
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.compute as pc
-import pyarrow.csv as pa_csv
 import xxhash
 
 from orchestrator.config import RootDataConfig
 from orchestrator.errors import RootDataError
 from orchestrator.fingerprint import digest, encode
 from orchestrator.memory import paused_gc
+
+if TYPE_CHECKING:
+    # Imported by the functions that parse a file (``FileSource.load``): pyarrow costs
+    # ~75 ms to import, and a run reusing the stored index or the parsed copy reads no file.
+    import pyarrow as pa
 
 Row = dict[str, Any]
 # A file's columns in header order, each with its parsed type ("int", "float", "str", "date"
@@ -1045,6 +1047,8 @@ def _raw_file(
     header: list[str], rows: list[list[str]], texts: list[str], numbers: list[int]
 ) -> _RawFile:
     """A ``_RawFile`` from rows of fields (as ``_read_csv`` gives them)."""
+    import pyarrow as pa  # (only parsing needs Arrow: see the imports)
+
     width = len(header)
     fitting = [i for i, r in enumerate(rows) if len(r) == width]
     wrong = [(r, texts[i].encode(), numbers[i]) for i, r in enumerate(rows) if len(r) != width]
@@ -1071,6 +1075,9 @@ def _read_plain_csv(path: Path, needed: tuple[str, str]) -> _RawFile | None:
     with quoting, escapes and newlines in values off splits exactly so. The row count is
     checked against the lines so that any other reading falls back rather than differs.
     """
+    import pyarrow as pa  # (only parsing needs Arrow: see the imports)
+    import pyarrow.csv as pa_csv
+
     try:
         if path.name.endswith(".gz"):
             with gzip.open(path, "rb") as f:
@@ -1225,35 +1232,43 @@ _INT = r"^[+-]?[0-9]+$"
 _NUMBER = r"^[+-]?([0-9]{1,20}\.?[0-9]{0,20}|\.[0-9]{1,20})([eE][+-]?[0-9]{1,2})?$"
 
 
-# NumPy types of the Arrow arrays ``_numpy`` converts.
-_NUMPY_TYPES = {pa.int32(): np.int32, pa.int64(): np.int64, pa.float64(): np.float64}
+# NumPy types of the Arrow arrays ``_numpy`` converts, by Arrow type name.
+_NUMPY_TYPES = {"int32": np.int32, "int64": np.int64, "double": np.float64}
 
 
 def _numpy(values: pa.Array) -> np.ndarray:
     """A null-free Arrow array of booleans or numbers as a NumPy array, read from its buffers
     (pyarrow's own ``to_numpy`` imports pandas: a third of a second of a run's start)."""
+    import pyarrow as pa  # (only parsing needs Arrow: see the imports)
+
     if values.null_count:
         raise ValueError("an Arrow array with nulls")  # never: no field text is null
     n, buffer = len(values), values.buffers()[1]
     if pa.types.is_boolean(values.type):
         bits = np.unpackbits(np.frombuffer(buffer, np.uint8), bitorder="little")
         return bits[values.offset : values.offset + n].view(bool)
-    dtype = np.dtype(_NUMPY_TYPES[values.type])
+    dtype = np.dtype(_NUMPY_TYPES[str(values.type)])
     return np.frombuffer(buffer, dtype, n, values.offset * dtype.itemsize)
 
 
 def _arrow(positions: np.ndarray) -> pa.Array:
     """int64 positions as an Arrow array, for ``take`` (from the buffer, as ``_numpy``)."""
+    import pyarrow as pa  # (only parsing needs Arrow: see the imports)
+
     positions = np.ascontiguousarray(positions, dtype=np.int64)
     return pa.Array.from_buffers(pa.int64(), len(positions), [None, pa.py_buffer(positions)])
 
 
 def _matches(values: pa.Array, pattern: str) -> np.ndarray:
+    import pyarrow.compute as pc  # (only parsing needs Arrow: see the imports)
+
     return _numpy(pc.match_substring_regex(values, pattern))
 
 
 def _encode(values: pa.Array) -> tuple[np.ndarray, list[str]]:
     """Dictionary-encode field texts: (int32 code per value, distinct texts)."""
+    import pyarrow.compute as pc  # (only parsing needs Arrow: see the imports)
+
     encoded = pc.dictionary_encode(values)
     return (
         _numpy(encoded.indices).astype(np.int32, copy=False),
@@ -1276,6 +1291,9 @@ def _type_column(values: pa.Array) -> tuple[TypedColumn, list[tuple[int, str]]]:
     values become None. Returns the column and, for a numeric one, (row, text) of each
     malformed value (a non-empty text that is not a number), rows ascending.
     """
+    import pyarrow as pa  # (only parsing needs Arrow: see the imports)
+    import pyarrow.compute as pc
+
     n = len(values)
     lengths = _numpy(pc.binary_length(values))
     empty = lengths == 0
@@ -1337,6 +1355,9 @@ def _plain_column(values: pa.Array, lengths: np.ndarray, empty: np.ndarray) -> T
     decimal correctly rounded by both. Without a "." anywhere (and at most 18 bytes, within
     int64) the column is ``int``; with one, a value is not an integer, so it is ``float``.
     """
+    import pyarrow as pa  # (only parsing needs Arrow: see the imports)
+    import pyarrow.compute as pc
+
     if int(lengths.max()) > 40:
         return None
     width = 8 if pa.types.is_large_string(values.type) else 4
@@ -1381,6 +1402,9 @@ def _texts_at(values: pa.Array, mask: np.ndarray) -> list[tuple[int, str]]:
 def _cast(values: pa.Array, mask: np.ndarray, to: pa.DataType) -> np.ndarray:
     """The ``mask`` fields of ``values`` cast to ``to`` by Arrow (a "+" sign dropped first,
     which Arrow's integer parser does not take)."""
+    import pyarrow as pa  # (only parsing needs Arrow: see the imports)
+    import pyarrow.compute as pc
+
     chosen = values if mask.all() else values.take(_arrow(np.flatnonzero(mask)))
     if pa.types.is_integer(to) and pc.any(pc.starts_with(chosen, "+")).as_py():
         chosen = pc.utf8_ltrim(chosen, characters="+")  # one "+" at most: ``_INT64``
@@ -1396,6 +1420,8 @@ def _int_column(
 ) -> TypedColumn:
     """An ``int`` column: the ``short`` fields cast by Arrow, ``ints`` (Python's ``int`` of
     the other numbers) at ``rows``; int64 when every value fits, else Python ints."""
+    import pyarrow as pa  # (only parsing needs Arrow: see the imports)
+
     n = len(values)
     out = np.zeros(n, dtype=np.int64)
     if short.any():

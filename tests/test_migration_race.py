@@ -15,7 +15,7 @@ from typing import Any
 
 from sqlalchemy import inspect, text
 
-from orchestrator.ledger.models import Base
+from orchestrator.ledger.models import METADATA
 from orchestrator.ledger.store import Ledger, make_engine, schema_heads
 
 PROCESSES = 4
@@ -49,4 +49,4 @@ def test_simultaneous_first_opens_migrate_once(db_url: str) -> None:
     tables = set(inspect(engine).get_table_names())
     engine.dispose()
     assert versions == list(schema_heads())  # at head, exactly once
-    assert tables == set(Base.metadata.tables) | {"alembic_version"}
+    assert tables == set(METADATA.tables) | {"alembic_version"}

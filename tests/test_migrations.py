@@ -6,8 +6,17 @@ import pytest
 from sqlalchemy import inspect
 
 from orchestrator.errors import StorageError
-from orchestrator.ledger.models import Base
-from orchestrator.ledger.store import Ledger, current_revision, downgrade, make_engine, upgrade
+from orchestrator.ledger.models import METADATA, UNMODELLED_INDEXES
+from orchestrator.ledger.store import (
+    SCHEMA_HEAD,
+    Ledger,
+    at_schema_head,
+    current_revision,
+    downgrade,
+    make_engine,
+    schema_heads,
+    upgrade,
+)
 
 
 def test_upgrade_to_head_matches_models_and_downgrade_to_base(db_url: str) -> None:
@@ -15,10 +24,13 @@ def test_upgrade_to_head_matches_models_and_downgrade_to_base(db_url: str) -> No
     upgrade(engine)
     assert current_revision(engine) == "0006"
     tables = set(inspect(engine).get_table_names()) - {"alembic_version"}
-    assert tables == set(Base.metadata.tables)
-    for name, table in Base.metadata.tables.items():
-        columns = {c["name"] for c in inspect(engine).get_columns(name)}
-        assert columns == {c.name for c in table.columns}, name
+    assert tables == set(METADATA.tables)
+    for name, table in METADATA.tables.items():
+        columns = {c["name"]: c["nullable"] for c in inspect(engine).get_columns(name)}
+        assert columns == {c.name: c.nullable for c in table.columns}, name
+        indexes = {i["name"] for i in inspect(engine).get_indexes(name)}
+        modelled = {i.name for i in table.indexes}
+        assert indexes == modelled | UNMODELLED_INDEXES.get(name, set()), name
     downgrade(engine, "base")
     assert set(inspect(engine).get_table_names()) <= {"alembic_version"}
     upgrade(engine)
@@ -83,4 +95,22 @@ def test_0003_computes_the_build_key_of_existing_and_new_cells(db_url: str) -> N
         "FAILED": build_key("FAILED", *parts, 3, 1),
     }
     downgrade(engine, "base")
+    engine.dispose()
+
+
+def test_schema_head_constant_is_the_alembic_head(db_url: str) -> None:
+    """``SCHEMA_HEAD`` (what ``Ledger.open`` compares without Alembic) is the migrations'
+    head: a new migration without bumping it fails here. Only a ledger at that head skips
+    Alembic; an older one is still migrated on open."""
+    assert schema_heads() == (SCHEMA_HEAD,)
+    engine = make_engine(db_url)
+    assert not at_schema_head(engine)  # empty: no alembic_version table
+    upgrade(engine)
+    assert at_schema_head(engine)
+    assert current_revision(engine) == SCHEMA_HEAD
+    downgrade(engine, "0005")
+    assert not at_schema_head(engine)
+    Ledger.open(db_url).dispose()  # an older schema: migrated to head by Alembic
+    assert current_revision(engine) == SCHEMA_HEAD
+    assert at_schema_head(engine)
     engine.dispose()
