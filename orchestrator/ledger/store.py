@@ -7,7 +7,9 @@ cell's generation and deletes the old shards together. A crash before that leave
 shards, which ``collect_orphans`` removes at the start of the next run.
 
 The schema is created and upgraded only by the Alembic migrations in ``migrations/``;
-``Ledger.open`` applies them on first use and refuses a database newer than this code.
+``Ledger.open`` applies them on first use and refuses a database newer than this code. A ledger
+already at ``SCHEMA_HEAD`` (the usual case) is opened without importing Alembic at all; a new
+migration must bump that constant (``tests/test_migrations.py`` fails until it does).
 """
 
 from __future__ import annotations
