@@ -60,6 +60,8 @@ from typing import Any
 
 import numpy as np
 
+from orchestrator.fingerprint import last_list_memo
+
 MAGIC = b"OCOL1\n"
 KINDS = ("f8", "i8", "b1", "str", "json", "null")
 _I64_MIN, _I64_MAX = -(2**63), 2**63 - 1
@@ -359,18 +361,12 @@ def encode_table(table: Table) -> bytes:
 
 
 _HEADER_JSON = json.JSONEncoder(separators=(",", ":"), allow_nan=True)
-# (users list, its length, JSON bytes): a block's dates mostly share one users list object
-_users_json_memo: tuple[Any, int, bytes] = ((), 0, b"[]")
 
 
-def _users_json(users: list[str]) -> bytes:
-    """The JSON array of ``users``, memoised on the list's identity (the memo holds the list,
-    so its id cannot be reused; tables never change their users in place)."""
-    global _users_json_memo
-    memo = _users_json_memo
-    if memo[0] is not users or memo[1] != len(users):
-        memo = _users_json_memo = (users, len(users), _HEADER_JSON.encode(users).encode())
-    return memo[2]
+@last_list_memo
+def _users_json(users: Sequence[str]) -> bytes:
+    """The JSON array of ``users``."""
+    return _HEADER_JSON.encode(users).encode()
 
 
 # header bytes -> parsed header: the dates of a calculation mostly share one header (same

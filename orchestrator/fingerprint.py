@@ -27,7 +27,7 @@ import math
 import struct
 import sys
 import textwrap
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -238,20 +238,26 @@ def records(col: Any) -> tuple[bytes, bytes]:
     return rec.tobytes(), side
 
 
-# (users list, its length, records, side): a block's dates mostly share one users list object
-_users_memo: tuple[Any, int, bytes, bytes] = ((), 0, b"", b"")
+def last_list_memo(fn: Callable[[Sequence[str]], Any]) -> Callable[[Sequence[str]], Any]:
+    """``fn`` memoised on the identity of its one argument, a users list: a block's dates
+    share one list object, so its encodings are built once per block. The memo holds the
+    list (its id cannot be reused while held) and its length; tables never change their
+    users in place."""
+    memo: list[Any] = [(), -1, None]
+
+    def cached(users: Sequence[str]) -> Any:
+        if memo[0] is not users or memo[1] != len(users):
+            memo[:] = [users, len(users), fn(users)]
+        return memo[2]
+
+    return cached
 
 
+@last_list_memo
 def _users_records(users: Sequence[str]) -> tuple[bytes, bytes]:
-    """``_str_records`` of a table's users, memoised on the list's identity (the memo holds
-    the list, so its id cannot be reused; tables never change their users in place)."""
-    global _users_memo
-    memo = _users_memo
-    if memo[0] is users and memo[1] == len(users):
-        return memo[2], memo[3]
+    """``_str_records`` of a table's users, as bytes."""
     rec, side = _str_records(users)
-    _users_memo = (users, len(users), rec.tobytes(), side)
-    return _users_memo[2], side
+    return rec.tobytes(), side
 
 
 _MISSING_RECORD = np.array([(_M, 0)], dtype=_RECORD).tobytes()

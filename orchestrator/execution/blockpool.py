@@ -105,7 +105,6 @@ def merge_dates(
     processed = failures = inherited = 0
     failed_users: list[dict[str, str]] = []
     tables: list[Table] = []
-    events: list[tuple[int, int, int, int]] = []
     for part in parts:
         if breaker is not None:
             min_users, max_rate = breaker
@@ -119,10 +118,6 @@ def merge_dates(
                     kept = _capped(failed_users + part.failed_users[:n_failed], limit)
                     table = concat(tables) if tables else Table([], {})
                     return DateOutcome(table, at, fails, inherited + ih, kept, aborted)
-        events += [
-            (processed + p, failures + f, inherited + ih, len(failed_users) + n)
-            for p, f, ih, n in part.events
-        ]
         processed += part.processed
         failures += part.failures
         inherited += part.inherited
@@ -130,9 +125,7 @@ def merge_dates(
         if len(part.table):
             tables.append(part.table)
     table = concat(tables) if tables else parts[0].table
-    return DateOutcome(
-        table, processed, failures, inherited, _capped(failed_users, limit), None, events
-    )
+    return DateOutcome(table, processed, failures, inherited, _capped(failed_users, limit))
 
 
 def merge_outcomes(

@@ -203,6 +203,8 @@ class Executor(UserWalk):
             for k in work
             if calcs[k[0]].is_standard and self._blocked(k[0]) and not self._columnar(k[0])
         }
+        if not blocked:
+            return
         # (a block over a root store streams its users in this process)
         held = {
             ds
@@ -210,8 +212,6 @@ class Executor(UserWalk):
             for ds in calcs[name].root_data
             if isinstance(self.dataset(ds), Dataset)
         }
-        if not blocked:
-            return
         matrices = {ds: self._matrix(ds) for ds in sorted(held)}
         self.block_pool = stack.enter_context(BlockPool(matrices, self.manifest, self.workers))
 
