@@ -51,6 +51,7 @@ has_present, values-if-str/json]]}`` and then, per column in order, its numeric 
 
 from __future__ import annotations
 
+import bisect
 import json
 import math
 from collections.abc import Mapping, Sequence
@@ -60,7 +61,7 @@ from typing import Any
 
 import numpy as np
 
-from orchestrator.fingerprint import last_list_memo
+from orchestrator.fingerprint import users_memo
 
 MAGIC = b"OCOL1\n"
 KINDS = ("f8", "i8", "b1", "str", "json", "null")
@@ -249,7 +250,11 @@ class Table:
 
     def take(self, index: np.ndarray) -> Table:
         """The rows at positions ``index`` (ascending ints), columns missing there dropped."""
-        users = [self.users[i] for i in index.tolist()]
+        n = len(index)
+        if n and int(index[-1]) - int(index[0]) == n - 1:  # a run of rows: a list slice
+            users = self.users[int(index[0]) : int(index[-1]) + 1]
+        else:
+            users = [self.users[i] for i in index.tolist()]
         columns = {}
         for name, col in self.columns.items():
             part = col.take(index)
@@ -260,6 +265,14 @@ class Table:
                     part.present = None
             columns[name] = part
         return Table(users, columns)
+
+    def between(self, lo: str | None, hi: str | None) -> Table:
+        """The rows with ``lo <= user < hi`` (None: unbounded; users are ascending)."""
+        a = 0 if lo is None else bisect.bisect_left(self.users, lo)
+        b = len(self.users) if hi is None else bisect.bisect_left(self.users, hi)
+        if a == 0 and b == len(self.users):
+            return self
+        return self.take(np.arange(a, b))
 
     def pairs(self) -> list[tuple[str, dict[str, Any]]]:
         """``(user, result dict)`` per user, as the per-user form sees results: null values
@@ -363,7 +376,7 @@ def encode_table(table: Table) -> bytes:
 _HEADER_JSON = json.JSONEncoder(separators=(",", ":"), allow_nan=True)
 
 
-@last_list_memo
+@users_memo
 def _users_json(users: Sequence[str]) -> bytes:
     """The JSON array of ``users``."""
     return _HEADER_JSON.encode(users).encode()

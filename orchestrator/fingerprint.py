@@ -238,22 +238,37 @@ def records(col: Any) -> tuple[bytes, bytes]:
     return rec.tobytes(), side
 
 
-def last_list_memo(fn: Callable[[Sequence[str]], Any]) -> Callable[[Sequence[str]], Any]:
-    """``fn`` memoised on the identity of its one argument, a users list: a block's dates
-    share one list object, so its encodings are built once per block. The memo holds the
-    list (its id cannot be reused while held) and its length; tables never change their
-    users in place."""
-    memo: list[Any] = [(), -1, None]
+# Users lists whose encodings ``users_memo`` keeps: the shards of one user range of the
+# calculations of a pass hold the same users (a range is ~13 shards of 5,000 users).
+MEMO_LISTS = 64
+
+
+def users_memo(fn: Callable[[Sequence[str]], Any]) -> Callable[[Sequence[str]], Any]:
+    """``fn`` memoised on a users list's content, for the last ``MEMO_LISTS`` lists.
+
+    A block's dates share one list object (an identity check, no copy), and the tables of
+    the calculations of one user range hold the same users in separate lists (a tuple of
+    the list: its strings' hashes are cached, so the key costs a few ns per user, against
+    ~100 ns per user to encode). Tables never change their users in place."""
+    memo: dict[tuple[str, ...], Any] = {}  # oldest first (a tuple's hash is not cached)
+    last: list[Any] = [(), -1, None]
 
     def cached(users: Sequence[str]) -> Any:
-        if memo[0] is not users or memo[1] != len(users):
-            memo[:] = [users, len(users), fn(users)]
-        return memo[2]
+        if last[0] is users and last[1] == len(users):
+            return last[2]
+        key = tuple(users)
+        hit = memo.get(key)
+        if hit is None:
+            hit = memo[key] = fn(users)
+            if len(memo) > MEMO_LISTS:
+                del memo[next(iter(memo))]
+        last[:] = [users, len(users), hit]
+        return hit
 
     return cached
 
 
-@last_list_memo
+@users_memo
 def _users_records(users: Sequence[str]) -> tuple[bytes, bytes]:
     """``_str_records`` of a table's users, as bytes."""
     rec, side = _str_records(users)

@@ -26,11 +26,13 @@ import os
 import re
 import sqlite3
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import psutil
+import zstandard
 
 from orchestrator import faults
 from orchestrator.config import RootDataConfig
@@ -49,9 +51,17 @@ from orchestrator.rootdata import (
     width_problem,
 )
 
-STORE_FORMAT = 2  # 2: per-date schemas and rows digests; rows of the wrong width are bad
+# 2: per-date schemas and rows digests; rows of the wrong width are bad. 3: column parts.
+# A store of another format is rebuilt from the source on first use (``App.dataset``) and the
+# old file deleted: the source is the truth, a store only a cache of it.
+STORE_FORMAT = 3
 CHUNK_ROWS = 50_000  # rows parsed and typed at a time while importing
 STREAM_BATCH = 2_000  # rows fetched (and their JSON texts decoded) at a time while streaming
+# Users per column part: a columnar block over a store reads a user range at a time, so its
+# memory is about this many users x the dates it reads, whatever the number of users.
+PART_USERS = 65_536
+_zstd_compress = zstandard.ZstdCompressor(level=1).compress
+_zstd_decompress = zstandard.ZstdDecompressor().decompress
 
 
 def store_path(folder: Path, name: str, digest: str) -> Path:
@@ -129,6 +139,11 @@ CREATE TABLE bad_rows (date INTEGER, user TEXT, file INTEGER, line INTEGER, loca
 CREATE TABLE pending (file INTEGER, line INTEGER, text TEXT, fields INTEGER, width INTEGER,
                       readings TEXT);
 CREATE TABLE resolved (date INTEGER, user TEXT, file INTEGER, line INTEGER, text TEXT);
+CREATE TABLE parts (date INTEGER, part INTEGER, first_user TEXT NOT NULL,
+                    last_user TEXT NOT NULL, users BLOB NOT NULL, present BLOB NOT NULL,
+                    bad BLOB NOT NULL, PRIMARY KEY (date, part));
+CREATE TABLE part_columns (date INTEGER, part INTEGER, name TEXT, kind TEXT NOT NULL,
+                           data BLOB NOT NULL, PRIMARY KEY (date, part, name));
 """
 
 
@@ -421,9 +436,106 @@ class _Importer:
             "problems": self.problems[:20],
             "schema": self.schema,
         }
+        meta["part_bounds"] = _write_parts(conn, self.schema)
         conn.executemany(
             "INSERT INTO meta VALUES (?, ?)", [(k, json.dumps(v)) for k, v in meta.items()]
         )
+
+
+def _write_parts(conn: sqlite3.Connection, schema: dict[str, str]) -> list[str]:
+    """Write every date's column parts (see ``StoredDataset.part``); returns the part bounds:
+    the first user of each part, every ``PART_USERS``-th distinct user of the store.
+
+    A part holds, for the users of its bound range with rows on the date (ascending): whether
+    each has a well-formed row (``present``) and malformed ones (``bad``), and per column the
+    value of the user's last well-formed row (file order), as ``RootMatrix`` takes it: a
+    numeric column (schema int or float) as float64 with NaN for no value, when every value
+    converts so; any other as a JSON list."""
+    users = [u for (u,) in conn.execute("SELECT DISTINCT user FROM rows ORDER BY user")]
+    bounds = users[::PART_USERS]
+    del users
+    files = {
+        f: (bool(fast), json.loads(header), [_CONVERT[k] for k in json.loads(kinds)])
+        for f, fast, header, kinds in conn.execute("SELECT id, fast, header, kinds FROM files")
+    }
+    names = sorted(schema)
+    numeric = {n for n in names if schema[n] in ("int", "float")}
+    dates = [d for (d,) in conn.execute("SELECT date FROM dates ORDER BY date")]
+    for date in dates:
+        part = -1
+        kept: list[str] = []
+        rows: list[dict[str, Any] | None] = []
+        bad: list[bool] = []
+
+        current: str | None = None
+        cursor = conn.execute(
+            "SELECT user, file, text, bad FROM rows WHERE date = ? ORDER BY user, file, line",
+            (date,),
+        )
+        while batch := cursor.fetchmany(STREAM_BATCH):
+            for user, file_id, text, is_bad in batch:
+                if user != current:
+                    at = bisect.bisect_right(bounds, user) - 1
+                    if at != part:
+                        _write_part(conn, date, part, kept, rows, bad, names, numeric)
+                        part = at
+                    current = user
+                    kept.append(user)
+                    rows.append(None)
+                    bad.append(False)
+                if is_bad:
+                    bad[-1] = True
+                else:
+                    fast, header, converters = files[file_id]
+                    fields = _split(text, fast)
+                    rows[-1] = {h: c(v) for h, c, v in zip(header, converters, fields)}
+        _write_part(conn, date, part, kept, rows, bad, names, numeric)
+    return bounds
+
+
+def _write_part(
+    conn: sqlite3.Connection,
+    date: int,
+    part: int,
+    kept: list[str],
+    rows: list[dict[str, Any] | None],
+    bad: list[bool],
+    names: list[str],
+    numeric: set[str],
+) -> None:
+    """Insert one column part (``_write_parts``) and empty the buffers."""
+    if not kept:
+        return
+    present = np.array([r is not None for r in rows], dtype=bool)
+    conn.execute(
+        "INSERT INTO parts VALUES (?, ?, ?, ?, ?, ?, ?)",
+        (
+            date,
+            part,
+            kept[0],
+            kept[-1],
+            _zstd_compress(json.dumps(kept).encode()),
+            _zstd_compress(present.tobytes()),
+            _zstd_compress(np.array(bad, dtype=bool).tobytes()),
+        ),
+    )
+    columns = []
+    for name in names:
+        values = [None if r is None else r.get(name) for r in rows]
+        kind, data = "json", b""
+        if name in numeric:
+            try:
+                array = np.array([np.nan if v is None else v for v in values], dtype=np.float64)
+                kind, data = "f8", array.tobytes()
+            except (TypeError, ValueError, OverflowError):
+                pass  # read back as RootMatrix converts it (and fails as it does)
+        if kind == "json":
+            data = json.dumps(values).encode()
+        columns.append((date, part, name, kind, _zstd_compress(data)))
+    conn.executemany("INSERT INTO part_columns VALUES (?, ?, ?, ?, ?)", columns)
+    kept.clear()
+    rows.clear()
+    bad.clear()
 
 
 def _needs_csv_reader(path: Path) -> bool:
@@ -551,6 +663,8 @@ class StoredDataset:
         self.malformed: int = meta["malformed"]
         self.problems: list[str] = meta["problems"]
         self.schema: dict[str, str] = meta["schema"]
+        # the first user of each column part (``_write_parts``): user ranges for blocks
+        self.part_bounds: list[str] = meta["part_bounds"]
         schemas: list[Schema] = [tuple((name, kind) for name, kind in s) for s in meta["schemas"]]
         self.index = {
             dt.date.fromordinal(d): DateEntry(n, h, tuple(schemas[i] for i in json.loads(ids)), r)
@@ -644,6 +758,68 @@ class StoredDataset:
                 (date.toordinal(), user),
             )
         ]
+
+    def parts(
+        self, dates: Sequence[dt.date], lo: str | None, hi: str | None
+    ) -> list[tuple[int, int, list[str], np.ndarray, np.ndarray]]:
+        """The column parts of ``dates`` holding users ``lo <= user < hi`` (None: unbounded),
+        as (date ordinal, part, users ascending, (n,) bool present, (n,) bool bad), dates
+        then users ascending; the users are those of the part, some maybe out of range."""
+        if not dates:
+            return []
+        ordinals = [d.toordinal() for d in dates]
+        out = []
+        for k in range(0, len(ordinals), 500):
+            chunk = ordinals[k : k + 500]
+            query = (
+                "SELECT date, part, users, present, bad FROM parts"
+                f" WHERE date IN ({','.join('?' * len(chunk))})"
+            )
+            args: list[Any] = list(chunk)
+            if lo is not None:
+                query += " AND last_user >= ?"
+                args.append(lo)
+            if hi is not None:
+                query += " AND first_user < ?"
+                args.append(hi)
+            for date, part, users, present, bad in self._db().execute(
+                query + " ORDER BY date, part", args
+            ):
+                out.append(
+                    (
+                        date,
+                        part,
+                        json.loads(_zstd_decompress(users)),
+                        np.frombuffer(_zstd_decompress(present), dtype=bool),
+                        np.frombuffer(_zstd_decompress(bad), dtype=bool),
+                    )
+                )
+        return out
+
+    def part_column(self, date: int, part: int, name: str) -> np.ndarray | list[Any]:
+        """Column ``name`` of one part (``parts``): (n,) float64 (NaN: no value) for a
+        numeric column, else the values as a list (None: no value).
+
+        Raises:
+            KeyError: the store has no such column.
+        """
+        found = (
+            self._db()
+            .execute(
+                "SELECT kind, data FROM part_columns WHERE date = ? AND part = ? AND name = ?",
+                (date, part, name),
+            )
+            .fetchone()
+        )
+        if found is None:
+            raise KeyError(f"{self.name} has no column {name!r}")
+        kind, data = found
+        raw = _zstd_decompress(data)
+        return np.frombuffer(raw, dtype=np.float64) if kind == "f8" else json.loads(raw)
+
+    def bad_locations(self, date: dt.date, user: str) -> list[str]:
+        """Locations of the user's malformed rows on ``date`` (file order)."""
+        return self._bad(date, user)
 
     def rows_on(self, date: dt.date) -> list[Row]:
         """Every well-formed row of ``date`` (users ascending, then file order)."""

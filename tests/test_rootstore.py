@@ -15,6 +15,7 @@ import datetime as dt
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -22,6 +23,7 @@ from hypothesis import strategies as st
 from orchestrator import rootstore
 from orchestrator.config import RootDataConfig
 from orchestrator.errors import RootDataError
+from orchestrator.execution.blocks import RootMatrix
 from orchestrator.rootdata import Dataset, FileSource
 from orchestrator.rootstore import StoredDataset, build_store
 from tests.conftest import gzip_csv
@@ -31,8 +33,57 @@ def both(folder: Path, path: Path, **options: Any) -> tuple[Dataset, StoredDatas
     config = RootDataConfig(name="src", path=path, **options)
     source = FileSource(config)
     memory = source.load()
-    stored = StoredDataset(build_store(config, source.digest(), folder / "store"))
+    saved = rootstore.PART_USERS
+    rootstore.PART_USERS = 2  # several column parts per date, whatever the file
+    try:
+        stored = StoredDataset(build_store(config, source.digest(), folder / "store"))
+    finally:
+        rootstore.PART_USERS = saved
     return memory, stored
+
+
+def _columns(matrix: RootMatrix, names: list[str]) -> dict[str, Any]:
+    """Each column's values as a printable list, or the error building it."""
+    out: dict[str, Any] = {}
+    for name in names:
+        try:
+            out[name] = repr(matrix.column(name).tolist())
+        except (TypeError, ValueError) as e:
+            out[name] = type(e).__name__
+    return out
+
+
+def assert_same_matrices(memory: Dataset, stored: StoredDataset) -> None:
+    """The matrix read from the store's column parts, for the whole store and for user
+    ranges cut at and between the part bounds, equals the one built from the in-memory
+    parse (restricted to the range): users, presence, malformed rows and every column."""
+    names = sorted(memory.schema)
+    whole = RootMatrix.build(memory, memory.dates)
+    users = whole.users.tolist()
+    cuts = sorted({*stored.part_bounds, *users[1::3]})
+    ranges = [(None, None), *zip([None, *cuts], [*cuts, None], strict=True)]
+    assert stored.part_bounds == sorted(stored.part_bounds)
+    for lo, hi in ranges:
+        keep = np.array(
+            [(lo is None or u >= lo) and (hi is None or u < hi) for u in users], dtype=bool
+        )
+        keep &= (whole.present | whole.bad).any(axis=0) if len(users) else keep
+        read = RootMatrix.from_store(stored, memory.dates, lo, hi)
+        assert read.users.tolist() == whole.users[keep].tolist()
+        assert read.present.tolist() == whole.present[:, keep].tolist()
+        assert read.bad.tolist() == whole.bad[:, keep].tolist()
+        position = {u: k for k, u in enumerate(read.users.tolist())}
+        expected_where = {
+            (d, position[users[u]]): w for (d, u), w in whole.where.items() if keep[u]
+        }
+        assert read.where == expected_where
+        expected = _columns(whole, names)
+        for name, value in _columns(read, names).items():
+            if isinstance(value, str) and value.startswith("["):
+                full = whole.column(name)[:, keep]
+                assert value == repr(full.tolist()), name
+            else:
+                assert value == expected[name], name
 
 
 def everything(ds: Any) -> dict[dt.date, list[Any]]:
@@ -58,6 +109,7 @@ def assert_same(memory: Dataset, stored: StoredDataset) -> None:
                     user, d, lookback
                 )
     assert stored.user_sample() == memory.user_sample()
+    assert_same_matrices(memory, stored)
 
 
 def test_plain_csv_with_gaps_and_malformed_values(tmp_path: Path) -> None:

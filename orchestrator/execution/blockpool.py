@@ -17,14 +17,11 @@ by pickle, sliced to its range. This is the contract a distributed executor impl
 
 from __future__ import annotations
 
-import bisect
 import dataclasses
 import traceback
 from collections.abc import Sequence
 from multiprocessing.connection import Connection
 from typing import TYPE_CHECKING, Any
-
-import numpy as np
 
 from orchestrator.columns import Table, concat
 from orchestrator.execution.blocks import (
@@ -45,14 +42,7 @@ MIN_SPLIT_USERS = 64
 
 def _slice(table: Any, lo: str | None, hi: str | None) -> Any:
     """The users ``lo <= user < hi`` of a standard result (a Table; None stays None)."""
-    if table is None:
-        return None
-    users = table.users
-    a = 0 if lo is None else bisect.bisect_left(users, lo)
-    b = len(users) if hi is None else bisect.bisect_left(users, hi)
-    if a == 0 and b == len(users):
-        return table
-    return table.take(np.arange(a, b))
+    return None if table is None else table.between(lo, hi)
 
 
 def slice_task(task: BlockTask, lo: str | None, hi: str | None) -> BlockTask:

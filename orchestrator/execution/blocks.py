@@ -17,6 +17,7 @@ failure marker upstream or on the previous date (historical) fails it too, namin
 
 from __future__ import annotations
 
+import bisect
 import datetime as dt
 import traceback
 from collections.abc import Iterator, Mapping, Sequence
@@ -66,6 +67,17 @@ class RootMatrix:
     _columns: dict[str, np.ndarray] = field(default_factory=dict)
     # from a dataset's typed columns: (date position, user position, row) of each kept row
     _cells: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
+    # from a root store's column parts: (date position, date ordinal, part, user positions,
+    # the part's slice in range) of each part read
+    _parts: list[tuple[int, int, int, np.ndarray, slice]] | None = None
+    _objects: np.ndarray | None = None  # ``users`` as Python strings (``user_objects``)
+
+    def user_objects(self) -> np.ndarray:
+        """(U,) object array of ``users`` as Python strings, built once: frames of the
+        matrix's users share them (their tables' users lists hold the same strings)."""
+        if self._objects is None:
+            self._objects = self.users.astype(object)
+        return self._objects
 
     @classmethod
     def build(cls, dataset: RootData, dates: Sequence[dt.date]) -> RootMatrix:
@@ -74,6 +86,53 @@ class RootMatrix:
         if isinstance(dataset, Dataset) and list(dates) == dataset.dates:
             return cls._from_files(dataset)
         return cls._from_stream(dataset, dates)
+
+    @classmethod
+    def from_store(
+        cls, dataset: Any, dates: Sequence[dt.date], lo: str | None, hi: str | None
+    ) -> RootMatrix:
+        """Read the users ``lo <= user < hi`` (None: unbounded) of ``dates`` from a root
+        store's column parts (``rootstore.StoredDataset.parts``): the same matrix as a
+        stream of those dates restricted to the range, in memory in proportion to the
+        range's users, at NumPy speed (columns are read on first use)."""
+        position = {d.toordinal(): i for i, d in enumerate(dates)}
+        picked = []
+        for ordinal, part, users, present, bad in dataset.parts(dates, lo, hi):
+            a = 0 if lo is None else bisect.bisect_left(users, lo)
+            b = len(users) if hi is None else bisect.bisect_left(users, hi)
+            picked.append((position[ordinal], ordinal, part, users[a:b], present, bad, a, b))
+        distinct: list[list[str]] = []
+        for *_, users, _, _, a, b in picked:
+            if not distinct or users != distinct[-1]:
+                distinct.append(users)
+        objects = None
+        if len(distinct) == 1:  # mostly: the same users on every date of the range
+            everyone = np.array(distinct[0], dtype=str)
+            objects = np.empty(len(distinct[0]), dtype=object)
+            objects[:] = distinct[0]
+        elif distinct:
+            everyone = np.unique(np.concatenate([np.array(u, dtype=str) for u in distinct]))
+        else:
+            everyone = np.zeros(0, dtype=str)
+        shape = (len(dates), len(everyone))
+        present = np.zeros(shape, dtype=bool)
+        bad = np.zeros(shape, dtype=bool)
+        parts: list[tuple[int, int, int, np.ndarray, slice]] = []
+        for d, ordinal, part, users, here, broken, a, b in picked:
+            if len(distinct) == 1:
+                idx = np.arange(len(users))
+            else:
+                idx = np.searchsorted(everyone, np.array(users, dtype=str))
+            present[d, idx] = here[a:b]
+            bad[d, idx] = broken[a:b]
+            parts.append((d, ordinal, part, idx, slice(a, b)))
+        where = {
+            (d, u): dataset.bad_locations(dates[d], str(everyone[u]))
+            for d, u in zip(*np.nonzero(bad), strict=True)
+        }
+        return cls(
+            dataset, list(dates), everyone, present, bad, where, [], _parts=parts, _objects=objects
+        )
 
     @classmethod
     def _from_files(cls, dataset: Dataset) -> RootMatrix:
@@ -144,8 +203,11 @@ class RootMatrix:
         if kind is None:
             raise KeyError(f"{self.dataset.name} has no column {name!r}")
         shape = self.present.shape
-        if self._cells is not None:
-            out = self._column_from_files(name, kind, shape)
+        if self._cells is not None or self._parts is not None:
+            if self._cells is not None:
+                out = self._column_from_files(name, kind, shape)
+            else:
+                out = self._column_from_parts(name, kind, shape)
             self._columns[name] = out
             return out
         if kind in NUMERIC:
@@ -164,6 +226,27 @@ class RootMatrix:
                     value = row.get(name)
                     out[d, u] = value.isoformat() if isinstance(value, dt.date) else value
         self._columns[name] = out
+        return out
+
+    def _column_from_parts(self, name: str, kind: str, shape: tuple[int, int]) -> np.ndarray:
+        assert self._parts is not None
+        store: Any = self.dataset  # a rootstore.StoredDataset
+        numeric = kind in NUMERIC
+        out = np.full(shape, np.nan) if numeric else np.full(shape, None, dtype=object)
+        for d, ordinal, part, idx, span in self._parts:
+            values = store.part_column(ordinal, part, name)
+            if isinstance(values, np.ndarray):
+                out[d, idx] = values[span]
+                continue
+            values = values[span]
+            if numeric:  # a value no float holds: fails as the stream's matrix does
+                here = self.present[d, idx]
+                kept = [v for v, h in zip(values, here.tolist(), strict=True) if h]
+                out[d, idx[here]] = np.array(
+                    [np.nan if v is None else v for v in kept], dtype=np.float64
+                )
+            else:
+                out[d, idx] = np.array(values, dtype=object) if values else values
         return out
 
     def _column_from_files(self, name: str, kind: str, shape: tuple[int, int]) -> np.ndarray:
@@ -399,8 +482,8 @@ def frame_for(
         lo = max(0, int(positions[0]) - lookback + 1)
         hi = int(positions[-1]) + 1
         spans[ds] = (matrix, lo, hi, positions)
-        on_dates = matrix.present[positions] | matrix.bad[positions]
-        user_sets.append(matrix.users[on_dates.any(axis=0)])
+        on_dates = (matrix.present[positions] | matrix.bad[positions]).any(axis=0)
+        user_sets.append(matrix.users if on_dates.all() else matrix.users[on_dates])
     std = {dep: up for dep, up in upstream.items() if not up.meta}
     if not root:  # users with a same-date result of a standard dependency
         distinct: list[list[str]] = []
@@ -425,7 +508,14 @@ def frame_for(
     if lo_user is not None or hi_user is not None:
         a = 0 if lo_user is None else int(np.searchsorted(users, lo_user, "left"))
         b = len(users) if hi_user is None else int(np.searchsorted(users, hi_user, "left"))
-        users = users[a:b]
+        if (a, b) != (0, len(users)):
+            users = users[a:b]
+    # the frame's users are one matrix's users (one dataset, every user on the dates): its
+    # Python strings and positions as they are, nothing aligned
+    whole = (
+        next((m for m, *_ in spans.values() if m.users is users), None) if len(spans) == 1 else None
+    )
+    objects = whole.user_objects() if whole is not None else users.astype(object)
     views = {dep: ResultView(up.results, users, up.meta) for dep, up in upstream.items()}
     for dep, view in views.items():
         view.rows, view.dates = upstream[dep].rows, upstream[dep].dates
@@ -437,7 +527,10 @@ def frame_for(
         on_date: dict[tuple[int, int], list[str]] = {}
         in_window: dict[tuple[int, int], list[str]] = {}
         for ds, (matrix, lo, hi, positions) in spans.items():
-            idx, ok = _align(users.tolist(), matrix.users)
+            if matrix is whole:
+                idx, ok = np.arange(len(users)), np.ones(len(users), dtype=bool)
+            else:
+                idx, ok = _align(objects.tolist(), matrix.users)
             rview = roots[ds] = RootView(matrix, lo, hi, positions - lo, np.where(ok, idx, -1))
             present |= rview.present[rview.rows]
             lookback = root[ds][1]
@@ -502,7 +595,7 @@ def frame_for(
                 carried = inherited[i] | bad[i]
     frame = Frame(
         tuple(dates),
-        users.astype(object),
+        objects,
         present & ~inherited,
         roots,
         views,

@@ -8,7 +8,7 @@ from collections.abc import Iterable
 from typing import Any
 
 from orchestrator.columns import Table
-from orchestrator.ledger.store import Ledger
+from orchestrator.ledger.store import Ledger, ShardInfo
 from orchestrator.manifest import Manifest
 from orchestrator.planning import CellKey
 from orchestrator.results import (
@@ -89,6 +89,8 @@ class TableCache:
         self.ledger = ledger
         self.capacity = capacity
         self._items: OrderedDict[CellKey, Table | None] = OrderedDict()
+        # published shard lists of cells read by user range (``get_range``)
+        self._index: OrderedDict[CellKey, list[ShardInfo] | None] = OrderedDict()
 
     def put(self, key: CellKey, table: Table | None) -> None:
         self._items[key] = table
@@ -99,6 +101,29 @@ class TableCache:
     def discard(self, key: CellKey) -> None:
         """Forget ``key`` (its published result is being replaced)."""
         self._items.pop(key, None)
+        self._index.pop(key, None)
+
+    def get_range(self, key: CellKey, lo: str | None, hi: str | None) -> Table | None:
+        """The users ``lo <= user < hi`` (None: unbounded) of ``key``'s published result
+        (None: nothing published): sliced from memory, else decoded from only the shards
+        that hold such users, so memory follows the range, not the result."""
+        if key in self._items:
+            table = self._items[key]
+            return None if table is None else table.between(lo, hi)
+        if key not in self._index:
+            self._index[key] = self.ledger.shard_index(*key)
+            while len(self._index) > self.capacity:
+                self._index.popitem(last=False)
+        shards = self._index[key]
+        if shards is None:
+            return None
+        wanted = [
+            s
+            for s in shards
+            if (hi is None or s.first_user is None or s.first_user < hi)
+            and (lo is None or s.last_user is None or s.last_user >= lo)
+        ]
+        return decode_tables(self.ledger.shard_data(*key, s) for s in wanted).between(lo, hi)
 
     def get_many(self, keys: Iterable[CellKey]) -> dict[CellKey, Table | None]:
         """The published results of ``keys`` (None: nothing published), one bulk read for

@@ -43,6 +43,7 @@ from orchestrator.execution.blocks import (
     run_block,
 )
 from orchestrator.execution.caches import ResultCache, TableCache
+from orchestrator.execution.ranged import RangedBlock
 from orchestrator.execution.record import _PROCESS, _CellRun, too_many_failed
 from orchestrator.execution.summary import RunSummary
 from orchestrator.execution.walk import STORED_FAILURES, UserWalk
@@ -314,8 +315,14 @@ class Executor(UserWalk):
                 if walked:
                     for date in chunk:
                         self._run_pass(date, walked)
+                ranged: list[tuple[CalcSpec, list[Decision]]] = []
                 for name in blocked:
-                    self._run_columnar(name, chunk)
+                    spec = self.manifest.calcs[name]
+                    # blocks over root stores: computed together, a user range at a time
+                    together = self._ranged(spec) and not spec.historical
+                    self._run_columnar(name, chunk, ranged if together else None)
+                if ranged:
+                    self._compute_ranged(ranged)
                 self._publish()
                 self.heartbeat()
             if bar is not None:
@@ -416,18 +423,27 @@ class Executor(UserWalk):
 
     # --- columnar blocks ------------------------------------------------------------------
 
-    def _run_columnar(self, name: str, dates: list[dt.date]) -> None:
+    def _run_columnar(
+        self,
+        name: str,
+        dates: list[dt.date],
+        later: list[tuple[CalcSpec, list[Decision]]] | None = None,
+    ) -> None:
         """Decide the calculation's cells of ``dates`` again and compute the runnable ones in
         blocks. A historical calculation's block is a run of consecutive dates: a cell
         waiting only on its own previous date (BLOCKED) closes the block, which is computed
-        first, and is then decided on the result (early cutoff)."""
+        first, and is then decided on the result (early cutoff). ``later``: collect the
+        blocks there instead of computing them (not for a historical calculation)."""
         spec = self.manifest.calcs[name]
         pending: list[Decision] = []
         migrations: list[tuple[CalcSpec, Decision]] = []
 
         def compute() -> None:
             if pending:
-                self._compute_block(spec, list(pending))
+                if later is not None:
+                    later.append((spec, list(pending)))
+                else:
+                    self._compute_block(spec, list(pending))
                 pending.clear()
 
         for date in dates:
@@ -463,12 +479,12 @@ class Executor(UserWalk):
             hit = self._matrices[dataset] = RootMatrix.build(data, data.dates)  # type: ignore[attr-defined]
         return hit
 
-    def _compute_block(self, spec: CalcSpec, decisions: list[Decision]) -> None:
-        """Compute one block of ``spec``'s cells (dates ascending) and stage their writes."""
-        name, calcs = spec.name, self.manifest.calcs
-        dates = [d.date for d in decisions]
-        started = self.clock()
-        prev_date = self.decider.previous_date(name, dates[0]) if spec.historical else None
+    def _dependency_spans(
+        self, spec: CalcSpec, dates: list[dt.date]
+    ) -> dict[str, tuple[tuple[dt.date, ...], np.ndarray]]:
+        """dependency -> (its dates a block over ``dates`` reads, the row of each block date
+        among them): the block's dates, or with a window from the first block date's window
+        through the last."""
         spans: dict[str, tuple[tuple[dt.date, ...], np.ndarray]] = {}
         for dep in spec.dependencies:
             width = spec.window(dep)
@@ -483,6 +499,18 @@ class Executor(UserWalk):
             )
             index = {d: i for i, d in enumerate(span)}
             spans[dep] = (span, np.array([index[d] for d in dates], dtype=np.int64))
+        return spans
+
+    def _compute_block(self, spec: CalcSpec, decisions: list[Decision]) -> None:
+        """Compute one block of ``spec``'s cells (dates ascending) and stage their writes."""
+        if self._ranged(spec):
+            self._compute_ranged([(spec, decisions)])
+            return
+        name, calcs = spec.name, self.manifest.calcs
+        dates = [d.date for d in decisions]
+        started = self.clock()
+        prev_date = self.decider.previous_date(name, dates[0]) if spec.historical else None
+        spans = self._dependency_spans(spec, dates)
         wanted = [
             (dep, d) for dep in spec.dependencies if calcs[dep].is_standard for d in spans[dep][0]
         ]
@@ -610,27 +638,63 @@ class Executor(UserWalk):
         found = validation.problems(spec.rules, validation.collect_table(table))
         if found:
             return self._failure(spec, date, decision, "VALIDATION: " + "; ".join(found), run), []
-        step = max(1, self.flush_users)  # a shard holds at most ``flush_users`` users
+        self._add_table(run, table)
+        rows = run.writer.cut()
+        run.flushes = len(rows)
+        run.flush_reasons = {"FINAL": 1} if rows else {}
+        write = self._published(spec, decision, run)
+        self.tables.put((spec.name, date), table)
+        return write, rows
+
+    def _add_table(self, run: _CellRun, table: Table) -> None:
+        """Buffer ``table`` (the next users of the cell) in shards of ``flush_users`` users."""
+        step = max(1, self.flush_users)
         for lo in range(0, len(table), step):
             run.writer.add_table(
                 table.take(np.arange(lo, min(lo + step, len(table))))
                 if len(table) > step
                 else table
             )
-        rows = run.writer.cut()
-        run.flushes = len(rows)
-        run.flush_reasons = {"FINAL": 1} if rows else {}
+
+    def _published(self, spec: CalcSpec, decision: Decision, run: _CellRun) -> CellWrite:
+        """The write publishing a validated standard block date: PARTIAL when users failed
+        with errors of their own, else COMPLETED."""
         if run.failures:
             first = next(f for f in run.failed_users if f["kind"] == "own")
             last = first["error"].strip().splitlines()[-1]
             error = (
                 f"{run.failures} of {run.processed} users failed; first: {first['user']}: {last}"
             )
-            write = self._partial(spec, date, decision, error, run)
-        else:
-            write = self._success(spec, date, decision, run.writer, run)
-        self.tables.put((spec.name, date), table)
-        return write, rows
+            return self._partial(spec, decision.date, decision, error, run)
+        return self._success(spec, decision.date, decision, run.writer, run)
+
+    # --- columnar blocks over a root store, a user range at a time ------------------------
+
+    def _ranged(self, spec: CalcSpec) -> bool:
+        """Whether ``spec``'s blocks run a user range at a time: a standard calculation in
+        its columnar form reading a dataset from its root store (too many users to hold)."""
+        return (
+            spec.is_standard
+            and self._columnar(spec.name)
+            and any(not isinstance(self.dataset(ds), Dataset) for ds in spec.root_data)
+        )
+
+    def _compute_ranged(self, blocks: list[tuple[CalcSpec, list[Decision]]]) -> None:
+        """Compute blocks of one pass's calculations that read root stores, a user range at
+        a time (``ranged.RangedBlock``): range by range, every block computes the range's
+        users, sharing the root matrices it reads; then each block's dates are recorded and
+        published at once (their dependents read them by user range from the ledger)."""
+        ranged = [RangedBlock(self, spec, decisions) for spec, decisions in blocks]
+        for lo, hi in ranged[0].ranges():
+            matrices: dict[tuple[str, tuple[dt.date, ...]], RootMatrix] = {}
+            shards: list[dict[str, Any]] = []
+            for block in ranged:
+                block.compute(lo, hi, matrices, shards)
+            self.ledger.write_shards(shards)  # unpublished generations: invisible yet
+            self._sample_memory()
+        for block in ranged:
+            block.record()
+        self._publish()
 
     def _finish_meta(
         self,
