@@ -10,7 +10,11 @@ user order (defaults, nothing forced: see ``root_memory_mb`` in the README).
 * peak memory of the process (proportional set size, polled every 250 ms);
 * the run's own execution time (the summary line) and throughput in user-calculations per
   second (N x 5 / execution time), and the whole process's wall time (the root store's
-  import included).
+  import included);
+* the reference timed in the same sitting: the same 5 columns computed by pandas/NumPy in a
+  process of its own (``--reference-only``: Python start, read the CSV, compute, write the
+  columns zstandard-compressed), its wall time and peak memory, and ``ratio`` = the
+  orchestrator's execution time / the reference's wall time.
 
 Both forms of the 5 calculations are given; ``--style`` picks which the engine runs
 (``columnar = true|false``): the columnar one computes each calculation's single date as one
@@ -99,6 +103,30 @@ class Large(StandardCalculation):
 '''
 
 
+def reference_only(csv_path: Path, out_path: Path) -> None:
+    """The 5 calculations' columns by pandas/NumPy, written zstandard-compressed."""
+    import numpy as np
+    import pandas as pd
+    import zstandard
+
+    frame = pd.read_csv(csv_path)
+    price = frame["price"].to_numpy(dtype=np.float64)
+    qty = frame["qty"].to_numpy(dtype=np.int64)
+    columns = {
+        "notional": price * qty,
+        "signed": np.where(price >= 100, qty, -qty),
+        "bucket": (price // 10).astype(np.int64),
+        "premium": price / 100.0 - 1.0,
+        "large": qty > 500,
+    }
+    users = "\n".join(frame["user"].tolist()).encode()
+    compressor = zstandard.ZstdCompressor(level=3)
+    with out_path.open("wb") as f:
+        f.write(compressor.compress(users))
+        for values in columns.values():
+            f.write(compressor.compress(np.ascontiguousarray(values).tobytes()))
+
+
 def measure(users: int, workers: int, work: Path, style: str) -> dict[str, float | int]:
     folder = work / f"n{users}"
     (folder / "bench_stream_calcs").mkdir(parents=True)
@@ -140,12 +168,28 @@ def measure(users: int, workers: int, work: Path, style: str) -> dict[str, float
     if done.returncode != 0:
         raise SystemExit(f"run failed for {users} users:\n{out}\n{err}")
     executed = float(re.search(r" in ([0-9.]+)s", out).group(1))  # type: ignore[union-attr]
+    ref_wall, ref_peak, ref = run_measured(
+        [
+            sys.executable,
+            __file__,
+            "--reference-only",
+            str(folder / "trades.csv"),
+            str(folder / "reference.zst"),
+        ],
+        folder,
+        POLL_SECONDS,
+    )
+    if ref.returncode != 0:
+        raise SystemExit(f"the reference failed for {users} users:\n{ref.stderr}")
     return {
         "users": users,
         "peak_mib": round(peak / 2**20),
         "execute_s": executed,
         "wall_s": round(wall, 2),
         "user_calcs_per_s": round(users * 5 / executed),
+        "reference_s": round(ref_wall, 2),
+        "reference_peak_mib": round(ref_peak / 2**20),
+        "ratio": round(executed / ref_wall, 2),
     }
 
 
@@ -155,6 +199,7 @@ def main() -> int:
     )
     parser.add_argument("--users", type=int, nargs="+", default=[100_000, 300_000, 1_000_000])
     parser.add_argument("--workers", type=int, default=1)
+    parser.add_argument("--reference-only", nargs=2, type=Path, metavar=("CSV", "OUT"))
     parser.add_argument(
         "--style",
         choices=["columnar", "per-user"],
@@ -162,6 +207,9 @@ def main() -> int:
         help="the calculations' form: compute(frame) in blocks, or process(ctx) per user",
     )
     args = parser.parse_args()
+    if args.reference_only:
+        reference_only(*args.reference_only)
+        return 0
     results = []
     with tempfile.TemporaryDirectory(prefix="bench_stream_") as tmp:
         for users in args.users:
@@ -170,7 +218,8 @@ def main() -> int:
             print(
                 f"{users:>9,} users: peak {figures['peak_mib']} MiB, execute "
                 f"{figures['execute_s']} s ({figures['user_calcs_per_s']:,} user-calcs/s), "
-                f"wall {figures['wall_s']} s"
+                f"wall {figures['wall_s']} s; reference {figures['reference_s']} s "
+                f"(peak {figures['reference_peak_mib']} MiB), ratio {figures['ratio']}"
             )
     print(
         json.dumps(
