@@ -201,7 +201,7 @@ def _twins(
             m.setattr(rootstore, "PART_USERS", part_users)
             # No calculation reads a history window: the dataset streams from its store
             # unless held in memory, which only this switch asks for here.
-            m.setattr(Orchestrator, "holds_in_memory", lambda self, name: memory)
+            m.setattr(Orchestrator, "holds_in_memory", lambda self, name, held=memory: held)
             for day in DATES if nightly else DATES[-1:]:
                 project.run(day)
             project.run(DATES[-1])  # retries and reconciliation, both engines again
@@ -224,8 +224,10 @@ def test_failures_of_every_kind_give_the_in_memory_cells(
     assert memory[("ratio", DATES[1])][3] == "VALIDATION: ratio: 2 NaN/Inf value(s)"
     assert memory[("close", DATES[2])][2:] == (
         1,
-        "1 of 6 users failed; first: S1: malformed"
-        " root data: prices.csv:9: close='n/a' is not a number",
+        (
+            "1 of 6 users failed; first: S1: malformed"
+            " root data: prices.csv:9: close='n/a' is not a number"
+        ),
     )
     assert memory[("count", DATES[3])][2] == 3  # S1's failure carried, S4's, S6's own
     assert memory[("walked", DATES[3])][2] >= 1  # inherited from spread and count
