@@ -459,25 +459,41 @@ def _write_parts(conn: sqlite3.Connection, schema: dict[str, str]) -> list[str]:
         for f, fast, header, kinds in conn.execute("SELECT id, fast, header, kinds FROM files")
     }
     names = sorted(schema)
+    # column -> file -> (field position, converter), or None where the file lacks it (the
+    # last of equal names wins, as in a row dict)
+    fields_of: dict[str, dict[int, tuple[int, Callable[[str], Any]] | None]] = {
+        name: {
+            f: max(
+                ((i, converters[i]) for i, h in enumerate(header) if h == name),
+                default=None,
+                key=lambda pair: pair[0],
+            )
+            for f, (_, header, converters) in files.items()
+        }
+        for name in names
+    }
     numeric = {n for n in names if schema[n] in ("int", "float")}
+    slow = {f for f, (fast, _, _) in files.items() if not fast}
     dates = [d for (d,) in conn.execute("SELECT date FROM dates ORDER BY date")]
     for date in dates:
         part = -1
         kept: list[str] = []
-        rows: list[dict[str, Any] | None] = []
+        rows: list[tuple[int, list[str]] | None] = []  # the user's last well-formed row
         bad: list[bool] = []
-
         current: str | None = None
         cursor = conn.execute(
             "SELECT user, file, text, bad FROM rows WHERE date = ? ORDER BY user, file, line",
             (date,),
         )
         while batch := cursor.fetchmany(STREAM_BATCH):
+            # quoted files' texts are JSON arrays: one decode per batch (``_batches``)
+            quoted = [text for _, f, text, b in batch if f in slow and not b]
+            decoded = iter(json.loads("[" + ",".join(quoted) + "]") if quoted else ())
             for user, file_id, text, is_bad in batch:
                 if user != current:
                     at = bisect.bisect_right(bounds, user) - 1
                     if at != part:
-                        _write_part(conn, date, part, kept, rows, bad, names, numeric)
+                        _write_part(conn, date, part, kept, rows, bad, fields_of, numeric)
                         part = at
                     current = user
                     kept.append(user)
@@ -486,10 +502,8 @@ def _write_parts(conn: sqlite3.Connection, schema: dict[str, str]) -> list[str]:
                 if is_bad:
                     bad[-1] = True
                 else:
-                    fast, header, converters = files[file_id]
-                    fields = _split(text, fast)
-                    rows[-1] = {h: c(v) for h, c, v in zip(header, converters, fields)}
-        _write_part(conn, date, part, kept, rows, bad, names, numeric)
+                    rows[-1] = (file_id, next(decoded) if file_id in slow else text.split(","))
+        _write_part(conn, date, part, kept, rows, bad, fields_of, numeric)
     return bounds
 
 
@@ -498,9 +512,9 @@ def _write_part(
     date: int,
     part: int,
     kept: list[str],
-    rows: list[dict[str, Any] | None],
+    rows: list[tuple[int, list[str]] | None],
     bad: list[bool],
-    names: list[str],
+    fields_of: dict[str, dict[int, tuple[int, Callable[[str], Any]] | None]],
     numeric: set[str],
 ) -> None:
     """Insert one column part (``_write_parts``) and empty the buffers."""
@@ -520,8 +534,11 @@ def _write_part(
         ),
     )
     columns = []
-    for name in names:
-        values = [None if r is None else r.get(name) for r in rows]
+    for name, where in fields_of.items():
+        values: list[Any] = []
+        for row in rows:
+            found = None if row is None else where[row[0]]
+            values.append(None if found is None else found[1](row[1][found[0]]))  # type: ignore[index]
         kind, data = "json", b""
         if name in numeric:
             try:
