@@ -252,7 +252,7 @@ class Table:
         """The rows at positions ``index`` (ascending ints), columns missing there dropped."""
         n = len(index)
         if n and int(index[-1]) - int(index[0]) == n - 1:  # a run of rows: a list slice
-            users = self.users[int(index[0]) : int(index[-1]) + 1]
+            users = _slice(self.users, int(index[0]), int(index[-1]) + 1)
         else:
             users = [self.users[i] for i in index.tolist()]
         columns = {}
@@ -293,6 +293,25 @@ class Table:
                 )
             )
         return out
+
+
+# (id(users), start, stop) -> (users, users[start:stop]): tables cut alike from one users
+# list (the calculations of a user range, shard by shard) share the slices, so their
+# encodings are memoised by identity (``fingerprint.users_memo``).
+_SLICES: dict[tuple[int, int, int], tuple[list[str], list[str]]] = {}
+_SLICES_KEPT = 64
+
+
+def _slice(users: list[str], start: int, stop: int) -> list[str]:
+    key = (id(users), start, stop)
+    found = _SLICES.get(key)
+    if found is not None and found[0] is users:
+        return found[1]
+    part = users[start:stop]
+    _SLICES[key] = (users, part)
+    if len(_SLICES) > _SLICES_KEPT:
+        del _SLICES[next(iter(_SLICES))]
+    return part
 
 
 def _flags(mask: np.ndarray | None, n: int) -> np.ndarray:

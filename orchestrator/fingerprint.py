@@ -246,23 +246,28 @@ MEMO_LISTS = 64
 def users_memo(fn: Callable[[Sequence[str]], Any]) -> Callable[[Sequence[str]], Any]:
     """``fn`` memoised on a users list's content, for the last ``MEMO_LISTS`` lists.
 
-    A block's dates share one list object (an identity check, no copy), and the tables of
-    the calculations of one user range hold the same users in separate lists (a tuple of
-    the list: its strings' hashes are cached, so the key costs a few ns per user, against
-    ~100 ns per user to encode). Tables never change their users in place."""
+    A block's dates share one list object, and so do the shards of the calculations of one
+    user range (``columns.Table.take`` shares slices): an identity check, no copy. Other
+    lists with the same users hit on a tuple of the list (its strings' hashes are cached, so
+    the key costs a few ns per user, against ~100 ns per user to encode). Tables never change
+    their users in place."""
     memo: dict[tuple[str, ...], Any] = {}  # oldest first (a tuple's hash is not cached)
-    last: list[Any] = [(), -1, None]
+    # id -> (the list, its length, the value): held, so an id is not reused meanwhile
+    seen: dict[int, tuple[Sequence[str], int, Any]] = {}
 
     def cached(users: Sequence[str]) -> Any:
-        if last[0] is users and last[1] == len(users):
-            return last[2]
+        found = seen.get(id(users))
+        if found is not None and found[0] is users and found[1] == len(users):
+            return found[2]
         key = tuple(users)
         hit = memo.get(key)
         if hit is None:
             hit = memo[key] = fn(users)
             if len(memo) > MEMO_LISTS:
                 del memo[next(iter(memo))]
-        last[:] = [users, len(users), hit]
+        seen[id(users)] = (users, len(users), hit)
+        if len(seen) > MEMO_LISTS:
+            del seen[next(iter(seen))]
         return hit
 
     return cached

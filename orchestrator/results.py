@@ -15,7 +15,7 @@ import json
 import os
 import threading
 from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -52,15 +52,20 @@ def _compress_here(raw: bytes) -> bytes:
     return compressor.compress(raw)
 
 
-def compress_many(raws: list[bytes]) -> Iterator[bytes]:
-    """``raws`` compressed (zstandard, ``ZSTD_LEVEL``), in order; with several, on
+def compress_many(raws: list[bytes]) -> list[Future[bytes]]:
+    """``raws`` being compressed (zstandard, ``ZSTD_LEVEL``), in order: with several, on
     ``COMPRESS_THREADS`` threads, all started at once (the caller works meanwhile)."""
     global _pool
     if len(raws) < 2 or COMPRESS_THREADS < 2:
-        return iter([_compressor.compress(r) for r in raws])
+        done = []
+        for raw in raws:
+            future: Future[bytes] = Future()
+            future.set_result(_compressor.compress(raw))
+            done.append(future)
+        return done
     if _pool is None or _pool[0] != os.getpid():
         _pool = (os.getpid(), ThreadPoolExecutor(COMPRESS_THREADS, thread_name_prefix="zstd"))
-    return _pool[1].map(_compress_here, raws)
+    return [_pool[1].submit(_compress_here, raw) for raw in raws]
 
 
 def failure_marker(calculation: str, date: dt.date, error: str) -> dict[str, Any]:
@@ -289,8 +294,10 @@ class ShardWriter:
                     out.append(t.take(np.arange(lo, min(lo + step, len(t)))))
         return out
 
-    def cut(self) -> list[dict[str, Any]]:
-        """Empty the buffer into shard rows (none if the buffer is empty)."""
+    def cut(self, wait: bool = True) -> list[dict[str, Any]]:
+        """Empty the buffer into shard rows (none if the buffer is empty). ``wait`` False:
+        the rows' ``data`` are futures of the compressed payloads, still compressing: the
+        caller hands the rows to ``settle`` before it writes them."""
         rows: list[dict[str, Any]] = self._absorbed
         self._absorbed = []
         pieces: list[tuple[str | None, str | None, int, bytes, Table | None]]
@@ -299,7 +306,7 @@ class ShardWriter:
         else:
             pieces = [(None, None, 1, line, None) for line in self._lines]
         compressed = compress_many([raw for _, _, _, raw, _ in pieces])
-        for (first, last, count, raw, table), data in zip(pieces, compressed, strict=True):
+        for (first, last, count, raw, table), future in zip(pieces, compressed, strict=True):
             if table is not None:
                 self.hasher.update_table(table)  # type: ignore[union-attr]
             else:
@@ -316,17 +323,25 @@ class ShardWriter:
                     "last_user": last,
                     "users": count,
                     "raw_bytes": len(raw),
-                    "data": data,
+                    "data": future,
                 }
             )
             self.seq += 1
             self.shards += 1
             self.users += count
             self.bytes_raw += len(raw)
-            self.bytes_compressed += len(data)
         self._lines.clear()
         self._users, self._results = [], []
         self._tables.clear()
         self._size = 0
         self._count = 0
+        return self.settle(rows) if wait else rows
+
+    def settle(self, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """``rows`` of ``cut(wait=False)`` with their compressed payloads (waits for them)."""
+        for row in rows:
+            if isinstance(row["data"], Future):
+                data: bytes = row["data"].result()
+                row["data"] = data
+                self.bytes_compressed += len(data)
         return rows

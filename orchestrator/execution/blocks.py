@@ -71,6 +71,7 @@ class RootMatrix:
     # the part's slice in range) of each part read
     _parts: list[tuple[int, int, int, np.ndarray, slice]] | None = None
     _objects: np.ndarray | None = None  # ``users`` as Python strings (``user_objects``)
+    _list: list[str] | None = None
 
     def user_objects(self) -> np.ndarray:
         """(U,) object array of ``users`` as Python strings, built once: frames of the
@@ -78,6 +79,13 @@ class RootMatrix:
         if self._objects is None:
             self._objects = self.users.astype(object)
         return self._objects
+
+    def user_list(self) -> list[str]:
+        """``users`` as one list of Python strings, built once: the tables of every
+        calculation over the matrix's users share it (and so the users' encodings)."""
+        if self._list is None:
+            self._list = self.user_objects().tolist()
+        return self._list
 
     @classmethod
     def build(cls, dataset: RootData, dates: Sequence[dt.date]) -> RootMatrix:
@@ -106,10 +114,12 @@ class RootMatrix:
             if not distinct or users != distinct[-1]:
                 distinct.append(users)
         objects = None
+        listed: list[str] | None = None
         if len(distinct) == 1:  # mostly: the same users on every date of the range
             everyone = np.array(distinct[0], dtype=str)
             objects = np.empty(len(distinct[0]), dtype=object)
             objects[:] = distinct[0]
+            listed = distinct[0]
         elif distinct:
             everyone = np.unique(np.concatenate([np.array(u, dtype=str) for u in distinct]))
         else:
@@ -131,7 +141,16 @@ class RootMatrix:
             for d, u in zip(*np.nonzero(bad), strict=True)
         }
         return cls(
-            dataset, list(dates), everyone, present, bad, where, [], _parts=parts, _objects=objects
+            dataset,
+            list(dates),
+            everyone,
+            present,
+            bad,
+            where,
+            [],
+            _parts=parts,
+            _objects=objects,
+            _list=listed,
         )
 
     @classmethod
@@ -420,6 +439,8 @@ class Block:
         bad: users failed by malformed root rows (date or window), with ``bad_where``.
         inherited: users whose upstream result (or previous result) is a failure marker, with
             the marker (``origin``) to copy.
+        users_list: the frame's users as a list shared with the root matrix, if it has them
+            all (``RootMatrix.user_list``); else None.
     """
 
     frame: Frame
@@ -427,6 +448,7 @@ class Block:
     bad_where: dict[tuple[int, int], str]
     inherited: np.ndarray
     origin: dict[tuple[int, int], dict[str, str]]
+    users_list: list[str] | None = None
 
 
 class UpstreamInput(NamedTuple):
@@ -602,7 +624,9 @@ def frame_for(
         prev_view,
         previous_date,
     )
-    return Block(frame, bad, bad_where, inherited, origin)
+    return Block(
+        frame, bad, bad_where, inherited, origin, whole.user_list() if whole is not None else None
+    )
 
 
 class PreviousView:
@@ -685,7 +709,7 @@ def block_tables(
     users = frame.users
     # one list object for every date holding all of the frame's users, so the users'
     # encodings (stored header, result hash) are built once per block, not once per date
-    all_users: list[str] = users.tolist()
+    all_users: list[str] = block.users_list if block.users_list is not None else users.tolist()
     out = []
     for i, date in enumerate(frame.dates):
         ok_all = frame.present[i]

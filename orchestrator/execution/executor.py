@@ -687,10 +687,11 @@ class Executor(UserWalk):
         ranged = [RangedBlock(self, spec, decisions) for spec, decisions in blocks]
         for lo, hi in ranged[0].ranges():
             matrices: dict[tuple[str, tuple[dt.date, ...]], RootMatrix] = {}
-            shards: list[dict[str, Any]] = []
+            shards: list[tuple[ShardWriter, list[dict[str, Any]]]] = []
             for block in ranged:
                 block.compute(lo, hi, matrices, shards)
-            self.ledger.write_shards(shards)  # unpublished generations: invisible yet
+            # unpublished generations: invisible yet
+            self.ledger.write_shards([row for w, rows in shards for row in w.settle(rows)])
             self._sample_memory()
         for block in ranged:
             block.record()

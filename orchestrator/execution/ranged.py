@@ -27,6 +27,7 @@ from orchestrator.execution.walk import STORED_FAILURES
 from orchestrator.ledger.store import CellWrite
 from orchestrator.manifest import CalcSpec
 from orchestrator.planning import Decision
+from orchestrator.results import ShardWriter
 from orchestrator.rootdata import Dataset, RootData
 
 if TYPE_CHECKING:
@@ -109,10 +110,11 @@ class RangedBlock:
         lo: str | None,
         hi: str | None,
         matrices: dict[tuple[str, tuple[dt.date, ...]], RootMatrix],
-        shards: list[dict[str, Any]],
+        shards: list[tuple[ShardWriter, list[dict[str, Any]]]],
     ) -> None:
         """Compute the users ``lo <= user < hi`` of every date and add their shard rows to
-        ``shards`` (the caller writes them: invisible until their dates are published).
+        ``shards``, with their writer: still compressing (the caller settles and writes
+        them: invisible until their dates are published).
         ``matrices``: the range's root matrices, shared by the blocks of the range."""
         if self.error is not None:
             return
@@ -171,9 +173,9 @@ class RangedBlock:
                     run.failed_users.append(failure)
             stats.merge(validation.collect_table(day.table))
             x._add_table(run, day.table)
-            rows = run.writer.cut()
+            rows = run.writer.cut(wait=False)  # compressing while the next block computes
             if rows:
-                shards += rows
+                shards.append((run.writer, rows))
                 run.flushes += 1
                 run.flush_reasons["BATCH_LIMIT"] = run.flush_reasons.get("BATCH_LIMIT", 0) + 1
 
