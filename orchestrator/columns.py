@@ -267,12 +267,31 @@ class Table:
         return Table(users, columns)
 
     def between(self, lo: str | None, hi: str | None) -> Table:
-        """The rows with ``lo <= user < hi`` (None: unbounded; users are ascending)."""
+        """The rows with ``lo <= user < hi`` (None: unbounded; users are ascending), every
+        column kept (a column nobody in the range has stays, all absent): a reader of the
+        range sees the fields the whole result has."""
         a = 0 if lo is None else bisect.bisect_left(self.users, lo)
         b = len(self.users) if hi is None else bisect.bisect_left(self.users, hi)
         if a == 0 and b == len(self.users):
             return self
-        return self.take(np.arange(a, b))
+        index = np.arange(a, b)
+        columns = {name: col.take(index) for name, col in self.columns.items()}
+        return Table(_slice(self.users, a, b), columns)
+
+    def with_fields(self, fields: Mapping[str, bool]) -> Table:
+        """This table with a column, absent for every user, for each field of ``fields``
+        (name -> holds texts) it lacks."""
+        missing = [name for name in fields if name not in self.columns]
+        if not missing:
+            return self
+        n = len(self.users)
+        columns = dict(self.columns)
+        for name in missing:
+            if fields[name]:
+                columns[name] = Column("str", [None] * n, None, np.zeros(n, dtype=bool))
+            else:
+                columns[name] = Column("f8", np.full(n, np.nan), None, np.zeros(n, dtype=bool))
+        return Table(self.users, columns)
 
     def pairs(self) -> list[tuple[str, dict[str, Any]]]:
         """``(user, result dict)`` per user, as the per-user form sees results: null values

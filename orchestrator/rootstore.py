@@ -507,6 +507,26 @@ def _write_parts(conn: sqlite3.Connection, schema: dict[str, str]) -> list[str]:
     return bounds
 
 
+def _users_blob(users: list[str]) -> bytes:
+    """A part's users: b"U", the item size (u32) and a NumPy fixed-width unicode array, read
+    back without a parse; b"J" and a JSON list when an id ends in NUL (which such arrays
+    strip)."""
+    if any(u.endswith("\x00") for u in users):
+        return b"J" + json.dumps(users).encode()
+    array = np.array(users, dtype=str)
+    return b"U" + array.dtype.itemsize.to_bytes(4, "little") + array.tobytes()
+
+
+def _users_of(blob: bytes) -> tuple[list[str], np.ndarray]:
+    """``_users_blob``'s users as a list and a (n,) str array."""
+    if blob[:1] == b"J":
+        users = json.loads(blob[1:])
+        return users, np.array(users, dtype=str)
+    size = int.from_bytes(blob[1:5], "little")
+    array = np.frombuffer(blob, dtype=f"<U{max(size // 4, 1)}", offset=5)
+    return array.tolist(), array
+
+
 def _write_part(
     conn: sqlite3.Connection,
     date: int,
@@ -528,7 +548,7 @@ def _write_part(
             part,
             kept[0],
             kept[-1],
-            _zstd_compress(json.dumps(kept).encode()),
+            _zstd_compress(_users_blob(kept)),
             _zstd_compress(present.tobytes()),
             _zstd_compress(np.array(bad, dtype=bool).tobytes()),
         ),
@@ -778,10 +798,11 @@ class StoredDataset:
 
     def parts(
         self, dates: Sequence[dt.date], lo: str | None, hi: str | None
-    ) -> list[tuple[int, int, list[str], np.ndarray, np.ndarray]]:
+    ) -> list[tuple[int, int, list[str], np.ndarray, np.ndarray, np.ndarray]]:
         """The column parts of ``dates`` holding users ``lo <= user < hi`` (None: unbounded),
-        as (date ordinal, part, users ascending, (n,) bool present, (n,) bool bad), dates
-        then users ascending; the users are those of the part, some maybe out of range."""
+        as (date ordinal, part, users ascending (a list and a (n,) str array), (n,) bool
+        present, (n,) bool bad), dates then users ascending; the users are those of the
+        part, some maybe out of range."""
         if not dates:
             return []
         ordinals = [d.toordinal() for d in dates]
@@ -806,7 +827,7 @@ class StoredDataset:
                     (
                         date,
                         part,
-                        json.loads(_zstd_decompress(users)),
+                        *_users_of(_zstd_decompress(users)),
                         np.frombuffer(_zstd_decompress(present), dtype=bool),
                         np.frombuffer(_zstd_decompress(bad), dtype=bool),
                     )

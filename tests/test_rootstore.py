@@ -386,3 +386,13 @@ def test_memory_and_store_agree_on_random_csv_files(
     for d, entry in memory.index.items():
         bad = sum(len(w) for (day, _), w in memory.bad_rows.items() if day == d)
         assert len(memory.rows_on(d)) + bad == entry.row_count
+
+
+@given(users=st.lists(st.text(min_size=1), unique=True).map(sorted))
+def test_part_users_round_trip(users: list[str]) -> None:
+    # NumPy's fixed-width strings drop trailing NULs: such ids go as JSON, and the list
+    # (the tables' users) stays exact; the str array (matrix positions, as in the in-memory
+    # matrix) is NumPy's as ever
+    listed, array = rootstore._users_of(rootstore._users_blob(users))
+    assert listed == users
+    assert array.tolist() == np.array(users, dtype=str).tolist()

@@ -105,18 +105,23 @@ class RootMatrix:
         range's users, at NumPy speed (columns are read on first use)."""
         position = {d.toordinal(): i for i, d in enumerate(dates)}
         picked = []
-        for ordinal, part, users, present, bad in dataset.parts(dates, lo, hi):
+        texts: list[np.ndarray] = []
+        for ordinal, part, users, array, present, bad in dataset.parts(dates, lo, hi):
             a = 0 if lo is None else bisect.bisect_left(users, lo)
             b = len(users) if hi is None else bisect.bisect_left(users, hi)
             picked.append((position[ordinal], ordinal, part, users[a:b], present, bad, a, b))
+            texts.append(array[a:b])
         distinct: list[list[str]] = []
-        for *_, users, _, _, a, b in picked:
+        first_text: np.ndarray | None = None
+        for (*_, users, _, _, a, b), text in zip(picked, texts, strict=True):
             if not distinct or users != distinct[-1]:
                 distinct.append(users)
+                first_text = text if first_text is None else first_text
         objects = None
         listed: list[str] | None = None
         if len(distinct) == 1:  # mostly: the same users on every date of the range
-            everyone = np.array(distinct[0], dtype=str)
+            assert first_text is not None
+            everyone = first_text
             objects = np.empty(len(distinct[0]), dtype=object)
             objects[:] = distinct[0]
             listed = distinct[0]

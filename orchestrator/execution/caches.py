@@ -91,6 +91,8 @@ class TableCache:
         self._items: OrderedDict[CellKey, Table | None] = OrderedDict()
         # published shard lists of cells read by user range (``get_range``)
         self._index: OrderedDict[CellKey, list[ShardInfo] | None] = OrderedDict()
+        # a published cell's fields (name -> holds texts), for ranges lacking some
+        self._fields: OrderedDict[CellKey, dict[str, bool]] = OrderedDict()
 
     def put(self, key: CellKey, table: Table | None) -> None:
         self._items[key] = table
@@ -102,6 +104,27 @@ class TableCache:
         """Forget ``key`` (its published result is being replaced)."""
         self._items.pop(key, None)
         self._index.pop(key, None)
+        self._fields.pop(key, None)
+
+    def note_fields(self, key: CellKey, fields: dict[str, bool]) -> None:
+        """Remember the fields (name -> holds texts) of ``key``'s result, just published."""
+        self._fields[key] = fields
+        while len(self._fields) > self.capacity:
+            self._fields.popitem(last=False)
+
+    def _fields_of(self, key: CellKey, shards: list[ShardInfo]) -> dict[str, bool]:
+        """Every field of ``key``'s published result: noted when published in this run,
+        else read once from all its shards (a shard lacks the fields none of its users
+        has)."""
+        found = self._fields.get(key)
+        if found is None:
+            found = {}
+            for shard in shards:
+                table = decode_tables([self.ledger.shard_data(*key, shard)])
+                for name, col in table.columns.items():
+                    found[name] = found.get(name, False) or col.kind in ("str", "json")
+            self.note_fields(key, found)
+        return found
 
     def get_range(self, key: CellKey, lo: str | None, hi: str | None) -> Table | None:
         """The users ``lo <= user < hi`` (None: unbounded) of ``key``'s published result
@@ -123,7 +146,10 @@ class TableCache:
             if (hi is None or s.first_user is None or s.first_user < hi)
             and (lo is None or s.last_user is None or s.last_user >= lo)
         ]
-        return decode_tables(self.ledger.shard_data(*key, s) for s in wanted).between(lo, hi)
+        table = decode_tables(self.ledger.shard_data(*key, s) for s in wanted).between(lo, hi)
+        if len(wanted) < len(shards):  # some fields may be in the other shards alone
+            table = table.with_fields(self._fields_of(key, shards))
+        return table
 
     def get_many(self, keys: Iterable[CellKey]) -> dict[CellKey, Table | None]:
         """The published results of ``keys`` (None: nothing published), one bulk read for

@@ -78,6 +78,9 @@ class RangedBlock:
             if not isinstance(data, Dataset)
         }
         self.runs = [executor._block_run(spec, d, self.started, 0) for d in decisions]
+        # per date: the fields of the ranges' tables (name -> holds texts), noted for readers
+        # of ranges that lack some
+        self.fields: list[dict[str, bool]] = [{} for _ in decisions]
         self.stats = [validation.Stats() for _ in decisions]
         self.error: str | None = None
         self.users = 0  # the frames' users, over the ranges computed
@@ -160,7 +163,11 @@ class RangedBlock:
             return
         assert outcome.tables is not None
         self.processed += outcome.processed
-        for run, day, stats in zip(self.runs, outcome.tables, self.stats, strict=True):
+        for run, day, stats, fields in zip(
+            self.runs, outcome.tables, self.stats, self.fields, strict=True
+        ):
+            for field_name, col in day.table.columns.items():
+                fields[field_name] = fields.get(field_name, False) or col.kind in ("str", "json")
             run.processed += day.processed
             run.failures += day.failures
             run.inherited += day.inherited
@@ -211,5 +218,8 @@ class RangedBlock:
         if leased:
             x.ledger.lease(leased, x.run_id, self.started + x.lease)
         x.summary.users_processed += self.processed
+        for write, fields in zip(writes, self.fields, strict=False):
+            if write.generation is not None:
+                x.tables.note_fields((name, write.date), fields)
         x._stage(writes, [])
         faults.reached("block")  # computed, leased and staged; not published yet
