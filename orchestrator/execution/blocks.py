@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import datetime as dt
 import traceback
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
@@ -842,6 +842,33 @@ def _aligned(
     return out
 
 
+class _ReadHistory(Mapping[str, list[Any]]):
+    """A historical calculation's ``ctx.history`` in a block: ``LazyHistory`` over readers
+    made once per date (``Dataset.history_reader``)."""
+
+    __slots__ = ("_readers", "_user")
+
+    def __init__(self, readers: dict[str, Callable[[str], list[Any]]], user: str):
+        self._readers = readers
+        self._user = user
+
+    def __getitem__(self, name: str) -> list[Any]:
+        return self._readers[name](self._user)  # KeyError: not a dataset it reads
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._readers)
+
+    def __len__(self) -> int:
+        return len(self._readers)
+
+
+def _history_reader(dataset: RootData, date: dt.date, lookback: int) -> Callable[[str], list[Any]]:
+    """``user -> dataset.history(user, date, lookback)``."""
+    if isinstance(dataset, Dataset):
+        return dataset.history_reader(date, lookback)
+    return lambda user: dataset.history(user, date, lookback)
+
+
 def _rows_on(dataset: RootData, date: dt.date) -> Mapping[str, list[Any]]:
     """user -> its well-formed rows on ``date`` (a user missing: none), as ``stream`` gives
     them. A dataset held in memory: its own per-date index, read as it is."""
@@ -915,6 +942,12 @@ def _run_users(task: BlockTask) -> BlockOutcome:
         entries = np.flatnonzero(frame.present[i] | block.bad[i] | block.inherited[i])
         bad, heir = block.bad[i].tolist(), block.inherited[i].tolist()
         one = rows_today[names[0]] if len(names) == 1 else None
+        readers = (
+            {ds: _history_reader(datasets[ds], date, lookback) for ds in names}
+            if lookback > 1
+            else {}
+        )
+        read_one = readers[names[0]] if len(readers) == 1 else None
         done_users: list[str] = []
         done: list[dict[str, Any]] = []
         failed_users: list[dict[str, str]] = []
@@ -950,9 +983,16 @@ def _run_users(task: BlockTask) -> BlockOutcome:
                     root = {names[0]: one.get(user, [])}
                 else:
                     root = {ds: rows_today[ds].get(user, []) for ds in names}
-                history: Mapping[str, list[Any]] = (
-                    LazyHistory(datasets, names, user, date, lookback) if lookback > 1 else root
-                )
+                # Read when asked by a historical calculation (its state is in ctx.previous),
+                # at once by the others: they read their history (one call, not two).
+                if not readers:
+                    history: Mapping[str, list[Any]] = root
+                elif historical:
+                    history = _ReadHistory(readers, user)
+                elif read_one is not None:
+                    history = {names[0]: read_one(user)}
+                else:
+                    history = {ds: read(user) for ds, read in readers.items()}
                 ctx = StandardContext(date, user, root, history, upstream, before)
                 try:
                     result = instance.process(ctx)
