@@ -50,7 +50,7 @@ import io
 import json
 import os
 import pickle
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
@@ -604,6 +604,27 @@ class Dataset:
         lo = bisect.bisect_left(positions, end - lookback)
         hi = bisect.bisect_left(positions, end)
         return rows[starts[lo] : starts[hi]]
+
+    def history_reader(self, date: dt.date, lookback: int) -> Callable[[str], list[Row]]:
+        """``user -> history(user, date, lookback)``, the date's position found once (a block
+        reads one date's history for each of its users)."""
+        if self._series is None:
+            self._build_series()
+        assert self._series is not None
+        series, (first, stop) = self._series, self._span
+        end = bisect.bisect_right(self.dates, date)  # dates[:end] are <= date
+        start, left = end - lookback, bisect.bisect_left
+
+        def read(user: str) -> list[Row]:
+            if (first is not None and user < first) or (stop is not None and user >= stop):
+                return self.history(user, date, lookback)  # re-indexes every user
+            found = series.get(user)
+            if found is None:
+                return []
+            positions, starts, rows = found
+            return rows[starts[left(positions, start)] : starts[left(positions, end)]]
+
+        return read
 
     def window_problems(self, user: str, date: dt.date, lookback: int) -> list[str]:
         """Locations of the user's malformed rows in its history window (the last

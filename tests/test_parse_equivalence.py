@@ -512,6 +512,36 @@ def test_a_large_plain_file_equals_the_reference(tmp_path: Path) -> None:
     assert bisect.bisect_left(got.dates, day) == 10
 
 
+def test_history_reader_reads_what_history_reads(tmp_path: Path) -> None:
+    """``Dataset.history_reader(date, lookback)(user)`` is ``history(user, date, lookback)``
+    for users with gaps and several rows a date, unknown users, a date between available
+    ones and past the last, inside and outside a ``focus`` span."""
+    lines = ["user,date,value"]
+    for d in range(1, 13):
+        for u in range(6):
+            if (d + u) % 4 == 0:
+                continue  # a gap in the user's dates
+            lines.extend(f"U{u},2024-01-{d:02d},{d * 10 + u + k}" for k in range(1 + u % 2))
+    path = tmp_path / "gaps.csv"
+    path.write_text("\n".join(lines) + "\n")
+    data = assert_same(_config(path))
+    assert data is not None
+    users = [f"U{u}" for u in range(6)] + ["nobody"]
+    dates = [dt.date(2024, 1, d) for d in range(1, 16)]
+    for span in ((None, None), ("U2", "U4")):
+        data.focus(*span)
+        for date in dates:
+            for lookback in (1, 2, 5, 20):
+                read = data.history_reader(date, lookback)
+                for user in users:
+                    want = data.history(user, date, lookback)
+                    data.focus(*span)  # history may re-index past the span: read as before
+                    assert read(user) == want, (span, date, lookback, user)
+    # U1 has no row on the 3rd: a 2-date window up to the 4th holds the 4th's two rows only
+    window = data.history_reader(dt.date(2024, 1, 4), 2)("U1")
+    assert [r["value"] for r in window] == [41, 42]
+
+
 def test_a_parquet_file_equals_its_csv(tmp_path: Path) -> None:
     pa = pytest.importorskip("pyarrow")
     pq = pytest.importorskip("pyarrow.parquet")

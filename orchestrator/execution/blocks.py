@@ -20,7 +20,7 @@ from __future__ import annotations
 import bisect
 import datetime as dt
 import traceback
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
@@ -936,10 +936,67 @@ def checked_result(user: str, result: Any) -> dict[str, Any]:
     return result
 
 
-def _per_user(results: Sequence[Any]) -> list[dict[str, Any]]:
-    """Per date: a standard result as ``{user: result dict}`` (failure markers as
-    ``{FAILED_KEY: origin}``), as the per-user form reads it; a meta result as it is."""
-    return [dict(r.pairs()) if isinstance(r, Table) else r for r in results]
+def _aligned(
+    results: Sequence[Any], index: list[tuple[np.ndarray, np.ndarray]], n: int
+) -> list[list[Any]]:
+    """Per date: a standard dependency's result dict of each frame user (None: no result),
+    as the per-user form reads it (failure markers as ``{FAILED_KEY: origin}``).
+
+    Args:
+        results: per date a ``Table`` or None (``UpstreamInput.results``).
+        index: per date the (positions, found) of its users among the frame's n users
+            (``ResultView._index``).
+    """
+    out: list[list[Any]] = []
+    for table, (idx, ok) in zip(results, index, strict=True):
+        if table is None or not len(table):
+            out.append([None] * n)
+            continue
+        values = [r for _, r in table.pairs()]
+        # unique sorted users, all among the frame's and as many: they are the frame's users
+        if len(values) == n and ok.all():
+            out.append(values)
+            continue
+        row: list[Any] = [None] * n
+        for j, k in zip(np.flatnonzero(ok).tolist(), idx[ok].tolist(), strict=True):
+            row[k] = values[j]
+        out.append(row)
+    return out
+
+
+class _ReadHistory(Mapping[str, list[Any]]):
+    """A historical calculation's ``ctx.history`` in a block: ``LazyHistory`` over readers
+    made once per date (``Dataset.history_reader``)."""
+
+    __slots__ = ("_readers", "_user")
+
+    def __init__(self, readers: dict[str, Callable[[str], list[Any]]], user: str):
+        self._readers = readers
+        self._user = user
+
+    def __getitem__(self, name: str) -> list[Any]:
+        return self._readers[name](self._user)  # KeyError: not a dataset it reads
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._readers)
+
+    def __len__(self) -> int:
+        return len(self._readers)
+
+
+def _history_reader(dataset: RootData, date: dt.date, lookback: int) -> Callable[[str], list[Any]]:
+    """``user -> dataset.history(user, date, lookback)``."""
+    if isinstance(dataset, Dataset):
+        return dataset.history_reader(date, lookback)
+    return lambda user: dataset.history(user, date, lookback)
+
+
+def _rows_on(dataset: RootData, date: dt.date) -> Mapping[str, list[Any]]:
+    """user -> its well-formed rows on ``date`` (a user missing: none), as ``stream`` gives
+    them. A dataset held in memory: its own per-date index, read as it is."""
+    if isinstance(dataset, Dataset):
+        return dataset.by_date.get(date, {})
+    return {user: rows for user, (rows, _) in dataset.stream(date)}
 
 
 def _run_users(task: BlockTask) -> BlockOutcome:
@@ -969,10 +1026,18 @@ def _run_users(task: BlockTask) -> BlockOutcome:
     datasets = {ds: matrix.dataset for ds, (matrix, _) in task.root.items()}
     names = tuple(task.root)
     lookback = max((lb for _, lb in task.root.values()), default=1)
-    deps = [
-        (dep, up, _per_user(up.results) if not up.meta else list(up.results))
-        for dep, up in task.upstream.items()
-    ]
+    # Each standard dependency aligned on the frame's users once for the block (a dict per
+    # date looked up per user, and for a window per date of it, cost more than the
+    # calculations); a window is then one slice of the user's results over the dates.
+    deps: list[tuple[str, UpstreamInput, list[Any]]] = []
+    for dep, up in task.upstream.items():
+        if up.meta:
+            deps.append((dep, up, list(up.results)))
+            continue
+        aligned = _aligned(up.results, frame._upstream[dep]._index, len(users))
+        if up.width > 1:  # per user: its results over the dependency's dates
+            aligned = [list(t) for t in zip(*aligned)] if aligned else [[] for _ in users]
+        deps.append((dep, up, aligned))
     previous: dict[str, Any] = (
         dict(task.previous.pairs()) if isinstance(task.previous, Table) else {}
     )
@@ -982,19 +1047,29 @@ def _run_users(task: BlockTask) -> BlockOutcome:
     processed_all = 0
     for i, date in enumerate(task.dates):
         instance = cls()  # one per cell, as the per-user walk makes
-        rows_today = {ds: dict(datasets[ds].stream(date)) for ds in names}
+        rows_today = {ds: _rows_on(datasets[ds], date) for ds in names}
         whole: dict[str, Any] = {}
-        lookups: list[tuple[str, Any, list[Any]]] = []
+        # dependency, its results by user (a < 0) or by user over its dates [a:b] (a window)
+        lookups: list[tuple[str, list[Any], int, int]] = []
         for dep, up, per_date in deps:
             row = int(up.rows[i])
-            picked = per_date[max(0, row - up.width + 1) : row + 1]
+            lo = max(0, row - up.width + 1)
             if up.meta:
+                picked = per_date[lo : row + 1]
                 whole[dep] = picked if up.width > 1 else picked[-1]
+            elif up.width > 1:
+                lookups.append((dep, per_date, lo, row + 1))
             else:
-                lookups.append((dep, up.width > 1, [p or {} for p in picked]))
+                lookups.append((dep, per_date[row], -1, 0))
         entries = np.flatnonzero(frame.present[i] | block.bad[i] | block.inherited[i])
         bad, heir = block.bad[i].tolist(), block.inherited[i].tolist()
         one = rows_today[names[0]] if len(names) == 1 else None
+        readers = (
+            {ds: _history_reader(datasets[ds], date, lookback) for ds in names}
+            if lookback > 1
+            else {}
+        )
+        read_one = readers[names[0]] if len(readers) == 1 else None
         done_users: list[str] = []
         done: list[dict[str, Any]] = []
         failed_users: list[dict[str, str]] = []
@@ -1024,15 +1099,22 @@ def _run_users(task: BlockTask) -> BlockOutcome:
                 marker = {FAILED_KEY: origin}
             else:
                 upstream = dict(whole)
-                for dep, windowed, got in lookups:
-                    upstream[dep] = [g.get(user) for g in got] if windowed else got[-1].get(user)
+                for dep, got, a, b in lookups:
+                    upstream[dep] = got[k] if a < 0 else got[k][a:b]
                 if one is not None:
-                    root = {names[0]: one[user][0] if user in one else []}
+                    root = {names[0]: one.get(user, [])}
                 else:
-                    root = {ds: rows_today[ds].get(user, ([], []))[0] for ds in names}
-                history: Mapping[str, list[Any]] = (
-                    LazyHistory(datasets, names, user, date, lookback) if lookback > 1 else root
-                )
+                    root = {ds: rows_today[ds].get(user, []) for ds in names}
+                # Read when asked by a historical calculation (its state is in ctx.previous),
+                # at once by the others: they read their history (one call, not two).
+                if not readers:
+                    history: Mapping[str, list[Any]] = root
+                elif historical:
+                    history = _ReadHistory(readers, user)
+                elif read_one is not None:
+                    history = {names[0]: read_one(user)}
+                else:
+                    history = {ds: read(user) for ds, read in readers.items()}
                 ctx = StandardContext(date, user, root, history, upstream, before)
                 try:
                     result = instance.process(ctx)
