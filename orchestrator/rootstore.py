@@ -507,6 +507,22 @@ def _write_parts(conn: sqlite3.Connection, schema: dict[str, str]) -> list[str]:
     return bounds
 
 
+def _user_bounds(
+    lo: str | None, hi: str | None, low_column: str, high_column: str
+) -> tuple[str, list[Any]]:
+    """The SQL suffix and its arguments keeping rows with ``lo <= low_column`` and
+    ``high_column < hi`` (a bound that is None is left out): for a user column, both are it;
+    for a part, a part overlaps ``[lo, hi)`` when its last user >= lo and its first < hi."""
+    sql, args = "", []
+    if lo is not None:
+        sql += f" AND {low_column} >= ?"
+        args.append(lo)
+    if hi is not None:
+        sql += f" AND {high_column} < ?"
+        args.append(hi)
+    return sql, args
+
+
 def _users_blob(users: list[str]) -> bytes:
     """A part's users: b"U", the item size (u32) and a NumPy fixed-width unicode array, read
     back without a parse; b"J" and a JSON list when an id ends in NUL (which such arrays
@@ -761,15 +777,10 @@ class StoredDataset:
         """``(user, (rows, bad))`` for every user with rows on ``date`` with ``lo <= user < hi``,
         users ascending; ``rows`` in file order; ``bad`` lists the locations of the user's
         malformed rows (the user then fails that date; ``rows`` excludes them)."""
-        query = "SELECT user, file, line, text, bad FROM rows WHERE date = ?"
-        args: list[Any] = [date.toordinal()]
-        if lo is not None:
-            query += " AND user >= ?"
-            args.append(lo)
-        if hi is not None:
-            query += " AND user < ?"
-            args.append(hi)
+        bounds, args = _user_bounds(lo, hi, "user", "user")
+        query = f"SELECT user, file, line, text, bad FROM rows WHERE date = ?{bounds}"
         query += " ORDER BY user, file, line"
+        args.insert(0, date.toordinal())
         conn = self._db()
         current: str | None = None
         rows: list[Row] = []
@@ -809,20 +820,12 @@ class StoredDataset:
         out = []
         for k in range(0, len(ordinals), 500):
             chunk = ordinals[k : k + 500]
+            bounds, args = _user_bounds(lo, hi, "last_user", "first_user")
             query = (
                 "SELECT date, part, users, present, bad FROM parts"
-                f" WHERE date IN ({','.join('?' * len(chunk))})"
+                f" WHERE date IN ({','.join('?' * len(chunk))}){bounds} ORDER BY date, part"
             )
-            args: list[Any] = list(chunk)
-            if lo is not None:
-                query += " AND last_user >= ?"
-                args.append(lo)
-            if hi is not None:
-                query += " AND first_user < ?"
-                args.append(hi)
-            for date, part, users, present, bad in self._db().execute(
-                query + " ORDER BY date, part", args
-            ):
+            for date, part, users, present, bad in self._db().execute(query, [*chunk, *args]):
                 out.append(
                     (
                         date,

@@ -177,6 +177,28 @@ class Project:
             orch.close()
         return {(c, d): cell.result_hash for c, per in cells.items() for d, cell in per.items()}
 
+    def outcomes(self) -> dict[tuple[str, dt.date], tuple[Any, str | None, int, str | None]]:
+        """Every ledger cell's outcome, for comparing two engines cell by cell.
+
+        Returns:
+            ``{(calculation, date): (status, result_hash, users_failed, first error line)}``.
+        """
+        orch = self.orchestrator()
+        try:
+            cells = orch.ledger.load_cells()
+        finally:
+            orch.close()
+        return {
+            (calc, day): (
+                cell.status,
+                cell.result_hash,
+                cell.users_failed,
+                (cell.error or "").splitlines()[0] if cell.error else None,
+            )
+            for calc, per in cells.items()
+            for day, cell in per.items()
+        }
+
     def cli(self, *args: str) -> Any:
         """Invoke the click CLI in-process with ``--config`` this project's config.
 

@@ -112,24 +112,6 @@ def _rows(bad: set[tuple[int, int]], gaps: set[tuple[int, int]]) -> list[dict[st
     return rows
 
 
-def _outcome(project: Project, target: dt.date) -> dict[tuple[str, dt.date], Any]:
-    orch = project.orchestrator()
-    try:
-        cells = orch.ledger.load_cells()
-        return {
-            (calc, day): (
-                cell.status,
-                cell.result_hash,
-                cell.users_failed,
-                (cell.error or "").splitlines()[0] if cell.error else None,
-            )
-            for calc, per in cells.items()
-            for day, cell in per.items()
-        }
-    finally:
-        orch.close()
-
-
 def _twins(
     base: Path,
     db_url: str | None,
@@ -155,7 +137,7 @@ def _twins(
         for day in DATES if nightly else DATES[-1:]:
             project.run(day)
         project.run(DATES[-1])  # reconciliation and retries: both engines again
-        out.append(_outcome(project, DATES[-1]))
+        out.append(project.outcomes())
     return out[0], out[1]
 
 

@@ -159,23 +159,6 @@ def _rows(bad: set[tuple[int, int]], gaps: set[tuple[int, int]]) -> list[dict[st
     return rows
 
 
-def _outcome(project: Project) -> dict[tuple[str, dt.date], Any]:
-    orch = project.orchestrator()
-    try:
-        return {
-            (calc, day): (
-                cell.status,
-                cell.result_hash,
-                cell.users_failed,
-                (cell.error or "").splitlines()[0] if cell.error else None,
-            )
-            for calc, per in orch.ledger.load_cells().items()
-            for day, cell in per.items()
-        }
-    finally:
-        orch.close()
-
-
 def _twins(
     base: Path,
     db_url: str | None,
@@ -205,7 +188,7 @@ def _twins(
             for day in DATES if nightly else DATES[-1:]:
                 project.run(day)
             project.run(DATES[-1])  # retries and reconciliation, both engines again
-        out.append(_outcome(project))
+        out.append(project.outcomes())
     return out[0], out[1]
 
 

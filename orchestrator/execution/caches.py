@@ -146,7 +146,7 @@ class TableCache:
             if (hi is None or s.first_user is None or s.first_user < hi)
             and (lo is None or s.last_user is None or s.last_user >= lo)
         ]
-        table = decode_tables(self.ledger.shard_data(*key, s) for s in wanted).between(lo, hi)
+        table = decode_tables(self.ledger.shard_data_many(*key, wanted)).between(lo, hi)
         if len(wanted) < len(shards):  # some fields may be in the other shards alone
             table = table.with_fields(self._fields_of(key, shards))
         return table

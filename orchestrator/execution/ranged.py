@@ -82,6 +82,8 @@ class RangedBlock:
         # of ranges that lack some
         self.fields: list[dict[str, bool]] = [{} for _ in decisions]
         self.stats = [validation.Stats() for _ in decisions]
+        # per date: the failed users kept so far per kind (the first STORED_FAILURES of each)
+        self.kept = [{"own": 0, "upstream": 0} for _ in decisions]
         self.error: str | None = None
         self.users = 0  # the frames' users, over the ranges computed
         self.processed = 0
@@ -163,17 +165,14 @@ class RangedBlock:
             return
         assert outcome.tables is not None
         self.processed += outcome.processed
-        for run, day, stats, fields in zip(
-            self.runs, outcome.tables, self.stats, self.fields, strict=True
+        for run, day, stats, fields, kept in zip(
+            self.runs, outcome.tables, self.stats, self.fields, self.kept, strict=True
         ):
             for field_name, col in day.table.columns.items():
                 fields[field_name] = fields.get(field_name, False) or col.kind in ("str", "json")
             run.processed += day.processed
             run.failures += day.failures
             run.inherited += day.inherited
-            kept = {"own": 0, "upstream": 0}
-            for f in run.failed_users:
-                kept[f["kind"]] += 1
             for failure in day.failed_users:  # the first of each kind, in user order
                 if kept[failure["kind"]] < STORED_FAILURES:
                     kept[failure["kind"]] += 1

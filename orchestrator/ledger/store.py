@@ -1336,21 +1336,42 @@ class Ledger:
         Raises:
             StorageError: the shard is gone (its cell was re-published since it was listed).
         """
+        return self.shard_data_many(calculation, date, [shard])[0]
+
+    def shard_data_many(
+        self, calculation: str, date: dt.date, shards: Sequence[ShardInfo]
+    ) -> list[bytes]:
+        """The compressed payloads of ``shards`` (from ``shard_index``) of one cell, in the
+        given order, one query per 500 shards.
+
+        Raises:
+            StorageError: a shard is gone (its cell was re-published since it was listed).
+        """
+        found: dict[tuple[str, int], bytes] = {}
         with self.engine.connect() as conn:
-            data = conn.execute(
-                select(SHARDS.c.data).where(
-                    SHARDS.c.calculation == calculation,
-                    SHARDS.c.date == date,
-                    SHARDS.c.generation == shard.generation,
-                    SHARDS.c.seq == shard.seq,
+            for chunk in _chunks(list(shards), 500):
+                found.update(
+                    ((generation, seq), bytes(data))
+                    for generation, seq, data in conn.execute(
+                        select(SHARDS.c.generation, SHARDS.c.seq, SHARDS.c.data).where(
+                            SHARDS.c.calculation == calculation,
+                            SHARDS.c.date == date,
+                            tuple_(SHARDS.c.generation, SHARDS.c.seq).in_(
+                                [(s.generation, s.seq) for s in chunk]
+                            ),
+                        )
+                    )
                 )
-            ).scalar()
-        if data is None:
-            raise StorageError(
-                f"shard {shard.seq} of {calculation} on {date} vanished while being read "
-                "(the cell was re-published meanwhile); read it again"
-            )
-        return bytes(data)
+        out = []
+        for shard in shards:
+            data = found.get((shard.generation, shard.seq))
+            if data is None:
+                raise StorageError(
+                    f"shard {shard.seq} of {calculation} on {date} vanished while being read "
+                    "(the cell was re-published meanwhile); read it again"
+                )
+            out.append(data)
+        return out
 
     def unpublished_payloads(
         self, calculation: str, date: dt.date, generation: str, seqs: tuple[int, int]
