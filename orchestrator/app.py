@@ -589,6 +589,7 @@ class Orchestrator:
                 block_dates=self.config.block_dates,
             )
             summary = executor.execute()
+            summary.started_at, summary.finished_at = now, dt.datetime.now(dt.UTC)
             # Rows no user can be given to are reported by every run that uses the dataset,
             # from the ledger: a later run reusing the index (source unchanged) reads no file
             # and would otherwise say nothing. They fail nobody (the exit code ignores notes).

@@ -16,10 +16,12 @@ and messages go to stderr.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import functools
 import json
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -96,7 +98,35 @@ def _orch(ctx: click.Context, progress: bool = False) -> Orchestrator:
     return Orchestrator.from_config(obj["config"], obj["db"], progress=progress)
 
 
+def _version_message() -> str:
+    """``--version``: the package version and the formats a ledger or store depends on."""
+    from importlib.metadata import version
+
+    from orchestrator.fingerprint import RESULT_FORMAT
+    from orchestrator.ledger.store import SCHEMA_HEAD
+    from orchestrator.rootstore import STORE_FORMAT
+
+    return (
+        f"orchestrator {version('orchestrator')} (ledger schema {SCHEMA_HEAD}, result format "
+        f"{RESULT_FORMAT}, root store format {STORE_FORMAT}; Python {sys.version.split()[0]})"
+    )
+
+
+def _show_version(ctx: click.Context, param: Any, value: bool) -> None:
+    if value and not ctx.resilient_parsing:
+        click.echo(_version_message())
+        ctx.exit(0)
+
+
 @click.group()
+@click.option(
+    "--version",
+    is_flag=True,
+    expose_value=False,
+    is_eager=True,
+    callback=_show_version,
+    help="Show the version and the storage formats, then exit.",
+)
 @click.option(
     "--config",
     "config",
@@ -115,16 +145,47 @@ def main(ctx: click.Context, config: Path, db: str | None, debug: bool) -> None:
     ctx.obj = {"config": config, "db": db, "debug": debug}
 
 
+def _measured(orch: Orchestrator, override: Path | None, call: Callable[[], Any]) -> Any:
+    """``call()`` (a run), then its Prometheus textfile (``orchestrator.metrics``) at
+    ``override`` or the config's ``metrics_file``, also when the run raises (then marked
+    aborted, with the error's exit code, and the error re-raised).
+
+    Raises:
+        ConfigError: the metrics file cannot be written (after a run that did not raise).
+    """
+    path = override or orch.config.metrics_file
+    if path is None:
+        return call()
+    from orchestrator import metrics
+
+    started = time.perf_counter()
+    try:
+        summary = call()
+    except BaseException as e:
+        code = e.exit_code if isinstance(e, OrchestratorError) else 1
+        with contextlib.suppress(OSError):  # the run's own error is the one to report
+            metrics.write_textfile(
+                path,
+                metrics.aborted(
+                    dt.datetime.now(dt.UTC),
+                    time.perf_counter() - started,
+                    code,
+                    metrics.previous_success(path),
+                ),
+            )
+        raise
+    try:
+        metrics.write_textfile(
+            path,
+            metrics.from_summary(summary, dt.datetime.now(dt.UTC), metrics.previous_success(path)),
+        )
+    except OSError as e:
+        raise ConfigError(f"cannot write the metrics file {path}: {e}") from e
+    return summary
+
+
 def _print_summary(summary: Any) -> None:
-    users = sum(n for *_, n in summary.users_failed)
-    click.echo(
-        f"run {summary.run_id[:8]}: {summary.completed} completed, {len(summary.failed)} failed, "
-        + (f"{users} users failed, " if users else "")
-        + f"{summary.skipped} skipped, {summary.blocked} blocked, {summary.impossible} impossible"
-        + (f", {summary.not_in_scope} outside the range" if summary.not_in_scope else "")
-        + f" in {summary.seconds:.1f}s ({summary.users_processed} user-passes, "
-        f"peak {summary.peak_memory / 2**20:.0f} MiB)"
-    )
+    click.echo(summary.headline())
     for note in summary.notes[:20]:
         click.echo(f"  note: {note}", err=True)
     for calc, date, error in summary.failed[:20]:
@@ -150,13 +211,27 @@ def _print_summary(summary: Any) -> None:
     default=None,
     help="Processes for standard cells (default: the config's workers).",
 )
+@click.option(
+    "--metrics-file",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="Write a Prometheus textfile here after the run (default: the config's metrics_file).",
+)
 @click.pass_context
 @_handle_errors
-def run(ctx: click.Context, date: dt.date | None, trigger: str, workers: int | None) -> None:
+def run(
+    ctx: click.Context,
+    date: dt.date | None,
+    trigger: str,
+    workers: int | None,
+    metrics_file: Path | None,
+) -> None:
     """The nightly job: index root data, plan, execute everything due up to DATE."""
     orch = _orch(ctx, progress=sys.stderr.isatty())
     try:
-        summary = orch.run(date, trigger=trigger, workers=workers)
+        summary = _measured(
+            orch, metrics_file, lambda: orch.run(date, trigger=trigger, workers=workers)
+        )
     finally:
         orch.close()
     _print_summary(summary)
@@ -222,6 +297,12 @@ def plan(ctx: click.Context, date: dt.date | None, fmt: str, output: Path | None
     default=None,
     help="Processes for standard cells (default: the config's workers).",
 )
+@click.option(
+    "--metrics-file",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="Write a Prometheus textfile here after the run (default: the config's metrics_file).",
+)
 @click.pass_context
 @_handle_errors
 def backfill(
@@ -231,14 +312,24 @@ def backfill(
     calcs: tuple[str, ...],
     force: bool,
     workers: int | None,
+    metrics_file: Path | None,
 ) -> None:
     """Compute a date range (inclusive), optionally forcing a re-run."""
     if end < start:
         raise click.UsageError(f"--end {end} is before --start {start}")
-    orch = _orch(ctx, progress=True)
+    orch = _orch(ctx, progress=sys.stderr.isatty())  # a bar only on a terminal, not in cron logs
     try:
-        summary = orch.run(
-            end, trigger="backfill", start=start, calculations=calcs, force=force, workers=workers
+        summary = _measured(
+            orch,
+            metrics_file,
+            lambda: orch.run(
+                end,
+                trigger="backfill",
+                start=start,
+                calculations=calcs,
+                force=force,
+                workers=workers,
+            ),
         )
     finally:
         orch.close()

@@ -71,6 +71,8 @@ class Config:
             (``process``). Both forms give the same results, so switching re-runs nothing.
         block_dates: the most dates a columnar block computes at once (its arrays are
             block_dates × users × fields).
+        metrics_file: after each ``run`` / ``backfill``, write a Prometheus textfile there
+            (``orchestrator.metrics``, for node_exporter's textfile collector); None: none.
     """
 
     path: Path
@@ -92,6 +94,7 @@ class Config:
     cosmetic_verdict: str = "proof"
     columnar: bool = True
     block_dates: int = 256
+    metrics_file: Path | None = None
 
 
 COSMETIC_VERDICTS = ("proof", "simulation")
@@ -134,6 +137,7 @@ TOP_KEYS = (
     "cosmetic_verdict",
     "columnar",
     "block_dates",
+    "metrics_file",
 )
 ROOT_DATA_KEYS = ("path", "date_column", "user_column", "format", "complete_marker")
 
@@ -325,6 +329,7 @@ def load_config(path: str | os.PathLike[str] | None = None, db_url: str | None =
     block_dates = get("block_dates", int, 256)
     if block_dates < 1:
         raise check.fail(f"'block_dates' must be >= 1, found {block_dates}")
+    metrics_file = get("metrics_file", str, None)
     return Config(
         path=cfg_path,
         database_url=url,
@@ -345,4 +350,5 @@ def load_config(path: str | os.PathLike[str] | None = None, db_url: str | None =
         cosmetic_verdict=verdict,
         columnar=bool(columnar),
         block_dates=block_dates,
+        metrics_file=(base / metrics_file).resolve() if metrics_file else None,
     )

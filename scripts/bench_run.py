@@ -41,11 +41,15 @@ import psutil
 from orchestrator.config import load_config
 
 ROOT = Path(__file__).resolve().parents[1]
+# ``RunSummary.headline``: the run's one plain sentence (counts with thousands separators).
 SUMMARY = re.compile(
-    r"run (?P<run>\w+): (?P<completed>\d+) completed, (?P<failed>\d+) failed, "
-    r"(?P<skipped>\d+) skipped, (?P<blocked>\d+) blocked, (?P<impossible>\d+) impossible"
-    r"(?:, (?P<outside>\d+) outside the range)?"
-    r" in (?P<seconds>[\d.]+)s \((?P<user_passes>\d+) user-passes, peak (?P<peak>\d+) MiB\)"
+    r"Run (?P<run>\w+) finished in (?P<wall>[\d.]+) s(?: \([^)]*\))?, "
+    r"(?P<seconds>[\d.]+) s of it executing: "
+    r"(?P<completed>[\d,]+) cells? computed, (?P<failed>[\d,]+) failed"
+    r"(?:, (?P<users_failed>[\d,]+) users? failed)?, "
+    r"(?P<skipped>[\d,]+) skipped \(up to date\), (?P<blocked>[\d,]+) blocked, "
+    r"(?P<impossible>[\d,]+) impossible(?:, (?P<outside>[\d,]+) outside the range)?; "
+    r"peak memory (?P<peak>\d+) MiB"
 )
 TIME_WALL = re.compile(r"Elapsed \(wall clock\) time.*: (?:(\d+):)?(\d+):([\d.]+)")
 TIME_RSS = re.compile(r"Maximum resident set size \(kbytes\): (\d+)")
@@ -231,11 +235,15 @@ def parse_summary(stdout: str) -> dict[str, Any] | None:
         return None
     d = m.groupdict()
     out: dict[str, Any] = {
-        k: int(v) for k, v in d.items() if k not in ("run", "seconds") and v is not None
+        k: int(v.replace(",", ""))
+        for k, v in d.items()
+        if k not in ("run", "seconds", "wall") and v is not None
     }
     out["run"] = d["run"]
-    out["seconds"] = float(d["seconds"])
+    out["seconds"] = float(d["seconds"])  # executing (the engine's own figure)
+    out["wall"] = float(d["wall"])
     out.setdefault("outside", 0)
+    out.setdefault("users_failed", 0)
     return out
 
 
@@ -249,7 +257,7 @@ def show(label: str, r: dict[str, Any], summary: dict[str, Any] | None) -> None:
         print(
             f"    {summary['completed']} completed, {summary['failed']} failed, {summary['skipped']} skipped, "
             f"{summary['blocked']} blocked, {summary['impossible']} impossible; engine-reported "
-            f"{summary['seconds']:.1f}s, {summary['user_passes']} user-passes, peak {summary['peak']} MiB"
+            f"{summary['seconds']:.2f}s, peak {summary['peak']} MiB"
         )
     else:
         print("    no summary line found; stdout/stderr tail:")

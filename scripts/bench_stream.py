@@ -167,7 +167,7 @@ def measure(users: int, workers: int, work: Path, style: str) -> dict[str, float
     out, err = done.stdout, done.stderr
     if done.returncode != 0:
         raise SystemExit(f"run failed for {users} users:\n{out}\n{err}")
-    executed = float(re.search(r" in ([0-9.]+)s", out).group(1))  # type: ignore[union-attr]
+    executed = float(re.search(r", ([0-9.]+) s of it executing:", out).group(1))  # type: ignore[union-attr]
     ref_wall, ref_peak, ref = run_measured(
         [
             sys.executable,

@@ -78,7 +78,11 @@ FIELDS = {
 BLOCK_DATES = 256  # the engine's default chunk (config ``block_dates``)
 TARGET_S = 30.0  # seed 003 §9.1, stated for 4 cores
 
-SUMMARY = re.compile(r"^run \w+: (\d+) completed, (\d+) failed.*$", re.MULTILINE)
+SUMMARY = re.compile(
+    r"^Run \w+ finished in [\d.]+ s(?: \([^)]*\))?, [\d.]+ s of it executing: "
+    r"([\d,]+) cells? computed, ([\d,]+) failed",
+    re.MULTILINE,
+)
 
 
 # --- input ------------------------------------------------------------------------------------
@@ -271,10 +275,10 @@ def run_orchestrator(project: Project, label: str, last: str, env: dict[str, str
     (project.logs / f"{label}.out").write_text(result["stdout"])
     (project.logs / f"{label}.err").write_text(result["stderr"])
     found = SUMMARY.findall(result["stdout"])
-    result["completed"] = int(found[-1][0]) if found else None
-    result["failed"] = int(found[-1][1]) if found else None
+    result["completed"] = int(found[-1][0].replace(",", "")) if found else None
+    result["failed"] = int(found[-1][1].replace(",", "")) if found else None
     lines = result["stdout"].strip().splitlines()
-    result["summary"] = next((x for x in reversed(lines) if x.startswith("run ")), None)
+    result["summary"] = next((x for x in reversed(lines) if x.startswith("Run ")), None)
     result["tail"] = (result["stderr"].strip().splitlines() + lines)[-5:]
     return result
 

@@ -122,7 +122,7 @@ CHECKSUMS: dict[tuple[int, int], dict[str, tuple[float, int]]] = {
 # The checksums are printed with 10 significant digits.
 CHECKSUM_RTOL = 1e-9
 
-SUMMARY = re.compile(r"^run \w+: .*$", re.MULTILINE)
+SUMMARY = re.compile(r"^Run \w+ finished .*$", re.MULTILINE)
 
 
 # --- input ---------------------------------------------------------------------------------

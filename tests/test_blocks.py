@@ -558,8 +558,8 @@ BROKEN = {
 
 
 def run_id_of(output: str) -> str:
-    line = next(x for x in output.splitlines() if x.startswith("run "))
-    return line.split()[1].rstrip(":")
+    line = next(x for x in output.splitlines() if x.startswith("Run "))
+    return line.split()[1]
 
 
 @pytest.mark.parametrize("case", sorted(BROKEN))

@@ -18,7 +18,7 @@ def test_run_then_plan_json_reports_every_cell_skipped(project: Project) -> None
     setup(project)
     first = project.cli("run", "--date", TARGET.isoformat())
     assert first.exit_code == 0, first.output
-    assert "48 completed, 0 failed" in first.output
+    assert ": 48 cells computed, 0 failed, 0 skipped (up to date)," in first.output
 
     result = project.cli("plan", "--date", TARGET.isoformat(), "--format", "json")
     assert result.exit_code == 0
@@ -99,7 +99,7 @@ def test_epoch_bump_and_backfill(project: Project) -> None:
     assert project.cli("epoch", "bump").exit_code == 0
     assert "SYSTEM_EPOCH = 1" in (project.root / "system_epoch.py").read_text()
     back = project.cli("backfill", "--start", DATES[0].isoformat(), "--end", DATES[2].isoformat())
-    assert back.exit_code == 0 and "12 completed" in back.output
+    assert back.exit_code == 0 and ": 12 cells computed," in back.output
     bad = project.cli("backfill", "--start", DATES[2].isoformat(), "--end", DATES[0].isoformat())
     assert bad.exit_code == 2
 
@@ -137,7 +137,7 @@ def test_config_from_pyproject_tool_table(project: Project, tmp_path, monkeypatc
     monkeypatch.chdir(project.root)  # no --config: orchestrator.toml absent, pyproject used
     result = CliRunner().invoke(main, ["run", "--date", TARGET.isoformat()])
     assert result.exit_code == 0, result.output
-    assert f"{4 * len(DATES)} completed" in result.output
+    assert f": {4 * len(DATES)} cells computed," in result.output
     (project.root / "pyproject.toml").write_text('[project]\nname = "demo"\n')
     result = CliRunner().invoke(main, ["run", "--date", TARGET.isoformat()])
     assert result.exit_code == 2 and "orchestrator.toml" in result.output

@@ -164,7 +164,7 @@ def test_the_bundled_example_reruns_risk_score_on_two_workers(tmp_path: Path) ->
     second = runner.invoke(main, run)
     assert second.exit_code == 0, second.output
     assert "IndexError" not in second.output
-    assert " 30 completed, 0 failed" in second.output
+    assert ": 30 cells computed, 0 failed" in second.output
 
 
 @pytest.mark.parametrize("count", [1, 2, 3, 5])

@@ -53,8 +53,8 @@ def run_cli(project: Project, workers: int = 1) -> Result:
 
 
 def run_id_of(result: Result) -> str:
-    line = next(x for x in result.output.splitlines() if x.startswith("run "))
-    return line.split()[1].rstrip(":")
+    line = next(x for x in result.output.splitlines() if x.startswith("Run "))
+    return line.split()[1]
 
 
 @pytest.mark.parametrize("workers", [1, 2])
@@ -138,7 +138,7 @@ def test_three_of_sixty_failing_users_are_seen_retried_and_dead_lettered(
     assert fourth.exit_code == 1
     assert "1 dead letter: score 2024-03-04" in fourth.output
     assert "1 cell blocked by a failure upstream, caused by score 2024-03-04" in fourth.output
-    assert "0 completed" in fourth.output
+    assert ": 0 cells computed," in fourth.output
 
 
 def test_stored_failures_are_bounded_and_counted(project: Project) -> None:

@@ -48,7 +48,9 @@ def test_a_noop_run_imports_no_alembic_pyarrow_or_orm(project: Project) -> None:
     *output, report = done.stdout.strip().splitlines()
     found = json.loads(report)
     assert found["status"] == 0, done.stdout
-    assert f"0 completed, 0 failed, {len(CALCS) * len(DATES)} skipped" in "\n".join(output)
+    assert f"0 cells computed, 0 failed, {len(CALCS) * len(DATES):,} skipped (up to date)" in (
+        "\n".join(output)
+    )
     heavy = set(found["heavy"])
     if project.db_url.startswith("postgresql"):  # its engine needs its dialect, of course
         heavy = {m for m in heavy if not m.startswith("sqlalchemy.dialects.postgresql")}

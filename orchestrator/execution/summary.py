@@ -33,6 +33,8 @@ class RunSummary:
     not_in_scope: int = 0
     users_processed: int = 0
     seconds: float = 0.0
+    started_at: dt.datetime | None = None  # UTC
+    finished_at: dt.datetime | None = None  # UTC
     peak_memory: int = 0
     reasons: dict[str, int] = field(default_factory=dict)
     executed: dict[tuple[str, dt.date], str] = field(default_factory=dict)
@@ -54,6 +56,41 @@ class RunSummary:
     def exit_code(self) -> int:
         """What ``run`` exits with: 0 when ``ok``, else 1 (see the CLI's exit-code table)."""
         return 0 if self.ok else 1
+
+    @property
+    def wall_seconds(self) -> float:
+        """The whole run's wall time (indexing and planning included), else ``seconds``."""
+        if self.started_at is not None and self.finished_at is not None:
+            return (self.finished_at - self.started_at).total_seconds()
+        return self.seconds
+
+    def headline(self) -> str:
+        """The run in one plain sentence, for a person reading a cron mail or a log:
+        ``Run 1a2b3c4d finished in 13.02 s (2026-12-02 22:00:01 to 22:00:14 UTC), 12.34 s of
+        it executing: 1,234 cells computed, 0 failed, 8,838 skipped (up to date), 0 blocked,
+        0 impossible; peak memory 312 MiB.`` Failed users (of published cells: ``orchestrator
+        failures``) and cells outside the range are named only when there are some."""
+        users = sum(n for *_, n in self.users_failed)
+        when = ""
+        if self.started_at is not None and self.finished_at is not None:
+            start, end = (t.astimezone(dt.UTC) for t in (self.started_at, self.finished_at))
+            end_format = "%H:%M:%S" if end.date() == start.date() else "%Y-%m-%d %H:%M:%S"
+            when = f" ({start:%Y-%m-%d %H:%M:%S} to {end.strftime(end_format)} UTC)"
+        parts = [
+            f"{self.completed:,} {'cell' if self.completed == 1 else 'cells'} computed",
+            f"{len(self.failed):,} failed",
+            *([f"{users:,} {'user' if users == 1 else 'users'} failed"] if users else []),
+            f"{self.skipped:,} skipped (up to date)",
+            f"{self.blocked:,} blocked",
+            f"{self.impossible:,} impossible",
+        ]
+        if self.not_in_scope:
+            parts.append(f"{self.not_in_scope:,} outside the range")
+        return (
+            f"Run {self.run_id[:8]} finished in {self.wall_seconds:.2f} s{when}, "
+            f"{self.seconds:.2f} s of it executing: {', '.join(parts)}; "
+            f"peak memory {self.peak_memory / 2**20:.0f} MiB."
+        )
 
     def lines(self) -> list[str]:
         """One line per kind of problem, each naming the command that shows more."""
