@@ -504,6 +504,23 @@ class Orchestrator:
         request = self.request(self.observe(now), target)
         return plan_with(request, self.observe_more, self.ledger)[0]
 
+    def status(self, target: dt.date | None = None, now: dt.datetime | None = None) -> Any:
+        """The ``status.Status`` of every calculation up to ``target`` (default: yesterday,
+        UTC): the dry-run plan, the range's unclean cells and the last run. Executes nothing."""
+        from orchestrator.status import LastRun, build_status
+
+        plan = self.plan(target, now)
+        names = [name for members in self.manifest.passes for name in members]
+        unclean = (
+            self.ledger.unclean_cells(names, plan.dates[0], plan.target_date) if plan.dates else []
+        )
+        runs = self.ledger.recent_runs(1)
+        last = None
+        if runs:
+            r = runs[0]
+            last = LastRun(r.run_id, r.trigger, r.started_at, r.finished_at, r.status, r.exit_code)
+        return build_status(names, plan, unclean, last)
+
     # --- act ------------------------------------------------------------------------------
 
     def run(

@@ -184,6 +184,22 @@ def _measured(orch: Orchestrator, override: Path | None, call: Callable[[], Any]
     return summary
 
 
+def _write_report(text: str, output: Path | None) -> None:
+    """A report to ``output``, else to stdout.
+
+    Raises:
+        ConfigError: the file cannot be written.
+    """
+    if output:
+        try:
+            output.write_text(text)
+        except OSError as e:
+            raise ConfigError(f"cannot write the report to {output}: {e.strerror or e}") from e
+        click.echo(f"wrote {output}", err=True)
+    else:
+        click.echo(text, nl=not text.endswith("\n"))
+
+
 def _print_summary(summary: Any) -> None:
     click.echo(summary.headline())
     for note in summary.notes[:20]:
@@ -272,14 +288,42 @@ def plan(ctx: click.Context, date: dt.date | None, fmt: str, output: Path | None
         text = render(orch.plan(date), fmt)
     finally:
         orch.close()
-    if output:
-        try:
-            output.write_text(text)
-        except OSError as e:
-            raise ConfigError(f"cannot write the report to {output}: {e.strerror or e}") from e
-        click.echo(f"wrote {output}", err=True)
-    else:
-        click.echo(text, nl=not text.endswith("\n"))
+    _write_report(text, output)
+
+
+@main.command()
+@click.option(
+    "--date", "date", type=DATE, default=None, help="Last date (default: yesterday, UTC)."
+)
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(["text", "json", "html"]),
+    default="text",
+    show_default=True,
+)
+@click.option(
+    "-o",
+    "--output",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="Write the report to this file instead of stdout.",
+)
+@click.pass_context
+@_handle_errors
+def status(ctx: click.Context, date: dt.date | None, fmt: str, output: Path | None) -> None:
+    """Per calculation: complete through which date, cells by state, unclean cells, the last
+    run. Exit 0 when every cell up to DATE is complete and clean, else 1. Executes nothing."""
+    from orchestrator.status import render_status
+
+    orch = _orch(ctx)
+    try:
+        found = orch.status(date)
+    finally:
+        orch.close()
+    text = render_status(found, fmt)
+    _write_report(text, output)
+    ctx.exit(found.exit_code)
 
 
 @main.command()
