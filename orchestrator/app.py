@@ -11,6 +11,7 @@ import ast
 import contextlib
 import dataclasses
 import datetime as dt
+import logging
 import os
 import re
 import sqlite3
@@ -44,6 +45,8 @@ from orchestrator.planning import (
 )
 from orchestrator.results import StoredResult, assemble, decode_shards
 from orchestrator.rootdata import FileSource, RootData
+
+_LOG = logging.getLogger("orchestrator.run")
 
 if TYPE_CHECKING:  # imported where used: a no-op run needs none of them
     from orchestrator.execution import RunSummary  # ``run`` alone: the block engine, workers
@@ -605,8 +608,19 @@ class Orchestrator:
                 columnar=self.config.columnar,
                 block_dates=self.config.block_dates,
             )
+            if _LOG.isEnabledFor(logging.INFO):
+                counts = plan.counts()
+                _LOG.info(
+                    "run %s started: up to %s (%s), %d cells to run or decide again",
+                    run_id[:8],
+                    target,
+                    trigger,
+                    counts.get("RUNNABLE", 0) + counts.get("BLOCKED", 0),
+                    extra={"run_id": run_id, "date": target, "counts": counts},
+                )
             summary = executor.execute()
             summary.started_at, summary.finished_at = now, dt.datetime.now(dt.UTC)
+            _log_cells(ledger, run_id, summary)
             # Rows no user can be given to are reported by every run that uses the dataset,
             # from the ledger: a later run reusing the index (source unchanged) reads no file
             # and would otherwise say nothing. They fail nobody (the exit code ignores notes).
@@ -634,7 +648,14 @@ class Orchestrator:
                 summary=summary.lines(),
             )
             return summary
-        except BaseException:
+        except BaseException as e:
+            _LOG.error(
+                "run %s aborted: %s: %s",
+                run_id[:8],
+                type(e).__name__,
+                str(e).strip().splitlines()[0] if str(e).strip() else "",
+                extra={"run_id": run_id, "status": "ABORTED", "echoed": True},
+            )
             # The run stopped short (a worker died, storage failed, an interrupt): say so in
             # its record. Its leased cells become zombies, recovered by the next run.
             with contextlib.suppress(Exception):
@@ -855,3 +876,63 @@ def skipped_note(dataset: str, skipped: int, problems: Iterable[str]) -> str:
 def default_target(now: dt.datetime) -> dt.date:
     """Yesterday in UTC: the nightly job computes the day that just ended."""
     return (now.astimezone(dt.UTC) - dt.timedelta(days=1)).date()
+
+
+def _log_cells(ledger: Ledger, run_id: str, summary: RunSummary) -> None:
+    """One INFO record per cell attempt of the run (from the ledger, after the run: what was
+    published), the skipped cells' counts at DEBUG, and the run's headline at INFO."""
+    log = _LOG
+    if log.isEnabledFor(logging.INFO):
+        for a in ledger.attempts_of_run(run_id):
+            seconds = (a.finished_at - a.started_at).total_seconds()
+            failed = f", {a.users_failed} failed" if a.users_failed else ""
+            error = f": {a.error.strip().splitlines()[-1]}" if a.error and a.error.strip() else ""
+            log.info(
+                "%s %s %s (%s) in %.2f s: %d %s%s%s",
+                a.calculation,
+                a.date,
+                a.status,
+                a.reason,
+                seconds,
+                a.users,
+                "user" if a.users == 1 else "users",
+                failed,
+                error,
+                extra={
+                    "run_id": run_id,
+                    "calc": a.calculation,
+                    "date": a.date,
+                    "status": a.status,
+                    "reason": a.reason,
+                    "seconds": round(seconds, 4),
+                    "users": a.users,
+                    "failed_users": a.users_failed,
+                },
+            )
+    skipped = {
+        reason: n
+        for reason, n in summary.reasons.items()
+        if reason in ("UP_TO_DATE", "COSMETIC_CHANGE", "UPSTREAM_UNCHANGED")
+    }
+    log.debug(
+        "run %s skipped %d cells: %s",
+        run_id[:8],
+        summary.skipped,
+        ", ".join(f"{n} {reason}" for reason, n in sorted(skipped.items())) or "none",
+        extra={"run_id": run_id, "counts": skipped},
+    )
+    log.info(
+        summary.headline(),
+        extra={
+            "run_id": run_id,
+            "status": "CLEAN" if summary.ok else "NOT_CLEAN",
+            "seconds": round(summary.wall_seconds, 4),
+            "counts": {
+                "computed": summary.completed,
+                "failed": len(summary.failed),
+                "skipped": summary.skipped,
+                "blocked": summary.blocked,
+                "impossible": summary.impossible,
+            },
+        },
+    )

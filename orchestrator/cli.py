@@ -20,6 +20,7 @@ import contextlib
 import datetime as dt
 import functools
 import json
+import logging
 import sys
 import time
 from collections.abc import Callable
@@ -65,11 +66,13 @@ def _handle_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
         except (click.exceptions.Exit, click.ClickException, click.Abort):
             raise
         except OrchestratorError as e:
+            _log_error(e)
             if ctx.obj.get("debug"):
                 raise
             click.echo(f"Error: {_one_line(e)}", err=True)
             ctx.exit(e.exit_code)
         except Exception as e:  # an unexpected error (a bug): still one line for cron
+            _log_error(e)
             if ctx.obj.get("debug"):
                 raise
             click.echo(
@@ -80,6 +83,13 @@ def _handle_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
             ctx.exit(1)
 
     return wrapper
+
+
+def _log_error(error: BaseException) -> None:
+    """The command's error in the log file too (stderr shows its one line already)."""
+    logging.getLogger("orchestrator.cli").error(
+        "%s: %s", type(error).__name__, _one_line(error), extra={"echoed": True}
+    )
 
 
 def _one_line(error: BaseException) -> str:
@@ -139,10 +149,45 @@ def _show_version(ctx: click.Context, param: Any, value: bool) -> None:
     "--db", "db", default=None, help="Database URL; overrides the config and ORCHESTRATOR_DB_URL."
 )
 @click.option("--debug", is_flag=True, help="Show tracebacks instead of one-line errors.")
+@click.option(
+    "-v",
+    "--verbose",
+    count=True,
+    help="Log to stderr: -v a line per executed cell and per run (INFO), -vv also DEBUG.",
+)
+@click.option("-q", "--quiet", is_flag=True, help="Log only errors to stderr.")
+@click.option(
+    "--log-file",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="Also append the log (INFO and above; DEBUG with -vv) to this file.",
+)
+@click.option(
+    "--log-format",
+    type=click.Choice(["text", "json"]),
+    default="text",
+    show_default=True,
+    help="json: one object per line (ts in UTC, level, logger, message, fields).",
+)
 @click.pass_context
-def main(ctx: click.Context, config: Path, db: str | None, debug: bool) -> None:
+def main(
+    ctx: click.Context,
+    config: Path,
+    db: str | None,
+    debug: bool,
+    verbose: int,
+    quiet: bool,
+    log_file: Path | None,
+    log_format: str,
+) -> None:
     """Incremental orchestrator for nightly calculations over dates."""
     ctx.obj = {"config": config, "db": db, "debug": debug}
+    from orchestrator import logs
+
+    try:
+        logs.configure(verbose, quiet, log_file, log_format)
+    except OSError as e:
+        raise click.UsageError(f"cannot open the log file {log_file}: {e.strerror or e}") from e
 
 
 def _measured(orch: Orchestrator, override: Path | None, call: Callable[[], Any]) -> Any:

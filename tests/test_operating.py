@@ -9,6 +9,7 @@ with the last success kept across failing and aborted runs.
 from __future__ import annotations
 
 import datetime as dt
+import json
 import re
 from importlib.metadata import version
 from pathlib import Path
@@ -222,3 +223,67 @@ def test_a_previous_success_is_only_read_from_a_sample(tmp_path: Path, content: 
     assert metrics.previous_success(path) is None
     path.write_text(content)
     assert metrics.previous_success(path) is None
+
+
+def test_json_log_lines_one_per_executed_cell_to_stderr_and_file(project: Project) -> None:
+    setup(project)
+    log = project.root / "run.log"
+    target = DATES[-1].isoformat()
+    result = project.cli(
+        "-v", "--log-format", "json", "--log-file", str(log), "run", "--date", target
+    )
+    assert result.exit_code == 0, result.output
+    records = [json.loads(line) for line in result.stderr.splitlines() if line.startswith("{")]
+    assert records == [json.loads(line) for line in log.read_text().splitlines()]
+    cells = [r for r in records if "calc" in r]
+    assert sorted((r["calc"], r["date"]) for r in cells) == sorted(
+        (c, d.isoformat()) for c in ("double", "half") for d in DATES
+    )
+    for r in cells:
+        assert r["ts"].endswith("Z") and r["level"] == "INFO" and r["logger"] == "orchestrator.run"
+        assert r["status"] == "COMPLETED" and r["reason"] == "NEW" and r["users"] == len(USERS)
+        assert r["failed_users"] == 0 and r["seconds"] >= 0 and r["run_id"]
+    assert records[0]["message"].startswith("run ") and "started" in records[0]["message"]
+    assert records[-1]["message"].startswith("Run ") and records[-1]["status"] == "CLEAN"
+
+    # A no-op night: no line per skipped cell at INFO, their counts at DEBUG (-vv).
+    quiet_night = project.cli("-v", "--log-format", "json", "run", "--date", target)
+    assert not [line for line in quiet_night.stderr.splitlines() if '"calc"' in line]
+    debug = project.cli("-vv", "run", "--date", target)
+    line = next(x for x in debug.stderr.splitlines() if "DEBUG orchestrator.run: run " in x)
+    assert re.match(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ DEBUG ", line)
+    assert f"skipped {2 * len(DATES)} cells: {2 * len(DATES)} UP_TO_DATE" in line
+
+
+def test_default_and_quiet_stderr_carry_no_info_lines(project: Project) -> None:
+    setup(project)
+    target = DATES[-1].isoformat()
+    for args in ([], ["-q"]):
+        result = project.cli(*args, "run", "--date", target)
+        assert result.exit_code == 0
+        assert " INFO " not in result.stderr and "{" not in result.stderr
+    log = project.root / "quiet.log"
+    result = project.cli("-q", "--log-file", str(log), "run", "--date", target)
+    assert result.exit_code == 0 and " INFO orchestrator.run: Run " in log.read_text()
+
+
+def test_a_refused_run_keeps_its_one_line_error_and_logs_it(project: Project) -> None:
+    setup(project)
+    log = project.root / "abort.log"
+    orch = Orchestrator.from_config(project.config)
+    orch.ledger.acquire_lock("someone-else", dt.datetime.now(dt.UTC), dt.timedelta(minutes=5))
+    try:
+        result = project.cli("-v", "--log-file", str(log), "run", "--date", DATES[-1].isoformat())
+    finally:
+        orch.ledger.release_lock("someone-else")
+        orch.close()
+    assert result.exit_code == 2
+    assert [x for x in result.stderr.splitlines() if x.strip()] == [
+        next(x for x in result.stderr.splitlines() if x.startswith("Error: "))
+    ]
+    assert " ERROR orchestrator.cli: RunLockedError: another run (someone-else)" in log.read_text()
+
+
+def test_an_unopenable_log_file_is_a_usage_error(project: Project) -> None:
+    result = project.cli("--log-file", str(project.root / "no" / "x.log"), "status")
+    assert result.exit_code == 2 and "cannot open the log file" in result.output
