@@ -33,6 +33,7 @@ from orchestrator.lineage import Lineage
 from orchestrator.lineage_cache import LineageCache
 from orchestrator.manifest import CalcSpec, Manifest, discover
 from orchestrator.planning import (
+    CellKey,
     Decider,
     Decision,
     MoreObservation,
@@ -500,16 +501,37 @@ class Orchestrator:
             digests=observation.digests,
         )
 
-    def plan(self, target: dt.date | None = None, now: dt.datetime | None = None) -> Plan:
-        """The dry-run plan up to ``target`` (default: yesterday, UTC). Executes nothing."""
+    def plan(
+        self,
+        target: dt.date | None = None,
+        now: dt.datetime | None = None,
+        selection: frozenset[str] | None = None,
+    ) -> Plan:
+        """The dry-run plan up to ``target`` (default: yesterday, UTC). Executes nothing.
+
+        ``selection`` (``selection.resolve_selection``): keep only these calculations' cells
+        in the plan shown; each is still decided over the whole graph."""
         now = now or dt.datetime.now(dt.UTC)
         target = target or default_target(now)
         request = self.request(self.observe(now), target)
-        return plan_with(request, self.observe_more, self.ledger)[0]
+        plan = plan_with(request, self.observe_more, self.ledger)[0]
+        if selection is None:
+            return plan
+        return dataclasses.replace(
+            plan,
+            decisions={k: d for k, d in plan.decisions.items() if k[0] in selection},
+            order=[k for k in plan.order if k[0] in selection],
+        )
 
-    def status(self, target: dt.date | None = None, now: dt.datetime | None = None) -> Any:
-        """The ``status.Status`` of every calculation up to ``target`` (default: yesterday,
-        UTC): the dry-run plan, the range's unclean cells and the last run. Executes nothing."""
+    def status(
+        self,
+        target: dt.date | None = None,
+        now: dt.datetime | None = None,
+        selection: frozenset[str] | None = None,
+    ) -> Any:
+        """The ``status.Status`` of every calculation (``selection``: of these) up to
+        ``target`` (default: yesterday, UTC): the dry-run plan, the range's unclean cells and
+        the last run. Executes nothing."""
         from orchestrator.status import LastRun, build_status
 
         plan = self.plan(target, now)
@@ -522,7 +544,7 @@ class Orchestrator:
         if runs:
             r = runs[0]
             last = LastRun(r.run_id, r.trigger, r.started_at, r.finished_at, r.status, r.exit_code)
-        return build_status(names, plan, unclean, last)
+        return build_status(names, plan, unclean, last, selection)
 
     # --- act ------------------------------------------------------------------------------
 
@@ -534,6 +556,7 @@ class Orchestrator:
         calculations: Iterable[str] = (),
         force: bool = False,
         workers: int | None = None,
+        selection: frozenset[str] | None = None,
     ) -> RunSummary:
         """Index, plan and execute up to ``target``; the nightly job and backfills.
 
@@ -544,6 +567,9 @@ class Orchestrator:
             calculations: restrict to these calculations plus their upstream closure.
             force: with ``calculations`` (or all), re-run even up-to-date cells in range.
             workers: processes for standard cells (default: the config's ``workers``).
+            selection: execute only these calculations' cells (``--select``); the others are
+                outside the scope, and a selected cell whose upstream would have to run first
+                waits (BLOCKED) rather than read a stale input.
 
         Raises:
             RunLockedError: another run is in progress.
@@ -594,7 +620,7 @@ class Orchestrator:
                 run_id=run_id,
                 flush_users=self.config.flush_users,
                 shard_bytes=self.config.shard_bytes,
-                in_scope=(lambda key: key[1] >= low) if start else (lambda key: True),
+                in_scope=_scope(low if start else None, selection),
                 progress=self.progress,
                 heartbeat=heartbeat,
                 workers=workers or self.config.workers,
@@ -936,3 +962,15 @@ def _log_cells(ledger: Ledger, run_id: str, summary: RunSummary) -> None:
             },
         },
     )
+
+
+def _scope(low: dt.date | None, selection: frozenset[str] | None) -> Callable[[CellKey], bool]:
+    """Whether a cell may execute in this run: dated ``low`` or later, of a selected
+    calculation (None: no bound)."""
+    if low is None and selection is None:
+        return lambda key: True
+    if selection is None:
+        return lambda key: key[1] >= low  # type: ignore[operator]
+    if low is None:
+        return lambda key: key[0] in selection
+    return lambda key: key[1] >= low and key[0] in selection

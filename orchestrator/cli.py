@@ -245,6 +245,29 @@ def _write_report(text: str, output: Path | None) -> None:
         click.echo(text, nl=not text.endswith("\n"))
 
 
+def _selection_options(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """``--select`` and ``--exclude`` (dbt style, ``orchestrator.selection``)."""
+    fn = click.option(
+        "--exclude",
+        "exclude",
+        multiple=True,
+        help="Leave these out (same terms as --select; repeatable).",
+    )(fn)
+    return click.option(
+        "--select",
+        "select",
+        multiple=True,
+        help="Only these calculations: NAME, +NAME (with its upstream), NAME+ (with its "
+        "downstream), product_line:X, category:Y; space-separated terms and repeats are a union.",
+    )(fn)
+
+
+def _selected(orch: Orchestrator, select: tuple[str, ...], exclude: tuple[str, ...]) -> Any:
+    from orchestrator.selection import resolve_selection
+
+    return resolve_selection(orch.manifest, select, exclude)
+
+
 def _print_summary(summary: Any) -> None:
     click.echo(summary.headline())
     for note in summary.notes[:20]:
@@ -278,6 +301,7 @@ def _print_summary(summary: Any) -> None:
     default=None,
     help="Write a Prometheus textfile here after the run (default: the config's metrics_file).",
 )
+@_selection_options
 @click.pass_context
 @_handle_errors
 def run(
@@ -286,12 +310,17 @@ def run(
     trigger: str,
     workers: int | None,
     metrics_file: Path | None,
+    select: tuple[str, ...],
+    exclude: tuple[str, ...],
 ) -> None:
     """The nightly job: index root data, plan, execute everything due up to DATE."""
     orch = _orch(ctx, progress=sys.stderr.isatty())
     try:
+        selection = _selected(orch, select, exclude)
         summary = _measured(
-            orch, metrics_file, lambda: orch.run(date, trigger=trigger, workers=workers)
+            orch,
+            metrics_file,
+            lambda: orch.run(date, trigger=trigger, workers=workers, selection=selection),
         )
     finally:
         orch.close()
@@ -317,9 +346,17 @@ def run(
     default=None,
     help="Write the report to this file instead of stdout.",
 )
+@_selection_options
 @click.pass_context
 @_handle_errors
-def plan(ctx: click.Context, date: dt.date | None, fmt: str, output: Path | None) -> None:
+def plan(
+    ctx: click.Context,
+    date: dt.date | None,
+    fmt: str,
+    output: Path | None,
+    select: tuple[str, ...],
+    exclude: tuple[str, ...],
+) -> None:
     """The dry-run analysis report: what would run and why. Executes nothing."""
     from orchestrator.reporting import render
 
@@ -330,7 +367,7 @@ def plan(ctx: click.Context, date: dt.date | None, fmt: str, output: Path | None
         )
     orch = _orch(ctx)
     try:
-        text = render(orch.plan(date), fmt)
+        text = render(orch.plan(date, selection=_selected(orch, select, exclude)), fmt)
     finally:
         orch.close()
     _write_report(text, output)
@@ -354,16 +391,24 @@ def plan(ctx: click.Context, date: dt.date | None, fmt: str, output: Path | None
     default=None,
     help="Write the report to this file instead of stdout.",
 )
+@_selection_options
 @click.pass_context
 @_handle_errors
-def status(ctx: click.Context, date: dt.date | None, fmt: str, output: Path | None) -> None:
+def status(
+    ctx: click.Context,
+    date: dt.date | None,
+    fmt: str,
+    output: Path | None,
+    select: tuple[str, ...],
+    exclude: tuple[str, ...],
+) -> None:
     """Per calculation: complete through which date, cells by state, unclean cells, the last
     run. Exit 0 when every cell up to DATE is complete and clean, else 1. Executes nothing."""
     from orchestrator.status import render_status
 
     orch = _orch(ctx)
     try:
-        found = orch.status(date)
+        found = orch.status(date, selection=_selected(orch, select, exclude))
     finally:
         orch.close()
     text = render_status(found, fmt)
@@ -392,6 +437,7 @@ def status(ctx: click.Context, date: dt.date | None, fmt: str, output: Path | No
     default=None,
     help="Write a Prometheus textfile here after the run (default: the config's metrics_file).",
 )
+@_selection_options
 @click.pass_context
 @_handle_errors
 def backfill(
@@ -402,6 +448,8 @@ def backfill(
     force: bool,
     workers: int | None,
     metrics_file: Path | None,
+    select: tuple[str, ...],
+    exclude: tuple[str, ...],
 ) -> None:
     """Compute a date range (inclusive), optionally forcing a re-run."""
     if end < start:
@@ -418,6 +466,7 @@ def backfill(
                 calculations=calcs,
                 force=force,
                 workers=workers,
+                selection=_selected(orch, select, exclude),
             ),
         )
     finally:

@@ -236,6 +236,10 @@ class Manifest:
         users = self.dependents()
         return _closure(names, lambda name: users[name])
 
+    def upstream(self, names: Iterable[str]) -> set[str]:
+        """``names`` plus every calculation one of them depends on, transitively."""
+        return _closure(names, lambda name: self.calcs[name].dependencies)
+
     def slice(
         self, names: Iterable[str] | None = None, product_line: str | None = None
     ) -> Manifest:
@@ -255,7 +259,7 @@ class Manifest:
             wanted |= {n for n, s in self.calcs.items() if product_line in s.product_lines}
         if not names and not product_line:
             return self
-        closure = _closure(wanted, lambda name: self.calcs[name].dependencies)
+        closure = self.upstream(wanted)
         return Manifest.build(s for n, s in self.calcs.items() if n in closure)
 
 

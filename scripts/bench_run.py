@@ -48,7 +48,7 @@ SUMMARY = re.compile(
     r"(?P<completed>[\d,]+) cells? computed, (?P<failed>[\d,]+) failed"
     r"(?:, (?P<users_failed>[\d,]+) users? failed)?, "
     r"(?P<skipped>[\d,]+) skipped \(up to date\), (?P<blocked>[\d,]+) blocked, "
-    r"(?P<impossible>[\d,]+) impossible(?:, (?P<outside>[\d,]+) outside the range)?; "
+    r"(?P<impossible>[\d,]+) impossible(?:, (?P<outside>[\d,]+) outside the range or selection)?; "
     r"peak memory (?P<peak>\d+) MiB"
 )
 TIME_WALL = re.compile(r"Elapsed \(wall clock\) time.*: (?:(\d+):)?(\d+):([\d.]+)")

@@ -289,8 +289,12 @@ class Executor(UserWalk):
                 s.users_failed.append((*key, row.status, row.users_failed))
         blocking = (Reason.UPSTREAM_FAILED, Reason.UPSTREAM_DEAD_LETTER)
         for key in self.plan.order:
-            if self.decisions[key].reason in blocking and key not in dead and self.in_scope(key):
+            reason = self.decisions[key].reason
+            if reason in blocking and key not in dead and self.in_scope(key):
                 s.blocked_by_failure.append((key, self.decider.root_cause(key)))
+            elif reason is Reason.WAITING_ON_UPSTREAM and self.in_scope(key):
+                # (only a selection leaves one: its upstream is outside and must run first)
+                s.waiting.append(key)
 
     def _walk_dates(self, label: str) -> None:
         """Run every date with work, with a progress bar when asked.
@@ -377,9 +381,9 @@ class Executor(UserWalk):
             s.skipped += 1
         elif status is Status.IMPOSSIBLE:
             s.impossible += 1
-        elif status is Status.BLOCKED:
+        elif status is Status.BLOCKED and self.in_scope(key):
             s.blocked += 1
-        else:
+        else:  # RUNNABLE or BLOCKED, outside the run's dates or selection
             s.not_in_scope += 1
         s.reasons[decision.reason.value] = s.reasons.get(decision.reason.value, 0) + 1
 

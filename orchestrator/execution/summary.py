@@ -21,7 +21,8 @@ class RunSummary:
     had failed users (status PARTIAL: errors of their own; COMPLETED: failures inherited from
     upstream or from the previous date); ``dead_letters`` the dead-lettered
     cells; ``blocked_by_failure`` the cells blocked by a failure, each with the failed or dead-lettered
-    cell at the top of its chain. ``ok`` (exit code 0) only when all of these are empty.
+    cell at the top of its chain; ``waiting`` the selected cells left waiting on an upstream
+    cell outside the selection. ``ok`` (exit code 0) only when all of these are empty.
     """
 
     run_id: str
@@ -44,12 +45,17 @@ class RunSummary:
     blocked_by_failure: list[tuple[tuple[str, dt.date], tuple[str, dt.date]]] = field(
         default_factory=list
     )
+    waiting: list[tuple[str, dt.date]] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
         """Every cell of the range is complete and clean."""
         return not (
-            self.failed or self.users_failed or self.dead_letters or self.blocked_by_failure
+            self.failed
+            or self.users_failed
+            or self.dead_letters
+            or self.blocked_by_failure
+            or self.waiting
         )
 
     @property
@@ -85,7 +91,7 @@ class RunSummary:
             f"{self.impossible:,} impossible",
         ]
         if self.not_in_scope:
-            parts.append(f"{self.not_in_scope:,} outside the range")
+            parts.append(f"{self.not_in_scope:,} outside the range or selection")
         return (
             f"Run {self.run_id[:8]} finished in {self.wall_seconds:.2f} s{when}, "
             f"{self.seconds:.2f} s of it executing: {', '.join(parts)}; "
@@ -123,6 +129,11 @@ class RunSummary:
             out.append(
                 f"{_count(len(self.blocked_by_failure), 'cell')} blocked by a failure upstream, caused by "
                 f"{_cells(causes)} (orchestrator plan)"
+            )
+        if self.waiting:
+            out.append(
+                f"{_count(len(self.waiting), 'cell')} not computed: an upstream cell outside the "
+                f"selection must run first: {_cells(self.waiting)} (select it too, e.g. +NAME)"
             )
         return out
 
