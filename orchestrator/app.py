@@ -546,6 +546,25 @@ class Orchestrator:
             last = LastRun(r.run_id, r.trigger, r.started_at, r.finished_at, r.status, r.exit_code)
         return build_status(names, plan, unclean, last, selection)
 
+    def saved_plan(
+        self,
+        target: dt.date | None = None,
+        selection: frozenset[str] | None = None,
+        now: dt.datetime | None = None,
+    ) -> tuple[Plan, Any]:
+        """The dry-run plan up to ``target`` and its reviewable form (``saved_plan``), to
+        write with ``plan --save`` and run later with ``run --plan``. Executes nothing."""
+        from orchestrator import saved_plan
+
+        now = now or dt.datetime.now(dt.UTC)
+        target = target or default_target(now)
+        plan, request = plan_with(
+            self.request(self.observe(now), target), self.observe_more, self.ledger
+        )
+        return plan, saved_plan.capture(
+            request, plan, self.ledger.cell_digests(), selection, _version()
+        )
+
     # --- act ------------------------------------------------------------------------------
 
     def run(
@@ -557,6 +576,7 @@ class Orchestrator:
         force: bool = False,
         workers: int | None = None,
         selection: frozenset[str] | None = None,
+        reviewed: Any = None,
     ) -> RunSummary:
         """Index, plan and execute up to ``target``; the nightly job and backfills.
 
@@ -567,6 +587,8 @@ class Orchestrator:
             calculations: restrict to these calculations plus their upstream closure.
             force: with ``calculations`` (or all), re-run even up-to-date cells in range.
             workers: processes for standard cells (default: the config's ``workers``).
+            reviewed: a ``saved_plan.SavedPlan`` (``run --plan``): run exactly it, or refuse
+                before executing anything when what it was decided from changed.
             selection: execute only these calculations' cells (``--select``); the others are
                 outside the scope, and a selected cell whose upstream would have to run first
                 waits (BLOCKED) rather than read a stale input.
@@ -597,6 +619,17 @@ class Orchestrator:
                 observation, target, manifest, forced, (low, target) if force else None
             )
             plan, request = plan_with(request, self.observe_more, ledger)
+            if reviewed is not None:
+                from orchestrator import saved_plan
+
+                current = saved_plan.capture(
+                    request, plan, ledger.cell_digests(), selection, _version()
+                )
+                changes = saved_plan.compare(reviewed, current)
+                if changes:
+                    raise saved_plan.StalePlanError(
+                        "the saved plan is stale, nothing ran: " + "; ".join(changes)
+                    )
             self.register_versions(manifest, now)
             decider = Decider(request)
             last_beat = [dt.datetime.now(dt.UTC)]
@@ -974,3 +1007,9 @@ def _scope(low: dt.date | None, selection: frozenset[str] | None) -> Callable[[C
     if low is None:
         return lambda key: key[0] in selection
     return lambda key: key[1] >= low and key[0] in selection
+
+
+def _version() -> str:
+    from importlib.metadata import version
+
+    return version("orchestrator")

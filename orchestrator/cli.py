@@ -301,6 +301,14 @@ def _print_summary(summary: Any) -> None:
     default=None,
     help="Write a Prometheus textfile here after the run (default: the config's metrics_file).",
 )
+@click.option(
+    "--plan",
+    "plan_file",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="Run exactly this saved plan (plan --save); refused (exit 2) if anything it was "
+    "decided from changed since.",
+)
 @_selection_options
 @click.pass_context
 @_handle_errors
@@ -310,17 +318,34 @@ def run(
     trigger: str,
     workers: int | None,
     metrics_file: Path | None,
+    plan_file: Path | None,
     select: tuple[str, ...],
     exclude: tuple[str, ...],
 ) -> None:
     """The nightly job: index root data, plan, execute everything due up to DATE."""
+    reviewed = None
+    if plan_file is not None:
+        from orchestrator import saved_plan
+
+        if date is not None or select or exclude:
+            raise click.UsageError(
+                "--plan runs the saved plan's date and selection: drop --date, --select and --exclude"
+            )
+        reviewed = saved_plan.read(plan_file)
+        date = dt.date.fromisoformat(reviewed.target)
     orch = _orch(ctx, progress=sys.stderr.isatty())
     try:
-        selection = _selected(orch, select, exclude)
+        selection = (
+            _selected(orch, select, exclude)
+            if reviewed is None
+            else (frozenset(reviewed.selection) if reviewed.selection is not None else None)
+        )
         summary = _measured(
             orch,
             metrics_file,
-            lambda: orch.run(date, trigger=trigger, workers=workers, selection=selection),
+            lambda: orch.run(
+                date, trigger=trigger, workers=workers, selection=selection, reviewed=reviewed
+            ),
         )
     finally:
         orch.close()
@@ -346,6 +371,13 @@ def run(
     default=None,
     help="Write the report to this file instead of stdout.",
 )
+@click.option(
+    "--save",
+    "save",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="Also save the plan, with everything it was decided from, for run --plan.",
+)
 @_selection_options
 @click.pass_context
 @_handle_errors
@@ -354,6 +386,7 @@ def plan(
     date: dt.date | None,
     fmt: str,
     output: Path | None,
+    save: Path | None,
     select: tuple[str, ...],
     exclude: tuple[str, ...],
 ) -> None:
@@ -367,7 +400,19 @@ def plan(
         )
     orch = _orch(ctx)
     try:
-        text = render(orch.plan(date, selection=_selected(orch, select, exclude)), fmt)
+        selection = _selected(orch, select, exclude)
+        if save is None:
+            text = render(orch.plan(date, selection=selection), fmt)
+        else:
+            from orchestrator import saved_plan
+
+            whole, reviewable = orch.saved_plan(date, selection)
+            saved_plan.write(save, reviewable)
+            click.echo(
+                f"saved the plan to {save} (run it with: orchestrator run --plan {save})", err=True
+            )
+            shown = orch.plan(date, selection=selection) if selection is not None else whole
+            text = render(shown, fmt)
     finally:
         orch.close()
     _write_report(text, output)

@@ -1758,6 +1758,44 @@ class Ledger:
         with self.engine.connect() as conn:
             return list(conn.execute(query.order_by(CELLS.c.date, CELLS.c.calculation)).all())
 
+    def cell_digests(self) -> dict[str, str]:
+        """Per calculation, a digest of every stored cell's state (date, status and
+        fingerprint parts as ``build_key``, inputs digest, result hash, generation, attempts,
+        attempted digest, failed users), in date order: any write to a cell changes it. One
+        streamed query (a saved plan's ledger check: ``saved_plan``)."""
+        import xxhash
+
+        from orchestrator.fingerprint import encode
+
+        out: dict[str, str] = {}
+        hasher = None
+        current = None
+        columns = (
+            CELLS.c.calculation,
+            CELLS.c.date,
+            CELLS.c.build_key,
+            CELLS.c.inputs_digest,
+            CELLS.c.result_hash,
+            CELLS.c.generation,
+            CELLS.c.attempts,
+            CELLS.c.attempted_digest,
+            CELLS.c.users_failed,
+        )
+        with self.engine.connect() as conn:
+            rows = conn.execution_options(stream_results=True).execute(
+                select(*columns).order_by(CELLS.c.calculation, CELLS.c.date)
+            )
+            for calc, date, *parts in rows:
+                if calc != current:
+                    if hasher is not None:
+                        out[current] = hasher.hexdigest()  # type: ignore[index]
+                    current, hasher = calc, xxhash.xxh3_128(encode("cells"))
+                assert hasher is not None
+                hasher.update(encode([date.isoformat(), *parts]))
+        if hasher is not None:
+            out[current] = hasher.hexdigest()  # type: ignore[index]
+        return out
+
     def recent_runs(self, limit: int = 20) -> list[Any]:
         with self.engine.connect() as conn:
             return list(
