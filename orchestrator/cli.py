@@ -402,7 +402,7 @@ def plan(
     try:
         selection = _selected(orch, select, exclude)
         if save is None:
-            text = render(orch.plan(date, selection=selection), fmt)
+            text = render(orch.plan(date, selection=selection), fmt, orch.manifest)
         else:
             from orchestrator import saved_plan
 
@@ -412,7 +412,7 @@ def plan(
                 f"saved the plan to {save} (run it with: orchestrator run --plan {save})", err=True
             )
             shown = orch.plan(date, selection=selection) if selection is not None else whole
-            text = render(shown, fmt)
+            text = render(shown, fmt, orch.manifest)
     finally:
         orch.close()
     _write_report(text, output)
@@ -636,13 +636,23 @@ def why(ctx: click.Context, calc: str, date: dt.date, fmt: str) -> None:
 
 @main.command()
 @click.option(
-    "--format", "fmt", type=click.Choice(["text", "json"]), default="text", show_default=True
+    "--format",
+    "fmt",
+    type=click.Choice(["text", "json", "dot", "mermaid"]),
+    default="text",
+    show_default=True,
+    help="dot: Graphviz (dot -Tsvg); mermaid: a Mermaid flowchart.",
 )
 @click.pass_context
 @_handle_errors
 def graph(ctx: click.Context, fmt: str) -> None:
     """The calculations' passes and dependency edges."""
     manifest = _orch(ctx).manifest
+    if fmt in ("dot", "mermaid"):
+        from orchestrator.reporting import pictures
+
+        click.echo(pictures.dot(manifest) if fmt == "dot" else pictures.mermaid(manifest), nl=False)
+        return
     if fmt == "json":
         click.echo(
             json.dumps(

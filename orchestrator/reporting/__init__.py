@@ -16,6 +16,7 @@ from typing import Any
 
 import jinja2
 
+from orchestrator.manifest import Manifest
 from orchestrator.planning import Decision, Plan, RootSummary, Status, decision_json
 
 # Everything a report shows may come from users or data (epoch reasons, error messages, user
@@ -136,8 +137,29 @@ def _marker(summary: RootSummary) -> str:
     return f"complete through {through} by its marker"
 
 
-def render(plan: Plan, fmt: str) -> str:
-    """The plan as ``fmt`` in {"text", "markdown", "html", "json"}."""
+def _pictures(plan: Plan, manifest: Manifest | None) -> dict[str, Any]:
+    """The HTML report's grid and graph (``pictures``); none without the manifest."""
+    if manifest is None:
+        return {"graph": None, "columns": [], "grid_rows": [], "nodes": {}, "abbrev": {}}
+    from orchestrator.planning import Reason
+    from orchestrator.reporting import pictures
+
+    present = {name for name, _ in plan.decisions}
+    names = [n for n in manifest.order if n in present]  # rows: a selection shows fewer
+    drawn = pictures.layout(manifest, pictures.node_states(plan))
+    abbrev = {r.value: "".join(w[0] for w in r.value.split("_")) for r in Reason}
+    return {
+        "graph": drawn,
+        "nodes": {n.name: n for n in drawn.nodes},
+        "columns": pictures.grid(plan, names),
+        "grid_rows": names,
+        "abbrev": abbrev,
+    }
+
+
+def render(plan: Plan, fmt: str, manifest: Manifest | None = None) -> str:
+    """The plan as ``fmt`` in {"text", "markdown", "html", "json"}; the HTML report draws the
+    dependency graph and the calculation × date grid when given the ``manifest``."""
     if fmt == "json":
         return json.dumps(
             {
@@ -165,5 +187,8 @@ def render(plan: Plan, fmt: str) -> str:
         )
     if fmt == "markdown":
         return _markdown_env.get_template("plan.md.j2").render(**_context(plan))
-    template = {"text": "plan.txt.j2", "html": "plan.html.j2"}[fmt]
-    return _env.get_template(template).render(**_context(plan))
+    if fmt == "html":
+        return _env.get_template("plan.html.j2").render(
+            **_context(plan), **_pictures(plan, manifest)
+        )
+    return _env.get_template("plan.txt.j2").render(**_context(plan))
