@@ -39,6 +39,7 @@ from orchestrator.planning import (
     MoreObservation,
     Plan,
     PlanRequest,
+    RetainedObservation,
     Verdict,
     plan_with,
     provenance,
@@ -219,7 +220,9 @@ class Orchestrator:
 
     @cached_property
     def ledger(self) -> Ledger:
-        return Ledger.open(self.config.database_url)
+        ledger = Ledger.open(self.config.database_url)
+        ledger.retain = self.config.retain_results
+        return ledger
 
     def close(self) -> None:
         if "ledger" in self.__dict__:
@@ -501,6 +504,38 @@ class Orchestrator:
             digests=observation.digests,
         )
 
+    def observe_retained(self, request: PlanRequest, cells: list[CellKey]) -> RetainedObservation:
+        """The retained results of ``cells`` (the plan's ``reuse_candidates``) that match
+        their calculation's current layer, infra and epochs, with the verdicts on their code
+        hashes that differ from the current code (cosmetic ones may be reused)."""
+        calcs = request.manifest.calcs
+        retained = self.ledger.load_retained(
+            cells,
+            {
+                name: (
+                    spec.layer_hash,
+                    spec.infra_hash,
+                    request.epoch,
+                    request.scoped_epochs.get(name, (0, ""))[0],
+                )
+                for name, spec in calcs.items()
+            },
+        )
+        other: dict[str, set[str]] = {}
+        for (name, _), found in retained.items():
+            for r in found:
+                if (
+                    r.code_hash != calcs[name].code_hash
+                    and (name, r.code_hash) not in request.cosmetic
+                ):
+                    other.setdefault(name, set()).add(r.code_hash)
+        registry = (
+            self.ledger.load_versions(("code", h) for hashes in other.values() for h in hashes)
+            if other
+            else {}
+        )
+        return RetainedObservation(retained, registry, self.cosmetic_verdicts(other, registry))
+
     def plan(
         self,
         target: dt.date | None = None,
@@ -514,7 +549,7 @@ class Orchestrator:
         now = now or dt.datetime.now(dt.UTC)
         target = target or default_target(now)
         request = self.request(self.observe(now), target)
-        plan = plan_with(request, self.observe_more, self.ledger)[0]
+        plan = plan_with(request, self.observe_more, self.ledger, self.observe_retained)[0]
         if selection is None:
             return plan
         return dataclasses.replace(
@@ -559,7 +594,10 @@ class Orchestrator:
         now = now or dt.datetime.now(dt.UTC)
         target = target or default_target(now)
         plan, request = plan_with(
-            self.request(self.observe(now), target), self.observe_more, self.ledger
+            self.request(self.observe(now), target),
+            self.observe_more,
+            self.ledger,
+            self.observe_retained,
         )
         return plan, saved_plan.capture(
             request, plan, self.ledger.cell_digests(), selection, _version()
@@ -618,7 +656,7 @@ class Orchestrator:
             request = self.request(
                 observation, target, manifest, forced, (low, target) if force else None
             )
-            plan, request = plan_with(request, self.observe_more, ledger)
+            plan, request = plan_with(request, self.observe_more, ledger, self.observe_retained)
             if reviewed is not None:
                 from orchestrator import saved_plan
 
@@ -772,7 +810,7 @@ class Orchestrator:
             )
         now = dt.datetime.now(dt.UTC)
         request = self.request(self.observe(now), date)
-        plan, request = plan_with(request, self.observe_more, self.ledger)
+        plan, request = plan_with(request, self.observe_more, self.ledger, self.observe_retained)
         decision = plan.decisions.get((calculation, date))
         if decision is None:
             raise DefinitionError(
@@ -790,6 +828,35 @@ class Orchestrator:
             Decider(request), self.manifest.calcs[calculation], date, stored, published
         )
         return decision, stored, parts
+
+    def gc(
+        self,
+        keep: int | None = None,
+        older_than_days: float | None = None,
+        dry_run: bool = False,
+        now: dt.datetime | None = None,
+    ) -> Any:
+        """Prune retained results (``ledger.retention``) under the run lock, so no run is
+        about to re-point a cell to one: per cell all but the ``keep`` newest (default: the
+        config's ``retain_results``), and with ``older_than_days`` also those superseded
+        longer ago. Never a current result. Returns a ``retention.GcReport``.
+
+        Raises:
+            RunLockedError: a run is in progress.
+            ConfigError: ``keep`` or ``older_than_days`` negative.
+        """
+        keep = self.config.retain_results if keep is None else keep
+        if keep < 0 or (older_than_days is not None and older_than_days < 0):
+            raise ConfigError("--keep and --older-than must be 0 or more")
+        now = now or dt.datetime.now(dt.UTC)
+        older = None if older_than_days is None else dt.timedelta(days=older_than_days)
+        holder = lock_holder(uuid.uuid4().hex)
+        ledger = self.ledger
+        ledger.acquire_lock(holder, now, LOCK_TTL)
+        try:
+            return ledger.gc(keep, older, now, dry_run)
+        finally:
+            ledger.release_lock(holder)
 
     def bump_epoch(self, calculation: str | None = None, reason: str = "") -> tuple[int, int]:
         """Bump the global epoch (``system_epoch.py``) or one calculation's scoped epoch;

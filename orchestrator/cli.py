@@ -609,14 +609,25 @@ def why(ctx: click.Context, calc: str, date: dt.date, fmt: str) -> None:
     orch = _orch(ctx)
     try:
         decision, stored, parts = orch.why(calc, date)
+        attempts = orch.ledger.attempts(calc, date) if stored is not None else []
     finally:
         orch.close()
+    last = attempts[-1] if attempts else None
     if fmt == "json":
         rows = [
             {"part": p.part, "stored": p.stored, "current": p.current, "same": p.same}
             for p in parts
         ]
-        click.echo(json.dumps({**decision_json(decision), "parts": rows}))
+        attempt = None
+        if last is not None:
+            attempt = {
+                "run_id": last.run_id,
+                "status": last.status,
+                "reason": last.reason,
+                "detail": last.detail,
+                "finished_at": last.finished_at.isoformat(),
+            }
+        click.echo(json.dumps({**decision_json(decision), "parts": rows, "last_attempt": attempt}))
         return
     click.echo(
         f"{calc} on {date}: {decision.status.value} ({decision.reason.value})"
@@ -627,6 +638,11 @@ def why(ctx: click.Context, calc: str, date: dt.date, fmt: str) -> None:
     else:
         click.echo(
             f"stored: {stored.status}, result {stored.result_hash}, attempts {stored.attempts}"
+        )
+    if last is not None:
+        click.echo(
+            f"last attempt: run {last.run_id[:8]} at {last.finished_at:%Y-%m-%d %H:%M:%S} UTC, "
+            f"{last.status} ({last.reason})" + (f" - {last.detail}" if last.detail else "")
         )
     click.echo(f"  {'part':36} {'stored':34} {'current':34}")
     for p in parts:
@@ -802,6 +818,41 @@ def dlq_retry(ctx: click.Context, calc: str | None, date: dt.date | None, everyt
     finally:
         orch.close()
     click.echo(f"{count} dead letter(s) will be retried by the next `orchestrator run`")
+
+
+@main.command()
+@click.option(
+    "--keep",
+    type=click.IntRange(min=0),
+    default=None,
+    help="Retained results to keep per cell, newest first  [default: retain_results, 3].",
+)
+@click.option(
+    "--older-than",
+    "older_than",
+    type=click.FloatRange(min=0),
+    default=None,
+    metavar="DAYS",
+    help="Also prune results superseded more than DAYS ago.",
+)
+@click.option("--dry-run", is_flag=True, help="Say what would be pruned; delete nothing.")
+@click.pass_context
+@_handle_errors
+def gc(ctx: click.Context, keep: int | None, older_than: float | None, dry_run: bool) -> None:
+    """Prune retained results: superseded clean results kept by fingerprint, so that a
+    reverted change (code, data, epoch) re-points cells to them instead of recomputing
+    (REUSED). Never prunes a current result; takes the run lock."""
+    orch = _orch(ctx)
+    try:
+        report = orch.gc(keep, older_than, dry_run)
+    finally:
+        orch.close()
+    verb = "would prune" if report.dry_run else "pruned"
+    click.echo(
+        f"{verb} {report.pruned:,} retained result(s) ({report.pruned_bytes / 2**20:.1f} MiB "
+        f"compressed); {report.kept:,} stay retained"
+        + (f"; removed {report.orphans:,} orphaned shard(s)" if report.orphans else "")
+    )
 
 
 @main.group()

@@ -73,6 +73,9 @@ class Config:
             block_dates × users × fields).
         metrics_file: after each ``run`` / ``backfill``, write a Prometheus textfile there
             (``orchestrator.metrics``, for node_exporter's textfile collector); None: none.
+        retain_results: superseded clean results kept per cell, by fingerprint, so that a
+            revert re-points cells to them instead of recomputing (``ledger.retention``);
+            ``orchestrator gc`` prunes further; 0: superseded results are deleted at once.
     """
 
     path: Path
@@ -95,6 +98,7 @@ class Config:
     columnar: bool = True
     block_dates: int = 256
     metrics_file: Path | None = None
+    retain_results: int = 3
 
 
 COSMETIC_VERDICTS = ("proof", "simulation")
@@ -138,6 +142,7 @@ TOP_KEYS = (
     "columnar",
     "block_dates",
     "metrics_file",
+    "retain_results",
 )
 ROOT_DATA_KEYS = ("path", "date_column", "user_column", "format", "complete_marker")
 
@@ -330,6 +335,9 @@ def load_config(path: str | os.PathLike[str] | None = None, db_url: str | None =
     if block_dates < 1:
         raise check.fail(f"'block_dates' must be >= 1, found {block_dates}")
     metrics_file = get("metrics_file", str, None)
+    retain_results = get("retain_results", int, 3)
+    if retain_results < 0:
+        raise check.fail(f"'retain_results' must be >= 0, found {retain_results}")
     return Config(
         path=cfg_path,
         database_url=url,
@@ -351,4 +359,5 @@ def load_config(path: str | os.PathLike[str] | None = None, db_url: str | None =
         columnar=bool(columnar),
         block_dates=block_dates,
         metrics_file=(base / metrics_file).resolve() if metrics_file else None,
+        retain_results=retain_results,
     )

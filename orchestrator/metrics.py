@@ -15,7 +15,7 @@ gauge:
 ``orchestrator_last_run_exit_code``                     what cron saw: 0 clean, 1 not clean or
                                                         aborted, 2 a usage or configuration error
 ``orchestrator_last_run_cells{state="..."}``            the last run's cells: computed, failed,
-                                                        skipped, blocked, impossible, outside
+                                                        skipped, reused, blocked, impossible, outside
 ``orchestrator_last_run_cells_by_reason{reason="..."}``  the same cells by their final reason
 ``orchestrator_failed_users``                           failed users of the range's published cells
 ``orchestrator_dead_letters``                           dead-lettered cells of the range
@@ -73,6 +73,7 @@ def from_summary(
             "computed": summary.completed,
             "failed": len(summary.failed),
             "skipped": summary.skipped,
+            "reused": summary.reused,
             "blocked": summary.blocked,
             "impossible": summary.impossible,
             "outside": summary.not_in_scope,

@@ -43,6 +43,7 @@ import xxhash
 from orchestrator.fingerprint import ABSENT_HASH, digest, encode, inputs_digest
 from orchestrator.ledger import digests as ledger_digests
 from orchestrator.ledger.digests import CalcDigests, bucket_of
+from orchestrator.ledger.retention import Retained
 from orchestrator.ledger.store import LedgerCell, SlimCell, Snapshot, build_key
 from orchestrator.manifest import CalcSpec, Manifest
 from orchestrator.memory import paused_gc
@@ -72,6 +73,7 @@ class Reason(enum.Enum):
     UP_TO_DATE = "UP_TO_DATE"
     COSMETIC_CHANGE = "COSMETIC_CHANGE"
     UPSTREAM_UNCHANGED = "UPSTREAM_UNCHANGED"
+    REUSED = "REUSED"
     NEW = "NEW"
     CODE_CHANGED = "CODE_CHANGED"
     LAYER_CHANGED = "LAYER_CHANGED"
@@ -103,7 +105,12 @@ _STATUS_OF = {
     },
     **{
         r: Status.SKIPPED
-        for r in (Reason.UP_TO_DATE, Reason.COSMETIC_CHANGE, Reason.UPSTREAM_UNCHANGED)
+        for r in (
+            Reason.UP_TO_DATE,
+            Reason.COSMETIC_CHANGE,
+            Reason.UPSTREAM_UNCHANGED,
+            Reason.REUSED,
+        )
     },
 }
 for _r in Reason:
@@ -268,6 +275,10 @@ class PlanRequest:
             planner proves the other months unchanged from their digests, and names the
             months it must read (``Plan.needs_rows``; ``plan_with`` reads them).
         loaded: (calculation, month) whose stored rows are all in ``ledger`` (with digests).
+        retained: (calculation, date) -> the cell's retained results
+            (``Ledger.load_retained``: superseded clean results with the fingerprint each was
+            computed from). A cell that must run but whose current fingerprint equals one of
+            them is REUSED instead: re-pointed to that result, not computed.
     """
 
     manifest: Manifest
@@ -287,6 +298,7 @@ class PlanRequest:
     skipped: Mapping[str, tuple[int, Sequence[str]]] = field(default_factory=dict)
     digests: Mapping[str, CalcDigests] | None = None
     loaded: frozenset[tuple[str, int]] = frozenset()
+    retained: Mapping[CellKey, tuple[Retained, ...]] = field(default_factory=dict)
 
 
 _WINDOW_TAG = encode("window")
@@ -702,6 +714,62 @@ class Decider:
         stored: LedgerCell | None,
         states: dict[CellKey, tuple[Upstream, str | None]],
     ) -> Decision:
+        decision = self._decide_by_rule(spec, date, stored, states)
+        if (
+            decision.status is Status.RUNNABLE
+            and decision.reason not in _NOT_REUSED
+            and decision.key in self.request.retained
+        ):
+            found = self.reusable(spec, date, states)
+            if found is not None:
+                return Decision(
+                    spec.name,
+                    date,
+                    Reason.REUSED,
+                    _reused_detail(found, decision),
+                    found.result_hash,
+                )
+        return decision
+
+    def reusable(
+        self, spec: CalcSpec, date: dt.date, states: Mapping[CellKey, tuple[Upstream, str | None]]
+    ) -> Retained | None:
+        """The newest retained result of the cell whose fingerprint equals its current one
+        — own parts (code, or code cosmetically equal to it; layer and infra hashes; system
+        and scoped epoch) and inputs digest —
+        once every input is settled (``states``: each upstream key's state and published
+        hash); None if there is none, or while an input is still to run."""
+        candidates = self.request.retained.get((spec.name, date), ())
+        if not candidates or any(
+            state is not Upstream.READY and state is not Upstream.RAN
+            for state, _ in states.values()
+        ):
+            return None
+        own = (spec.layer_hash, spec.infra_hash, self.request.epoch, self.scoped_epoch(spec.name))
+        current = self.inputs(spec, date, lambda k: states[k][1] if k in states else None)
+        for found in candidates:
+            if (
+                (found.layer_hash, found.infra_hash, found.epoch, found.scoped_epoch) == own
+                and found.inputs_digest == current.digest
+                and self._same_code(spec, found.code_hash)
+            ):
+                return found
+        return None
+
+    def _same_code(self, spec: CalcSpec, code_hash: str) -> bool:
+        """``code_hash`` is the current code's, or differs from it only cosmetically."""
+        if code_hash == spec.code_hash:
+            return True
+        verdict = self.request.cosmetic.get((spec.name, code_hash))
+        return verdict is not None and verdict.cosmetic
+
+    def _decide_by_rule(
+        self,
+        spec: CalcSpec,
+        date: dt.date,
+        stored: LedgerCell | None,
+        states: dict[CellKey, tuple[Upstream, str | None]],
+    ) -> Decision:
         key = (spec.name, date)
         self._causes.pop(key, None)
         published = stored.result_hash if stored is not None else None
@@ -946,6 +1014,23 @@ def _infra_change(before: Mapping[str, object] | None, spec: CalcSpec) -> str:
         if before.get(key) != now.get(key)
     ]
     return "; ".join(words)
+
+
+# Runnable reasons a retained result never replaces: a forced re-run is asked for by name, and
+# a category migration moves the current result without computing anyway.
+_NOT_REUSED = frozenset({Reason.FORCED, Reason.CATEGORY_MIGRATED})
+
+
+def _reused_detail(found: Retained, instead: Decision) -> str:
+    """ "result 1a2b3c4d of run 5e6f7a8b (computed 2026-12-01 22:00 UTC) has the current
+    fingerprint; else CODE_CHANGED: changed Rsi14" """
+    run = f" of run {found.run_id[:8]}" if found.run_id else ""
+    when = found.computed_at.astimezone(dt.UTC)
+    why = f"{instead.reason.value}: {instead.detail}" if instead.detail else instead.reason.value
+    return (
+        f"result {found.result_hash[:8]}{run} (computed {when:%Y-%m-%d %H:%M} UTC) has the "
+        f"current fingerprint; else {why}"
+    )
 
 
 def _first_line(text: str | None) -> str:
@@ -1966,10 +2051,40 @@ class MoreObservation(NamedTuple):
     cosmetic: Mapping[tuple[str, str], Verdict]  # verdicts on their code changes
 
 
+class RetainedObservation(NamedTuple):
+    """What ``plan_with`` asks the caller to observe for cells that must run: their retained
+    results (``Ledger.load_retained``), with the registered versions of those results' code
+    hashes and the verdicts on them (a result of code cosmetically equal to the current code
+    may be reused as the stored result may be kept)."""
+
+    retained: Mapping[CellKey, tuple[Retained, ...]]
+    registry: Registry
+    cosmetic: Mapping[tuple[str, str], Verdict]
+
+
+def reuse_candidates(plan: Plan) -> list[CellKey]:
+    """The cells of a plan a retained result could settle: those that must run for a reason
+    a retained result may answer (not FORCED, not CATEGORY_MIGRATED), and those waiting on an
+    upstream that must run (which may itself be reused, or come out as before). The no-op
+    plan has none."""
+    decisions = (
+        plan.decisions.explicit.values()
+        if isinstance(plan.decisions, DigestDecisions)
+        else plan.decisions.values()
+    )
+    return [
+        d.key
+        for d in decisions
+        if (d.status is Status.RUNNABLE and d.reason not in _NOT_REUSED)
+        or d.reason is Reason.WAITING_ON_UPSTREAM
+    ]
+
+
 def plan_with(
     request: PlanRequest,
     observe_more: Callable[..., MoreObservation],
     rows: RowSource | None = None,
+    observe_retained: Callable[[PlanRequest, list[CellKey]], RetainedObservation] | None = None,
 ) -> tuple[Plan, PlanRequest]:
     """Plan from a slim snapshot, observing more only where a cell needs explaining.
 
@@ -1985,11 +2100,44 @@ def plan_with(
     those months — where cells need explaining. The final plan's decisions and the returned
     request's ledger (a ``LazySnapshot``) read any other stored row from ``rows`` on demand.
 
+    With ``observe_retained``, cells the plan must run (and those waiting on them) are
+    looked up among retained results (``reuse_candidates``); when some have any, the plan is
+    made again with them (``PlanRequest.retained``) and a cell whose current fingerprint
+    equals a retained one is REUSED.
+
     Returns:
         The final plan and the request it was made from.
     """
+    plan, settled = _settle(request, observe_more, rows)
+    if observe_retained is not None and not request.retained:
+        keys = reuse_candidates(plan)
+        more = observe_retained(settled, keys) if keys else None
+        if more is not None and more.retained:
+            settled = dataclasses.replace(
+                settled,
+                retained=more.retained,
+                registry={**settled.registry, **more.registry},
+                cosmetic={**settled.cosmetic, **more.cosmetic},
+            )
+            plan, settled = _settle(settled, observe_more, rows)
+    if request.digests is None:
+        return plan, settled
+    snapshot = LazySnapshot(
+        settled.ledger, settled.loaded, settled.digests or {}, settled.manifest.calcs, rows
+    )
+    assert isinstance(plan.decisions, DigestDecisions)
+    plan.decisions.attach(snapshot, rows)
+    return plan, dataclasses.replace(settled, ledger=snapshot)
+
+
+def _settle(
+    request: PlanRequest,
+    observe_more: Callable[..., MoreObservation],
+    rows: RowSource | None,
+) -> tuple[Plan, PlanRequest]:
+    """Plan until the plan needs nothing more: the rows and full rows it asks for read."""
     if request.digests is not None:
-        return _plan_with_digests(request, observe_more, rows)
+        return _settle_digests(request, observe_more, rows)
     plan = make_plan(request)
     if not plan.needs_full:
         return plan, request
@@ -2017,7 +2165,7 @@ def _merged(ledger: Snapshot, more: Snapshot) -> Snapshot:
     return out
 
 
-def _plan_with_digests(
+def _settle_digests(
     request: PlanRequest,
     observe_more: Callable[..., MoreObservation],
     rows: RowSource | None,
@@ -2050,12 +2198,7 @@ def _plan_with_digests(
         break
     else:  # pragma: no cover - each round reads strictly more
         raise RuntimeError(f"the plan did not settle in {_MAX_ROUNDS} rounds")
-    snapshot = LazySnapshot(
-        request.ledger, request.loaded, request.digests or {}, request.manifest.calcs, rows
-    )
-    assert isinstance(plan.decisions, DigestDecisions)
-    plan.decisions.attach(snapshot, rows)
-    return plan, dataclasses.replace(request, ledger=snapshot)
+    return plan, request
 
 
 class PartComparison(NamedTuple):

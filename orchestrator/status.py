@@ -53,8 +53,10 @@ class CalcStatus:
 
     @property
     def ok(self) -> bool:
-        """Every cell up to date (or impossible) and clean."""
+        """Every cell up to date (or impossible) and clean. A REUSED cell is SKIPPED but not
+        yet re-pointed: the next run does it (without computing)."""
         done = self.states.get("SKIPPED", 0) + self.states.get("IMPOSSIBLE", 0)
+        done -= self.reasons.get("REUSED", 0)
         return done == self.cells and not self.unclean
 
 
@@ -130,8 +132,12 @@ def build_status(
         cells = sorted(per_calc.get(name, []))
         mine = bad.get(name, {})
         through = None
-        for date, state, _ in cells:
-            if date in mine or state not in (CellStatus.SKIPPED, CellStatus.IMPOSSIBLE):
+        for date, state, reason in cells:
+            if (
+                date in mine
+                or state not in (CellStatus.SKIPPED, CellStatus.IMPOSSIBLE)
+                or reason == "REUSED"  # not re-pointed yet
+            ):
                 break
             if state is CellStatus.SKIPPED:
                 through = date

@@ -70,6 +70,7 @@ from orchestrator.planning import (
     make_plan,
     plan_with,
 )
+from orchestrator.status import build_status, render_status
 
 FIRST_DATE = dt.date(2008, 1, 1)
 EPOCH = 0
@@ -340,6 +341,7 @@ def measure(
     decides: list[float] = []
     totals: list[float] = []
     after_plan: list[float] = []
+    statuses: list[float] = []
     counts: dict[str, int] = {}
     reasons: dict[str, int] = {}
     bad: list[dict[str, str]] = []
@@ -372,7 +374,18 @@ def measure(
             for d in decided.values()
             if d.status is not Status.SKIPPED and not (nightly and d.date == max(root["prices"]))
         ][:10]
-        del plan
+        # ``orchestrator status`` over the same plan: every cell by state, the unclean
+        # cells and the text report (the plan itself is timed above).
+        t3 = time.perf_counter()
+        status = build_status(
+            manifest.order,
+            plan,
+            ledger.unclean_cells(manifest.calcs, plan.dates[0], plan.target_date),
+            None,
+        )
+        render_status(status, "text")
+        statuses.append(time.perf_counter() - t3)
+        del plan, status
         gc.collect()
 
     profile_text = ""
@@ -392,6 +405,7 @@ def measure(
         "load_s": loads,
         "decide_s": decides,
         "total_s": totals,
+        "status_extra_s": statuses,
         "rss_base_mib": base_rss,
         "rss_after_plan_mib": max(after_plan),
         "peak_rss_mib": _peak_rss_mib(),
@@ -569,11 +583,16 @@ def main(argv: list[str] | None = None) -> int:
     print(f"plan counts: {r['counts']}  reasons: {r['reasons']}")
     print(f"cells decided one by one: {r['decided_one_by_one']:,}")
     stats = {
-        mode: {k: _stat(v[k]) for k in ("load_s", "decide_s", "total_s")}
+        mode: {k: _stat(v[k]) for k in ("load_s", "decide_s", "total_s", "status_extra_s")}
         for mode, v in results.items()
         if mode != "check"
     }
-    for label, key in (("read", "load_s"), ("plan", "decide_s"), ("total", "total_s")):
+    for label, key in (
+        ("read", "load_s"),
+        ("plan", "decide_s"),
+        ("total", "total_s"),
+        ("status", "status_extra_s"),  # on top of the plan: `orchestrator status`
+    ):
         s = stats["digest"][key]
         line = f"  {label:<6} median {s['median']:.3f}s  (min {s['min']:.3f} .. max {s['max']:.3f})"
         if ref is not None:

@@ -26,6 +26,7 @@ What one invocation does, in a work directory (a temporary one, or ``--keep DIR`
    C   baseline                            rsi_14's ``period`` 14 -> 15
    D   baseline                            comments and a blank line around it
    E   baseline                            returns' division rewritten with NumPy ufuncs
+   R   baseline, then C's edit (untimed)   C reverted: every cell re-pointed (REUSED)
    ==  ==================================  ========================================
 
    Scenarios B-E start from a restored copy of the baseline, so repetitions are independent;
@@ -72,7 +73,7 @@ TEMPLATES = {
     "columnar": HERE / "workload" / "columnar.py",
     "per-user": HERE / "workload" / "per_user.py",
 }
-SCENARIOS = ("A", "B0", "B", "C", "D", "E")
+SCENARIOS = ("A", "B0", "B", "C", "D", "E", "R")
 CALCS = (
     "returns",
     "volatility_20",
@@ -345,7 +346,8 @@ def edited(text: str, scenario: str) -> str:
 def ideal_cells(scenario: str, days: int, period: int = PERIOD) -> int:
     """WORKLOAD.md §3's ideal number of re-executed cells (with per-cell early cutoff)."""
     changed = max(0, days - period)  # rsi_14 changes on t >= 14 (NaN under period 15 at t=14)
-    return {"A": 8 * days, "B0": 0, "B": 0, "C": days + 2 * changed, "D": 0, "E": days}[scenario]
+    ideal = {"A": 8 * days, "B0": 0, "B": 0, "C": days + 2 * changed, "D": 0, "E": days}
+    return {**ideal, "R": 0}[scenario]  # R: C's edit reverted, every result retained
 
 
 # --- the project ---------------------------------------------------------------------------------
@@ -618,7 +620,7 @@ def bench(args: argparse.Namespace, root: Path, emit: Any) -> bool:
         problems[scenario].append(check_values(project.config, data, refs[period]))
 
     timed_a = "A" in scenarios or "B0" in scenarios
-    needs_baseline = any(s in scenarios for s in ("B", "C", "D", "E"))
+    needs_baseline = any(s in scenarios for s in ("B", "C", "D", "E", "R"))
     if timed_a or needs_baseline:
         for rep in range(args.reps if timed_a else 1):
             project.write_package("A")
@@ -634,8 +636,13 @@ def bench(args: argparse.Namespace, root: Path, emit: Any) -> bool:
         if scenario in ("A", "B0"):
             continue
         for rep in range(args.reps):
-            project.write_package(scenario)
             project.restore_baseline()
+            if scenario == "R":  # C's edit (untimed), then reverted: the timed run
+                project.write_package("C")
+                run_scenario(project, "R-C", rep, last_date, env)
+                project.write_package("A")
+            else:
+                project.write_package(scenario)
             results[scenario].append(run_scenario(project, scenario, rep, last_date, env))
             check(scenario)
     for scenario in scenarios:

@@ -55,7 +55,7 @@ def test_small_reference_matches_workload_checksums() -> None:
 
 def test_ideal_cells_are_workload_md_figures() -> None:
     got = {s: bench.ideal_cells(s, 250) for s in bench.SCENARIOS}
-    assert got == {"A": 2000, "B0": 0, "B": 0, "C": 722, "D": 0, "E": 250}
+    assert got == {"A": 2000, "B0": 0, "B": 0, "C": 722, "D": 0, "E": 250, "R": 0}
 
 
 @pytest.mark.parametrize("template", [columnar, per_user], ids=["columnar", "per-user"])

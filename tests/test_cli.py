@@ -121,7 +121,7 @@ def test_second_run_is_refused_while_one_holds_the_lock(project: Project) -> Non
 def test_db_upgrade(project: Project) -> None:
     setup(project)
     result = project.cli("db", "upgrade")
-    assert result.exit_code == 0 and "ledger schema at 0006" in result.output
+    assert result.exit_code == 0 and "ledger schema at 0007" in result.output
     assert Ledger.open(project.db_url).count("cells") == 0
 
 

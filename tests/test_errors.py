@@ -177,7 +177,7 @@ def test_a_migration_held_by_another_process_past_the_wait(
                 conn.execute(text("SELECT pg_advisory_unlock_all()"))
     holder.dispose()
     upgraded = project.cli("db", "upgrade")
-    assert upgraded.exit_code == 0 and "ledger schema at 0006" in upgraded.output
+    assert upgraded.exit_code == 0 and "ledger schema at 0007" in upgraded.output
 
 
 # --- plan -o and runs --run ---------------------------------------------------------------

@@ -22,7 +22,7 @@ from orchestrator.ledger.store import (
 def test_upgrade_to_head_matches_models_and_downgrade_to_base(db_url: str) -> None:
     engine = make_engine(db_url)
     upgrade(engine)
-    assert current_revision(engine) == "0006"
+    assert current_revision(engine) == "0007"
     tables = set(inspect(engine).get_table_names()) - {"alembic_version"}
     assert tables == set(METADATA.tables)
     for name, table in METADATA.tables.items():

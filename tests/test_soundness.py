@@ -13,7 +13,10 @@ category change — and runs the orchestrator after each edit. Then:
   code or helper changed beyond what the proof of ``equivalence.py`` calls cosmetic; its
   root-data window changed; or an input's result hash (an upstream's, or its own previous
   date's when historical) differs from before the edit. Results that come out the same
-  stop the cascade (early cutoff).
+  stop the cascade (early cutoff);
+* **reverts are free**: when the files and epochs return to a state the sequence already
+  built, nothing executes: every cell is up to date or re-pointed to the result it had
+  then (REUSED; the project retains up to 100 results per cell, so none was pruned).
 
 Runs on SQLite and on PostgreSQL (``ORCHESTRATOR_TEST_POSTGRES_URL``). CI runs a bounded
 budget (50 sequences of up to 6 edits); for a longer search::
@@ -237,6 +240,8 @@ class Soundness(RuleBasedStateMachine):
         self.prev_code = dict(self.code)
         self.prev_content: dict[dt.date, Any] = {}
         self.prev_hashes: dict[tuple[str, dt.date], str | None] = {}
+        self.epochs: dict[str, int] = {}  # bumps so far, per calculation ("*": global)
+        self.visited: set[str] = set()  # states (files and epochs) built so far
 
     # --- the project on disk ------------------------------------------------------------
 
@@ -256,7 +261,8 @@ class Soundness(RuleBasedStateMachine):
         ):
             (self.root / name).write_text(
                 f'database_url = "{url}"\ncalculations = "{pkg}"\n'
-                f'system_epoch = "system_epoch.py"\nwork_dir = "{work}"\n'
+                + ("retain_results = 100\n" if name == "orchestrator.toml" else "")
+                + f'system_epoch = "system_epoch.py"\nwork_dir = "{work}"\n'
                 '[root_data.prices]\npath = "data/prices.csv"\ndate_column = "date"\n'
                 'user_column = "Name"\n'
             )
@@ -381,6 +387,7 @@ class Soundness(RuleBasedStateMachine):
         finally:
             orch.close()
         self.bumped.add(calc)
+        self.epochs[calc] = self.epochs.get(calc, 0) + 1
 
     @rule()
     def bump_the_global_epoch(self) -> None:
@@ -390,6 +397,7 @@ class Soundness(RuleBasedStateMachine):
         finally:
             orch.close()
         self.bumped.add("*")
+        self.epochs["*"] = self.epochs.get("*", 0) + 1
 
     # --- the property -------------------------------------------------------------------
 
@@ -417,6 +425,17 @@ class Soundness(RuleBasedStateMachine):
         if not first:
             wasted = sorted(k for k in executed if not self.may_run(k, hashes, content))
             assert not wasted, f"ran without a reason a minimal build would accept: {wasted}"
+        state = hashlib.sha256(
+            (
+                calculations("p", self.code)
+                + HELPER[self.code["helper"]][0]
+                + self.csv_text()
+                + repr(sorted(self.epochs.items()))
+            ).encode()
+        ).hexdigest()
+        if state in self.visited:
+            assert not executed, f"a revert to a state already built ran {sorted(executed)}"
+        self.visited.add(state)
         self.prev_hashes, self.prev_content = hashes, content
         self.prev_code = dict(self.code)
         self.bumped = set()

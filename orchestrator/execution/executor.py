@@ -141,6 +141,8 @@ class Executor(UserWalk):
         self.hashes: dict[CellKey, str | None] = {}  # published during this run
         self.ran: set[CellKey] = set()
         self.migrated: set[CellKey] = set()
+        self.reused: set[CellKey] = set()  # re-pointed to a retained result (REUSED)
+        self.staged_reuses: dict[CellKey, str | None] = {}  # to re-point: their result hash
         self.dead: set[CellKey] = set()  # failed past max_attempts: dead letters
         self._unpublished: tuple[list[CellWrite], list[dict[str, Any]]] = ([], [])
         self._uncached = False  # a result of this pass is not in memory (see KEEP_LIMIT)
@@ -158,11 +160,18 @@ class Executor(UserWalk):
             return (Upstream.RAN, self._hash(key))
         if key in self.failed:
             return (Upstream.FAILED, None)
-        if key in self.migrated:
+        if key in self.migrated or key in self.reused:
             return (Upstream.READY, self._hash(key))
+        staged = self.staged_reuses.get(key)
+        if staged is not None:  # re-pointed before anything computes (``_run_columnar``)
+            return (Upstream.READY, staged)
         decision = self.decisions.get(key)
         if decision is None:
             return (Upstream.READY, self._hash(key))
+        if decision.reason is Reason.REUSED:
+            # Not re-pointed yet (outside the run's dates or selection): what is published
+            # is not what the plan settled on, so its dependents wait for it.
+            return (Upstream.PENDING, None)
         status = decision.status
         if status is Status.SKIPPED:
             return (Upstream.READY, self._hash(key))
@@ -180,11 +189,7 @@ class Executor(UserWalk):
         Raises:
             WorkerError: a worker process died (nothing of its pass was published).
         """
-        work = [
-            k
-            for k in self.plan.order
-            if self.decisions[k].status in (Status.RUNNABLE, Status.BLOCKED) and self.in_scope(k)
-        ]
+        work = [k for k in self.plan.order if _to_act_on(self.decisions[k]) and self.in_scope(k)]
         if self.workers <= 1:
             return self._execute()
         with ExitStack() as stack:
@@ -337,12 +342,14 @@ class Executor(UserWalk):
 
     def _work_left(self, key: CellKey) -> bool:
         """Whether ``key`` still has to be decided again and maybe run in this walk: RUNNABLE
-        or BLOCKED, in scope, neither run nor migrated yet."""
+        or BLOCKED (or REUSED: to re-point), in scope, neither run, migrated nor re-pointed
+        yet."""
         return (
-            self.decisions[key].status in (Status.RUNNABLE, Status.BLOCKED)
+            _to_act_on(self.decisions[key])
             and self.in_scope(key)
             and key not in self.ran
             and key not in self.migrated
+            and key not in self.reused
         )
 
     def _columnar(self, name: str) -> bool:
@@ -375,8 +382,12 @@ class Executor(UserWalk):
         status = decision.status
         if key in self.ran or key in self.migrated:
             s.completed += 1
+        elif key in self.reused:
+            s.reused += 1
         elif key in self.failed:
             pass
+        elif decision.reason is Reason.REUSED:  # not re-pointed: outside the run's scope
+            s.not_in_scope += 1
         elif status is Status.SKIPPED:
             s.skipped += 1
         elif status is Status.IMPOSSIBLE:
@@ -390,6 +401,7 @@ class Executor(UserWalk):
     def _run_pass(self, date: dt.date, members: tuple[str, ...]) -> None:
         to_run: list[tuple[CalcSpec, Decision]] = []
         migrations: list[tuple[CalcSpec, Decision]] = []
+        reuses: list[tuple[CalcSpec, Decision]] = []
         for name in members:
             key = (name, date)
             if not self._work_left(key):
@@ -397,7 +409,9 @@ class Executor(UserWalk):
             spec = self.manifest.calcs[name]
             decision = self.decider.decide(spec, date, self._stored(key), self._upstream_state)
             self.decisions[key] = decision
-            if decision.reason is Reason.CATEGORY_MIGRATED:
+            if decision.reason is Reason.REUSED:
+                reuses.append((spec, decision))
+            elif decision.reason is Reason.CATEGORY_MIGRATED:
                 migrations.append((spec, decision))
                 self.summary.executed[key] = decision.reason.value
             elif decision.status is Status.RUNNABLE:
@@ -405,6 +419,7 @@ class Executor(UserWalk):
                 self.summary.executed[key] = decision.reason.value
         if migrations:
             self._migrate(migrations)
+        self._reuse(reuses)
         leased = [(spec.name, date) for spec, _ in to_run if self._stored((spec.name, date))]
         if leased:
             self.ledger.lease(leased, self.run_id, self.clock() + self.lease)
@@ -441,8 +456,12 @@ class Executor(UserWalk):
         spec = self.manifest.calcs[name]
         pending: list[Decision] = []
         migrations: list[tuple[CalcSpec, Decision]] = []
+        reuses: list[tuple[CalcSpec, Decision]] = []
 
         def compute() -> None:
+            # (a block may read a re-pointed cell as its first previous state)
+            self._reuse(reuses)
+            reuses.clear()
             if pending:
                 if later is not None:
                     later.append((spec, list(pending)))
@@ -462,7 +481,10 @@ class Executor(UserWalk):
                 compute()
                 decision = self.decider.decide(spec, date, self._stored(key), self._upstream_state)
             self.decisions[key] = decision
-            if decision.reason is Reason.CATEGORY_MIGRATED:
+            if decision.reason is Reason.REUSED:
+                reuses.append((spec, decision))
+                self.staged_reuses[key] = decision.result_hash
+            elif decision.reason is Reason.CATEGORY_MIGRATED:
                 compute()
                 migrations.append((spec, decision))
                 self.summary.executed[key] = decision.reason.value
@@ -736,3 +758,11 @@ class Executor(UserWalk):
         run.flushes = 1
         self.cache.put((spec.name, date), result)
         return self._success(spec, date, decision, run.writer, run), rows
+
+
+def _to_act_on(decision: Decision) -> bool:
+    """Whether the executor decides a planned cell again when its turn comes: it may run
+    (RUNNABLE, or BLOCKED until its upstream settles) or it is to be re-pointed (REUSED)."""
+    return decision.status in (Status.RUNNABLE, Status.BLOCKED) or (
+        decision.reason is Reason.REUSED
+    )

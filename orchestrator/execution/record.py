@@ -15,7 +15,7 @@ import psutil
 from orchestrator import validation
 from orchestrator.ledger.store import CellWrite, Ledger, LedgerCell, SlimCell, Snapshot, build_key
 from orchestrator.manifest import CalcSpec, Manifest
-from orchestrator.planning import CellKey, Decider, Decision
+from orchestrator.planning import CellInputs, CellKey, Decider, Decision
 from orchestrator.results import ShardWriter, StoredResult
 from orchestrator.rootdata import RootData
 
@@ -95,6 +95,8 @@ class RunState:
     hashes: dict[CellKey, str | None]
     ran: set[CellKey]
     migrated: set[CellKey]
+    reused: set[CellKey]
+    staged_reuses: dict[CellKey, str | None]
     dead: set[CellKey]
     failed: set[CellKey]
     summary: RunSummary
@@ -133,27 +135,7 @@ class Recorder(RunState):
         now = self.clock()
         self.ledger.migrate_categories(
             [(spec.name, d.date, spec.category) for spec, d in cells],
-            [
-                {
-                    "run_id": self.run_id,
-                    "calculation": spec.name,
-                    "date": d.date,
-                    "reason": d.reason.value,
-                    "worker": self.worker,
-                    "started_at": now,
-                    "finished_at": now,
-                    "status": "MIGRATED",
-                    "users": 0,
-                    "users_failed": 0,
-                    "flushes": 0,
-                    "shards": 0,
-                    "bytes_raw": 0,
-                    "bytes_compressed": 0,
-                    "peak_memory": self.peak_rss,
-                    "error": None,
-                }
-                for spec, d in cells
-            ],
+            [self._instant_attempt(spec, d, "MIGRATED", now, 0) for spec, d in cells],
         )
         for spec, d in cells:
             key = (spec.name, d.date)
@@ -161,6 +143,88 @@ class Recorder(RunState):
             if isinstance(old, LedgerCell):
                 self.stored[spec.name][d.date] = _with(old, category=spec.category)
             self.migrated.add(key)
+
+    def _reuse(self, cells: list[tuple[CalcSpec, Decision]]) -> None:
+        """Re-point cells to retained results of their current fingerprint, without
+        computing (REUSED), in one transaction (``Ledger.publish``: the result each replaces
+        is retained in turn). Published before anything reads them: a block's first previous
+        state and the next pass read the ledger."""
+        if not cells:
+            return
+        now = self.clock()
+        writes = []
+        for spec, d in cells:
+            key = (spec.name, d.date)
+            self.staged_reuses.pop(key, None)
+            # (in date order: a historical cell's previous, re-pointed just before, is read
+            # from ``hashes``)
+            inputs = self.decider.inputs(spec, d.date, self._hash)
+            found = next(
+                (
+                    r
+                    for r in self.decider.request.retained.get(key, ())
+                    if r.result_hash == d.result_hash and r.inputs_digest == inputs.digest
+                ),
+                None,
+            )
+            if found is None:  # the decider found it a moment ago, from the same state
+                raise RuntimeError(f"{spec.name} on {d.date}: its reused result is gone")
+            writes.append(
+                self._cell_write(
+                    spec,
+                    d.date,
+                    inputs,
+                    "COMPLETED",
+                    found.result_hash,
+                    found.generation,
+                    found.users,
+                    None,
+                    self._instant_attempt(spec, d, "REUSED", now, found.users, found.generation),
+                    reused=True,
+                )
+            )
+            self.hashes[key] = found.result_hash
+        self.ledger.publish(writes, now)
+        for w in writes:
+            key = (w.calculation, w.date)
+            self.stored.setdefault(w.calculation, {})[w.date] = _as_ledger_cell(
+                w, self._stored(key)
+            )
+            self.hashes[key] = w.result_hash
+            self.tables.discard(key)
+            self.cache.discard(key)
+            self.reused.add(key)
+
+    def _instant_attempt(
+        self,
+        spec: CalcSpec,
+        d: Decision,
+        status: str,
+        now: dt.datetime,
+        users: int,
+        generation: str | None = None,
+    ) -> dict[str, Any]:
+        """The attempt row of a cell settled without computing (MIGRATED, REUSED)."""
+        return {
+            "run_id": self.run_id,
+            "calculation": spec.name,
+            "date": d.date,
+            "reason": d.reason.value,
+            "worker": self.worker,
+            "started_at": now,
+            "finished_at": now,
+            "status": status,
+            "users": users,
+            "users_failed": 0,
+            "flushes": 0,
+            "shards": 0,
+            "bytes_raw": 0,
+            "bytes_compressed": 0,
+            "peak_memory": self.peak_rss,
+            "error": None,
+            "detail": d.detail or None,
+            "generation": generation,
+        }
 
     def _stage(self, writes: list[CellWrite], shard_rows: list[dict[str, Any]]) -> None:
         """Queue finished cells for the next publish; later decisions see them at once."""
@@ -187,25 +251,15 @@ class Recorder(RunState):
     ) -> CellWrite:
         inputs = self.decider.inputs(spec, date, self._hash)
         finished = self.clock()
-        return CellWrite(
-            calculation=spec.name,
-            date=date,
-            status=status,
-            category=spec.category,
-            code_hash=spec.code_hash,
-            layer_hash=spec.layer_hash,
-            infra_hash=spec.infra_hash,
-            epoch=self.decider.request.epoch,
-            scoped_epoch=self.decider.scoped_epoch(spec.name),
-            inputs_digest=inputs.digest,
-            upstream_hashes=inputs.upstream,
-            root_hashes=inputs.root,
-            previous_hash=inputs.previous_hash,
-            result_hash=writer.hasher.hexdigest() if published else None,
-            generation=writer.generation if published else None,
-            users=writer.users,
-            run_id=self.run_id,
-            error=error,
+        return self._cell_write(
+            spec,
+            date,
+            inputs,
+            status,
+            writer.hasher.hexdigest() if published else None,
+            writer.generation if published else None,
+            writer.users,
+            error,
             users_failed=run.failures + run.inherited,
             failures=sorted(run.failed_users, key=lambda f: (f["kind"], f["user"])),
             attempt={
@@ -226,7 +280,46 @@ class Recorder(RunState):
                 "bytes_compressed": writer.bytes_compressed,
                 "peak_memory": self.peak_rss,
                 "error": error,
+                "detail": decision.detail or None,
+                "generation": writer.generation if published else None,
             },
+        )
+
+    def _cell_write(
+        self,
+        spec: CalcSpec,
+        date: dt.date,
+        inputs: CellInputs,
+        status: str,
+        result_hash: str | None,
+        generation: str | None,
+        users: int,
+        error: str | None,
+        attempt: Mapping[str, Any],
+        **rest: Any,
+    ) -> CellWrite:
+        """The write of one cell of ``spec`` with the current parts and ``inputs``."""
+        return CellWrite(
+            calculation=spec.name,
+            date=date,
+            status=status,
+            category=spec.category,
+            code_hash=spec.code_hash,
+            layer_hash=spec.layer_hash,
+            infra_hash=spec.infra_hash,
+            epoch=self.decider.request.epoch,
+            scoped_epoch=self.decider.scoped_epoch(spec.name),
+            inputs_digest=inputs.digest,
+            upstream_hashes=inputs.upstream,
+            root_hashes=inputs.root,
+            previous_hash=inputs.previous_hash,
+            result_hash=result_hash,
+            generation=generation,
+            users=users,
+            run_id=self.run_id,
+            error=error,
+            attempt=attempt,
+            **rest,
         )
 
     def _success(

@@ -28,6 +28,7 @@ class RunSummary:
     run_id: str
     completed: int = 0
     skipped: int = 0
+    reused: int = 0  # re-pointed to a retained result of the same fingerprint (REUSED)
     failed: list[tuple[str, dt.date, str]] = field(default_factory=list)
     blocked: int = 0
     impossible: int = 0
@@ -87,6 +88,11 @@ class RunSummary:
             f"{len(self.failed):,} failed",
             *([f"{users:,} {'user' if users == 1 else 'users'} failed"] if users else []),
             f"{self.skipped:,} skipped (up to date)",
+            *(
+                [f"{self.reused:,} reused (stored results of the same fingerprint)"]
+                if self.reused
+                else []
+            ),
             f"{self.blocked:,} blocked",
             f"{self.impossible:,} impossible",
         ]

@@ -201,6 +201,31 @@ SHARDS = Table(
     Index("ix_shards_cell", "calculation", "date", "generation", "seq", unique=True),
 )
 
+# A published result superseded by a later one, kept under its generation (its shards stay)
+# with the fingerprint it was computed from (migration 0007): a cell whose current
+# fingerprint equals it is re-pointed to it without computing (REUSED). ``computed_at`` is
+# when the cell was last written with it, ``retained_at`` when it was superseded; the run that
+# computed it is the COMPLETED attempt of its generation (``run_attempts.generation``).
+RETAINED = Table(
+    "retained_results",
+    METADATA,
+    serial_id(),
+    req("calculation", String(200)),
+    req("date", Date),
+    req("generation", String(32)),
+    req("result_hash", HASH),
+    req("inputs_digest", HASH),
+    req("code_hash", HASH),
+    req("layer_hash", HASH),
+    req("infra_hash", HASH),
+    req("epoch", Integer),
+    req("scoped_epoch", Integer),
+    req("users", Integer),
+    req("computed_at", UTCDateTime),
+    req("retained_at", UTCDateTime),
+    Index("ix_retained_cell", "calculation", "date", "generation", unique=True),
+)
+
 # What was indexed for a dataset: the digest of its raw files and of its configuration, and
 # what it could not read (``problems``: ``{"skipped": rows given to no user, "examples": the
 # first 20 "file:line: what"}``; NULL when indexed before migration 0005).
@@ -265,6 +290,8 @@ ATTEMPTS = Table(
     req("bytes_compressed", BigInteger),
     req("peak_memory", BigInteger),
     opt("error", Text),
+    opt("detail", Text),  # the decision's detail (migration 0007)
+    opt("generation", String(32)),  # what it published or re-pointed to (migration 0007)
     Index("ix_attempts_cell", "calculation", "date"),
 )
 

@@ -35,7 +35,6 @@ from sqlalchemy import (
     Engine,
     Select,
     String,
-    Table,
     and_,
     bindparam,
     cast,
@@ -43,7 +42,6 @@ from sqlalchemy import (
     delete,
     event,
     exists,
-    false,
     func,
     insert,
     inspect,
@@ -59,7 +57,7 @@ from sqlalchemy.exc import IntegrityError, OperationalError, SQLAlchemyError
 
 from orchestrator import faults
 from orchestrator.errors import RunLockedError, StorageError
-from orchestrator.ledger import digests
+from orchestrator.ledger import digests, retention
 from orchestrator.ledger.digests import CalcDigests, Sums, bucket_bounds, bucket_of
 from orchestrator.ledger.models import (
     ATTEMPTS,
@@ -68,6 +66,7 @@ from orchestrator.ledger.models import (
     DIGESTS,
     FAILURES,
     LOCK,
+    RETAINED,
     ROOT_INDEX,
     ROOT_SOURCES,
     RUNS,
@@ -75,6 +74,7 @@ from orchestrator.ledger.models import (
     UNCLEAN_EXPRESSION,
     VERSIONS,
 )
+from orchestrator.ledger.sql import cells_in as _cells_in
 from orchestrator.memory import paused_gc
 
 
@@ -92,7 +92,7 @@ MIGRATIONS = Path(__file__).resolve().parents[2] / "migrations"
 # The head revision of ``migrations/versions``: a ledger stored at it opens without Alembic
 # (whose import and script scan cost a no-op run ~0.15 s); any other revision goes through
 # Alembic. Bump it with every new migration (``tests/test_migrations.py`` checks it).
-SCHEMA_HEAD = "0006"
+SCHEMA_HEAD = "0007"
 
 
 def build_key(
@@ -223,6 +223,9 @@ class CellWrite:
     attempt: Mapping[str, Any]
     users_failed: int = 0
     failures: Sequence[Mapping[str, str]] = ()
+    # ``generation`` is a retained result's, re-pointed to without computing (REUSED): its
+    # shards exist already and its retained row goes (``retention.record``).
+    reused: bool = False
 
 
 # How long a command waits for a database held by another process (an SQLite write lock, the
@@ -423,23 +426,6 @@ def holder_is_dead(holder: str) -> bool:
         return int(psutil.Process(pid).create_time()) != started
     except psutil.NoSuchProcess:
         return True
-
-
-def _cells_in(table: Table, cells: Iterable[tuple[str, dt.date]]) -> ColumnElement[bool]:
-    """``(calculation, date) IN cells`` written as an OR over calculations of ``date IN
-    (...)``: SQLite uses no index for a row-value IN list (it scans the table, measured: a
-    catch-up re-run 40 s slower), but searches its index for each term of this form."""
-    by_calc: dict[str, list[dt.date]] = {}
-    for calc, date in cells:
-        by_calc.setdefault(calc, []).append(date)
-    if not by_calc:
-        return false()
-    return or_(
-        *(
-            and_(table.c.calculation == calc, table.c.date.in_(dates))
-            for calc, dates in by_calc.items()
-        )
-    )
 
 
 def _safe(url: str) -> str:
@@ -749,8 +735,10 @@ def _digest_calculations(
 class Ledger:
     """Access to one ledger database. Construct with ``Ledger.open(url)``."""
 
-    def __init__(self, engine: Engine):
+    def __init__(self, engine: Engine, retain: int = retention.DEFAULT_KEEP):
         self.engine = engine
+        # Superseded clean results kept per cell (``retention``); 0 deletes them at once.
+        self.retain = retain
 
     @classmethod
     def open(cls, url: str, migrate: bool = True) -> Ledger:
@@ -1045,6 +1033,10 @@ class Ledger:
                     cast(CELLS.c.root_hashes, String).label("root_json"),
                     CELLS.c.previous_hash,
                     CELLS.c.result_hash,
+                    CELLS.c.inputs_digest,
+                    CELLS.c.users,
+                    CELLS.c.users_failed,
+                    CELLS.c.updated_at,
                 ).where(_cells_in(CELLS, keys))
             )
         }
@@ -1098,6 +1090,8 @@ class Ledger:
         updates: list[dict[str, Any]] = []
         kept: list[dict[str, Any]] = []
         superseded: list[dict[str, Any]] = []
+        retained: list[dict[str, Any]] = []
+        reclaimed: list[dict[str, Any]] = []
         failures: list[dict[str, Any]] = []
         for w in writes:
             old = existing.get((w.calculation, w.date))
@@ -1148,14 +1142,19 @@ class Ledger:
                 "users_failed": w.users_failed,
                 "attempted_digest": w.inputs_digest,
             }
+            if w.reused:
+                reclaimed.append({"b_calc": w.calculation, "b_date": w.date, "b_gen": w.generation})
             if old is None:
                 inserts.append(values)
                 continue
             updates.append({"b_id": old.id, **values})
             if old.generation and old.generation != w.generation:
-                superseded.append(
-                    {"b_calc": w.calculation, "b_date": w.date, "b_gen": old.generation}
-                )
+                if self.retain > 0 and retention.retainable(old):
+                    retained.append(retention.retained_row(old, now))
+                else:
+                    superseded.append(
+                        {"b_calc": w.calculation, "b_date": w.date, "b_gen": old.generation}
+                    )
         # One executemany per statement shape (a statement per cell cost more than the rest
         # of a re-run's publish): every row of a group has the same keys, which SQLAlchemy
         # turns into the SET clause. Still one transaction: a crash leaves nothing visible.
@@ -1165,6 +1164,7 @@ class Ledger:
             conn.execute(_UPDATE_BY_ID, kept)
         if superseded:
             conn.execute(_DELETE_SHARDS_OF, superseded)
+        retention.record(conn, retained, reclaimed, self.retain)
         if inserts:
             conn.execute(insert(CELLS), inserts)
         attempts_rows = [dict(w.attempt) for w in writes if w.attempt]
@@ -1260,14 +1260,24 @@ class Ledger:
             return count
 
     def collect_orphans(self) -> int:
-        """Delete shards no published cell points at (left by a crashed attempt)."""
+        """Delete shards no published cell points at and no retained result holds (left by
+        a crashed attempt)."""
         s = SHARDS.alias("s")
-        published = exists().where(
-            and_(
-                CELLS.c.calculation == s.c.calculation,
-                CELLS.c.date == s.c.date,
-                CELLS.c.generation == s.c.generation,
-            )
+        published = or_(
+            exists().where(
+                and_(
+                    CELLS.c.calculation == s.c.calculation,
+                    CELLS.c.date == s.c.date,
+                    CELLS.c.generation == s.c.generation,
+                )
+            ),
+            exists().where(
+                and_(
+                    RETAINED.c.calculation == s.c.calculation,
+                    RETAINED.c.date == s.c.date,
+                    RETAINED.c.generation == s.c.generation,
+                )
+            ),
         )
         with self.engine.begin() as conn:
             # Found first, on the shards' covering index: a DELETE of the same condition scans
@@ -1278,6 +1288,36 @@ class Ledger:
                 result = conn.execute(delete(s).where(s.c.id.in_(chunk), ~published))  # type: ignore[arg-type]
                 deleted += result.rowcount or 0
             return deleted
+
+    # --- retained results (``retention``) ---------------------------------------------------
+
+    def load_retained(
+        self, cells: Iterable[tuple[str, dt.date]], parts: Mapping[str, retention.OwnParts]
+    ) -> dict[tuple[str, dt.date], tuple[retention.Retained, ...]]:
+        """The retained results ``cells`` could be re-pointed to now: those whose own parts
+        but code equal their calculation's current ``parts`` (layer and infra hashes, system
+        and scoped epoch), as (calculation, date) -> results, newest first."""
+        with self.engine.connect() as conn:
+            return retention.load(conn, cells, parts)
+
+    def gc(
+        self,
+        keep: int,
+        older_than: dt.timedelta | None,
+        now: dt.datetime,
+        dry_run: bool = False,
+    ) -> retention.GcReport:
+        """Prune retained results past the policy (``retention.prunable``: per cell all but
+        the ``keep`` newest, and with ``older_than`` those retained longer ago), with their
+        shards, and orphaned shards; in one transaction. A current result is never pruned.
+
+        Raises:
+            ValueError: ``keep`` negative.
+        """
+        with self.engine.begin() as conn:
+            chosen, size, kept = retention.gc(conn, keep, older_than, now, dry_run)
+        orphans = 0 if dry_run else self.collect_orphans()
+        return retention.GcReport(len(chosen), size, kept, orphans, dry_run)
 
     # --- results --------------------------------------------------------------------------
 
