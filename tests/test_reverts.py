@@ -414,3 +414,25 @@ def test_gc_report_counts_bytes_of_the_shards_it_prunes(project: Project) -> Non
     finally:
         orch.close()
     assert report.pruned_bytes == retained_bytes and report.kept == 0
+
+
+def test_a_ledger_of_0006_upgrades_and_its_results_are_retained_from_then_on(
+    project: Project,
+) -> None:
+    from orchestrator.ledger.store import current_revision, downgrade, make_engine
+
+    _, before = _start(project)
+    engine = make_engine(project.db_url)
+    downgrade(engine, "0006")  # the ledger as the previous release left it
+    assert current_revision(engine) == "0006"
+    engine.dispose()
+    project.write_calcs(PERIOD_4)  # opens the ledger: migrated to head first
+    changed = project.run(TARGET)
+    assert changed.ok and changed.completed > 0
+    project.write_calcs(BASE)
+    back = project.run(TARGET)
+    assert back.completed == 0 and back.reused == changed.completed
+    assert project.result_hashes() == before
+    # Results published before the upgrade have no attempt naming their generation.
+    plan_detail = project.cli("why", "rsi", str(DATES[5]))
+    assert "REUSED" in plan_detail.output and "(computed " in plan_detail.output

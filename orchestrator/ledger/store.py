@@ -1300,6 +1300,26 @@ class Ledger:
         with self.engine.connect() as conn:
             return retention.load(conn, cells, parts)
 
+    def retained_shards(self) -> int:
+        """How many shards retained results hold (the rest belong to published cells, or
+        to an attempt in progress or crashed)."""
+        r, s = RETAINED, SHARDS
+        with self.engine.connect() as conn:
+            return int(
+                conn.execute(
+                    select(func.count())
+                    .select_from(s)
+                    .join(
+                        r,
+                        and_(
+                            r.c.calculation == s.c.calculation,
+                            r.c.date == s.c.date,
+                            r.c.generation == s.c.generation,
+                        ),
+                    )
+                ).scalar_one()
+            )
+
     def gc(
         self,
         keep: int,
