@@ -222,6 +222,15 @@ class Plan:
     def reason_counts(self) -> dict[str, int]:
         return dict(sorted((r.value, n) for r, n in self._reasons().items() if n))
 
+    def cell_reasons(self) -> Iterator[tuple[CellKey, Reason]]:
+        """Every cell's reason, without its result hash (a digest plan's proven cells are not
+        made, and their stored result hashes not read)."""
+        if isinstance(self.decisions, DigestDecisions):
+            yield from self.decisions.cell_reasons()
+            return
+        for key, decision in self.decisions.items():
+            yield key, decision.reason
+
     def runnable(self) -> list[Decision]:
         if isinstance(self.decisions, DigestDecisions):
             return self.decisions.runnable()
@@ -1715,6 +1724,23 @@ class DigestDecisions(Mapping[CellKey, Decision]):
         if not self._proven[name][self._axis.month_of[i]]:  # KeyError: unknown calculation
             raise KeyError(key)
         return tuple.__new__(Decision, (name, date, Reason.UP_TO_DATE, "", self._hash(name, date)))
+
+    def cell_reasons(self) -> Iterator[tuple[CellKey, Reason]]:
+        """(cell, reason) of every cell, as ``__getitem__`` decides them, without making the
+        proven cells' decisions (whose result hashes would have to be read)."""
+        explicit, impossible = self._explicit, self._impossible
+        month_of = self._axis.month_of
+        for name in self._order._names:
+            flags = self._proven.get(name)
+            for i, date in enumerate(self._axis.dates):
+                key = (name, date)
+                found = explicit.get(key) or impossible.get(key)
+                if found is not None:
+                    yield key, found.reason
+                elif flags is not None and flags[month_of[i]]:
+                    yield key, Reason.UP_TO_DATE
+                else:
+                    raise KeyError(key)
 
     def _hash(self, name: str, date: dt.date) -> str | None:
         hashes = self._hashes.get(name)

@@ -123,8 +123,8 @@ def build_status(
             row.date, row.status, row.users_failed or 0, error[-1] if error else ""
         )
     per_calc: dict[str, list[tuple[dt.date, CellStatus, str]]] = {}
-    for (name, date), decision in plan.decisions.items():
-        per_calc.setdefault(name, []).append((date, decision.status, decision.reason.value))
+    for (name, date), why in plan.cell_reasons():
+        per_calc.setdefault(name, []).append((date, why.status, why.value))
     out = []
     for name in names:
         if only is not None and name not in only:

@@ -179,6 +179,8 @@ def assert_same_plan(request: PlanRequest) -> Plan:
     assert plan.counts() == full.counts()
     assert plan.reason_counts() == full.reason_counts()
     assert plan.runnable() == full.runnable()
+    reasons = {k: d.reason for k, d in theirs.items()}
+    assert dict(plan.cell_reasons()) == reasons == dict(full.cell_reasons())
     return plan
 
 
