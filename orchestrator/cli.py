@@ -21,6 +21,7 @@ import datetime as dt
 import functools
 import json
 import logging
+import os
 import sys
 import time
 from collections.abc import Callable
@@ -65,6 +66,12 @@ def _handle_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
             return fn(*args, **kwargs)
         except (click.exceptions.Exit, click.ClickException, click.Abort):
             raise
+        except BrokenPipeError:
+            # The reader went away (``orchestrator plan | head``): nothing to say to it; the
+            # exit status is a shell's for SIGPIPE. Further writes to stdout are dropped, so
+            # the interpreter's own flush at exit does not fail again.
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            ctx.exit(141)
         except OrchestratorError as e:
             _log_error(e)
             if ctx.obj.get("debug"):

@@ -11,6 +11,8 @@ from __future__ import annotations
 import datetime as dt
 import json
 import re
+import subprocess
+import sys
 from importlib.metadata import version
 from pathlib import Path
 
@@ -130,6 +132,22 @@ def test_a_backfill_into_a_pipe_draws_no_progress_bar(project: Project) -> None:
     assert result.exit_code == 0, result.output
     assert "\r" not in result.output and "date/s" not in result.output
     assert "it/s" not in result.output
+
+
+def test_a_reader_that_goes_away_ends_the_command_quietly(project: Project) -> None:
+    setup(project)
+    assert project.run(DATES[-1]).ok
+    exe = Path(sys.executable).parent / "orchestrator"
+    # ``| true`` exits without reading: the plan's first write meets a closed pipe.
+    shell = f"'{exe}' --config '{project.config}' plan --date {DATES[-1]} | true"
+    done = subprocess.run(
+        ["bash", "-c", shell + "; echo ${PIPESTATUS[0]}"],
+        check=True,
+        capture_output=True,
+        text=True,
+    )
+    assert done.stdout.strip() == "141"  # a shell's status for SIGPIPE, as `yes | true`
+    assert done.stderr == ""  # no "unexpected BrokenPipeError", no traceback
 
 
 def test_metrics_textfile_after_clean_failing_and_aborted_runs(
