@@ -615,6 +615,8 @@ class Orchestrator:
         workers: int | None = None,
         selection: frozenset[str] | None = None,
         reviewed: Any = None,
+        executor: str | None = None,
+        scheduler: str | None = None,
     ) -> RunSummary:
         """Index, plan and execute up to ``target``; the nightly job and backfills.
 
@@ -630,11 +632,24 @@ class Orchestrator:
             selection: execute only these calculations' cells (``--select``); the others are
                 outside the scope, and a selected cell whose upstream would have to run first
                 waits (BLOCKED) rather than read a stale input.
+            executor / scheduler: where blocks are computed (``orchestrator.executors``;
+                default: the config's ``executor`` and ``scheduler``).
 
         Raises:
             RunLockedError: another run is in progress.
+            ConfigError: the executor is unknown or unavailable here, or refuses the setting
+                (before anything is recorded).
         """
+        from orchestrator import executors
         from orchestrator.execution import Executor
+
+        plugin = executors.get(executor or self.config.executor)
+        setting = executors.Setting(
+            workers=workers or self.config.workers,
+            scheduler=scheduler or self.config.scheduler,
+            database_url=self.config.database_url,
+        )
+        plugin.check(setting)
 
         now = dt.datetime.now(dt.UTC)
         target = target or default_target(now)
@@ -681,7 +696,7 @@ class Orchestrator:
                     ledger.renew_leases(run_id, t + lease)
                     last_beat[0] = t
 
-            executor = Executor(
+            engine = Executor(
                 ledger=ledger,
                 manifest=manifest,
                 decider=decider,
@@ -694,7 +709,8 @@ class Orchestrator:
                 in_scope=_scope(low if start else None, selection),
                 progress=self.progress,
                 heartbeat=heartbeat,
-                workers=workers or self.config.workers,
+                workers=plugin.walk_workers(setting),
+                block_runner=lambda matrices: plugin.block_runner(setting, matrices, manifest),
                 max_attempts=self.config.max_attempts,
                 lease=lease,
                 memory_budget=(
@@ -715,7 +731,7 @@ class Orchestrator:
                     counts.get("RUNNABLE", 0) + counts.get("BLOCKED", 0),
                     extra={"run_id": run_id, "date": target, "counts": counts},
                 )
-            summary = executor.execute()
+            summary = engine.execute()
             summary.started_at, summary.finished_at = now, dt.datetime.now(dt.UTC)
             _log_cells(ledger, run_id, summary)
             # Rows no user can be given to are reported by every run that uses the dataset,

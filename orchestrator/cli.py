@@ -252,6 +252,24 @@ def _write_report(text: str, output: Path | None) -> None:
         click.echo(text, nl=not text.endswith("\n"))
 
 
+def _executor_options(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """``--executor`` and ``--scheduler`` (run, backfill)."""
+    fn = click.option(
+        "--scheduler",
+        default=None,
+        metavar="ADDRESS",
+        help="With --executor dask: a running scheduler (tcp://host:8786); default: the "
+        "config's scheduler, else a LocalCluster of --workers processes.",
+    )(fn)
+    return click.option(
+        "--executor",
+        default=None,
+        metavar="NAME",
+        help="Where blocks are computed: serial, processes, dask or a plug-in (default: the "
+        "config's executor; `orchestrator executors` lists them).",
+    )(fn)
+
+
 def _selection_options(fn: Callable[..., Any]) -> Callable[..., Any]:
     """``--select`` and ``--exclude`` (dbt style, ``orchestrator.selection``)."""
     fn = click.option(
@@ -317,6 +335,7 @@ def _print_summary(summary: Any) -> None:
     "decided from changed since.",
 )
 @_selection_options
+@_executor_options
 @click.pass_context
 @_handle_errors
 def run(
@@ -324,6 +343,8 @@ def run(
     date: dt.date | None,
     trigger: str,
     workers: int | None,
+    executor: str | None,
+    scheduler: str | None,
     metrics_file: Path | None,
     plan_file: Path | None,
     select: tuple[str, ...],
@@ -351,7 +372,13 @@ def run(
             orch,
             metrics_file,
             lambda: orch.run(
-                date, trigger=trigger, workers=workers, selection=selection, reviewed=reviewed
+                date,
+                trigger=trigger,
+                workers=workers,
+                selection=selection,
+                reviewed=reviewed,
+                executor=executor,
+                scheduler=scheduler,
             ),
         )
     finally:
@@ -490,6 +517,7 @@ def status(
     help="Write a Prometheus textfile here after the run (default: the config's metrics_file).",
 )
 @_selection_options
+@_executor_options
 @click.pass_context
 @_handle_errors
 def backfill(
@@ -499,6 +527,8 @@ def backfill(
     calcs: tuple[str, ...],
     force: bool,
     workers: int | None,
+    executor: str | None,
+    scheduler: str | None,
     metrics_file: Path | None,
     select: tuple[str, ...],
     exclude: tuple[str, ...],
@@ -519,6 +549,8 @@ def backfill(
                 force=force,
                 workers=workers,
                 selection=_selected(orch, select, exclude),
+                executor=executor,
+                scheduler=scheduler,
             ),
         )
     finally:
@@ -860,6 +892,21 @@ def gc(ctx: click.Context, keep: int | None, older_than: float | None, dry_run: 
         f"compressed); {report.kept:,} stay retained"
         + (f"; removed {report.orphans:,} orphaned shard(s)" if report.orphans else "")
     )
+
+
+@main.command("executors")
+@click.pass_context
+@_handle_errors
+def executors_(ctx: click.Context) -> None:
+    """Every executor (built in, or a plug-in under the entry-point group
+    orchestrator.executors): available here or not, and why; the configured one marked."""
+    from orchestrator import executors
+
+    configured = _orch(ctx).config.executor
+    for name, why, summary in executors.describe():
+        mark = "*" if name == configured else " "
+        state = "available" if why is None else "unavailable"
+        click.echo(f"{mark} {name:10} {state:11} {why if why is not None else summary}")
 
 
 @main.group()

@@ -76,6 +76,10 @@ class Config:
         retain_results: superseded clean results kept per cell, by fingerprint, so that a
             revert re-points cells to them instead of recomputing (``ledger.retention``);
             ``orchestrator gc`` prunes further; 0: superseded results are deleted at once.
+        executor: where blocks are computed (``orchestrator.executors``): "serial",
+            "processes" (default: ``workers`` forked processes) or "dask", or a plug-in's name.
+        scheduler: with ``executor = "dask"``, a running scheduler's address
+            ("tcp://host:8786"); None: a ``LocalCluster`` of ``workers`` processes.
     """
 
     path: Path
@@ -99,6 +103,8 @@ class Config:
     block_dates: int = 256
     metrics_file: Path | None = None
     retain_results: int = 3
+    executor: str = "processes"
+    scheduler: str | None = None
 
 
 COSMETIC_VERDICTS = ("proof", "simulation")
@@ -143,6 +149,8 @@ TOP_KEYS = (
     "block_dates",
     "metrics_file",
     "retain_results",
+    "executor",
+    "scheduler",
 )
 ROOT_DATA_KEYS = ("path", "date_column", "user_column", "format", "complete_marker")
 
@@ -338,6 +346,8 @@ def load_config(path: str | os.PathLike[str] | None = None, db_url: str | None =
     retain_results = get("retain_results", int, 3)
     if retain_results < 0:
         raise check.fail(f"'retain_results' must be >= 0, found {retain_results}")
+    executor = get("executor", str, "processes")
+    scheduler = get("scheduler", str, None)
     return Config(
         path=cfg_path,
         database_url=url,
@@ -360,4 +370,6 @@ def load_config(path: str | os.PathLike[str] | None = None, db_url: str | None =
         block_dates=block_dates,
         metrics_file=(base / metrics_file).resolve() if metrics_file else None,
         retain_results=retain_results,
+        executor=executor,
+        scheduler=scheduler or None,
     )

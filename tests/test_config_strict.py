@@ -42,7 +42,8 @@ def test_a_valid_file_loads_with_every_key(tmp_path: Path, style: str) -> None:
         "lease_seconds = 60\nmemory_budget_mb = 100\nmemory_fraction = 1\n"
         'packages = ["zstandard"]\nwork_dir = "w"\nroot_memory_mb = 0\n'
         'cosmetic_verdict = "simulation"\ncolumnar = false\nblock_dates = 16\n'
-        'metrics_file = "m.prom"\nretain_results = 5\n'
+        'metrics_file = "m.prom"\nretain_results = 5\nexecutor = "dask"\n'
+        'scheduler = "tcp://h:8786"\n'
     )
     root = 'date_column = "d"\nformat = "csv"\ncomplete_marker = "m"\n'
     config = load_config(write(tmp_path, style, top, root))
@@ -52,6 +53,7 @@ def test_a_valid_file_loads_with_every_key(tmp_path: Path, style: str) -> None:
     assert config.columnar is False and config.block_dates == 16
     assert config.metrics_file is not None and config.metrics_file.name == "m.prom"
     assert config.retain_results == 5
+    assert config.executor == "dask" and config.scheduler == "tcp://h:8786"
     # (the test above names every key: a new key must be added there and to TOP_KEYS)
     named = {line.split(" = ")[0] for line in (top + "calculations = x\nroot_data = x").split("\n")}
     assert named - {""} == set(TOP_KEYS)

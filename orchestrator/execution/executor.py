@@ -28,7 +28,7 @@ import sys
 import time
 import uuid
 from collections.abc import Callable
-from contextlib import ExitStack
+from contextlib import AbstractContextManager, ExitStack
 from typing import Any
 
 import numpy as np
@@ -57,6 +57,9 @@ from orchestrator.results import (
     describe_failure,
 )
 from orchestrator.rootdata import Dataset, RootData
+
+# Given the root matrices a run's blocks may read: the runner of its blocks, or None.
+BlockRunnerFactory = Callable[[dict[str, RootMatrix]], AbstractContextManager[Any] | None]
 
 # Dates per chunk of the run (see ``Executor._walk_dates``): a columnar block computes at
 # most this many dates at once, so its arrays are bounded by dates × users × fields.
@@ -87,6 +90,9 @@ class Executor(UserWalk):
         columnar: run calculations that have a columnar form (``compute``) in it, in blocks;
             False: every calculation in its per-user form.
         block_dates: dates per chunk: the most dates one block computes at once.
+        block_runner: given the root matrices a block may read, the runner of the run's
+            per-user blocks (``executors.ExecutorPlugin.block_runner``), or None: none. By
+            default the forked ``BlockPool`` when ``workers`` > 1.
     """
 
     def __init__(
@@ -110,6 +116,7 @@ class Executor(UserWalk):
         memory_budget: int | None = None,
         columnar: bool = True,
         block_dates: int = BLOCK_DATES,
+        block_runner: BlockRunnerFactory | None = None,
     ):
         self.ledger = ledger
         self.manifest = manifest
@@ -130,12 +137,13 @@ class Executor(UserWalk):
         self.memory_budget = memory_budget
         self.columnar = columnar
         self.block_dates = block_dates
+        self.block_runner = block_runner
         # Room for a chunk's results of a few calculations: a block's upstream is often the
         # block just computed (blocks over fewer dates than the chunk re-read less).
         self.tables = TableCache(ledger, capacity=max(256, 4 * block_dates))
         self._matrices: dict[str, RootMatrix] = {}
         self.pool: WorkerPool | None = None
-        self.block_pool: BlockPool | None = None
+        self.block_pool: Any = None  # a BlockRunner (``executors``) while the run lasts
         self.in_worker = False
         self.decisions: dict[CellKey, Decision] = dict(plan.decisions)
         self.hashes: dict[CellKey, str | None] = {}  # published during this run
@@ -190,7 +198,7 @@ class Executor(UserWalk):
             WorkerError: a worker process died (nothing of its pass was published).
         """
         work = [k for k in self.plan.order if _to_act_on(self.decisions[k]) and self.in_scope(k)]
-        if self.workers <= 1:
+        if self.workers <= 1 and self.block_runner is None:
             return self._execute()
         with ExitStack() as stack:
             self._start_block_pool(work, stack)
@@ -219,7 +227,12 @@ class Executor(UserWalk):
             if isinstance(self.dataset(ds), Dataset)
         }
         matrices = {ds: self._matrix(ds) for ds in sorted(held)}
-        self.block_pool = stack.enter_context(BlockPool(matrices, self.manifest, self.workers))
+        if self.block_runner is not None:
+            runner = self.block_runner(matrices)
+        else:
+            runner = BlockPool(matrices, self.manifest, self.workers) if self.workers > 1 else None
+        if runner is not None:
+            self.block_pool = stack.enter_context(runner)
 
     def _execute_walked(self, work: list[CellKey]) -> RunSummary:
         """``_execute``, with the walk's worker pool when per-user cells are walked."""
@@ -228,7 +241,7 @@ class Executor(UserWalk):
         standard = {
             k[0] for k in work if self.manifest.calcs[k[0]].is_standard and not self._blocked(k[0])
         }
-        if not standard:
+        if not standard or self.workers <= 1:
             return self._execute()
         # The users a cell walks come from its root data or, for a cell without root data,
         # from its standard upstream results, whose users came from root data further up:

@@ -1,0 +1,180 @@
+"""Blocks on a dask.distributed cluster: one task per user range of a block.
+
+The same split as the forked ``BlockPool`` (``blockpool.slice_task`` in, ``merge_outcomes``
+out), so a block's outcome, and therefore every result hash, is a serial run's. What differs
+is how the inputs travel to processes that share no memory with the run:
+
+* the root matrices are scattered once per run to every worker (``Client.scatter(...,
+  broadcast=True)``) and a task names them;
+* the calculation's class travels by value (``cloudpickle``, its package registered by
+  value), so a worker needs ``orchestrator`` installed but not the user's calculations;
+* upstream and previous results travel with the task, sliced to its user range.
+
+A task is pure (its inputs in, its outcome out; no I/O), so when a worker dies dask runs it
+again on another (``distributed.scheduler.allowed-failures``); when it cannot (every worker
+lost, ``KilledWorker``) the block fails the run with ``WorkerError`` and nothing of the block
+is published, as with the forked pool. Without a ``scheduler`` address a ``LocalCluster`` of
+``workers`` processes is started for the run and closed after it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import sys
+from typing import TYPE_CHECKING, Any, Self
+
+import cloudpickle
+
+from orchestrator.errors import ConfigError
+from orchestrator.execution.blockpool import (
+    MIN_SPLIT_USERS,
+    _candidates,
+    merge_outcomes,
+    slice_task,
+)
+from orchestrator.execution.blocks import BlockOutcome, BlockTask, run_block
+from orchestrator.execution.workers import Partition, WorkerError
+
+if TYPE_CHECKING:
+    from orchestrator.execution.blocks import RootMatrix
+    from orchestrator.manifest import Manifest
+
+# How long a run waits for a scheduler to answer before it aborts (exit 2, nothing ran).
+CONNECT_TIMEOUT = "20s"
+
+# User ranges per worker and block: a little more than one, so a slow or lost worker's
+# share is rebalanced.
+RANGES_PER_WORKER = 2
+
+
+def _compute(task: BlockTask, calculation: bytes, matrices: dict[str, Any]) -> BlockOutcome:
+    """On a worker: the task with its class and root matrices put back, run."""
+    task = dataclasses.replace(
+        task,
+        calculation=cloudpickle.loads(calculation),
+        root={ds: (matrices[ds], lb) for ds, (_, lb) in task.root.items()},
+    )
+    return run_block(task)
+
+
+class DaskBlocks:
+    """A ``BlockRunner`` on a dask.distributed cluster. Use as a context manager.
+
+    Args:
+        matrices: every root matrix a block of the run may read (scattered to the workers).
+        manifest: the calculations (their classes travel by value).
+        scheduler: a running scheduler's address ("tcp://host:8786"), or None for a
+            ``LocalCluster`` of ``workers`` processes, one thread each.
+        workers: the ``LocalCluster``'s processes (without ``scheduler``).
+
+    Raises:
+        ConfigError: (entering) the scheduler cannot be reached, or no worker joined.
+    """
+
+    def __init__(
+        self,
+        matrices: dict[str, RootMatrix],
+        manifest: Manifest,
+        scheduler: str | None,
+        workers: int,
+    ):
+        self.matrices = matrices
+        self.manifest = manifest
+        self.scheduler = scheduler
+        self.workers = max(1, workers)
+        self.cluster: Any = None
+        self.client: Any = None
+        self._scattered: dict[str, Any] = {}
+        self._classes: dict[str, bytes] = {}
+
+    def __enter__(self) -> Self:
+        from distributed import Client, LocalCluster
+
+        try:
+            if self.scheduler:
+                self.client = Client(self.scheduler, timeout=CONNECT_TIMEOUT)
+            else:
+                self.cluster = LocalCluster(
+                    n_workers=self.workers,
+                    threads_per_worker=1,
+                    processes=True,
+                    dashboard_address=None,
+                    silence_logs=logging.ERROR,
+                )
+                self.client = Client(self.cluster)
+            self.client.wait_for_workers(1, timeout=60)
+        except (OSError, TimeoutError) as e:
+            self.__exit__(None, None, None)
+            where = self.scheduler or "a LocalCluster"
+            raise ConfigError(
+                f"cannot start or reach the dask cluster ({where}): {e}; is the scheduler "
+                "running (dask scheduler) and its address right?"
+            ) from e
+        for name, matrix in self.matrices.items():
+            self._scattered[name] = self.client.scatter(matrix, broadcast=True, hash=False)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.client is not None:
+            self.client.close()
+            self.client = None
+        if self.cluster is not None:
+            self.cluster.close()
+            self.cluster = None
+
+    def _count(self) -> int:
+        return max(1, len(self.client.scheduler_info().get("workers", {})))
+
+    def _class(self, name: str) -> bytes:
+        blob = self._classes.get(name)
+        if blob is None:
+            cls = self.manifest.calcs[name].cls
+            package = sys.modules[cls.__module__.split(".")[0]]
+            if package.__name__ != "orchestrator":
+                cloudpickle.register_pickle_by_value(package)
+            blob = self._classes[name] = cloudpickle.dumps(cls)
+        return blob
+
+    def takes(self, task: BlockTask) -> bool:
+        """A per-user standard block over enough users, whose root matrices were scattered
+        (as the forked pool: a columnar block is cheaper in the run's process than its
+        inputs and outputs are to send)."""
+        return (
+            task.per_user
+            and not task.meta
+            and all(ds in self._scattered for ds in task.root)
+            and len(_candidates(task)) >= MIN_SPLIT_USERS
+        )
+
+    def run(self, task: BlockTask, breaker: tuple[int, float] | None) -> BlockOutcome:
+        """``run_block(task)``, its users split into ranges computed on the cluster.
+
+        Raises:
+            WorkerError: a range could not be computed (its workers kept dying: ``KilledWorker``)
+                or failed outside user code.
+        """
+        from distributed import KilledWorker
+
+        users = _candidates(task)
+        parts = min(len(users), self._count() * RANGES_PER_WORKER)
+        partition = Partition(tuple(users[len(users) * k // parts] for k in range(1, parts)))
+        blob = self._class(task.name)
+        roots = {ds: self._scattered[ds] for ds in task.root}
+        futures = []
+        for index in range(parts):
+            part = slice_task(task, *partition.span(index))
+            # (the class and the matrices travel apart: by value, and scattered)
+            root: dict[str, Any] = {ds: (None, lb) for ds, (_, lb) in part.root.items()}
+            portable = dataclasses.replace(part, calculation=type(None), root=root)
+            futures.append(self.client.submit(_compute, portable, blob, roots, pure=False))
+        try:
+            outcomes = self.client.gather(futures)
+        except KilledWorker as e:
+            raise WorkerError(
+                f"the dask workers computing {task.name} kept dying ({e}); nothing of its block "
+                "was published; run again to resume"
+            ) from e
+        except Exception as e:
+            raise WorkerError(f"a dask task of {task.name} failed: {type(e).__name__}: {e}") from e
+        return merge_outcomes(task, outcomes, breaker)

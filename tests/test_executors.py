@@ -1,0 +1,205 @@
+"""Executors as plug-ins (serial, processes, dask): listed with their availability, refused
+with a one-line error when unavailable or misconfigured, and the same result hashes on each,
+with a dask ``LocalCluster`` on this machine (SQLite and PostgreSQL). A dask worker killed
+in the middle of a block: its task runs again elsewhere and the run converges.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from orchestrator.executors import dask_runner
+from tests.conftest import Project, price_rows, scratch_project, weekdays
+
+pytest.importorskip("distributed")
+
+DATES = weekdays(dt.date(2024, 1, 1), 6)
+TARGET = DATES[-1]
+# More users than a block needs to be split (``blockpool.MIN_SPLIT_USERS``).
+SYMBOLS = [f"S{i:03d}" for i in range(80)]
+PID_LOG = "EXECUTOR_TEST_PIDS"
+
+CALCS = f'''
+import os
+
+from orchestrator import MetaCalculation, StandardCalculation
+
+
+def _seen(name):
+    path = os.environ.get("{PID_LOG}")
+    if path:
+        with open(path, "a") as f:
+            f.write(f"{{name}},{{os.getpid()}}\\n")
+
+
+class Close(StandardCalculation):
+    name = "close"
+    root_data = ["prices"]
+    lookback = 2
+
+    def process(self, ctx):
+        _seen(self.name)
+        closes = [r["close"] for r in ctx.history["prices"]]
+        return {{"close": closes[-1], "mean": sum(closes) / len(closes)}}
+
+
+class Trend(StandardCalculation):
+    name = "trend"
+    dependencies = ["close"]
+    historical = True
+
+    def process(self, ctx):
+        _seen(self.name)
+        prev = ctx.previous or {{"ups": 0, "last": None}}
+        now = ctx.upstream["close"]["close"]
+        up = prev["last"] is not None and now > prev["last"]
+        return {{"ups": prev["ups"] + int(up), "last": now}}
+
+
+class Board(MetaCalculation):
+    name = "board"
+    dependencies = ["trend"]
+
+    def process(self, ctx):
+        return {{"ups": sum(r["ups"] for r in ctx.upstream["trend"].values())}}
+'''
+
+# On its first call anywhere, kills the worker process computing it (a marker file says
+# it happened): the task must run again on another worker.
+KILLER = CALCS.replace(
+    "        _seen(self.name)\n        prev = ctx.previous",
+    "        _seen(self.name)\n"
+    '        marker = os.environ.get("EXECUTOR_TEST_KILL")\n'
+    "        if marker and not os.path.exists(marker):\n"
+    '            open(marker, "w").close()\n'
+    "            os._exit(1)\n"
+    "        prev = ctx.previous",
+)
+
+
+def _project(project: Project, source: str = CALCS, extra: str = "") -> Project:
+    project.extra_config = "columnar = false\n" + extra
+    project.write_prices(price_rows(SYMBOLS, DATES))
+    project.write_calcs(source)
+    return project
+
+
+def _pids(log: Path) -> dict[str, set[int]]:
+    out: dict[str, set[int]] = {}
+    for line in log.read_text().splitlines() if log.exists() else []:
+        name, pid = line.split(",")
+        out.setdefault(name, set()).add(int(pid))
+    return out
+
+
+@pytest.fixture
+def serial_hashes(tmp_path: Path) -> dict[tuple[str, dt.date], str | None]:
+    twin = _project(scratch_project(tmp_path, "serial"), extra='executor = "serial"\n')
+    assert twin.run(TARGET).ok
+    return twin.result_hashes()
+
+
+def test_executors_lists_every_executor_with_its_availability(project: Project) -> None:
+    _project(project)
+    listed = project.cli("executors")
+    assert listed.exit_code == 0, listed.output
+    lines = {line[2:].split()[0]: line for line in listed.output.splitlines()}
+    assert set(lines) >= {"serial", "processes", "dask"}
+    assert lines["processes"].startswith("*")  # the configured one (the default)
+    assert all("available" in lines[n] and "unavailable" not in lines[n] for n in lines)
+
+
+def test_a_missing_optional_dependency_is_reported_and_refused(project: Project) -> None:
+    _project(project, extra='executor = "dask"\n')
+    # A Python where ``distributed`` cannot be imported, as without orchestrator[dask].
+    code = (
+        "import sys; sys.modules['distributed'] = None\n"
+        "from orchestrator.cli import main\n"
+        "main(sys.argv[1:])\n"
+    )
+    for args, want in (
+        (["executors"], "dask       unavailable install orchestrator[dask]"),
+        (["run", "--date", str(TARGET)], "Error: executor 'dask' is unavailable: install"),
+    ):
+        done = subprocess.run(
+            [sys.executable, "-c", code, "--config", str(project.config), *args],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        assert want in done.stdout + done.stderr, done.stdout + done.stderr
+        assert done.returncode == (0 if args == ["executors"] else 2)
+        assert "Traceback" not in done.stderr
+
+
+def test_unknown_and_misconfigured_executors_are_one_line_errors(
+    project: Project, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _project(project)
+    unknown = project.cli("run", "--date", str(TARGET), "--executor", "spark")
+    assert unknown.exit_code == 2 and "unknown executor 'spark'; known: serial" in unknown.output
+    stray = project.cli("run", "--date", str(TARGET), "--scheduler", "tcp://h:8786")
+    assert stray.exit_code == 2 and 'is for executor = "dask"' in stray.output
+    orch = project.orchestrator()
+    try:
+        assert orch.ledger.recent_runs() == []  # refused before anything was recorded
+    finally:
+        orch.close()
+    monkeypatch.setattr(dask_runner, "CONNECT_TIMEOUT", "2s")
+    remote = project.cli(
+        "run", "--date", str(TARGET), "--executor", "dask", "--scheduler", "tcp://127.0.0.1:9"
+    )
+    assert remote.exit_code == 2, remote.output
+    if project.db_url.startswith("sqlite"):
+        assert "an SQLite ledger is a file on this machine" in remote.output
+    else:  # PostgreSQL: allowed, but nobody answers there
+        assert "cannot start or reach the dask cluster (tcp://127.0.0.1:9)" in remote.output
+        assert project.result_hashes() == {}  # nothing ran
+
+
+@pytest.mark.parametrize("executor", ["serial", "processes", "dask"])
+def test_every_executor_publishes_the_serial_results(
+    project: Project,
+    tmp_path: Path,
+    executor: str,
+    serial_hashes: dict[tuple[str, dt.date], str | None],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    log = tmp_path / "pids.log"
+    monkeypatch.setenv(PID_LOG, str(log))
+    _project(project, extra=f'executor = "{executor}"\nworkers = 2\n')
+    summary = project.run(TARGET, workers=2)
+    assert summary.ok
+    assert project.result_hashes() == serial_hashes
+    pids = _pids(log)
+    if executor == "serial":
+        assert pids["close"] == {os.getpid()}
+    else:  # computed by other processes (two forked ones; a LocalCluster's workers)
+        assert os.getpid() not in pids["close"]
+        assert len(pids["close"]) == 2 if executor == "processes" else pids["close"]
+    # An edit re-runs through the executor as well, with the same early cutoff.
+    project.write_calcs(CALCS.replace("sum(closes) / len(closes)", "sum(closes) / len(closes) + 0"))
+    again = project.run(TARGET, workers=2)
+    assert again.ok and {k[0] for k in again.executed} == {"close"}
+    assert project.result_hashes() == serial_hashes
+
+
+def test_a_dask_worker_killed_mid_block_is_replaced_and_the_run_converges(
+    project: Project,
+    tmp_path: Path,
+    serial_hashes: dict[tuple[str, dt.date], str | None],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    marker = tmp_path / "killed"
+    monkeypatch.setenv("EXECUTOR_TEST_KILL", str(marker))
+    _project(project, KILLER, extra='executor = "dask"\nworkers = 2\n')
+    summary = project.run(TARGET, workers=2)
+    assert marker.exists()  # a worker did die
+    assert summary.ok, summary.lines()
+    assert project.result_hashes() == serial_hashes
