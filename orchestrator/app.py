@@ -711,6 +711,7 @@ class Orchestrator:
                 heartbeat=heartbeat,
                 workers=plugin.walk_workers(setting),
                 block_runner=lambda matrices: plugin.block_runner(setting, matrices, manifest),
+                remote_ranges=plugin.submits_ranges,
                 max_attempts=self.config.max_attempts,
                 lease=lease,
                 memory_budget=(

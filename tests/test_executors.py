@@ -203,3 +203,98 @@ def test_a_dask_worker_killed_mid_block_is_replaced_and_the_run_converges(
     assert marker.exists()  # a worker did die
     assert summary.ok, summary.lines()
     assert project.result_hashes() == serial_hashes
+
+
+STREAMED = f'''
+import os
+
+import numpy as np
+
+from orchestrator import MetaCalculation, StandardCalculation
+
+
+def _today(frame, column):
+    return frame.root("prices", column)[frame.rows("prices")]
+
+
+class Close(StandardCalculation):
+    name = "close"
+    root_data = ["prices"]
+
+    def process(self, ctx):
+        return {{"close": ctx.root["prices"][-1]["close"]}}
+
+    def compute(self, frame):
+        path = os.environ.get("{PID_LOG}")
+        if path:
+            with open(path, "a") as f:
+                f.write(f"close,{{os.getpid()}}\\n")
+        return {{"close": _today(frame, "close")}}
+
+
+class Ratio(StandardCalculation):
+    name = "ratio"
+    root_data = ["prices"]
+    dependencies = ["close"]
+
+    def process(self, ctx):
+        return {{"ratio": ctx.root["prices"][-1]["volume"] / ctx.upstream["close"]["close"]}}
+
+    def compute(self, frame):
+        return {{"ratio": _today(frame, "volume") / frame.upstream("close", "close")}}
+
+
+class Count(StandardCalculation):
+    name = "count"
+    root_data = ["prices"]
+    historical = True
+
+    def process(self, ctx):
+        return {{"n": (ctx.previous or {{"n": 0}})["n"] + 1}}
+
+    def compute(self, frame):
+        last = np.nan_to_num(frame.previous("n"))
+        out = np.zeros(frame.present.shape)
+        for i in range(len(frame.dates)):
+            out[i] = last + 1
+            last = np.where(frame.present[i], out[i], 0.0)
+        return {{"n": out.astype(np.int64)}}
+
+
+class Board(MetaCalculation):
+    name = "board"
+    dependencies = ["ratio"]
+
+    def process(self, ctx):
+        return {{"users": len(ctx.upstream["ratio"] or {{}})}}
+'''
+
+
+def test_columnar_blocks_over_a_root_store_run_range_by_range_on_dask(
+    project: Project, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from orchestrator import rootstore
+    from orchestrator.app import Orchestrator
+
+    # The prices streamed from their root store in parts of 16 users: 5 ranges per block.
+    monkeypatch.setattr(rootstore, "PART_USERS", 16)
+    monkeypatch.setattr(Orchestrator, "holds_in_memory", lambda self, name: False)
+    twin = scratch_project(tmp_path, "serial-streamed")
+    for p, executor in ((twin, "serial"), (project, "dask")):
+        p.extra_config = f'executor = "{executor}"\nworkers = 2\n'
+        p.write_prices(price_rows(SYMBOLS, DATES))
+        p.write_calcs(STREAMED)
+    log = tmp_path / "pids.log"
+    assert twin.run(TARGET).ok
+    monkeypatch.setenv(PID_LOG, str(log))
+    summary = project.run(TARGET, workers=2)
+    assert summary.ok, summary.lines()
+    assert project.result_hashes() == twin.result_hashes()
+    pids = _pids(log)["close"]
+    assert pids and os.getpid() not in pids  # every range computed by a dask worker
+    # A nightly date more: its ranges read the previous date's states by range.
+    more = weekdays(DATES[0], len(DATES) + 1)
+    for p in (twin, project):
+        p.write_prices(price_rows(SYMBOLS, more))
+    assert twin.run(more[-1]).ok and project.run(more[-1], workers=2).ok
+    assert project.result_hashes() == twin.result_hashes()

@@ -18,6 +18,7 @@ failure marker upstream or on the previous date (historical) fails it too, namin
 from __future__ import annotations
 
 import bisect
+import dataclasses
 import datetime as dt
 import traceback
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -39,6 +40,14 @@ NUMERIC = ("int", "float")
 class BlockError(TypeError):
     """A columnar ``compute`` returned something other than one array per field of the
     block's shape (the block's cells fail with this message)."""
+
+
+@dataclass(frozen=True)
+class Detached:
+    """What a detached ``RootMatrix`` keeps of its dataset: its name and column kinds."""
+
+    name: str
+    schema: dict[str, str]
 
 
 @dataclass
@@ -72,6 +81,15 @@ class RootMatrix:
     _parts: list[tuple[int, int, int, np.ndarray, slice]] | None = None
     _objects: np.ndarray | None = None  # ``users`` as Python strings (``user_objects``)
     _list: list[str] | None = None
+
+    def detached(self) -> RootMatrix:
+        """This matrix with every column read and no dataset behind it (a root store's
+        parts hold an open database): what travels to another process. Enough for the
+        columnar form; the per-user form reads rows from the dataset."""
+        for name in self.dataset.schema:
+            self.column(name)
+        alone: Any = Detached(self.dataset.name, dict(self.dataset.schema))
+        return dataclasses.replace(self, dataset=alone, _rows=[], _cells=None, _parts=None)
 
     def user_objects(self) -> np.ndarray:
         """(U,) object array of ``users`` as Python strings, built once: frames of the

@@ -21,6 +21,7 @@ letters and cells blocked by a failure make the run not clean (exit code 1).
 from __future__ import annotations
 
 import bisect
+import collections
 import datetime as dt
 import os
 import socket
@@ -93,6 +94,8 @@ class Executor(UserWalk):
         block_runner: given the root matrices a block may read, the runner of the run's
             per-user blocks (``executors.ExecutorPlugin.block_runner``), or None: none. By
             default the forked ``BlockPool`` when ``workers`` > 1.
+        remote_ranges: the runner also computes the ranges of columnar blocks over root
+            stores (``_compute_ranges_on``), so it is started for them too.
     """
 
     def __init__(
@@ -117,6 +120,7 @@ class Executor(UserWalk):
         columnar: bool = True,
         block_dates: int = BLOCK_DATES,
         block_runner: BlockRunnerFactory | None = None,
+        remote_ranges: bool = False,
     ):
         self.ledger = ledger
         self.manifest = manifest
@@ -138,6 +142,7 @@ class Executor(UserWalk):
         self.columnar = columnar
         self.block_dates = block_dates
         self.block_runner = block_runner
+        self.remote_ranges = remote_ranges
         # Room for a chunk's results of a few calculations: a block's upstream is often the
         # block just computed (blocks over fewer dates than the chunk re-read less).
         self.tables = TableCache(ledger, capacity=max(256, 4 * block_dates))
@@ -217,7 +222,8 @@ class Executor(UserWalk):
             for k in work
             if calcs[k[0]].is_standard and self._blocked(k[0]) and not self._columnar(k[0])
         }
-        if not blocked:
+        ranged = self.remote_ranges and any(self._ranged(calcs[k[0]]) for k in work)
+        if not blocked and not ranged:
             return
         # (a block over a root store streams its users in this process)
         held = {
@@ -724,17 +730,49 @@ class Executor(UserWalk):
         users, sharing the root matrices it reads; then each block's dates are recorded and
         published at once (their dependents read them by user range from the ledger)."""
         ranged = [RangedBlock(self, spec, decisions) for spec, decisions in blocks]
-        for lo, hi in ranged[0].ranges():
-            matrices: dict[tuple[str, tuple[dt.date, ...]], RootMatrix] = {}
-            shards: list[tuple[ShardWriter, list[dict[str, Any]]]] = []
-            for block in ranged:
-                block.compute(lo, hi, matrices, shards)
-            # unpublished generations: invisible yet
-            self.ledger.write_shards([row for w, rows in shards for row in w.settle(rows)])
-            self._sample_memory()
+        runner = self.block_pool
+        if runner is not None and getattr(runner, "submits_ranges", False):
+            self._compute_ranges_on(runner, ranged)
+        else:
+            for lo, hi in ranged[0].ranges():
+                matrices: dict[tuple[str, tuple[dt.date, ...]], RootMatrix] = {}
+                shards: list[tuple[ShardWriter, list[dict[str, Any]]]] = []
+                for block in ranged:
+                    block.compute(lo, hi, matrices, shards)
+                # unpublished generations: invisible yet
+                self.ledger.write_shards([row for w, rows in shards for row in w.settle(rows)])
+                self._sample_memory()
         for block in ranged:
             block.record()
         self._publish()
+
+    def _compute_ranges_on(self, runner: Any, ranged: list[RangedBlock]) -> None:
+        """``_compute_ranged``'s ranges computed by ``runner`` (a ``BlockRunner`` that
+        ``submit``s tasks, e.g. dask's): this process reads each range's inputs and submits
+        its tasks, keeping at most ``runner.in_flight`` ranges out, and takes their outcomes
+        back in user order (result hashes stream in that order), writing their shards. So
+        memory here follows the ranges in flight, a worker's one range."""
+        in_flight: collections.deque[list[tuple[RangedBlock, Any]]] = collections.deque()
+
+        def take_oldest() -> None:
+            shards: list[tuple[ShardWriter, list[dict[str, Any]]]] = []
+            for block, handle in in_flight.popleft():
+                if handle is not None:
+                    block.take(runner.result(handle), shards)
+            self.ledger.write_shards([row for w, rows in shards for row in w.settle(rows)])
+            self._sample_memory()
+
+        for lo, hi in ranged[0].ranges():
+            matrices: dict[tuple[str, tuple[dt.date, ...]], RootMatrix] = {}
+            submitted = []
+            for block in ranged:
+                task = block.task(lo, hi, matrices)
+                submitted.append((block, runner.submit(task) if task is not None else None))
+            in_flight.append(submitted)
+            while len(in_flight) > runner.in_flight:
+                take_oldest()
+        while in_flight:
+            take_oldest()
 
     def _finish_meta(
         self,

@@ -21,7 +21,13 @@ import datetime as dt
 from typing import TYPE_CHECKING, Any
 
 from orchestrator import faults, validation
-from orchestrator.execution.blocks import BlockTask, RootMatrix, UpstreamInput, run_block
+from orchestrator.execution.blocks import (
+    BlockOutcome,
+    BlockTask,
+    RootMatrix,
+    UpstreamInput,
+    run_block,
+)
 from orchestrator.execution.record import _CellRun, too_many_failed
 from orchestrator.execution.walk import STORED_FAILURES
 from orchestrator.ledger.store import CellWrite
@@ -121,8 +127,21 @@ class RangedBlock:
         ``shards``, with their writer: still compressing (the caller settles and writes
         them: invisible until their dates are published).
         ``matrices``: the range's root matrices, shared by the blocks of the range."""
+        task = self.task(lo, hi, matrices)
+        if task is not None:
+            self.take(run_block(task), shards)
+
+    def task(
+        self,
+        lo: str | None,
+        hi: str | None,
+        matrices: dict[tuple[str, tuple[dt.date, ...]], RootMatrix],
+    ) -> BlockTask | None:
+        """The block over the users ``lo <= user < hi``, every input read (its root
+        matrices from the store, its upstream and previous results from the ledger); None
+        once the block has failed (the other ranges are not computed)."""
         if self.error is not None:
-            return
+            return None
         x, spec = self.x, self.spec
         calcs = x.manifest.calcs
         upstream = {
@@ -145,7 +164,7 @@ class RangedBlock:
             if self.prev_date is not None
             else None
         )
-        task = BlockTask(
+        return BlockTask(
             spec.name,
             spec.cls,
             tuple(self.dates),
@@ -158,7 +177,15 @@ class RangedBlock:
             STORED_FAILURES,
             user_range=(lo, hi),
         )
-        outcome = run_block(task)
+
+    def take(
+        self, outcome: BlockOutcome, shards: list[tuple[ShardWriter, list[dict[str, Any]]]]
+    ) -> None:
+        """Add the outcome of the next range (in user order) to the block's dates and their
+        shard rows to ``shards``, with their writer (see ``compute``)."""
+        if self.error is not None:
+            return
+        x = self.x
         self.users += outcome.users
         if outcome.error is not None:
             self.error = outcome.error

@@ -81,6 +81,8 @@ class ExecutorPlugin(Protocol):
 
     name: str
     summary: str  # one line for ``orchestrator executors``
+    # its runner also computes the user ranges of columnar blocks over root stores
+    submits_ranges: bool
 
     def unavailable(self) -> str | None:
         """Why it cannot run here ("install orchestrator[dask]"), or None."""
@@ -107,6 +109,7 @@ class Serial:
 
     name = "serial"
     summary = "every block and user in the run's own process"
+    submits_ranges = False
 
     def unavailable(self) -> str | None:
         return None
@@ -130,6 +133,7 @@ class Processes:
 
     name = "processes"
     summary = "forked worker processes on this machine (workers = N; 1 runs in-process)"
+    submits_ranges = False
 
     def unavailable(self) -> str | None:
         return None
@@ -166,6 +170,7 @@ class Dask:
         "a dask.distributed cluster: scheduler = tcp://host:8786, or a LocalCluster of "
         "workers processes"
     )
+    submits_ranges = True
 
     def unavailable(self) -> str | None:
         try:

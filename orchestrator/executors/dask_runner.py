@@ -48,6 +48,11 @@ CONNECT_TIMEOUT = "20s"
 RANGES_PER_WORKER = 2
 
 
+def _compute_whole(task: BlockTask, calculation: bytes) -> BlockOutcome:
+    """On a worker: a task that carries its root matrices, with its class put back, run."""
+    return run_block(dataclasses.replace(task, calculation=cloudpickle.loads(calculation)))
+
+
 def _compute(task: BlockTask, calculation: bytes, matrices: dict[str, Any]) -> BlockOutcome:
     """On a worker: the task with its class and root matrices put back, run."""
     task = dataclasses.replace(
@@ -136,6 +141,31 @@ class DaskBlocks:
             blob = self._classes[name] = cloudpickle.dumps(cls)
         return blob
 
+    # Whole ranged blocks (a calculation over a root store, a user range per task) are
+    # submitted one range at a time (``Executor._compute_ranges_on``).
+    submits_ranges = True
+
+    @property
+    def in_flight(self) -> int:
+        """Ranges out at once: enough to keep every worker busy while this process reads
+        the next range's inputs and writes the last one's shards."""
+        return 2 * self._count()
+
+    def submit(self, task: BlockTask) -> Any:
+        """Start ``run_block(task)`` on the cluster, the task whole (its root matrices are
+        the range's, read here); ``result`` waits for it."""
+        root: dict[str, Any] = {ds: (m.detached(), lb) for ds, (m, lb) in task.root.items()}
+        portable = dataclasses.replace(task, calculation=type(None), root=root)
+        return self.client.submit(_compute_whole, portable, self._class(task.name), pure=False)
+
+    def result(self, handle: Any) -> BlockOutcome:
+        """The outcome of a ``submit``ted task.
+
+        Raises:
+            WorkerError: as ``run``.
+        """
+        return self._gathered("a ranged block", [handle])[0]
+
     def takes(self, task: BlockTask) -> bool:
         """A per-user standard block over enough users, whose root matrices were scattered
         (as the forked pool: a columnar block is cheaper in the run's process than its
@@ -154,8 +184,6 @@ class DaskBlocks:
             WorkerError: a range could not be computed (its workers kept dying: ``KilledWorker``)
                 or failed outside user code.
         """
-        from distributed import KilledWorker
-
         users = _candidates(task)
         parts = min(len(users), self._count() * RANGES_PER_WORKER)
         partition = Partition(tuple(users[len(users) * k // parts] for k in range(1, parts)))
@@ -168,13 +196,17 @@ class DaskBlocks:
             root: dict[str, Any] = {ds: (None, lb) for ds, (_, lb) in part.root.items()}
             portable = dataclasses.replace(part, calculation=type(None), root=root)
             futures.append(self.client.submit(_compute, portable, blob, roots, pure=False))
+        return merge_outcomes(task, self._gathered(task.name, futures), breaker)
+
+    def _gathered(self, name: str, futures: list[Any]) -> list[BlockOutcome]:
+        from distributed import KilledWorker
+
         try:
-            outcomes = self.client.gather(futures)
+            return list(self.client.gather(futures))
         except KilledWorker as e:
             raise WorkerError(
-                f"the dask workers computing {task.name} kept dying ({e}); nothing of its block "
+                f"the dask workers computing {name} kept dying ({e}); nothing of its block "
                 "was published; run again to resume"
             ) from e
-        except Exception as e:
-            raise WorkerError(f"a dask task of {task.name} failed: {type(e).__name__}: {e}") from e
-        return merge_outcomes(task, outcomes, breaker)
+        except Exception as e:  # (run_block catches user code's errors: this is not one)
+            raise WorkerError(f"a dask task of {name} failed: {type(e).__name__}: {e}") from e
