@@ -127,7 +127,9 @@ def reference_only(csv_path: Path, out_path: Path) -> None:
             f.write(compressor.compress(np.ascontiguousarray(values).tobytes()))
 
 
-def measure(users: int, workers: int, work: Path, style: str) -> dict[str, float | int]:
+def measure(
+    users: int, workers: int, work: Path, style: str, executor: str | None = None
+) -> dict[str, float | int]:
     folder = work / f"n{users}"
     (folder / "bench_stream_calcs").mkdir(parents=True)
     (folder / "bench_stream_calcs" / "__init__.py").write_text("")
@@ -148,8 +150,10 @@ def measure(users: int, workers: int, work: Path, style: str) -> dict[str, float
         'database_url = "sqlite:///ledger.db"\ncalculations = "bench_stream_calcs"\n'
         f'system_epoch = "epoch.py"\nworkers = {workers}\nflush_users = 5000\n'
         f"columnar = {'true' if style == 'columnar' else 'false'}\n"
-        '[root_data.trades]\npath = "trades.csv"\ndate_column = "date"\nuser_column = "user"\n'
+        + (f'executor = "{executor}"\n' if executor else "")
+        + '[root_data.trades]\npath = "trades.csv"\ndate_column = "date"\nuser_column = "user"\n'
     )
+    each: dict[int, int] = {}
     wall, peak, done = run_measured(
         [
             sys.executable,
@@ -163,8 +167,12 @@ def measure(users: int, workers: int, work: Path, style: str) -> dict[str, float
         ],
         folder,
         POLL_SECONDS,
+        each,
     )
     out, err = done.stdout, done.stderr
+    # (the run's process is the one with the lowest pid: its children came after it)
+    run_pid = min(each) if each else 0
+    others = sorted(size for pid, size in each.items() if pid != run_pid)
     if done.returncode != 0:
         raise SystemExit(f"run failed for {users} users:\n{out}\n{err}")
     executed = float(re.search(r", ([0-9.]+) s of it executing:", out).group(1))  # type: ignore[union-attr]
@@ -184,6 +192,8 @@ def measure(users: int, workers: int, work: Path, style: str) -> dict[str, float
     return {
         "users": users,
         "peak_mib": round(peak / 2**20),
+        "run_process_peak_mib": round(each.get(run_pid, 0) / 2**20),
+        "worker_peak_mib": round(max(others, default=0) / 2**20),
         "execute_s": executed,
         "wall_s": round(wall, 2),
         "user_calcs_per_s": round(users * 5 / executed),
@@ -199,6 +209,7 @@ def main() -> int:
     )
     parser.add_argument("--users", type=int, nargs="+", default=[100_000, 300_000, 1_000_000])
     parser.add_argument("--workers", type=int, default=1)
+    parser.add_argument("--executor", default=None, help="executor = NAME in the config")
     parser.add_argument("--reference-only", nargs=2, type=Path, metavar=("CSV", "OUT"))
     parser.add_argument(
         "--style",
@@ -213,17 +224,24 @@ def main() -> int:
     results = []
     with tempfile.TemporaryDirectory(prefix="bench_stream_") as tmp:
         for users in args.users:
-            figures = measure(users, args.workers, Path(tmp), args.style)
+            figures = measure(users, args.workers, Path(tmp), args.style, args.executor)
             results.append(figures)
             print(
-                f"{users:>9,} users: peak {figures['peak_mib']} MiB, execute "
+                f"{users:>9,} users: peak {figures['peak_mib']} MiB (run process "
+                f"{figures['run_process_peak_mib']}, largest other {figures['worker_peak_mib']}), execute "
                 f"{figures['execute_s']} s ({figures['user_calcs_per_s']:,} user-calcs/s), "
                 f"wall {figures['wall_s']} s; reference {figures['reference_s']} s "
                 f"(peak {figures['reference_peak_mib']} MiB), ratio {figures['ratio']}"
             )
     print(
         json.dumps(
-            {"bench": "stream", "style": args.style, "workers": args.workers, "results": results}
+            {
+                "bench": "stream",
+                "style": args.style,
+                "workers": args.workers,
+                "executor": args.executor or "default",
+                "results": results,
+            }
         )
     )
     return 0

@@ -749,26 +749,26 @@ class Executor(UserWalk):
     def _compute_ranges_on(self, runner: Any, ranged: list[RangedBlock]) -> None:
         """``_compute_ranged``'s ranges computed by ``runner`` (a ``BlockRunner`` that
         ``submit``s tasks, e.g. dask's): this process reads each range's inputs and submits
-        its tasks, keeping at most ``runner.in_flight`` ranges out, and takes their outcomes
-        back in user order (result hashes stream in that order), writing their shards. So
+        its blocks' tasks together, keeping at most ``runner.in_flight`` ranges out, and
+        takes their outcomes back in user order (result hashes stream in that order), writing their shards. So
         memory here follows the ranges in flight, a worker's one range."""
-        in_flight: collections.deque[list[tuple[RangedBlock, Any]]] = collections.deque()
+        in_flight: collections.deque[tuple[list[RangedBlock], Any]] = collections.deque()
 
         def take_oldest() -> None:
             shards: list[tuple[ShardWriter, list[dict[str, Any]]]] = []
-            for block, handle in in_flight.popleft():
-                if handle is not None:
-                    block.take(runner.result(handle), shards)
+            blocks, handle = in_flight.popleft()
+            for block, outcome in zip(blocks, runner.result(handle), strict=True):
+                block.take(outcome, shards)
             self.ledger.write_shards([row for w, rows in shards for row in w.settle(rows)])
             self._sample_memory()
 
         for lo, hi in ranged[0].ranges():
             matrices: dict[tuple[str, tuple[dt.date, ...]], RootMatrix] = {}
-            submitted = []
-            for block in ranged:
-                task = block.task(lo, hi, matrices)
-                submitted.append((block, runner.submit(task) if task is not None else None))
-            in_flight.append(submitted)
+            tasks = [(block, block.task(lo, hi, matrices)) for block in ranged]
+            live = [(block, task) for block, task in tasks if task is not None]
+            if not live:
+                continue
+            in_flight.append(([b for b, _ in live], runner.submit([t for _, t in live])))
             while len(in_flight) > runner.in_flight:
                 take_oldest()
         while in_flight:

@@ -48,9 +48,13 @@ CONNECT_TIMEOUT = "20s"
 RANGES_PER_WORKER = 2
 
 
-def _compute_whole(task: BlockTask, calculation: bytes) -> BlockOutcome:
-    """On a worker: a task that carries its root matrices, with its class put back, run."""
-    return run_block(dataclasses.replace(task, calculation=cloudpickle.loads(calculation)))
+def _compute_range(tasks: list[BlockTask], classes: list[bytes]) -> list[BlockOutcome]:
+    """On a worker: tasks that carry their root matrices, each with its class put back, run
+    in order."""
+    return [
+        run_block(dataclasses.replace(task, calculation=cloudpickle.loads(blob)))
+        for task, blob in zip(tasks, classes, strict=True)
+    ]
 
 
 def _compute(task: BlockTask, calculation: bytes, matrices: dict[str, Any]) -> BlockOutcome:
@@ -92,6 +96,7 @@ class DaskBlocks:
         self.client: Any = None
         self._scattered: dict[str, Any] = {}
         self._classes: dict[str, bytes] = {}
+        self._workers: int | None = None
 
     def __enter__(self) -> Self:
         from distributed import Client, LocalCluster
@@ -129,7 +134,10 @@ class DaskBlocks:
             self.cluster = None
 
     def _count(self) -> int:
-        return max(1, len(self.client.scheduler_info().get("workers", {})))
+        """Workers of the cluster (asked once per run: the scheduler is a round trip)."""
+        if self._workers is None:
+            self._workers = max(1, len(self.client.scheduler_info().get("workers", {})))
+        return self._workers
 
     def _class(self, name: str) -> bytes:
         blob = self._classes.get(name)
@@ -151,20 +159,31 @@ class DaskBlocks:
         the next range's inputs and writes the last one's shards."""
         return 2 * self._count()
 
-    def submit(self, task: BlockTask) -> Any:
-        """Start ``run_block(task)`` on the cluster, the task whole (its root matrices are
-        the range's, read here); ``result`` waits for it."""
-        root: dict[str, Any] = {ds: (m.detached(), lb) for ds, (m, lb) in task.root.items()}
-        portable = dataclasses.replace(task, calculation=type(None), root=root)
-        return self.client.submit(_compute_whole, portable, self._class(task.name), pure=False)
+    def submit(self, tasks: list[BlockTask]) -> Any:
+        """Start ``run_block`` of one user range's ``tasks`` (the blocks of a pass over the
+        range, sharing its root matrices, read here) as one task on the cluster; ``result``
+        waits for it."""
+        detached: dict[int, Any] = {}  # a matrix the blocks share travels once
 
-    def result(self, handle: Any) -> BlockOutcome:
-        """The outcome of a ``submit``ted task.
+        def portable(task: BlockTask) -> BlockTask:
+            root: dict[str, Any] = {}
+            for ds, (matrix, lb) in task.root.items():
+                if id(matrix) not in detached:
+                    detached[id(matrix)] = matrix.detached()
+                root[ds] = (detached[id(matrix)], lb)
+            return dataclasses.replace(task, calculation=type(None), root=root)
+
+        payload = [portable(t) for t in tasks]
+        classes = [self._class(t.name) for t in tasks]
+        return self.client.submit(_compute_range, payload, classes, pure=False)
+
+    def result(self, handle: Any) -> list[BlockOutcome]:
+        """The outcomes of a ``submit``ted range, in its tasks' order.
 
         Raises:
             WorkerError: as ``run``.
         """
-        return self._gathered("a ranged block", [handle])[0]
+        return self._gathered("a user range", [handle])[0]  # type: ignore[return-value]
 
     def takes(self, task: BlockTask) -> bool:
         """A per-user standard block over enough users, whose root matrices were scattered
