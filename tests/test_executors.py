@@ -71,13 +71,17 @@ class Board(MetaCalculation):
 '''
 
 # On its first call anywhere, kills the worker process computing it (a marker file says
-# it happened): the task must run again on another worker.
+# it happened): the task must run again on another worker. A marker in a missing folder
+# is never made: every call kills.
 KILLER = CALCS.replace(
     "        _seen(self.name)\n        prev = ctx.previous",
     "        _seen(self.name)\n"
     '        marker = os.environ.get("EXECUTOR_TEST_KILL")\n'
     "        if marker and not os.path.exists(marker):\n"
-    '            open(marker, "w").close()\n'
+    "            try:\n"
+    '                open(marker, "w").close()\n'
+    "            except OSError:\n"
+    "                pass  # (a marker that cannot be made: every call kills)\n"
     "            os._exit(1)\n"
     "        prev = ctx.previous",
 )
@@ -298,3 +302,28 @@ def test_columnar_blocks_over_a_root_store_run_range_by_range_on_dask(
         p.write_prices(price_rows(SYMBOLS, more))
     assert twin.run(more[-1]).ok and project.run(more[-1], workers=2).ok
     assert project.result_hashes() == twin.result_hashes()
+
+
+def test_a_block_whose_workers_keep_dying_aborts_the_run_with_nothing_partial(
+    project: Project,
+    tmp_path: Path,
+    serial_hashes: dict[tuple[str, dt.date], str | None],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import dask
+
+    from orchestrator.execution.workers import WorkerError
+
+    # Every attempt kills its worker (the marker is a folder, never a file: always absent).
+    monkeypatch.setenv("EXECUTOR_TEST_KILL", str(tmp_path / "never" / "marker"))
+    _project(project, KILLER, extra='executor = "dask"\nworkers = 2\n')
+    with (
+        dask.config.set({"distributed.scheduler.allowed-failures": 1}),
+        pytest.raises(WorkerError, match="kept dying"),
+    ):
+        project.run(TARGET, workers=2)
+    published = project.result_hashes()
+    assert not any(name in ("trend", "board") for name, _ in published)  # nothing partial
+    monkeypatch.delenv("EXECUTOR_TEST_KILL")
+    assert project.run(TARGET, workers=2).ok  # the next run converges
+    assert project.result_hashes() == serial_hashes
