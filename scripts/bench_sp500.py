@@ -128,7 +128,15 @@ class Project:
     ``sp500.toml`` (examples/sp500.toml with absolute paths to them, to ``data`` and to
     ``ledger.db`` here; ``workers`` / ``columnar`` as asked), ``ref/`` for the reference."""
 
-    def __init__(self, root: Path, data: Path, date: str, workers: int | None, style: str):
+    def __init__(
+        self,
+        root: Path,
+        data: Path,
+        date: str,
+        workers: int | None,
+        style: str,
+        executor: str | None = None,
+    ):
         self.root, self.date = root, date
         shutil.rmtree(root, ignore_errors=True)  # from nothing, also in a kept folder
         root.mkdir(parents=True)
@@ -142,6 +150,8 @@ class Project:
         config["columnar"] = style == "columnar"
         if workers is not None:
             config["workers"] = workers
+        if executor is not None:
+            config["executor"] = executor
         config["root_data"]["prices"]["path"] = str(data)
         self.workers = int(config.get("workers", 1))
         self.config = root / "sp500.toml"
@@ -539,6 +549,7 @@ def report(
     out: dict[str, Any] = {
         "step": step,
         "style": args.style,
+        "executor": args.executor or "default",
         "workers": workers,
         "reps": len(runs),
         "wall_s": _median(walls),
@@ -599,7 +610,9 @@ def bench(args: argparse.Namespace, base: Path) -> int:
     values: dict[str, Any] | None = None
     workers = 1
     for rep in range(args.reps):
-        project = Project(base / f"rep{rep + 1}", args.data, args.date, args.workers, args.style)
+        project = Project(
+            base / f"rep{rep + 1}", args.data, args.date, args.workers, args.style, args.executor
+        )
         workers = project.workers
         _say(args, f"rep {rep + 1}/{args.reps}: {project.root} ({args.style}, workers {workers})")
         for step in STEPS:
@@ -650,6 +663,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--reps", type=int, default=1, help="repetitions (medians reported)")
     parser.add_argument("--workers", type=int, default=None, help="override the config's")
     parser.add_argument("--style", choices=("columnar", "per-user"), default="columnar")
+    parser.add_argument("--executor", default=None, help="executor = NAME in the config")
     parser.add_argument("--json", action="store_true", help="print only the JSON lines")
     parser.add_argument("--sample", type=int, default=50, help="sampled cells per calculation")
     parser.add_argument("--profile", action="store_true", help="also profile a cold run")
