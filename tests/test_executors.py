@@ -10,6 +10,7 @@ import datetime as dt
 import os
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -327,3 +328,92 @@ def test_a_block_whose_workers_keep_dying_aborts_the_run_with_nothing_partial(
     monkeypatch.delenv("EXECUTOR_TEST_KILL")
     assert project.run(TARGET, workers=2).ok  # the next run converges
     assert project.result_hashes() == serial_hashes
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture
+def cluster(tmp_path: Path) -> Iterator[str]:
+    """A dask cluster as an operator starts one: ``dask scheduler`` and two ``dask worker``
+    processes, in a folder of their own, without the tests' or the projects' folders on
+    their path (they get the calculations by value)."""
+    port = _free_port()
+    address = f"tcp://127.0.0.1:{port}"
+    dask_exe = str(Path(sys.executable).parent / "dask")
+    home = tmp_path / "cluster"
+    home.mkdir()
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    procs = [
+        subprocess.Popen(
+            [
+                dask_exe,
+                "scheduler",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+                "--dashboard-address",
+                ":0",
+            ],
+            cwd=home,
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+    ]
+    try:
+        from distributed import Client
+
+        for _ in range(2):
+            procs.append(
+                subprocess.Popen(
+                    [
+                        dask_exe,
+                        "worker",
+                        address,
+                        "--nthreads",
+                        "1",
+                        "--nworkers",
+                        "1",
+                        "--no-dashboard",
+                    ],
+                    cwd=home,
+                    env=env,
+                    stdout=subprocess.DEVNULL,
+                    stderr=subprocess.DEVNULL,
+                )
+            )
+        with Client(address, timeout="30s") as client:
+            client.wait_for_workers(2, timeout=60)
+        yield address
+    finally:
+        for proc in reversed(procs):
+            proc.terminate()
+        for proc in procs:
+            proc.wait(timeout=30)
+
+
+def test_a_running_cluster_computes_the_serial_results_on_postgresql(
+    project: Project,
+    tmp_path: Path,
+    cluster: str,
+    serial_hashes: dict[tuple[str, dt.date], str | None],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    if project.db_url.startswith("sqlite"):
+        pytest.skip("a remote cluster needs the PostgreSQL ledger (SQLite is refused above)")
+    log = tmp_path / "pids.log"
+    # Only this process has the log (the workers started before): a close cell computed
+    # here would write its pid there.
+    monkeypatch.setenv(PID_LOG, str(log))
+    _project(project, extra=f'executor = "dask"\nscheduler = "{cluster}"\n')
+    summary = project.run(TARGET)
+    assert summary.ok, summary.lines()
+    assert project.result_hashes() == serial_hashes
+    assert os.getpid() not in _pids(log).get("close", set())
