@@ -99,7 +99,10 @@ class DaskBlocks:
         self._workers: int | None = None
 
     def __enter__(self) -> Self:
-        from distributed import Client, LocalCluster
+        try:
+            from distributed import Client, LocalCluster
+        except ImportError as e:  # found by ``Dask.unavailable`` but broken
+            raise ConfigError(f"dask.distributed cannot be imported: {e}") from e
 
         try:
             if self.scheduler:
