@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import traceback
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from multiprocessing.connection import Connection
 from typing import TYPE_CHECKING, Any
 
@@ -150,6 +150,18 @@ def _candidates(task: BlockTask) -> list[str]:
     return []
 
 
+def splits(task: BlockTask, held: Collection[str]) -> bool:
+    """Whether a runner holding the root matrices ``held`` splits ``task`` by user ranges:
+    a per-user standard block over enough users (``MIN_SPLIT_USERS``) whose root data it
+    holds."""
+    return (
+        task.per_user
+        and not task.meta
+        and all(ds in held for ds in task.root)
+        and len(_candidates(task)) >= MIN_SPLIT_USERS
+    )
+
+
 def _portable(task: BlockTask) -> BlockTask:
     """``task`` as it travels: the workers hold the matrices and classes (forked)."""
     root: dict[str, tuple[Any, int]] = {ds: (None, lb) for ds, (_, lb) in task.root.items()}
@@ -199,12 +211,7 @@ class BlockPool(ForkedPool):
         whose root matrices the workers hold. A columnar block stays in the parent: its
         NumPy work is cheaper than sending its inputs and outputs (WORKLOAD large A: 1.3 s
         in one process, 2.2 s over two)."""
-        return (
-            task.per_user
-            and not task.meta
-            and all(ds in self.matrices for ds in task.root)
-            and len(_candidates(task)) >= MIN_SPLIT_USERS
-        )
+        return splits(task, self.matrices)
 
     def run(self, task: BlockTask, breaker: tuple[int, float] | None) -> BlockOutcome:
         """``run_block(task)``, its users split over the workers (``takes`` must hold).

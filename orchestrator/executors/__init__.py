@@ -62,6 +62,26 @@ class BlockRunner(Protocol):
     def __exit__(self, *exc: object) -> Any: ...
 
 
+class RangeRunner(BlockRunner, Protocol):
+    """A ``BlockRunner`` that also computes the user ranges of columnar blocks over root
+    stores (its plug-in's ``submits_ranges``; ``Executor._compute_ranges_on``)."""
+
+    @property
+    def in_flight(self) -> int:
+        """User ranges the run may have out at once."""
+
+    def submit(self, tasks: list[BlockTask]) -> Any:
+        """Start ``run_block`` of one user range's tasks (the pass's blocks over it); returns
+        a handle for ``result``."""
+
+    def result(self, handle: Any) -> list[BlockOutcome]:
+        """The outcomes of a submitted range, in its tasks' order.
+
+        Raises:
+            WorkerError: the range could not be computed.
+        """
+
+
 @dataclass(frozen=True, slots=True)
 class Setting:
     """What an executor is started with for one run.
@@ -105,18 +125,28 @@ class ExecutorPlugin(Protocol):
         or None: the run computes its blocks itself."""
 
 
-class Serial:
-    """Everything in the run's process, whatever ``workers`` says."""
+class _Here:
+    """An executor of this machine alone: always available, no scheduler."""
 
-    name = "serial"
-    summary = "every block and user in the run's own process"
+    name: str
     submits_ranges = False
 
     def unavailable(self) -> str | None:
         return None
 
     def check(self, setting: Setting) -> None:
-        _no_scheduler(self.name, setting)
+        if setting.scheduler:
+            raise ConfigError(
+                f'a scheduler ({setting.scheduler}) is for executor = "dask"; executor '
+                f"{self.name!r} does not use one"
+            )
+
+
+class Serial(_Here):
+    """Everything in the run's process, whatever ``workers`` says."""
+
+    name = "serial"
+    summary = "every block and user in the run's own process"
 
     def walk_workers(self, setting: Setting) -> int:
         return 1
@@ -127,20 +157,13 @@ class Serial:
         return None
 
 
-class Processes:
+class Processes(_Here):
     """Forked local worker processes: blocks split by user ranges (``blockpool.BlockPool``)
     and the per-user walk over root stores (``workers.WorkerPool``); ``workers = 1`` is
     serial."""
 
     name = "processes"
     summary = "forked worker processes on this machine (workers = N; 1 runs in-process)"
-    submits_ranges = False
-
-    def unavailable(self) -> str | None:
-        return None
-
-    def check(self, setting: Setting) -> None:
-        _no_scheduler(self.name, setting)
 
     def walk_workers(self, setting: Setting) -> int:
         return setting.workers
@@ -153,14 +176,6 @@ class Processes:
         from orchestrator.execution.blockpool import BlockPool
 
         return BlockPool(matrices, manifest, setting.workers)
-
-
-def _no_scheduler(name: str, setting: Setting) -> None:
-    if setting.scheduler:
-        raise ConfigError(
-            f'a scheduler ({setting.scheduler}) is for executor = "dask"; executor {name!r} '
-            "does not use one"
-        )
 
 
 class Dask:

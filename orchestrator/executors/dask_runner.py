@@ -28,10 +28,10 @@ import cloudpickle
 
 from orchestrator.errors import ConfigError
 from orchestrator.execution.blockpool import (
-    MIN_SPLIT_USERS,
     _candidates,
     merge_outcomes,
     slice_task,
+    splits,
 )
 from orchestrator.execution.blocks import BlockOutcome, BlockTask, run_block
 from orchestrator.execution.workers import Partition, WorkerError
@@ -192,12 +192,7 @@ class DaskBlocks:
         """A per-user standard block over enough users, whose root matrices were scattered
         (as the forked pool: a columnar block is cheaper in the run's process than its
         inputs and outputs are to send)."""
-        return (
-            task.per_user
-            and not task.meta
-            and all(ds in self._scattered for ds in task.root)
-            and len(_candidates(task)) >= MIN_SPLIT_USERS
-        )
+        return splits(task, self._scattered)
 
     def run(self, task: BlockTask, breaker: tuple[int, float] | None) -> BlockOutcome:
         """``run_block(task)``, its users split into ranges computed on the cluster.
