@@ -436,3 +436,20 @@ def test_a_ledger_of_0006_upgrades_and_its_results_are_retained_from_then_on(
     # Results published before the upgrade have no attempt naming their generation.
     plan_detail = project.cli("why", "rsi", str(DATES[5]))
     assert "REUSED" in plan_detail.output and "(computed " in plan_detail.output
+
+
+def test_a_saved_plan_that_reuses_results_is_refused_once_gc_pruned_them(
+    project: Project, tmp_path: Path
+) -> None:
+    _start(project)
+    project.write_calcs(PERIOD_4)
+    assert project.run(TARGET).ok
+    project.write_calcs(BASE)
+    path = tmp_path / "p.json"
+    saved = project.cli("plan", "--date", str(TARGET), "--save", str(path))
+    assert saved.exit_code == 0, saved.output
+    assert project.cli("gc", "--keep", "0").exit_code == 0  # the results it would reuse
+    refused = project.cli("run", "--plan", str(path))
+    assert refused.exit_code == 2
+    assert "ledger changed since the plan was made" in refused.output
+    assert "rsi" in refused.output

@@ -1821,8 +1821,10 @@ class Ledger:
     def cell_digests(self) -> dict[str, str]:
         """Per calculation, a digest of every stored cell's state (date, status and
         fingerprint parts as ``build_key``, inputs digest, result hash, generation, attempts,
-        attempted digest, failed users), in date order: any write to a cell changes it. One
-        streamed query (a saved plan's ledger check: ``saved_plan``)."""
+        attempted digest, failed users), in date order: any write to a cell changes it; and,
+        for a calculation with retained results (``retention``), of those too (which a plan
+        may re-point cells to: ``gc`` changes it). Streamed queries (a saved plan's ledger
+        check: ``saved_plan``)."""
         import xxhash
 
         from orchestrator.fingerprint import encode
@@ -1854,6 +1856,23 @@ class Ledger:
                 hasher.update(encode([date.isoformat(), *parts]))
         if hasher is not None:
             out[current] = hasher.hexdigest()  # type: ignore[index]
+        kept: dict[str, Any] = {}
+        with self.engine.connect() as conn:
+            rows = conn.execution_options(stream_results=True).execute(
+                select(
+                    RETAINED.c.calculation,
+                    RETAINED.c.date,
+                    RETAINED.c.generation,
+                    RETAINED.c.result_hash,
+                    RETAINED.c.inputs_digest,
+                ).order_by(RETAINED.c.calculation, RETAINED.c.date, RETAINED.c.generation)
+            )
+            for calc, date, *parts in rows:
+                if calc not in kept:
+                    kept[calc] = xxhash.xxh3_128(encode(["retained", out.get(calc)]))
+                kept[calc].update(encode([date.isoformat(), *parts]))
+        # (a calculation without retained results keeps its digest of cells alone)
+        out.update({calc: h.hexdigest() for calc, h in kept.items()})
         return out
 
     def recent_runs(self, limit: int = 20) -> list[Any]:
