@@ -730,28 +730,19 @@ class Executor(UserWalk):
         users, sharing the root matrices it reads; then each block's dates are recorded and
         published at once (their dependents read them by user range from the ledger)."""
         ranged = [RangedBlock(self, spec, decisions) for spec, decisions in blocks]
-        runner = self.block_pool
-        if runner is not None and getattr(runner, "submits_ranges", False):
-            self._compute_ranges_on(runner, ranged)
-        else:
-            for lo, hi in ranged[0].ranges():
-                matrices: dict[tuple[str, tuple[dt.date, ...]], RootMatrix] = {}
-                shards: list[tuple[ShardWriter, list[dict[str, Any]]]] = []
-                for block in ranged:
-                    block.compute(lo, hi, matrices, shards)
-                # unpublished generations: invisible yet
-                self.ledger.write_shards([row for w, rows in shards for row in w.settle(rows)])
-                self._sample_memory()
+        remote = self.remote_ranges and self.block_pool is not None
+        self._compute_ranges_on(self.block_pool if remote else _HERE, ranged)
         for block in ranged:
             block.record()
         self._publish()
 
     def _compute_ranges_on(self, runner: Any, ranged: list[RangedBlock]) -> None:
-        """``_compute_ranged``'s ranges computed by ``runner`` (a ``BlockRunner`` that
-        ``submit``s tasks, e.g. dask's): this process reads each range's inputs and submits
-        its blocks' tasks together, keeping at most ``runner.in_flight`` ranges out, and
-        takes their outcomes back in user order (result hashes stream in that order), writing their shards. So
-        memory here follows the ranges in flight, a worker's one range."""
+        """``_compute_ranged``'s ranges computed by ``runner`` (an ``executors.RangeRunner``:
+        dask's, or ``_HERE``): this process reads each range's inputs and submits its blocks'
+        tasks together, keeping at most ``runner.in_flight`` ranges out, and takes their
+        outcomes back in user order (result hashes stream in that order), writing their
+        shards (of unpublished generations: invisible yet). So memory here follows the
+        ranges in flight, a worker's one range."""
         in_flight: collections.deque[tuple[list[RangedBlock], Any]] = collections.deque()
 
         def take_oldest() -> None:
@@ -817,3 +808,19 @@ def _to_act_on(decision: Decision) -> bool:
     return decision.status in (Status.RUNNABLE, Status.BLOCKED) or (
         decision.reason is Reason.REUSED
     )
+
+
+class _InProcess:
+    """The ranges of columnar blocks over root stores computed right here, one at a time
+    (a ``RangeRunner`` with nothing in flight)."""
+
+    in_flight = 0
+
+    def submit(self, tasks: list[BlockTask]) -> list[Any]:
+        return [run_block(task) for task in tasks]
+
+    def result(self, handle: list[Any]) -> list[Any]:
+        return handle
+
+
+_HERE = _InProcess()

@@ -26,7 +26,6 @@ from orchestrator.execution.blocks import (
     BlockTask,
     RootMatrix,
     UpstreamInput,
-    run_block,
 )
 from orchestrator.execution.record import _CellRun, too_many_failed
 from orchestrator.execution.walk import STORED_FAILURES
@@ -116,21 +115,6 @@ class RangedBlock:
             hit = matrices[(ds, span)] = RootMatrix.from_store(self.data[ds], span, lo, hi)
         return hit
 
-    def compute(
-        self,
-        lo: str | None,
-        hi: str | None,
-        matrices: dict[tuple[str, tuple[dt.date, ...]], RootMatrix],
-        shards: list[tuple[ShardWriter, list[dict[str, Any]]]],
-    ) -> None:
-        """Compute the users ``lo <= user < hi`` of every date and add their shard rows to
-        ``shards``, with their writer: still compressing (the caller settles and writes
-        them: invisible until their dates are published).
-        ``matrices``: the range's root matrices, shared by the blocks of the range."""
-        task = self.task(lo, hi, matrices)
-        if task is not None:
-            self.take(run_block(task), shards)
-
     def task(
         self,
         lo: str | None,
@@ -182,7 +166,8 @@ class RangedBlock:
         self, outcome: BlockOutcome, shards: list[tuple[ShardWriter, list[dict[str, Any]]]]
     ) -> None:
         """Add the outcome of the next range (in user order) to the block's dates and their
-        shard rows to ``shards``, with their writer (see ``compute``)."""
+        shard rows to ``shards``, with their writer: still compressing (the caller settles
+        and writes them: invisible until their dates are published)."""
         if self.error is not None:
             return
         x = self.x

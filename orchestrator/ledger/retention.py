@@ -10,7 +10,7 @@ the result itself is the shards of one generation.
 
 When ``Ledger._publish`` supersedes a clean result, it keeps that result's shards and
 records a ``retained_results`` row (``retained_row``) instead of deleting them; each cell
-keeps at most ``keep`` of them, newest first (``over_keep``). The planner re-points a cell
+keeps at most ``keep`` of them, newest first (``record``). The planner re-points a cell
 whose current fingerprint equals a retained one (``planning.Reason.REUSED``); the publish
 that re-points it retains the result it replaces in turn. ``orchestrator gc`` prunes by
 count and age (``prunable``), never a current result.
@@ -29,7 +29,7 @@ from typing import Any, NamedTuple
 from sqlalchemy import Connection, and_, bindparam, delete, func, insert, or_, select, true
 
 from orchestrator.ledger.models import ATTEMPTS, CELLS, RETAINED, SHARDS
-from orchestrator.ledger.sql import cells_in
+from orchestrator.ledger.sql import DELETE_SHARDS_OF, cells_in, same_generation
 
 # The default number of retained results per cell (config ``retain_results``).
 DEFAULT_KEEP = 3
@@ -44,7 +44,8 @@ class Retained(NamedTuple):
         generation: names its shards (``result_shards.generation``).
         result_hash: its hash (32 hex), what dependents' inputs digests are made of.
         inputs_digest / code_hash / layer_hash / infra_hash / epoch / scoped_epoch: the
-            fingerprint; a cell is re-pointed to it only when all six equal the current ones.
+            fingerprint; a cell is re-pointed to it only when all six equal the current ones
+            (the code hash, or a code hash the proof calls cosmetically equal to it).
         users: users in the result.
         run_id: the run that computed it (None if unknown).
         computed_at / retained_at: when it was published / superseded (UTC).
@@ -148,11 +149,6 @@ _DELETE_RETAINED_OF = delete(RETAINED).where(
     RETAINED.c.date == bindparam("b_date"),
     RETAINED.c.generation == bindparam("b_gen"),
 )
-_DELETE_SHARDS_OF = delete(SHARDS).where(
-    SHARDS.c.calculation == bindparam("b_calc"),
-    SHARDS.c.date == bindparam("b_date"),
-    SHARDS.c.generation == bindparam("b_gen"),
-)
 
 
 def _entries(conn: Connection, where: Any) -> list[Entry]:
@@ -176,7 +172,7 @@ def drop(conn: Connection, entries: Sequence[Entry]) -> None:
         return
     params = [{"b_calc": e.calculation, "b_date": e.date, "b_gen": e.generation} for e in entries]
     conn.execute(_DELETE_RETAINED_OF, params)
-    conn.execute(_DELETE_SHARDS_OF, params)
+    conn.execute(DELETE_SHARDS_OF, params)
 
 
 def record(
@@ -232,12 +228,7 @@ def load(
     out: dict[tuple[str, dt.date], list[Retained]] = {}
     # The run that computed it: the COMPLETED attempt that published its generation (none
     # for a result published before migration 0007).
-    computing = and_(
-        ATTEMPTS.c.calculation == RETAINED.c.calculation,
-        ATTEMPTS.c.date == RETAINED.c.date,
-        ATTEMPTS.c.generation == RETAINED.c.generation,
-        ATTEMPTS.c.status == "COMPLETED",
-    )
+    computing = and_(same_generation(ATTEMPTS, RETAINED), ATTEMPTS.c.status == "COMPLETED")
     columns = [
         RETAINED.c[name]
         for name in Retained._fields
@@ -285,11 +276,7 @@ def gc(
     compressed bytes and how many stay; deleted unless ``dry_run``. A retained row whose
     generation is its cell's current one (never written so; by hand only) is kept and its
     row alone dropped: a current result is never pruned."""
-    current = and_(
-        CELLS.c.calculation == RETAINED.c.calculation,
-        CELLS.c.date == RETAINED.c.date,
-        CELLS.c.generation == RETAINED.c.generation,
-    )
+    current = same_generation(CELLS, RETAINED)
     if not dry_run:
         conn.execute(delete(RETAINED).where(select(CELLS.c.id).where(current).exists()))
     entries = _entries(conn, ~select(CELLS.c.id).where(current).exists())

@@ -74,6 +74,7 @@ from orchestrator.ledger.models import (
     UNCLEAN_EXPRESSION,
     VERSIONS,
 )
+from orchestrator.ledger.sql import DELETE_SHARDS_OF, same_generation
 from orchestrator.ledger.sql import cells_in as _cells_in
 from orchestrator.memory import paused_gc
 
@@ -677,11 +678,6 @@ def _upsert_digests(conn: Connection, rows: list[dict[str, Any]]) -> None:
 # Cached statements of ``Ledger._publish``'s executemany groups (the SET clause of the
 # update comes from the keys of its parameter rows; ``b_``: names no column has).
 _UPDATE_BY_ID = update(CELLS).where(CELLS.c.id == bindparam("b_id"))
-_DELETE_SHARDS_OF = delete(SHARDS).where(
-    SHARDS.c.calculation == bindparam("b_calc"),
-    SHARDS.c.date == bindparam("b_date"),
-    SHARDS.c.generation == bindparam("b_gen"),
-)
 
 
 def _digest_calculations(
@@ -1163,7 +1159,7 @@ class Ledger:
         if kept:
             conn.execute(_UPDATE_BY_ID, kept)
         if superseded:
-            conn.execute(_DELETE_SHARDS_OF, superseded)
+            conn.execute(DELETE_SHARDS_OF, superseded)
         retention.record(conn, retained, reclaimed, self.retain)
         if inserts:
             conn.execute(insert(CELLS), inserts)
@@ -1264,20 +1260,8 @@ class Ledger:
         a crashed attempt)."""
         s = SHARDS.alias("s")
         published = or_(
-            exists().where(
-                and_(
-                    CELLS.c.calculation == s.c.calculation,
-                    CELLS.c.date == s.c.date,
-                    CELLS.c.generation == s.c.generation,
-                )
-            ),
-            exists().where(
-                and_(
-                    RETAINED.c.calculation == s.c.calculation,
-                    RETAINED.c.date == s.c.date,
-                    RETAINED.c.generation == s.c.generation,
-                )
-            ),
+            exists().where(same_generation(CELLS, s)),
+            exists().where(same_generation(RETAINED, s)),
         )
         with self.engine.begin() as conn:
             # Found first, on the shards' covering index: a DELETE of the same condition scans
@@ -1307,16 +1291,7 @@ class Ledger:
         with self.engine.connect() as conn:
             return int(
                 conn.execute(
-                    select(func.count())
-                    .select_from(s)
-                    .join(
-                        r,
-                        and_(
-                            r.c.calculation == s.c.calculation,
-                            r.c.date == s.c.date,
-                            r.c.generation == s.c.generation,
-                        ),
-                    )
+                    select(func.count()).select_from(s).join(r, same_generation(r, s))
                 ).scalar_one()
             )
 
