@@ -1358,7 +1358,8 @@ class _Axis:
             self.starts = np.zeros(0, dtype=np.int64)
         self.ids = months[self.starts]
         self.nb = len(self.starts)
-        ends = np.r_[self.starts[1:], n].astype(np.int64)
+        # (no dates: no months either, not one empty month)
+        ends = np.r_[self.starts[1:], n].astype(np.int64) if n else np.zeros(0, dtype=np.int64)
         self.bounds = list(zip(self.starts.tolist(), ends.tolist(), strict=True))
         self.month_of = np.repeat(np.arange(self.nb), ends - self.starts).tolist()
         self.index = {int(b): i for i, b in enumerate(self.ids)}

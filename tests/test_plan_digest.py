@@ -989,3 +989,10 @@ def test_plan_why_and_run_agree_with_the_full_path_after_each_change(project: Pr
 
     # an earlier target (what ``why`` plans): the month holding it is read
     assert_both_agree(project, E2E_DATES[6])
+
+
+def test_an_empty_date_axis_has_no_months() -> None:
+    from orchestrator.planning import _Axis
+
+    axis = _Axis([])
+    assert axis.nb == 0 and axis.bounds == [] and axis.month_of == []
