@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from orchestrator.execution.ranged import RANGE_SEQ_SPAN
 from orchestrator.executors import dask_runner
 from tests.conftest import Project, price_rows, scratch_project, weekdays
 
@@ -86,6 +87,39 @@ KILLER = CALCS.replace(
     "            os._exit(1)\n"
     "        prev = ctx.previous",
 )
+
+
+def _shard_numbers(url: str, calculation: str, date: dt.date) -> tuple[list[int], int]:
+    """The shard numbers of the cell's published result, and how many shards of the
+    calculation belong to no published cell (a run's leftovers)."""
+    from sqlalchemy import text
+
+    from orchestrator.ledger.store import make_engine
+
+    engine = make_engine(url)
+    with engine.connect() as conn:
+        seqs = (
+            conn.execute(
+                text(
+                    "SELECT s.seq FROM result_shards s JOIN cells c ON c.calculation = s.calculation"
+                    " AND c.date = s.date AND c.generation = s.generation"
+                    " WHERE s.calculation = :c AND s.date = :d ORDER BY s.seq"
+                ),
+                {"c": calculation, "d": date},
+            )
+            .scalars()
+            .all()
+        )
+        leftover = conn.execute(
+            text(
+                "SELECT COUNT(*) FROM result_shards s WHERE s.calculation = :c AND NOT EXISTS"
+                " (SELECT 1 FROM cells c WHERE c.calculation = s.calculation"
+                " AND c.date = s.date AND c.generation = s.generation)"
+            ),
+            {"c": calculation},
+        ).scalar_one()
+    engine.dispose()
+    return list(seqs), int(leftover)
 
 
 def _project(project: Project, source: str = CALCS, extra: str = "") -> Project:
@@ -297,12 +331,103 @@ def test_columnar_blocks_over_a_root_store_run_range_by_range_on_dask(
     assert project.result_hashes() == twin.result_hashes()
     pids = _pids(log)["close"]
     assert pids and os.getpid() not in pids  # every range computed by a dask worker
+    # ... and written by it: each range's shards numbered in its own span, every one of
+    # them published (nothing left over from the run).
+    seqs, leftover = _shard_numbers(project.db_url, "close", TARGET)
+    assert {seq // RANGE_SEQ_SPAN for seq in seqs} == set(range(5)), seqs
+    assert leftover == 0
     # A nightly date more: its ranges read the previous date's states by range.
     more = weekdays(DATES[0], len(DATES) + 1)
     for p in (twin, project):
         p.write_prices(price_rows(SYMBOLS, more))
     assert twin.run(more[-1]).ok and project.run(more[-1], workers=2).ok
     assert project.result_hashes() == twin.result_hashes()
+
+
+def _streamed(project: Project, executor: str, source: str = STREAMED) -> Project:
+    project.extra_config = f'executor = "{executor}"\nworkers = 2\n'
+    project.write_prices(price_rows(SYMBOLS, DATES))
+    project.write_calcs(source)
+    return project
+
+
+# Kills the dask worker computing the first range of close that reaches it (a marker file
+# says it happened).
+STREAMED_KILLER = STREAMED.replace(
+    "    def compute(self, frame):\n        path = ",
+    "    def compute(self, frame):\n"
+    '        marker = os.environ.get("EXECUTOR_TEST_KILL")\n'
+    "        if marker and not os.path.exists(marker):\n"
+    '            open(marker, "w").close()\n'
+    "            os._exit(1)\n"
+    "        path = ",
+)
+
+
+def test_a_dask_worker_killed_mid_range_is_replaced_and_the_run_converges(
+    project: Project, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from orchestrator import rootstore
+    from orchestrator.app import Orchestrator
+
+    monkeypatch.setattr(rootstore, "PART_USERS", 16)
+    monkeypatch.setattr(Orchestrator, "holds_in_memory", lambda self, name: False)
+    twin = _streamed(scratch_project(tmp_path, "serial-streamed"), "serial")
+    assert twin.run(TARGET).ok
+    assert STREAMED_KILLER != STREAMED
+    _streamed(project, "dask", STREAMED_KILLER)
+    marker = tmp_path / "killed"
+    monkeypatch.setenv("EXECUTOR_TEST_KILL", str(marker))
+    summary = project.run(TARGET, workers=2)
+    assert marker.exists()  # a worker did die
+    assert summary.ok, summary.lines()
+    assert project.result_hashes() == twin.result_hashes()
+    assert _shard_numbers(project.db_url, "close", TARGET)[1] == 0
+
+
+def test_a_range_written_again_replaces_its_first_attempts_shards(db_url: str) -> None:
+    """What a retried range task does: the same span written twice leaves the second
+    attempt's shards alone; other spans and other generations are untouched."""
+    from orchestrator.ledger.store import Ledger
+
+    ledger = Ledger.open(db_url)
+    day = dt.date(2024, 1, 2)
+
+    def rows(generation: str, seqs: range, data: bytes) -> list[dict[str, object]]:
+        return [
+            {
+                "calculation": "close",
+                "date": day,
+                "generation": generation,
+                "seq": seq,
+                "first_user": "a",
+                "last_user": "b",
+                "users": 2,
+                "raw_bytes": 3,
+                "data": data,
+            }
+            for seq in seqs
+        ]
+
+    cell = [("close", day, "g1")]
+    span = (RANGE_SEQ_SPAN, 2 * RANGE_SEQ_SPAN)
+    ledger.write_shards(rows("g1", range(2), b"range0") + rows("g2", range(5, 7), b"other"))
+    ledger.write_shard_span(cell, span, rows("g1", range(span[0], span[0] + 3), b"first"))
+    ledger.write_shard_span(cell, span, rows("g1", range(span[0], span[0] + 2), b"again"))
+    try:
+        assert list(ledger.unpublished_payloads("close", day, "g1", span)) == [b"again"] * 2
+        assert (
+            list(ledger.unpublished_payloads("close", day, "g1", (0, span[0]))) == [b"range0"] * 2
+        )
+        assert list(ledger.unpublished_payloads("close", day, "g2", (0, span[1]))) == [b"other"] * 2
+        # Another process reaches this ledger with its URL (an SQLite path made absolute).
+        other = Ledger.open(ledger.url(), migrate=False)
+        assert list(other.unpublished_payloads("close", day, "g1", span)) == [b"again"] * 2
+        other.dispose()
+        if db_url.startswith("sqlite"):
+            assert Path(ledger.url().split("///", 1)[1]).is_absolute()
+    finally:
+        ledger.dispose()
 
 
 def test_a_block_whose_workers_keep_dying_aborts_the_run_with_nothing_partial(
@@ -417,3 +542,33 @@ def test_a_running_cluster_computes_the_serial_results_on_postgresql(
     assert summary.ok, summary.lines()
     assert project.result_hashes() == serial_hashes
     assert os.getpid() not in _pids(log).get("close", set())
+
+
+def test_a_running_cluster_computes_ranged_blocks_with_root_matrices_sent(
+    project: Project,
+    tmp_path: Path,
+    cluster: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """On a cluster of its own the workers share no files with the run: each range's root
+    matrices travel with its order; the upstream and previous results they read, and the
+    shards they write, go through the PostgreSQL ledger."""
+    if project.db_url.startswith("sqlite"):
+        pytest.skip("a remote cluster needs the PostgreSQL ledger (SQLite is refused above)")
+    from orchestrator import rootstore
+    from orchestrator.app import Orchestrator
+
+    monkeypatch.setattr(rootstore, "PART_USERS", 16)
+    monkeypatch.setattr(Orchestrator, "holds_in_memory", lambda self, name: False)
+    twin = _streamed(scratch_project(tmp_path, "serial-streamed"), "serial")
+    assert twin.run(TARGET).ok
+    _streamed(project, "dask")
+    project.extra_config += f'scheduler = "{cluster}"\n'
+    log = tmp_path / "pids.log"
+    monkeypatch.setenv(PID_LOG, str(log))
+    summary = project.run(TARGET)
+    assert summary.ok, summary.lines()
+    assert project.result_hashes() == twin.result_hashes()
+    assert os.getpid() not in _pids(log).get("close", set())
+    seqs, leftover = _shard_numbers(project.db_url, "close", TARGET)
+    assert {seq // RANGE_SEQ_SPAN for seq in seqs} == set(range(5)) and leftover == 0

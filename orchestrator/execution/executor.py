@@ -44,7 +44,7 @@ from orchestrator.execution.blocks import (
     run_block,
 )
 from orchestrator.execution.caches import ResultCache, TableCache
-from orchestrator.execution.ranged import RangedBlock
+from orchestrator.execution.ranged import RANGE_SEQ_SPAN, RangedBlock, RangeOrder, buffer_table
 from orchestrator.execution.record import _PROCESS, _CellRun, too_many_failed
 from orchestrator.execution.summary import RunSummary
 from orchestrator.execution.walk import STORED_FAILURES, UserWalk
@@ -147,6 +147,7 @@ class Executor(UserWalk):
         # block just computed (blocks over fewer dates than the chunk re-read less).
         self.tables = TableCache(ledger, capacity=max(256, 4 * block_dates))
         self._matrices: dict[str, RootMatrix] = {}
+        self._detached: dict[str, RootMatrix] = {}
         self.pool: WorkerPool | None = None
         self.block_pool: Any = None  # a BlockRunner (``executors``) while the run lasts
         self.in_worker = False
@@ -524,6 +525,14 @@ class Executor(UserWalk):
             hit = self._matrices[dataset] = RootMatrix.build(data, data.dates)  # type: ignore[attr-defined]
         return hit
 
+    def _detached_matrix(self, dataset: str) -> RootMatrix:
+        """``_matrix(dataset)`` detached (every column read, no dataset behind it), what
+        travels to a worker elsewhere (built once per run)."""
+        hit = self._detached.get(dataset)
+        if hit is None:
+            hit = self._detached[dataset] = self._matrix(dataset).detached()
+        return hit
+
     def _dependency_spans(
         self, spec: CalcSpec, dates: list[dt.date]
     ) -> dict[str, tuple[tuple[dt.date, ...], np.ndarray]]:
@@ -683,23 +692,13 @@ class Executor(UserWalk):
         found = validation.problems(spec.rules, validation.collect_table(table))
         if found:
             return self._failure(spec, date, decision, "VALIDATION: " + "; ".join(found), run), []
-        self._add_table(run, table)
+        buffer_table(run.writer, table, self.flush_users)
         rows = run.writer.cut()
         run.flushes = len(rows)
         run.flush_reasons = {"FINAL": 1} if rows else {}
         write = self._published(spec, decision, run)
         self.tables.put((spec.name, date), table)
         return write, rows
-
-    def _add_table(self, run: _CellRun, table: Table) -> None:
-        """Buffer ``table`` (the next users of the cell) in shards of ``flush_users`` users."""
-        step = max(1, self.flush_users)
-        for lo in range(0, len(table), step):
-            run.writer.add_table(
-                table.take(np.arange(lo, min(lo + step, len(table))))
-                if len(table) > step
-                else table
-            )
 
     def _published(self, spec: CalcSpec, decision: Decision, run: _CellRun) -> CellWrite:
         """The write publishing a validated standard block date: PARTIAL when users failed
@@ -737,29 +736,54 @@ class Executor(UserWalk):
         self._publish()
 
     def _compute_ranges_on(self, runner: Any, ranged: list[RangedBlock]) -> None:
-        """``_compute_ranged``'s ranges computed by ``runner`` (an ``executors.RangeRunner``:
-        dask's, or ``_HERE``): this process reads each range's inputs and submits its blocks'
-        tasks together, keeping at most ``runner.in_flight`` ranges out, and takes their
-        outcomes back in user order (result hashes stream in that order), writing their
-        shards (of unpublished generations: invisible yet). So memory here follows the
-        ranges in flight, a worker's one range."""
-        in_flight: collections.deque[tuple[list[RangedBlock], Any]] = collections.deque()
+        """``_compute_ranged``'s ranges computed by ``runner``, keeping at most
+        ``runner.in_flight`` ranges out and taking them back in user order (result hashes
+        stream in that order). So memory here follows the ranges in flight.
+
+        ``_HERE`` (in this process): this process reads each range's inputs, computes its
+        blocks and writes their shards. An ``executors.RangeRunner`` (dask's): each range
+        goes out as a ``ranged.RangeOrder``; its worker reads the inputs from the ledger
+        (and the root stores, when it shares this machine's files; else the range's root
+        matrices are read here and travel) and writes the shards itself; this process reads
+        the shards' payloads back for the result hashes. Either way the shards belong to
+        unpublished generations: invisible until ``record`` and ``_publish``."""
+        writes = runner is not _HERE
+        url = self.ledger.url() if writes else ""
+        in_flight: collections.deque[tuple[list[RangedBlock], int, Any]] = collections.deque()
 
         def take_oldest() -> None:
-            shards: list[tuple[ShardWriter, list[dict[str, Any]]]] = []
-            blocks, handle = in_flight.popleft()
-            for block, outcome in zip(blocks, runner.result(handle), strict=True):
-                block.take(outcome, shards)
-            self.ledger.write_shards([row for w, rows in shards for row in w.settle(rows)])
+            blocks, seq, handle = in_flight.popleft()
+            if writes:
+                for block, written in zip(blocks, runner.result(handle), strict=True):
+                    block.take_written(written, seq)
+            else:
+                shards: list[tuple[ShardWriter, list[dict[str, Any]]]] = []
+                for block, outcome in zip(blocks, runner.result(handle), strict=True):
+                    block.take(outcome, shards)
+                self.ledger.write_shards([row for w, rows in shards for row in w.settle(rows)])
             self._sample_memory()
 
-        for lo, hi in ranged[0].ranges():
+        for index, (lo, hi) in enumerate(ranged[0].ranges()):
             matrices: dict[tuple[str, tuple[dt.date, ...]], RootMatrix] = {}
-            tasks = [(block, block.task(lo, hi, matrices)) for block in ranged]
-            live = [(block, task) for block, task in tasks if task is not None]
+            seq = index * RANGE_SEQ_SPAN
+            if writes:
+                detached: dict[int, RootMatrix] = {}  # a matrix the blocks share travels once
+                orders = [
+                    (block, block.remote_order(lo, hi, runner.local_files, matrices, detached))
+                    for block in ranged
+                ]
+                live: list[tuple[RangedBlock, Any]] = [(b, o) for b, o in orders if o is not None]
+                if live:
+                    order = RangeOrder(url, lo, hi, seq, [o for _, o in live])
+                    handle = runner.submit(order)
+            else:
+                tasks = [(block, block.task(lo, hi, matrices)) for block in ranged]
+                live = [(b, t) for b, t in tasks if t is not None]
+                if live:
+                    handle = runner.submit([t for _, t in live])
             if not live:
                 continue
-            in_flight.append(([b for b, _ in live], runner.submit([t for _, t in live])))
+            in_flight.append(([b for b, _ in live], seq, handle))
             while len(in_flight) > runner.in_flight:
                 take_oldest()
         while in_flight:

@@ -18,25 +18,273 @@ from __future__ import annotations
 
 import bisect
 import datetime as dt
+import functools
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
+
 from orchestrator import faults, validation
+from orchestrator.columns import Table
 from orchestrator.execution.blocks import (
     BlockOutcome,
     BlockTask,
+    DateOutcome,
     RootMatrix,
     UpstreamInput,
+    run_block,
 )
+from orchestrator.execution.caches import TableCache
 from orchestrator.execution.record import _CellRun, too_many_failed
 from orchestrator.execution.walk import STORED_FAILURES
-from orchestrator.ledger.store import CellWrite
+from orchestrator.ledger.store import CellWrite, Ledger
 from orchestrator.manifest import CalcSpec
-from orchestrator.planning import Decision
+from orchestrator.planning import CellKey, Decision
 from orchestrator.results import ShardWriter
 from orchestrator.rootdata import Dataset, RootData
 
 if TYPE_CHECKING:
     from orchestrator.execution.executor import Executor
+
+
+# A range a worker writes numbers its shards from ``index * RANGE_SEQ_SPAN`` (ranges ascend,
+# so shard numbers ascend with users). Room for 2,147 ranges in PostgreSQL's integer: 140
+# million users at ``rootstore.PART_USERS`` per range.
+RANGE_SEQ_SPAN = 1_000_000
+
+
+def buffer_table(writer: ShardWriter, table: Table, flush_users: int) -> None:
+    """Buffer ``table`` (the next users of a cell) in ``writer``, in shards of at most
+    ``flush_users`` users."""
+    step = max(1, flush_users)
+    for lo in range(0, len(table), step):
+        writer.add_table(
+            table.take(np.arange(lo, min(lo + step, len(table)))) if len(table) > step else table
+        )
+
+
+@dataclass(frozen=True)
+class StoreSource:
+    """A root store a worker opens itself (its file is on a disk the worker shares with
+    this machine: a ``LocalCluster``): its path and the dates a block reads from it."""
+
+    path: str
+    span: tuple[dt.date, ...]
+
+
+@dataclass(frozen=True)
+class UpstreamRef:
+    """A dependency's results as a worker reads them: a standard one's by cell from the
+    ledger (published before the pass: ``Executor._compute_ranged``), a meta one's by value
+    (whole and small). Otherwise as ``blocks.UpstreamInput``."""
+
+    keys: tuple[CellKey, ...]
+    values: tuple[Any, ...] | None  # meta: the results themselves
+    dates: tuple[dt.date, ...]
+    rows: np.ndarray
+    width: int
+
+
+@dataclass
+class BlockOrder:
+    """One block over one user range, described for a worker that reads its inputs from
+    the ledger and writes its shards there itself (``compute_written``).
+
+    Attributes:
+        name / dates / previous_date / historical / stored_failures: as ``BlockTask``.
+        root: dataset -> (a ``StoreSource``, or the matrix itself (detached), lookback).
+        upstream: dependency -> ``UpstreamRef``.
+        previous: historical: the cell (calculation, ``previous_date``) of the previous
+            state, read by user range from the ledger.
+        generations: per date, the unpublished generation its shards go to.
+        flush_users / shard_bytes: the run's shard limits (``ShardWriter``).
+    """
+
+    name: str
+    dates: tuple[dt.date, ...]
+    root: dict[str, tuple[StoreSource | RootMatrix, int]]
+    upstream: dict[str, UpstreamRef]
+    previous: CellKey | None
+    previous_date: dt.date | None
+    historical: bool
+    stored_failures: int
+    generations: tuple[str, ...]
+    flush_users: int
+    shard_bytes: int
+
+
+@dataclass
+class RangeOrder:
+    """The blocks of a ranged pass over the users ``lo <= user < hi`` (None: unbounded),
+    for one worker: the ledger's URL, and the first shard number of the range (``seq``)."""
+
+    url: str
+    lo: str | None
+    hi: str | None
+    seq: int
+    blocks: list[BlockOrder]
+
+
+@dataclass
+class WrittenDay:
+    """One date of a block over a user range as a worker wrote it: its accounting (as
+    ``blocks.DateOutcome``), the validation statistics and fields of its table, and the
+    counts of the shards written."""
+
+    processed: int
+    failures: int
+    inherited: int
+    failed_users: list[dict[str, str]]
+    stats: validation.Stats
+    fields: dict[str, bool]
+    shards: int
+    users: int
+    bytes_raw: int
+    bytes_compressed: int
+
+
+@dataclass
+class WrittenBlock:
+    """A block over a user range as a worker computed and wrote it (``error``: the block
+    failed as a whole, nothing was written; ``days`` is then empty)."""
+
+    error: str | None
+    users: int
+    processed: int
+    days: list[WrittenDay]
+
+
+def block_task(
+    order: BlockOrder,
+    calculation: type,
+    lo: str | None,
+    hi: str | None,
+    tables: TableCache,
+    matrix: Callable[[Any], RootMatrix],
+) -> BlockTask:
+    """The ``BlockTask`` of ``order`` over ``lo <= user < hi``: standard upstream and
+    previous results read by user range through ``tables``, root matrices from ``matrix``."""
+    upstream = {
+        dep: UpstreamInput(
+            list(ref.values)
+            if ref.values is not None
+            else [tables.get_range(key, lo, hi) for key in ref.keys],
+            ref.values is not None,
+            ref.dates,
+            ref.rows,
+            ref.width,
+        )
+        for dep, ref in order.upstream.items()
+    }
+    previous = tables.get_range(order.previous, lo, hi) if order.previous is not None else None
+    return BlockTask(
+        order.name,
+        calculation,
+        order.dates,
+        {ds: (matrix(source), lookback) for ds, (source, lookback) in order.root.items()},
+        upstream,
+        previous,
+        order.previous_date,
+        order.historical,
+        False,
+        order.stored_failures,
+        user_range=(lo, hi),
+    )
+
+
+@functools.cache
+def _worker_ledger(url: str) -> Ledger:
+    """This worker process's connection to the run's ledger (at its head already: the run
+    migrated it)."""
+    return Ledger.open(url, migrate=False)
+
+
+@functools.cache
+def _worker_store(path: str) -> Any:
+    from orchestrator.rootstore import StoredDataset
+
+    return StoredDataset(Path(path))
+
+
+def compute_written(
+    order: RangeOrder, classes: Sequence[type], ledger: Ledger | None = None
+) -> list[WrittenBlock]:
+    """On a worker: compute the blocks of ``order`` and write their shards to the ledger
+    (unpublished: under the dates' new generations, numbered from ``order.seq``), replacing
+    any an earlier attempt at the range wrote (``Ledger.write_shard_span``). Returns each
+    block's accounting, in order; the run's process absorbs the shards (their payloads
+    extend the result hashes, in user order) and publishes.
+
+    Raises:
+        StorageError: the ledger cannot be reached or written.
+        OverflowError: a range cut more than ``RANGE_SEQ_SPAN`` shards of a date.
+    """
+    ledger = ledger if ledger is not None else _worker_ledger(order.url)
+    tables = TableCache(ledger, capacity=64)  # this range's reads only: never stale
+    matrices: dict[tuple[str, tuple[dt.date, ...]], RootMatrix] = {}
+
+    def matrix(source: StoreSource | RootMatrix) -> RootMatrix:
+        if not isinstance(source, StoreSource):
+            return source
+        key = (source.path, source.span)
+        if key not in matrices:
+            store = _worker_store(source.path)
+            matrices[key] = RootMatrix.from_store(store, source.span, order.lo, order.hi)
+        return matrices[key]
+
+    span = (order.seq, order.seq + RANGE_SEQ_SPAN)
+    written: list[WrittenBlock] = []
+    cells: list[tuple[str, dt.date, str]] = []
+    rows: list[dict[str, Any]] = []
+    for block, calculation in zip(order.blocks, classes, strict=True):
+        task = block_task(block, calculation, order.lo, order.hi, tables, matrix)
+        outcome = run_block(task)
+        days: list[WrittenDay] = []
+        if outcome.error is None:
+            assert outcome.tables is not None
+            for date, generation, day in zip(
+                block.dates, block.generations, outcome.tables, strict=True
+            ):
+                writer = ShardWriter(block.name, date, generation, block.shard_bytes, seq=span[0])
+                buffer_table(writer, day.table, block.flush_users)
+                rows += writer.cut()
+                if writer.seq > span[1]:
+                    raise OverflowError(
+                        f"{block.name} {date}: a user range cut {writer.shards} shards, more "
+                        f"than {RANGE_SEQ_SPAN}"
+                    )
+                cells.append((block.name, date, generation))
+                days.append(
+                    WrittenDay(
+                        day.processed,
+                        day.failures,
+                        day.inherited,
+                        day.failed_users,
+                        validation.collect_table(day.table),
+                        _fields(day.table),
+                        writer.shards,
+                        writer.users,
+                        writer.bytes_raw,
+                        writer.bytes_compressed,
+                    )
+                )
+        written.append(WrittenBlock(outcome.error, outcome.users, outcome.processed, days))
+    ledger.write_shard_span(cells, span, rows)
+    return written
+
+
+def _flushed(run: _CellRun) -> None:
+    """Count a range's shards of ``run`` as one flush (the range is the batch)."""
+    run.flushes += 1
+    run.flush_reasons["BATCH_LIMIT"] = run.flush_reasons.get("BATCH_LIMIT", 0) + 1
+
+
+def _fields(table: Table) -> dict[str, bool]:
+    """A table's fields: name -> whether it holds texts (noted for readers of ranges that
+    lack some)."""
+    return {name: col.kind in ("str", "json") for name, col in table.columns.items()}
 
 
 def root_span(data: RootData, dates: list[dt.date], lookback: int) -> tuple[dt.date, ...]:
@@ -115,6 +363,70 @@ class RangedBlock:
             hit = matrices[(ds, span)] = RootMatrix.from_store(self.data[ds], span, lo, hi)
         return hit
 
+    def order(
+        self,
+        lo: str | None,
+        hi: str | None,
+        root: Callable[[str], StoreSource | RootMatrix],
+    ) -> BlockOrder | None:
+        """The block over the users ``lo <= user < hi`` as a ``BlockOrder`` (its inputs
+        named, not read), each root dataset as ``root(dataset)`` gives it; None once the
+        block has failed (the other ranges are not computed)."""
+        if self.error is not None:
+            return None
+        x, spec = self.x, self.spec
+        calcs = x.manifest.calcs
+        upstream = {
+            dep: UpstreamRef(
+                tuple((dep, d) for d in span),
+                tuple(x.cache.get((dep, d)) for d in span) if not calcs[dep].is_standard else None,
+                span,
+                rows,
+                spec.window(dep),
+            )
+            for dep, (span, rows) in self.spans.items()
+        }
+        return BlockOrder(
+            spec.name,
+            tuple(self.dates),
+            {ds: (root(ds), spec.lookback) for ds in spec.root_data},
+            upstream,
+            (spec.name, self.prev_date) if self.prev_date is not None else None,
+            self.prev_date,
+            spec.historical,
+            STORED_FAILURES,
+            tuple(run.writer.generation for run in self.runs),
+            x.flush_users,
+            x.shard_bytes,
+        )
+
+    def remote_order(
+        self,
+        lo: str | None,
+        hi: str | None,
+        local_files: bool,
+        matrices: dict[tuple[str, tuple[dt.date, ...]], RootMatrix],
+        detached: dict[int, RootMatrix],
+    ) -> BlockOrder | None:
+        """``order`` for a worker elsewhere: a root store by its file when the worker shares
+        this machine's files (``local_files``), else the range's matrix read here (through
+        ``matrices``, shared by the pass's blocks) and detached (once: ``detached``); a
+        dataset held in memory as its whole matrix, detached once per run."""
+
+        def root(ds: str) -> StoreSource | RootMatrix:
+            span = self.root_spans.get(ds)
+            if span is not None and local_files:
+                store: Any = self.data[ds]  # (a ``rootstore.StoredDataset``)
+                return StoreSource(str(Path(store.path).resolve()), span)
+            matrix = self._matrix(ds, lo, hi, matrices)
+            if id(matrix) not in detached:
+                detached[id(matrix)] = (
+                    matrix.detached() if span is not None else self.x._detached_matrix(ds)
+                )
+            return detached[id(matrix)]
+
+        return self.order(lo, hi, root)
+
     def task(
         self,
         lo: str | None,
@@ -123,44 +435,45 @@ class RangedBlock:
     ) -> BlockTask | None:
         """The block over the users ``lo <= user < hi``, every input read (its root
         matrices from the store, its upstream and previous results from the ledger); None
-        once the block has failed (the other ranges are not computed)."""
-        if self.error is not None:
+        once the block has failed."""
+        order = self.order(lo, hi, lambda ds: self._matrix(ds, lo, hi, matrices))
+        if order is None:
             return None
-        x, spec = self.x, self.spec
-        calcs = x.manifest.calcs
-        upstream = {
-            dep: UpstreamInput(
-                [
-                    x.cache.get((dep, d))
-                    if not calcs[dep].is_standard
-                    else x.tables.get_range((dep, d), lo, hi)
-                    for d in span
-                ],
-                not calcs[dep].is_standard,
-                span,
-                rows,
-                spec.window(dep),
-            )
-            for dep, (span, rows) in self.spans.items()
-        }
-        previous = (
-            x.tables.get_range((spec.name, self.prev_date), lo, hi)
-            if self.prev_date is not None
-            else None
-        )
-        return BlockTask(
-            spec.name,
-            spec.cls,
-            tuple(self.dates),
-            {ds: (self._matrix(ds, lo, hi, matrices), spec.lookback) for ds in spec.root_data},
-            upstream,
-            previous,
-            self.prev_date,
-            spec.historical,
-            False,
-            STORED_FAILURES,
-            user_range=(lo, hi),
-        )
+        return block_task(order, self.spec.cls, lo, hi, self.x.tables, lambda matrix: matrix)
+
+    def _tally(
+        self,
+        i: int,
+        day: DateOutcome | WrittenDay,
+        stats: validation.Stats,
+        fields: dict[str, bool],
+    ) -> _CellRun:
+        """Add one range's accounting of date ``i`` (the next users, in order)."""
+        run = self.runs[i]
+        for field_name, texts in fields.items():
+            self.fields[i][field_name] = self.fields[i].get(field_name, False) or texts
+        run.processed += day.processed
+        run.failures += day.failures
+        run.inherited += day.inherited
+        kept = self.kept[i]
+        for failure in day.failed_users:  # the first of each kind, in user order
+            if kept[failure["kind"]] < STORED_FAILURES:
+                kept[failure["kind"]] += 1
+                run.failed_users.append(failure)
+        self.stats[i].merge(stats)
+        return run
+
+    def _counted(self, outcome: BlockOutcome | WrittenBlock) -> bool:
+        """Count the next range's users; False when the block has failed (by this range,
+        or before it: the rest is not taken)."""
+        if self.error is not None:
+            return False
+        self.users += outcome.users
+        if outcome.error is not None:
+            self.error = outcome.error
+            return False
+        self.processed += outcome.processed
+        return True
 
     def take(
         self, outcome: BlockOutcome, shards: list[tuple[ShardWriter, list[dict[str, Any]]]]
@@ -168,34 +481,38 @@ class RangedBlock:
         """Add the outcome of the next range (in user order) to the block's dates and their
         shard rows to ``shards``, with their writer: still compressing (the caller settles
         and writes them: invisible until their dates are published)."""
-        if self.error is not None:
-            return
-        x = self.x
-        self.users += outcome.users
-        if outcome.error is not None:
-            self.error = outcome.error
+        if not self._counted(outcome):
             return
         assert outcome.tables is not None
-        self.processed += outcome.processed
-        for run, day, stats, fields, kept in zip(
-            self.runs, outcome.tables, self.stats, self.fields, self.kept, strict=True
-        ):
-            for field_name, col in day.table.columns.items():
-                fields[field_name] = fields.get(field_name, False) or col.kind in ("str", "json")
-            run.processed += day.processed
-            run.failures += day.failures
-            run.inherited += day.inherited
-            for failure in day.failed_users:  # the first of each kind, in user order
-                if kept[failure["kind"]] < STORED_FAILURES:
-                    kept[failure["kind"]] += 1
-                    run.failed_users.append(failure)
-            stats.merge(validation.collect_table(day.table))
-            x._add_table(run, day.table)
+        for i, day in enumerate(outcome.tables):
+            run = self._tally(i, day, validation.collect_table(day.table), _fields(day.table))
+            buffer_table(run.writer, day.table, self.x.flush_users)
             rows = run.writer.cut(wait=False)  # compressing while the next block computes
             if rows:
                 shards.append((run.writer, rows))
-                run.flushes += 1
-                run.flush_reasons["BATCH_LIMIT"] = run.flush_reasons.get("BATCH_LIMIT", 0) + 1
+                _flushed(run)
+
+    def take_written(self, written: WrittenBlock, seq: int) -> None:
+        """Add the next range (in user order), computed and written by a worker from shard
+        number ``seq`` on: its accounting, and its shards' payloads, read back, to the
+        dates' result hashes."""
+        if not self._counted(written):
+            return
+        for i, day in enumerate(written.days):
+            run = self._tally(i, day, day.stats, day.fields)
+            if day.shards:
+                run.writer.absorb_written(
+                    self.x.ledger.unpublished_payloads(
+                        self.spec.name,
+                        self.dates[i],
+                        run.writer.generation,
+                        (seq, seq + RANGE_SEQ_SPAN),
+                    ),
+                    day.users,
+                    day.bytes_raw,
+                    day.bytes_compressed,
+                )
+                _flushed(run)
 
     def record(self) -> None:
         """Record every date (``Executor._compute_block``'s rules) and stage the writes."""

@@ -14,8 +14,11 @@ dask        a dask.distributed cluster: ``scheduler = "tcp://host:8786"``, or a
 
 The contract between the run and an executor is the block runner of the block engine
 (``blockpool``): a ``BlockTask`` in (value types only: a calculation × dates × a user range
-with every input it reads), a ``BlockOutcome`` out. The run decides, validates, writes shards
-and publishes, always in its own process, so result hashes do not depend on the executor.
+with every input it reads), a ``BlockOutcome`` out. Over root stores (too many users to
+hold) a ``RangeRunner`` takes a ``ranged.RangeOrder`` instead: its worker reads the range's
+inputs from the shared ledger and writes the shards under unpublished generations. The run
+decides, validates and publishes, always in its own process, and result hashes stream in
+user order there, so they do not depend on the executor.
 
 An executor whose optional dependency is missing is reported, never crashed on:
 ``orchestrator executors`` lists each as available or not and why, and asking for an
@@ -36,6 +39,7 @@ from orchestrator.errors import ConfigError
 
 if TYPE_CHECKING:
     from orchestrator.execution.blocks import BlockOutcome, BlockTask, RootMatrix
+    from orchestrator.execution.ranged import RangeOrder, WrittenBlock
     from orchestrator.manifest import Manifest
 
 ENTRY_POINT_GROUP = "orchestrator.executors"
@@ -64,18 +68,26 @@ class BlockRunner(Protocol):
 
 class RangeRunner(BlockRunner, Protocol):
     """A ``BlockRunner`` that also computes the user ranges of columnar blocks over root
-    stores (its plug-in's ``submits_ranges``; ``Executor._compute_ranges_on``)."""
+    stores (its plug-in's ``submits_ranges``; ``Executor._compute_ranges_on``): its workers
+    read a range's inputs from the shared ledger and write its shards there themselves
+    (``ranged.compute_written``); the run reads the payloads back and publishes."""
 
     @property
     def in_flight(self) -> int:
         """User ranges the run may have out at once."""
 
-    def submit(self, tasks: list[BlockTask]) -> Any:
-        """Start ``run_block`` of one user range's tasks (the pass's blocks over it); returns
-        a handle for ``result``."""
+    @property
+    def local_files(self) -> bool:
+        """Whether the workers share this machine's files (they open the root stores by
+        path), else each range's root matrices travel with its order."""
 
-    def result(self, handle: Any) -> list[BlockOutcome]:
-        """The outcomes of a submitted range, in its tasks' order.
+    def submit(self, order: RangeOrder) -> Any:
+        """Start ``ranged.compute_written(order)`` on a worker; returns a handle for
+        ``result``. The task may run more than once (a lost worker): each attempt replaces
+        the shards of the one before."""
+
+    def result(self, handle: Any) -> list[WrittenBlock]:
+        """What a submitted range's blocks wrote, in its order's blocks' order.
 
         Raises:
             WorkerError: the range could not be computed.

@@ -1,20 +1,27 @@
-"""Blocks on a dask.distributed cluster: one task per user range of a block.
+"""Blocks on a dask.distributed cluster: two kinds of task.
 
-The same split as the forked ``BlockPool`` (``blockpool.slice_task`` in, ``merge_outcomes``
-out), so a block's outcome, and therefore every result hash, is a serial run's. What differs
-is how the inputs travel to processes that share no memory with the run:
+**Per-user blocks over datasets held in memory** (``run``): one task per user range of a
+block, the same split as the forked ``BlockPool`` (``blockpool.slice_task`` in,
+``merge_outcomes`` out), so a block's outcome, and therefore every result hash, is a serial
+run's. The root matrices are scattered once per run to every worker (``Client.scatter(...,
+broadcast=True)``) and a task names them; upstream and previous results travel with the
+task, sliced to its user range. Such a task is pure (no I/O).
 
-* the root matrices are scattered once per run to every worker (``Client.scatter(...,
-  broadcast=True)``) and a task names them;
-* the calculation's class travels by value (``cloudpickle``, its package registered by
-  value), so a worker needs ``orchestrator`` installed but not the user's calculations;
-* upstream and previous results travel with the task, sliced to its user range.
+**Columnar blocks over root stores** (``submit``): one task per user range of a ranged pass
+(``ranged.RangeOrder``). Its worker reads the range's upstream and previous results from the
+shared ledger, its root data from the root store files (a ``LocalCluster``: the same machine)
+or from the order (a remote cluster: read by the run), computes the pass's blocks and writes
+their shards to the ledger under the dates' unpublished generations. Only the run's process
+publishes, atomically, after reading the payloads back for the result hashes in user order.
+A range computed again replaces its first attempt's shards (``Ledger.write_shard_span``).
 
-A task is pure (its inputs in, its outcome out; no I/O), so when a worker dies dask runs it
-again on another (``distributed.scheduler.allowed-failures``); when it cannot (every worker
-lost, ``KilledWorker``) the block fails the run with ``WorkerError`` and nothing of the block
-is published, as with the forked pool. Without a ``scheduler`` address a ``LocalCluster`` of
-``workers`` processes is started for the run and closed after it.
+Either way the calculation's class travels by value (``cloudpickle``, its package registered
+by value), so a worker needs ``orchestrator`` installed but not the user's calculations. When
+a worker dies dask runs its task again on another (``distributed.scheduler.allowed-failures``);
+when it cannot (every worker lost, ``KilledWorker``) the block fails the run with
+``WorkerError`` and nothing of it is published, as with the forked pool. Without a
+``scheduler`` address a ``LocalCluster`` of ``workers`` processes is started for the run and
+closed after it.
 """
 
 from __future__ import annotations
@@ -34,6 +41,7 @@ from orchestrator.execution.blockpool import (
     splits,
 )
 from orchestrator.execution.blocks import BlockOutcome, BlockTask, run_block
+from orchestrator.execution.ranged import RangeOrder, WrittenBlock, compute_written
 from orchestrator.execution.workers import Partition, WorkerError
 
 if TYPE_CHECKING:
@@ -48,13 +56,10 @@ CONNECT_TIMEOUT = "20s"
 RANGES_PER_WORKER = 2
 
 
-def _compute_range(tasks: list[BlockTask], classes: list[bytes]) -> list[BlockOutcome]:
-    """On a worker: tasks that carry their root matrices, each with its class put back, run
-    in order."""
-    return [
-        run_block(dataclasses.replace(task, calculation=cloudpickle.loads(blob)))
-        for task, blob in zip(tasks, classes, strict=True)
-    ]
+def _compute_written(order: RangeOrder, classes: list[bytes]) -> list[WrittenBlock]:
+    """On a worker: one user range of a ranged pass, its classes put back, computed and its
+    shards written to the ledger (``ranged.compute_written``)."""
+    return compute_written(order, [cloudpickle.loads(blob) for blob in classes])
 
 
 def _compute(task: BlockTask, calculation: bytes, matrices: dict[str, Any]) -> BlockOutcome:
@@ -162,26 +167,23 @@ class DaskBlocks:
         the next range's inputs and writes the last one's shards."""
         return 2 * self._count()
 
-    def submit(self, tasks: list[BlockTask]) -> Any:
-        """Start ``run_block`` of one user range's ``tasks`` (the blocks of a pass over the
-        range, sharing its root matrices, read here) as one task on the cluster; ``result``
-        waits for it."""
-        detached: dict[int, Any] = {}  # a matrix the blocks share travels once
+    @property
+    def local_files(self) -> bool:
+        """Whether the workers share this machine's files (a ``LocalCluster``): they then
+        open the root stores themselves; a remote cluster's get each range's root matrices,
+        read here."""
+        return self.scheduler is None
 
-        def portable(task: BlockTask) -> BlockTask:
-            root: dict[str, Any] = {}
-            for ds, (matrix, lb) in task.root.items():
-                if id(matrix) not in detached:
-                    detached[id(matrix)] = matrix.detached()
-                root[ds] = (detached[id(matrix)], lb)
-            return dataclasses.replace(task, calculation=type(None), root=root)
+    def submit(self, order: RangeOrder) -> Any:
+        """Start one user range of a ranged pass (``ranged.compute_written``: its worker
+        reads the inputs from the ledger and writes the shards) as one task on the cluster;
+        ``result`` waits for it. A task that dies is run again elsewhere and replaces the
+        shards its first attempt wrote."""
+        classes = [self._class(block.name) for block in order.blocks]
+        return self.client.submit(_compute_written, order, classes, pure=False)
 
-        payload = [portable(t) for t in tasks]
-        classes = [self._class(t.name) for t in tasks]
-        return self.client.submit(_compute_range, payload, classes, pure=False)
-
-    def result(self, handle: Any) -> list[BlockOutcome]:
-        """The outcomes of a ``submit``ted range, in its tasks' order.
+    def result(self, handle: Any) -> list[WrittenBlock]:
+        """What a ``submit``ted range's blocks wrote, in its order's blocks' order.
 
         Raises:
             WorkerError: as ``run``.
@@ -215,7 +217,7 @@ class DaskBlocks:
             futures.append(self.client.submit(_compute, portable, blob, roots, pure=False))
         return merge_outcomes(task, self._gathered(task.name, futures), breaker)
 
-    def _gathered(self, name: str, futures: list[Any]) -> list[BlockOutcome]:
+    def _gathered(self, name: str, futures: list[Any]) -> list[Any]:
         from distributed import KilledWorker
 
         try:

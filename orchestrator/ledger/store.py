@@ -994,6 +994,38 @@ class Ledger:
             with self.engine.begin() as conn:
                 conn.execute(insert(SHARDS), list(shards))
 
+    def write_shard_span(
+        self,
+        cells: Sequence[tuple[str, dt.date, str]],
+        seqs: tuple[int, int],
+        shards: Sequence[Mapping[str, Any]],
+    ) -> None:
+        """Replace the shards numbered ``seqs[0] <= seq < seqs[1]`` of each unpublished
+        generation ``cells`` (calculation, date, generation) with ``shards``, in one
+        transaction: what a worker writes for its user range, so that the range computed
+        again (a retried task) replaces its first attempt's shards instead of colliding."""
+        span = and_(SHARDS.c.seq >= seqs[0], SHARDS.c.seq < seqs[1])
+        with self.engine.begin() as conn:
+            for calculation, date, generation in cells:
+                conn.execute(
+                    delete(SHARDS).where(
+                        SHARDS.c.calculation == calculation,
+                        SHARDS.c.date == date,
+                        SHARDS.c.generation == generation,
+                        span,
+                    )
+                )
+            if shards:
+                conn.execute(insert(SHARDS), list(shards))
+
+    def url(self) -> str:
+        """The database URL another process opens this ledger with (its password included;
+        an SQLite file's path made absolute, for workers started elsewhere)."""
+        url = self.engine.url
+        if url.get_backend_name() == "sqlite" and url.database and url.database != ":memory:":
+            url = url.set(database=str(Path(url.database).resolve()))
+        return url.render_as_string(hide_password=False)
+
     def publish_with_shards(
         self, writes: Sequence[CellWrite], shards: Sequence[Mapping[str, Any]], now: dt.datetime
     ) -> None:
