@@ -455,6 +455,29 @@ def test_a_block_whose_workers_keep_dying_aborts_the_run_with_nothing_partial(
     assert project.result_hashes() == serial_hashes
 
 
+def test_a_revert_computes_nothing_and_starts_no_cluster(
+    project: Project,
+    serial_hashes: dict[tuple[str, dt.date], str | None],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    _project(project, extra='executor = "dask"\nworkers = 2\n')
+    assert project.run(TARGET, workers=2).ok
+    changed = CALCS.replace('prev["ups"] + int(up)', 'prev["ups"] + 2 * int(up)')
+    assert changed != CALCS
+    project.write_calcs(changed)
+    assert project.run(TARGET, workers=2).ok
+    project.write_calcs(CALCS)  # changed back: every cell has a retained result
+
+    def no_cluster(self: object) -> None:
+        raise AssertionError("a cluster was started for a run that computes nothing")
+
+    monkeypatch.setattr(dask_runner.DaskBlocks, "__enter__", no_cluster)
+    summary = project.run(TARGET, workers=2)
+    assert summary.ok, summary.lines()
+    assert summary.executed == {} and summary.reused > 0
+    assert project.result_hashes() == serial_hashes
+
+
 def _free_port() -> int:
     import socket
 

@@ -218,6 +218,9 @@ class Executor(UserWalk):
         (columnar ones stay here: ``BlockPool.takes``); the matrices are built first, so the
         workers share them."""
         calcs = self.manifest.calcs
+        # (a cell to re-point to a retained result computes nothing: a revert starts no
+        # workers, no cluster)
+        work = [k for k in work if self.decisions[k].reason is not Reason.REUSED]
         blocked = {
             k[0]
             for k in work
