@@ -478,6 +478,28 @@ def test_a_revert_computes_nothing_and_starts_no_cluster(
     assert project.result_hashes() == serial_hashes
 
 
+def test_the_per_user_walk_over_a_root_store_forks_local_workers_with_a_local_cluster(
+    project: Project,
+    tmp_path: Path,
+    serial_hashes: dict[tuple[str, dt.date], str | None],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Calculations without a columnar form over data too large to hold are walked, not run
+    in blocks: with a LocalCluster the walk forks ``workers`` processes of this machine
+    (before the cluster's client starts its threads), and the results are serial ones."""
+    from orchestrator.app import Orchestrator
+
+    monkeypatch.setattr(Orchestrator, "holds_in_memory", lambda self, name: False)
+    log = tmp_path / "pids.log"
+    monkeypatch.setenv(PID_LOG, str(log))
+    _project(project, extra='executor = "dask"\nworkers = 2\n')
+    summary = project.run(TARGET, workers=2)
+    assert summary.ok, summary.lines()
+    assert project.result_hashes() == serial_hashes
+    walkers = _pids(log)["close"]
+    assert len(walkers) == 2 and os.getpid() not in walkers
+
+
 def _free_port() -> int:
     import socket
 

@@ -207,11 +207,15 @@ class Executor(UserWalk):
         if self.workers <= 1 and self.block_runner is None:
             return self._execute()
         with ExitStack() as stack:
+            # The walk's workers are forked first: before a dask client starts its event
+            # loop thread (forking a process with such a thread may deadlock the child).
+            self._start_walk_pool(work, stack)
             self._start_block_pool(work, stack)
             try:
-                return self._execute_walked(work)
+                return self._execute()
             finally:
                 self.block_pool = None
+                self.pool = None
 
     def _start_block_pool(self, work: list[CellKey], stack: ExitStack) -> None:
         """Fork the block workers when per-user standard cells of the work run in blocks
@@ -244,35 +248,31 @@ class Executor(UserWalk):
         if runner is not None:
             self.block_pool = stack.enter_context(runner)
 
-    def _execute_walked(self, work: list[CellKey]) -> RunSummary:
-        """``_execute``, with the walk's worker pool when per-user cells are walked."""
+    def _start_walk_pool(self, work: list[CellKey], stack: ExitStack) -> None:
+        """Fork the walk's worker pool (``workers.WorkerPool``) when per-user standard cells
+        of the work are walked over root stores and ``workers`` > 1."""
         # Workers walk per-user standard cells over root stores; blocks have their own pool
         # (or none), so a run without walked cells forks no walk pool.
         standard = {
             k[0] for k in work if self.manifest.calcs[k[0]].is_standard and not self._blocked(k[0])
         }
         if not standard or self.workers <= 1:
-            return self._execute()
+            return
         # The users a cell walks come from its root data or, for a cell without root data,
         # from its standard upstream results, whose users came from root data further up:
         # sample the root data of the whole standard upstream closure, so a run that
         # re-runs only upstream-driven cells still splits its users evenly.
-        calcs, sources, stack = self.manifest.calcs, set(), list(standard)
-        while stack:
-            name = stack.pop()
+        calcs, sources, todo = self.manifest.calcs, set(), list(standard)
+        while todo:
+            name = todo.pop()
             if name not in sources:
                 sources.add(name)
-                stack.extend(d for d in calcs[name].dependencies if calcs[d].is_standard)
+                todo.extend(d for d in calcs[name].dependencies if calcs[d].is_standard)
         users: set[str] = set()
         for ds in {ds for name in sources for ds in calcs[name].root_data}:
             # opened before the fork: held in memory it is shared copy-on-write
             users.update(self.dataset(ds).user_sample())
-        with WorkerPool(self, self.workers, users) as pool:
-            self.pool = pool
-            try:
-                return self._execute()
-            finally:
-                self.pool = None
+        self.pool = stack.enter_context(WorkerPool(self, self.workers, users))
 
     def _execute(self) -> RunSummary:
         started = time.perf_counter()

@@ -217,7 +217,11 @@ class Dask:
             )
 
     def walk_workers(self, setting: Setting) -> int:
-        return 1  # (the walk over root stores stays in the run's process for now)
+        # The per-user walk over root stores (calculations without a columnar form) is not
+        # a block: with a LocalCluster it forks ``workers`` local processes, as
+        # ``processes`` does (this machine is the cluster); with a cluster elsewhere it
+        # stays in the run's process.
+        return setting.workers if setting.scheduler is None else 1
 
     def block_runner(
         self, setting: Setting, matrices: dict[str, RootMatrix], manifest: Manifest
