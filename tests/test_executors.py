@@ -177,6 +177,15 @@ def test_a_missing_optional_dependency_is_reported_and_refused(project: Project)
         assert "Traceback" not in done.stderr
 
 
+def test_an_in_memory_ledger_is_refused_for_dask() -> None:
+    from orchestrator.errors import ConfigError
+    from orchestrator.executors import Dask, Setting
+
+    with pytest.raises(ConfigError, match="in-memory SQLite"):
+        Dask().check(Setting(2, None, "sqlite:///:memory:"))
+    Dask().check(Setting(2, None, "sqlite:////tmp/ledger.db"))  # a file: allowed
+
+
 def test_unknown_and_misconfigured_executors_are_one_line_errors(
     project: Project, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -336,6 +345,16 @@ def test_columnar_blocks_over_a_root_store_run_range_by_range_on_dask(
     seqs, leftover = _shard_numbers(project.db_url, "close", TARGET)
     assert {seq // RANGE_SEQ_SPAN for seq in seqs} == set(range(5)), seqs
     assert leftover == 0
+    # An attempt presumed lost that finishes after the publish writes nothing.
+    from orchestrator.ledger.store import Ledger
+
+    ledger = Ledger.open(project.db_url)
+    shards = ledger.shard_index("close", TARGET)
+    assert shards
+    generation = shards[0].generation
+    ledger.write_shard_span([("close", TARGET, generation)], (0, RANGE_SEQ_SPAN), [])
+    assert ledger.shard_index("close", TARGET) == shards
+    ledger.dispose()
     # A nightly date more: its ranges read the previous date's states by range.
     more = weekdays(DATES[0], len(DATES) + 1)
     for p in (twin, project):

@@ -126,6 +126,16 @@ class TableCache:
             self.note_fields(key, found)
         return found
 
+    def fields(self, key: CellKey) -> dict[str, bool] | None:
+        """Every field of ``key``'s published result (name -> holds texts), read once per
+        cell (``_fields_of``); None: nothing published."""
+        if key in self._fields:
+            return self._fields[key]
+        if key not in self._index:
+            self._index[key] = self.ledger.shard_index(*key)
+        shards = self._index[key]
+        return None if shards is None else self._fields_of(key, shards)
+
     def get_range(self, key: CellKey, lo: str | None, hi: str | None) -> Table | None:
         """The users ``lo <= user < hi`` (None: unbounded) of ``key``'s published result
         (None: nothing published): sliced from memory, else decoded from only the shards

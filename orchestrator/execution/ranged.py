@@ -17,6 +17,7 @@ sees one user at a time), so the ranges give the results of one block over every
 from __future__ import annotations
 
 import bisect
+import dataclasses
 import datetime as dt
 import functools
 from collections.abc import Callable, Sequence
@@ -39,6 +40,7 @@ from orchestrator.execution.blocks import (
 from orchestrator.execution.caches import TableCache
 from orchestrator.execution.record import _CellRun, too_many_failed
 from orchestrator.execution.walk import STORED_FAILURES
+from orchestrator.execution.workers import WorkerError
 from orchestrator.ledger.store import CellWrite, Ledger
 from orchestrator.manifest import CalcSpec
 from orchestrator.planning import CellKey, Decision
@@ -113,6 +115,10 @@ class BlockOrder:
     generations: tuple[str, ...]
     flush_users: int
     shard_bytes: int
+    # every field of each standard cell read (name -> holds texts), known to the run: a
+    # worker reading a range of a cell's shards would otherwise decode all of them to find
+    # the fields some shards lack (``TableCache.get_range``), in every range
+    fields: dict[CellKey, dict[str, bool]] = dataclasses.field(default_factory=dict)
 
 
 @dataclass
@@ -120,7 +126,7 @@ class RangeOrder:
     """The blocks of a ranged pass over the users ``lo <= user < hi`` (None: unbounded),
     for one worker: the ledger's URL, and the first shard number of the range (``seq``)."""
 
-    url: str
+    url: str = dataclasses.field(repr=False)  # (holds the database password)
     lo: str | None
     hi: str | None
     seq: int
@@ -239,6 +245,8 @@ def compute_written(
     cells: list[tuple[str, dt.date, str]] = []
     rows: list[dict[str, Any]] = []
     for block, calculation in zip(order.blocks, classes, strict=True):
+        for key, fields in block.fields.items():
+            tables.note_fields(key, fields)
         task = block_task(block, calculation, order.lo, order.hi, tables, matrix)
         outcome = run_block(task)
         days: list[WrittenDay] = []
@@ -425,7 +433,14 @@ class RangedBlock:
                 )
             return detached[id(matrix)]
 
-        return self.order(lo, hi, root)
+        order = self.order(lo, hi, root)
+        if order is not None:
+            read = [k for ref in order.upstream.values() if ref.values is None for k in ref.keys]
+            for key in read + ([order.previous] if order.previous is not None else []):
+                fields = self.x.tables.fields(key)
+                if fields is not None:
+                    order.fields[key] = fields
+        return order
 
     def task(
         self,
@@ -501,6 +516,7 @@ class RangedBlock:
         for i, day in enumerate(written.days):
             run = self._tally(i, day, day.stats, day.fields)
             if day.shards:
+                before = run.writer.shards
                 run.writer.absorb_written(
                     self.x.ledger.unpublished_payloads(
                         self.spec.name,
@@ -512,6 +528,13 @@ class RangedBlock:
                     day.bytes_raw,
                     day.bytes_compressed,
                 )
+                if run.writer.shards - before != day.shards:
+                    raise WorkerError(
+                        f"{self.spec.name} {self.dates[i]}: a worker wrote {day.shards} "
+                        f"shards of a user range, this run found "
+                        f"{run.writer.shards - before} (does the worker reach the same "
+                        "database?); nothing of the pass was published"
+                    )
                 _flushed(run)
 
     def record(self) -> None:

@@ -209,6 +209,12 @@ class Dask:
         return None if found else "install orchestrator[dask] (no module named 'distributed')"
 
     def check(self, setting: Setting) -> None:
+        url = setting.database_url
+        if url.startswith("sqlite") and (":memory:" in url or url.rstrip("/") == "sqlite:"):
+            raise ConfigError(
+                "an in-memory SQLite ledger cannot be shared with dask workers (each would "
+                "open a database of its own); use an SQLite file or PostgreSQL"
+            )
         if setting.scheduler and setting.database_url.startswith("sqlite"):
             raise ConfigError(
                 f"an SQLite ledger is a file on this machine, which the workers of the cluster "

@@ -1003,9 +1003,32 @@ class Ledger:
         """Replace the shards numbered ``seqs[0] <= seq < seqs[1]`` of each unpublished
         generation ``cells`` (calculation, date, generation) with ``shards``, in one
         transaction: what a worker writes for its user range, so that the range computed
-        again (a retried task) replaces its first attempt's shards instead of colliding."""
+        again (a retried task) replaces its first attempt's shards instead of colliding.
+        Nothing is written once any of ``cells`` is published or retained: the write of an
+        attempt presumed lost that finished late, after the run took its retry's shards."""
         span = and_(SHARDS.c.seq >= seqs[0], SHARDS.c.seq < seqs[1])
         with self.engine.begin() as conn:
+            if cells and self.engine.dialect.name == "postgresql":
+                # Two attempts at one range at once (a task presumed lost, and its retry):
+                # the second waits here, then its DELETE sees the first one's rows. (SQLite
+                # serialises writers itself.)
+                conn.execute(
+                    text("SELECT pg_advisory_xact_lock(hashtext(:g), :s)"),
+                    {"g": cells[0][2], "s": seqs[0]},
+                )
+            for table in (CELLS, RETAINED):
+                published = or_(
+                    *(
+                        and_(
+                            table.c.calculation == calculation,
+                            table.c.date == date,
+                            table.c.generation == generation,
+                        )
+                        for calculation, date, generation in cells
+                    )
+                )
+                if cells and conn.execute(select(table.c.id).where(published).limit(1)).first():
+                    return  # a late attempt: the run already published these shards
             for calculation, date, generation in cells:
                 conn.execute(
                     delete(SHARDS).where(
