@@ -131,10 +131,17 @@ class TableCache:
         cell (``_fields_of``); None: nothing published."""
         if key in self._fields:
             return self._fields[key]
+        shards = self._shards(key)
+        return None if shards is None else self._fields_of(key, shards)
+
+    def _shards(self, key: CellKey) -> list[ShardInfo] | None:
+        """``key``'s published shard list (None: nothing published), read once while it
+        stays among the ``capacity`` most recent."""
         if key not in self._index:
             self._index[key] = self.ledger.shard_index(*key)
-        shards = self._index[key]
-        return None if shards is None else self._fields_of(key, shards)
+            while len(self._index) > self.capacity:
+                self._index.popitem(last=False)
+        return self._index[key]
 
     def get_range(self, key: CellKey, lo: str | None, hi: str | None) -> Table | None:
         """The users ``lo <= user < hi`` (None: unbounded) of ``key``'s published result
@@ -143,11 +150,7 @@ class TableCache:
         if key in self._items:
             table = self._items[key]
             return None if table is None else table.between(lo, hi)
-        if key not in self._index:
-            self._index[key] = self.ledger.shard_index(*key)
-            while len(self._index) > self.capacity:
-                self._index.popitem(last=False)
-        shards = self._index[key]
+        shards = self._shards(key)
         if shards is None:
             return None
         wanted = [

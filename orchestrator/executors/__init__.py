@@ -215,7 +215,7 @@ class Dask:
                 "an in-memory SQLite ledger cannot be shared with dask workers (each would "
                 "open a database of its own); use an SQLite file or PostgreSQL"
             )
-        if setting.scheduler and setting.database_url.startswith("sqlite"):
+        if setting.scheduler and url.startswith("sqlite"):
             raise ConfigError(
                 f"an SQLite ledger is a file on this machine, which the workers of the cluster "
                 f"at {setting.scheduler} cannot share; use a PostgreSQL database_url, or no "

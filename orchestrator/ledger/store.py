@@ -1006,9 +1006,23 @@ class Ledger:
         again (a retried task) replaces its first attempt's shards instead of colliding.
         Nothing is written once any of ``cells`` is published or retained: the write of an
         attempt presumed lost that finished late, after the run took its retry's shards."""
-        span = and_(SHARDS.c.seq >= seqs[0], SHARDS.c.seq < seqs[1])
+        if not cells:
+            return
+
+        def of(table: Any) -> ColumnElement[bool]:  # rows of ``table`` of those generations
+            return or_(
+                *(
+                    and_(
+                        table.c.calculation == calculation,
+                        table.c.date == date,
+                        table.c.generation == generation,
+                    )
+                    for calculation, date, generation in cells
+                )
+            )
+
         with self.engine.begin() as conn:
-            if cells and self.engine.dialect.name == "postgresql":
+            if self.engine.dialect.name == "postgresql":
                 # Two attempts at one range at once (a task presumed lost, and its retry):
                 # the second waits here, then its DELETE sees the first one's rows. (SQLite
                 # serialises writers itself.)
@@ -1017,27 +1031,11 @@ class Ledger:
                     {"g": cells[0][2], "s": seqs[0]},
                 )
             for table in (CELLS, RETAINED):
-                published = or_(
-                    *(
-                        and_(
-                            table.c.calculation == calculation,
-                            table.c.date == date,
-                            table.c.generation == generation,
-                        )
-                        for calculation, date, generation in cells
-                    )
-                )
-                if cells and conn.execute(select(table.c.id).where(published).limit(1)).first():
+                if conn.execute(select(table.c.id).where(of(table)).limit(1)).first():
                     return  # a late attempt: the run already published these shards
-            for calculation, date, generation in cells:
-                conn.execute(
-                    delete(SHARDS).where(
-                        SHARDS.c.calculation == calculation,
-                        SHARDS.c.date == date,
-                        SHARDS.c.generation == generation,
-                        span,
-                    )
-                )
+            conn.execute(
+                delete(SHARDS).where(of(SHARDS), SHARDS.c.seq >= seqs[0], SHARDS.c.seq < seqs[1])
+            )
             if shards:
                 conn.execute(insert(SHARDS), list(shards))
 
